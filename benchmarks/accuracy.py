@@ -1,0 +1,142 @@
+"""Accuracy of every recipe on real models, side by side in one run (the main job).
+
+SmolLM2-135M: perplexity on held-out Wikipedia text (512-token windows; calibration on a
+disjoint earlier part of the text). all-MiniLM-L6-v2: mean cosine similarity of quantized vs FP32
+sentence embeddings on held-out sentences. Every quantized row goes through
+``torch.compile(model, backend="qcompile", options=...)``. Also reported: linear-weight bytes as
+compiled (scales included) over FP32, and compile time (Dynamo + passes + searches + lowering);
+calibration time is measured once per model and printed above each table.
+
+    python benchmarks/accuracy.py            # full: 16 held-out windows (8,192 tokens)
+    python benchmarks/accuracy.py --quick    # the README's main job: fewer rows and windows
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import qcompiler
+from qcompiler import zoo
+
+LLM_RECIPES = [  # (label, options)
+    ("w8a16", {"recipe": "w8a16"}),
+    ("w8a8", {"recipe": "w8a8"}),
+    ("w8a8-smoothquant-dynamic a=0.5", {"recipe": "w8a8-smoothquant-dynamic"}),
+    ("w8a8-static (minmax)", {"recipe": "w8a8-static"}),
+    ("w8a8-smoothquant a=0.5", {"recipe": "w8a8-smoothquant", "alpha": 0.5}),
+    ("w8a8-smoothquant a=0.65", {"recipe": "w8a8-smoothquant", "alpha": 0.65}),
+    ("w8a8-smoothquant a=0.8", {"recipe": "w8a8-smoothquant", "alpha": 0.8}),
+    ("w8a8-smoothquant a=auto", {"recipe": "w8a8-smoothquant", "alpha": "auto"}),
+]
+QUICK_LLM = {"w8a16", "w8a8", "w8a8-smoothquant-dynamic a=0.5", "w8a8-smoothquant a=auto"}
+ENCODER_RECIPES = [
+    ("w8a8", {"recipe": "w8a8"}),
+    ("w8a16", {"recipe": "w8a16"}),
+    ("w8a8-smoothquant-dynamic a=0.5", {"recipe": "w8a8-smoothquant-dynamic"}),
+    ("w8a8-smoothquant a=auto", {"recipe": "w8a8-smoothquant", "alpha": "auto"}),
+]
+
+
+def compiled(model, options, target):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="qcompile", options={**options, "target": target})
+
+
+def weight_ratio(model) -> float:
+    fp32, q = qcompiler.explain(model).weight_bytes
+    return q / fp32 if fp32 else float("nan")
+
+
+def run_llm(args, rows):
+    model, tok = zoo.load_smollm2()
+    ids = zoo.wiki_token_ids(tok, "smollm2")
+    cal, held = zoo.lm_windows(ids, args.window, args.calib, args.windows)
+    t = time.perf_counter()
+    base = zoo.perplexity(model, held)
+    rows.append(("SmolLM2-135M", "fp32 (eager)", "ppl", base, 0.0, 1.0, time.perf_counter() - t))
+    t = time.perf_counter()
+    with qcompiler.calibrate(model, cal.split(1), progress=False):
+        pass
+    print(f"SmolLM2-135M: {len(held)} held-out windows x {args.window} tokens; calibration on "
+          f"{len(cal)} windows took {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    for label, options in LLM_RECIPES:
+        if args.quick and label not in QUICK_LLM:
+            continue
+        fast = compiled(model, options, args.target)
+        t = time.perf_counter()
+        with torch.no_grad():
+            fast(input_ids=held[:1], use_cache=False)
+        compile_s = time.perf_counter() - t
+        ppl = zoo.perplexity(fast, held)
+        rows.append(("SmolLM2-135M", label, "ppl", ppl, 100 * (ppl / base - 1), weight_ratio(model), compile_s))
+        print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / base - 1):+.2f}%)", file=sys.stderr)
+
+
+def run_encoder(args, rows):
+    model, tok = zoo.load_minilm()
+    cal_s, held_s = zoo.wiki_sentences(args.sentences, args.sentences)
+
+    def batches(sents):
+        for i in range(0, len(sents), 32):
+            yield dict(tok(sents[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+
+    held_batches = list(batches(held_s))
+    with torch.no_grad():
+        ref = torch.cat([zoo.sentence_embeddings(model, b) for b in held_batches])
+    rows.append(("all-MiniLM-L6-v2", "fp32 (eager)", "cosine", 1.0, 0.0, 1.0, 0.0))
+    t = time.perf_counter()
+    with qcompiler.calibrate(model, list(batches(cal_s)), progress=False):
+        pass
+    print(f"all-MiniLM-L6-v2: {len(held_s)} held-out sentences; calibration on {len(cal_s)} took "
+          f"{time.perf_counter() - t:.1f}s", file=sys.stderr)
+    for label, options in ENCODER_RECIPES:
+        fast = compiled(model, options, args.target)
+        t = time.perf_counter()
+        with torch.no_grad():
+            fast(**held_batches[0])
+        compile_s = time.perf_counter() - t
+        with torch.no_grad():
+            emb = torch.cat([zoo.sentence_embeddings(fast, b) for b in held_batches])
+        cos = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
+        rows.append(("all-MiniLM-L6-v2", label, "cosine", cos.mean().item(), cos.min().item(),
+                     weight_ratio(model), compile_s))
+
+
+def print_table(rows):
+    print(f"{'model':18} {'recipe':32} {'metric':7} {'value':>9} {'vs fp32':>9} {'weights':>8} {'compile s':>9}")
+    for model, label, metric, value, delta, ratio, secs in rows:
+        vs = f"{delta:+.2f}%" if metric == "ppl" else (f"min {delta:.4f}" if label != "fp32 (eager)" else "")
+        print(f"{model:18} {label:32} {metric:7} {value:9.4f} {vs:>9} {100 * ratio:7.1f}% {secs:9.1f}")
+    print("(cosine rows: 'vs fp32' is the minimum over sentences; 'weights': linear-weight bytes "
+          "as compiled, scales included, over FP32)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the main job: 4 SmolLM2 recipes, fewer windows")
+    p.add_argument("--windows", type=int, help="held-out 512-token windows (default 16; quick 8)")
+    p.add_argument("--calib", type=int, default=16, help="calibration windows")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--sentences", type=int, default=256, help="MiniLM calibration / held-out sentences")
+    p.add_argument("--target", default="reference", help="qcompile target for every row")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    args.windows = args.windows or (8 if args.quick else 16)
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    run_llm(args, rows)
+    run_encoder(args, rows)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

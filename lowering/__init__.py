@@ -1,0 +1,35 @@
+"""Lowerings: a q-op graph -> a callable that runs it on a target.
+
+``LOWERINGS`` is the table a new target is added to: name -> ``Lowering`` (how to build the
+callable, and whether it can run here). A lowering never re-derives a scale: it receives the
+graph with every quantized weight and scale already computed as graph constants.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from qcompiler.lowering import inductor, reference
+
+
+@dataclass(frozen=True)
+class Lowering:
+    name: str
+    build: Callable            # (gm, example_inputs) -> callable(*args)
+    description: str
+
+
+LOWERINGS = {
+    "reference": Lowering("reference", reference.build, "q-ops run their plain-torch reference kernels"),
+    "inductor": Lowering("inductor", inductor.build,
+                         "the q-op graph, q-ops inlined as torch code, compiled by Inductor"),
+}
+# What target="auto" means on each device type, chosen by measurement (benchmarks/cpu_latency.py).
+AUTO = {"cpu": "inductor", "cuda": "inductor"}
+
+
+def get_lowering(name: str) -> Lowering:
+    try:
+        return LOWERINGS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; valid targets: {sorted(LOWERINGS) + ['auto']}") from None

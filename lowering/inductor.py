@@ -1,0 +1,45 @@
+"""The Inductor lowering: inline each q-op as torch code and hand the graph to Inductor.
+
+Custom ops are opaque to Inductor, so the q-ops are swapped for torch implementations that it
+can fuse: the activation quantize step becomes one fused elementwise/reduction kernel around the
+GEMM. ``linear_w8a8`` runs its integer product as a float32 GEMM on the int8 values (exact while
+K <= 1024, within float32 rounding beyond), because this CPU has no exact fast INT8 GEMM
+(``torch._int_mm`` is ~30x slower than float32 here, and oneDNN's u8s8 kernel saturates on
+AVX2 without VNNI). Every implementation here is tested against the reference q-op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, fx
+
+from qcompiler.ops import REFERENCE
+
+qops = torch.ops.qcompile
+
+
+def linear_w8a8_float_gemm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
+                           bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``(xq @ wq.T) * x_scale * w_scale + bias`` with a float32 GEMM."""
+    y = torch.matmul(xq.to(torch.float32), wq.to(torch.float32).t()) * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+IMPLEMENTATIONS = {**REFERENCE, qops.linear_w8a8.default: linear_w8a8_float_gemm}
+
+
+def inline_qops(gm: fx.GraphModule) -> fx.GraphModule:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in IMPLEMENTATIONS:
+            node.target = IMPLEMENTATIONS[node.target]
+    gm.recompile()
+    return gm
+
+
+def build(gm: fx.GraphModule, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(inline_qops(gm), example_inputs)

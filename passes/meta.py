@@ -1,0 +1,49 @@
+"""Frozen records the passes leave in ``node.meta[META_KEY]``; ``explain`` reads them back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import Tensor
+
+META_KEY = "qcompile"
+FLOATING_POINT = "floating point"
+
+
+@dataclass(frozen=True)
+class LinearMatch:
+    """A linear op whose weight is a model parameter (set by ``match``)."""
+
+    module: str                       # owning module's qualified name
+    pattern: str                      # which pattern matched (F.linear, addmm, matmul, ...)
+    x: object                         # the activation fx.Node when matched (see match.activation_of)
+    weight: Tensor = field(repr=False, compare=False)        # [N, K] as F.linear takes it
+    param: Tensor = field(repr=False, compare=False)         # the Parameter itself (identity key)
+    bias: object = None                                      # fx.Node, or None
+    recipe: object = None             # Recipe, or None for floating point
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SmoothPlan:
+    """SmoothQuant for one linear (set by ``smooth``): x / s feeds the layer, W * s replaces W."""
+
+    scale: Tensor = field(repr=False, compare=False)         # s, [K]
+    alpha: float = 0.5
+    folded_into: Optional[str] = None  # producer that absorbed 1/s, or None: applied in quantize
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one linear or attention op; one row of ``explain``'s report."""
+
+    module: str
+    op: str                           # "linear" | "attention" | "matmul"
+    scheme: str                       # recipe name or FLOATING_POINT
+    reason: str
+    sqnr_db: Optional[float] = None   # output SQNR vs FP32 on the calibration rows
+    alpha: Optional[float] = None
+    smoothing: Optional[str] = None
+    weight_bytes_fp32: int = 0
+    weight_bytes_quantized: int = 0
+    param_id: Optional[int] = field(default=None, compare=False)

@@ -1,0 +1,164 @@
+"""Smooth: SmoothQuant scales for the linears of recipes that ask for it.
+
+Linears reading the same activation form a group (q/k/v; gate/up) and share one scale
+``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (W over the whole group), so the activation is
+divided once. ``1/s`` is folded into the producer (an RMSNorm/LayerNorm weight, or any
+multiplication by a 1-D parameter) when every consumer of the producer is in the group; otherwise
+the quantize pass applies it inside the activation-quantize op. The weights absorb ``s`` in the
+quantize pass. ``alpha="auto"`` picks, per group, the alpha on ``recipe.alpha_grid`` with the
+smallest output error of the group's quantized linears on the calibration rows.
+
+The user's parameters are never touched: folded norm weights are new graph constants.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx
+
+from qcompiler.calibration import CalibrationError, stats_for
+from qcompiler.observers import OBSERVERS
+from qcompiler.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref, scale_from_amax
+from qcompiler.passes.graph_utils import add_constant
+from qcompiler.passes.match import graph_parameters, owning_module
+from qcompiler.passes.meta import SmoothPlan
+
+aten = torch.ops.aten
+_MIN = 1e-5  # as in the SmoothQuant reference code: keeps s finite for dead channels
+
+
+def smooth_scale(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
+    """``s = max|X|^alpha / max|W|^(1-alpha)`` per input channel."""
+    s = act_absmax.clamp_min(_MIN).pow(alpha) / weight_absmax.clamp_min(_MIN).pow(1 - alpha)
+    return s.clamp_min(_MIN).to(torch.float32)
+
+
+def fake_quant_activation(x: Tensor, smooth_inv: Tensor, stats, recipe) -> Tensor:
+    """What the recipe's activation quantizer turns ``x`` into, dequantized (for searches)."""
+    if recipe.activation == "dynamic":
+        q, scale = quantize_per_token_ref(x, smooth_inv)
+        return q.float() * scale
+    scale = scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe))
+    return quantize_per_tensor_ref(x, scale, smooth_inv).float() * scale
+
+
+def group_error(weights: list, stats, recipe, s: Tensor) -> float:
+    """Sum over the group of ||Q(X/s) Q(W s)^T - X W^T||^2 / ||X W^T||^2 on the calibration rows."""
+    x = stats.rows
+    x_hat = fake_quant_activation(x, 1.0 / s, stats, recipe)
+    err = 0.0
+    for w in weights:
+        wq, ws = quantize_per_channel_ref(w * s)
+        y = x @ w.t()
+        y_hat = x_hat @ (wq.float() * ws[:, None]).t()
+        err += ((y_hat - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
+    return err
+
+
+def choose_alpha(weights: list, stats, recipe) -> float:
+    if recipe.alpha != "auto":
+        return float(recipe.alpha)
+    key = ("alpha", recipe, tuple(w.shape for w in weights), float(torch.cat(weights).abs().sum()))
+    if key not in stats.searches:
+        stats.searches[key] = _search_alpha(weights, stats, recipe)
+    return stats.searches[key]
+
+
+def _search_alpha(weights: list, stats, recipe) -> float:
+    w_absmax = torch.cat(weights).abs().amax(dim=0)
+    errors = {a: group_error(weights, stats, recipe, smooth_scale(stats.channel_absmax, w_absmax, a))
+              for a in recipe.alpha_grid}
+    return min(errors, key=errors.get)
+
+
+# ----------------------------------------------------------------------------- folding
+
+_LAYER_NORMS = (F.layer_norm, torch.layer_norm, aten.layer_norm.default)
+_RMS_NORMS = tuple(f for f in (getattr(F, "rms_norm", None), getattr(torch, "rms_norm", None),
+                               getattr(aten, "rms_norm", None) and aten.rms_norm.default) if f is not None)
+_MULS = (operator.mul, torch.mul, aten.mul.Tensor)
+
+
+def _keeps_last_dim(node: fx.Node) -> bool:
+    """getitem that only slices leading dimensions (lm_head's ``hidden[:, -k:, :]``)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    idx = node.args[1]
+    return isinstance(idx, tuple) and len(idx) > 0 and idx[-1] == slice(None) and Ellipsis not in idx
+
+
+def _per_channel_operands(producer: fx.Node, params: dict, k: int) -> Optional[dict]:
+    """{arg position or kwarg name: Parameter} of the producer that scale its output channels."""
+    def param1d(a):
+        return a in params and params[a][1].dim() == 1 and params[a][1].shape[0] == k
+
+    if producer.op == "call_function" and producer.target in _MULS:
+        hits = {i: params[a][1] for i, a in enumerate(producer.args[:2]) if isinstance(a, fx.Node) and param1d(a)}
+        return hits if len(hits) == 1 else None
+    if producer.op == "call_function" and producer.target in _LAYER_NORMS + _RMS_NORMS:
+        slots = {"weight": 2, "bias": 3} if producer.target in _LAYER_NORMS else {"weight": 2}
+        found = {}
+        for key, pos in slots.items():
+            a = producer.args[pos] if len(producer.args) > pos else producer.kwargs.get(key)
+            if a is None:
+                continue
+            if not (isinstance(a, fx.Node) and param1d(a)):
+                return None
+            found[pos if len(producer.args) > pos else key] = params[a][1]
+        return found if "weight" in found or 2 in found else None
+    return None
+
+
+def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: dict) -> Optional[str]:
+    """Fold 1/s into x's producer if every consumer is in the group; return the producer's name."""
+    producer = x.args[0] if _keeps_last_dim(x) and len(x.users) else x
+    if producer is not x and set(producer.users) != {x}:
+        return None
+    if not set(x.users) <= group_nodes:
+        return None
+    operands = _per_channel_operands(producer, params, s.shape[0]) if isinstance(producer, fx.Node) else None
+    if not operands:
+        return None
+    for slot, param in operands.items():
+        folded = (param.detach().to(torch.float32) / s).to(param.dtype)
+        with gm.graph.inserting_before(producer):
+            const = add_constant(gm, folded, "smoothed_norm")
+        if isinstance(slot, int):
+            producer.update_arg(slot, const)
+        else:
+            producer.update_kwarg(slot, const)
+    return owning_module(producer, producer.name)
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
+    """Compute a ``SmoothPlan`` for every matched linear whose recipe uses SmoothQuant."""
+    groups = defaultdict(list)
+    for node, m, _bias in matches:
+        if m.recipe is not None and m.recipe.smoothquant:
+            groups[(m.x, m.recipe)].append((node, m))
+    if not groups:
+        return {}
+    params = graph_parameters(gm, example_inputs)
+    plans = {}
+    for (x, recipe), members in groups.items():
+        stats = stats_for(members[0][1].param)
+        if stats is None:
+            raise CalibrationError(
+                f"recipe {recipe.name!r} uses SmoothQuant and needs calibration statistics, but "
+                f"{members[0][1].module!r} has none: run `with qcompiler.calibrate(model): model(batch)` "
+                f"on representative data before the first call (or use recipe 'w8a8', which needs none)")
+        weights = [m.weight.detach().to(torch.float32) for _, m in members]
+        alpha = choose_alpha(weights, stats, recipe)
+        s = smooth_scale(stats.channel_absmax, torch.cat(weights).abs().amax(dim=0), alpha)
+        same_group = {node for node, _ in members}
+        folded_into = fold(gm, x, same_group, s, params)
+        for node, _ in members:
+            plans[node] = SmoothPlan(s, alpha, folded_into)
+    return plans

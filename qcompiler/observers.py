@@ -1,0 +1,61 @@
+"""Observers: turn calibration statistics into a static per-tensor activation range.
+
+Each observer is a function ``(stats, smooth_inv, recipe) -> amax`` registered by name; the
+range it returns becomes the scale ``amax / 127`` of the static recipes. ``stats`` is the
+``ActivationStats`` that calibration recorded for the layer's input; ``smooth_inv`` is the
+SmoothQuant reciprocal scale the layer's activations are multiplied by before quantizing.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+OBSERVERS: dict[str, Callable] = {}
+
+
+def register_observer(name: str):
+    def deco(fn):
+        OBSERVERS[name] = fn
+        return fn
+    return deco
+
+
+def _smoothed_rows(stats, smooth_inv: Optional[Tensor]) -> Tensor:
+    rows = stats.rows
+    return rows if smooth_inv is None else rows * smooth_inv
+
+
+@register_observer("minmax")
+def minmax(stats, smooth_inv, recipe) -> Tensor:
+    """The largest absolute value seen, over every calibration token (not only the kept rows).
+
+    Exact under smoothing too: max_j |X_j| / s_j = max over tokens and channels of |X / s|.
+    """
+    amax = stats.channel_absmax if smooth_inv is None else stats.channel_absmax * smooth_inv
+    return amax.max()
+
+
+@register_observer("percentile")
+def percentile(stats, smooth_inv, recipe) -> Tensor:
+    """The ``recipe.percentile``-th percentile of |x| over the kept calibration rows."""
+    values = _smoothed_rows(stats, smooth_inv).abs().flatten()
+    k = max(1, min(values.numel(), int(round(values.numel() * recipe.percentile / 100.0))))
+    return values.kthvalue(k).values
+
+
+@register_observer("mse")
+def mse(stats, smooth_inv, recipe) -> Tensor:
+    """The clipping range (a fraction of the max) that minimises the INT8 round-trip MSE."""
+    from qcompiler.ops import quantize_per_tensor_ref, scale_from_amax
+
+    rows = _smoothed_rows(stats, smooth_inv)
+    full = minmax(stats, smooth_inv, recipe)
+    best, best_err = full, float("inf")
+    for frac in torch.linspace(0.3, 1.0, 36).tolist():
+        scale = scale_from_amax(full * frac)
+        err = (quantize_per_tensor_ref(rows, scale).float() * scale - rows).pow(2).mean().item()
+        if err < best_err:
+            best, best_err = full * frac, err
+    return best

@@ -1,0 +1,143 @@
+"""Recipes: what to quantize and how, as validated dataclasses found by name in a registry.
+
+A recipe is data, never a callable. The backend resolves ``options`` into one ``Recipe``
+(``resolve``), and the passes read its fields; nothing else in the pipeline branches on a
+recipe's *name*. Adding a recipe is one ``register_recipe(Recipe(...))`` call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Union
+
+FLOAT = "fp"  # the override value that keeps a module in floating point
+
+# activation schemes: None = weight-only; "dynamic" = per token at run time; "static" = per
+# tensor with a scale fixed from calibration (the form TensorRT's explicit quantization needs)
+ACTIVATION_SCHEMES = (None, "dynamic", "static")
+DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One quantization scheme, with per-module overrides.
+
+    Args:
+        name: registry name.
+        weight_bits: 8 (INT8, symmetric per output channel) or None (weights stay float).
+        activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
+        observer: how a static activation scale is chosen from calibration data
+            (see ``qcompiler.observers.OBSERVERS``).
+        percentile: for the "percentile" observer.
+        smoothquant: apply SmoothQuant scaling before activation quantization.
+        alpha: SmoothQuant migration strength in [0, 1], or "auto" for a per-layer search over
+            ``alpha_grid`` against each layer group's output error on the calibration data.
+        alpha_grid: candidates for ``alpha="auto"``.
+        skip: module-name patterns (fnmatch) kept in floating point.
+        overrides: (pattern, recipe name or "fp") pairs; the first matching pattern wins.
+
+    Example:
+        >>> r = get_recipe("w8a8-smoothquant").replace(alpha=0.8, skip=("lm_head",))
+    """
+
+    name: str
+    weight_bits: Optional[int] = 8
+    activation: Optional[str] = "dynamic"
+    observer: str = "minmax"
+    percentile: float = 99.99
+    smoothquant: bool = False
+    alpha: Union[float, str] = 0.5
+    alpha_grid: tuple = DEFAULT_ALPHA_GRID
+    skip: tuple = ()
+    overrides: tuple = ()
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        from qcompiler.observers import OBSERVERS
+
+        if self.weight_bits not in (None, 8):
+            raise ValueError(f"recipe {self.name!r}: weight_bits={self.weight_bits!r}; supported: 8 or None")
+        if self.activation not in ACTIVATION_SCHEMES:
+            raise ValueError(f"recipe {self.name!r}: activation={self.activation!r}; "
+                             f"valid: {ACTIVATION_SCHEMES}")
+        if self.activation is not None and self.weight_bits is None:
+            raise ValueError(f"recipe {self.name!r}: activation quantization needs quantized weights")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"recipe {self.name!r}: unknown observer {self.observer!r}; "
+                             f"valid: {sorted(OBSERVERS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"recipe {self.name!r}: percentile must be in (0, 100], got {self.percentile}")
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"recipe {self.name!r}: alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+        if self.smoothquant and self.activation is None:
+            raise ValueError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
+        # normalise containers given as lists / dicts (e.g. from options) to hashable tuples
+        object.__setattr__(self, "skip", tuple(self.skip))
+        ov = self.overrides.items() if isinstance(self.overrides, Mapping) else self.overrides
+        object.__setattr__(self, "overrides", tuple((str(p), str(r)) for p, r in ov))
+        object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales and an alpha search need calibration data; the rest do not."""
+        return self.activation == "static" or self.smoothquant
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with some fields changed; unknown field names are an error listing valid ones."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}; valid fields: {sorted(valid - {'description'})}")
+        return dataclasses.replace(self, **changes)
+
+    def for_module(self, module_name: str) -> Optional["Recipe"]:
+        """The recipe that applies to ``module_name``, or None when it stays in floating point."""
+        if any(fnmatch.fnmatchcase(module_name, p) for p in self.skip):
+            return None
+        for pattern, target in self.overrides:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return None if target == FLOAT else get_recipe(target)
+        return self
+
+
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a recipe to the registry (its name must be new)."""
+    if recipe.name in _RECIPES:
+        raise ValueError(f"recipe {recipe.name!r} is already registered")
+    _RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def list_recipes() -> list[str]:
+    return sorted(_RECIPES)
+
+
+def get_recipe(name: Union[str, Recipe]) -> Recipe:
+    """Look a recipe up by name; an unknown name is an error that lists the valid ones."""
+    if isinstance(name, Recipe):
+        return name
+    try:
+        return _RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {list_recipes()}") from None
+
+
+def resolve(options: Optional[Mapping] = None, default: str = "w8a8") -> Recipe:
+    """``options`` -> Recipe: ``recipe`` names the base, any other recipe field overrides it."""
+    options = dict(options or {})
+    recipe = get_recipe(options.pop("recipe", default))
+    return recipe.replace(**options) if options else recipe
+
+
+register_recipe(Recipe("w8a8", description="INT8 weights per channel, INT8 activations dynamic per token"))
+register_recipe(Recipe("w8a8-static", activation="static",
+                       description="INT8 weights per channel, INT8 activations per tensor (calibrated)"))
+register_recipe(Recipe("w8a8-smoothquant", activation="static", smoothquant=True,
+                       description="SmoothQuant + static per-tensor INT8 activations (TensorRT form)"))
+register_recipe(Recipe("w8a8-smoothquant-dynamic", activation="dynamic", smoothquant=True,
+                       description="SmoothQuant + dynamic per-token INT8 activations"))
+register_recipe(Recipe("w8a16", activation=None, description="INT8 weight-only, per output channel"))

@@ -1,0 +1,22 @@
+"""Shared test helpers: error measured against float64, NaN never passes."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; fails outright on NaN/Inf in either."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert torch.isfinite(out).all(), "output has NaN/Inf"
+    assert torch.isfinite(ref).all(), "reference has NaN/Inf"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -1,0 +1,73 @@
+"""Small models for tests: the graph shapes the passes must handle."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class Block(nn.Module):
+    """Llama-like: norm -> q/k/v (a group, foldable); norm -> gate/up (foldable); down (not)."""
+
+    def __init__(self, d=48, h=80, norm="rms"):
+        super().__init__()
+        self.norm1 = RMSNorm(d) if norm == "rms" else nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d // 2), nn.Linear(d, d // 2)
+        self.o = nn.Linear(d, d)
+        self.norm2 = RMSNorm(d) if norm == "rms" else nn.LayerNorm(d)
+        self.gate, self.up = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        y = self.norm1(x)
+        q, k, v = self.q(y), self.k(y), self.v(y)
+        a = q * torch.cat([k, v], -1).sigmoid()
+        x = x + self.o(a)
+        y = self.norm2(x)
+        return x + self.down(F.silu(self.gate(y)) * self.up(y))
+
+
+class Stack(nn.Module):
+    def __init__(self, n=2, d=48, h=80, norm="rms", head=24):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d, h, norm) for _ in range(n))
+        self.norm = RMSNorm(d)
+        self.lm_head = nn.Linear(d, head, bias=False)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.lm_head(self.norm(x))
+
+
+def with_outlier_channels(x, channels=(3, 11), factor=40.0):
+    """Activations like an LLM's: a few input channels far larger than the rest."""
+    x = x.clone()
+    x[..., list(channels)] *= factor
+    return x
+
+
+class Capture:
+    """A backend that records what Dynamo hands over and runs the graph unchanged."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+
+def capture(model, *args):
+    cap = Capture()
+    torch._dynamo.reset()
+    torch.compile(model, backend=cap)(*args)
+    assert len(cap.graphs) == 1, "expected a single graph"
+    return cap.graphs[0]

@@ -1,0 +1,199 @@
+"""The backend end to end: entry point, targets, shapes, graph breaks, calibration, errors."""
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import qcompiler
+from conftest import rel_err
+from models import Block, Stack, with_outlier_channels
+from qcompiler.passes.quantize import sqnr_db
+
+TARGETS = ["reference", "inductor"]
+
+
+def compile_q(model, **options):
+    return torch.compile(model, backend="qcompile", options=options)
+
+
+def test_entry_point_in_a_fresh_process_without_importing_qcompiler():
+    code = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+        x = torch.randn(4, 64)
+        with torch.no_grad():
+            ref, out = m(x), torch.compile(m, backend="qcompile")(x)
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert "qcompiler" in sys.modules  # loaded through the torch_dynamo_backends entry point
+        assert 0 < err < 0.02, err          # quantized (not bit-identical), and close
+        print("ok", err)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a16"])
+def test_targets_agree_with_the_reference_and_stay_close_to_fp32(target, recipe):
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(2, 9, 48)
+    ref_q = compile_q(model, recipe=recipe, target="reference")(x)
+    torch._dynamo.reset()
+    out = compile_q(model, recipe=recipe, target=target)(x)
+    # inductor runs the integer GEMM as a float32 GEMM: identical up to float32 rounding
+    assert rel_err(out, ref_q) < 1e-5
+    assert sqnr_db(model(x), out) > 30
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_dynamic_shapes_and_new_batch_and_sequence_lengths(target):
+    torch.manual_seed(0)
+    model = Stack()
+    fast = torch.compile(model, backend="qcompile", options={"target": target}, dynamic=True)
+    for b, t in [(1, 1), (3, 17), (2, 64), (5, 3)]:
+        x = torch.randn(b, t, 48)
+        out = fast(x)
+        assert out.shape == (b, t, 24)
+        assert sqnr_db(model(x), out) > 30, (b, t)
+
+
+def test_recompiles_for_new_shapes_without_dynamic():
+    torch.manual_seed(0)
+    model = Stack()
+    fast = compile_q(model, target="reference")
+    for t in (4, 11, 32):
+        x = torch.randn(2, t, 48)
+        assert sqnr_db(model(x), fast(x)) > 30
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        print("", end="")  # a second reason to break
+        x = torch.relu(self.b(x))
+        return self.c(x)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_graph_breaks(target):
+    torch.manual_seed(0)
+    model, x = Broken(), torch.randn(4, 32)
+    fast = compile_q(model, target=target)
+    out = fast(x)
+    assert sqnr_db(model(x), out) > 30
+    report = qcompiler.explain(fast)
+    assert {r.module: r.scheme for r in report} == {"a": "w8a8", "b": "w8a8", "c": "w8a8"}
+
+
+def test_the_users_model_is_never_modified():
+    torch.manual_seed(0)
+    model = Stack()
+    x = with_outlier_channels(torch.randn(2, 8, 48))
+    before = copy.deepcopy(model.state_dict())
+    ref = model(x)
+    with qcompiler.calibrate(model, [x], progress=False):
+        pass
+    compile_q(model, recipe="w8a8-smoothquant", alpha="auto")(x)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(model(x), ref)  # eager calls still give the FP32 results
+
+
+def test_calibrating_the_compiled_model_recompiles_with_statistics():
+    torch.manual_seed(0)
+    model = Stack()
+    x = with_outlier_channels(torch.randn(2, 8, 48))
+    fast = compile_q(model, recipe="w8a8-smoothquant-dynamic", target="reference")
+    with qcompiler.calibrate(fast, progress=False):  # runs eagerly: nothing compiles yet
+        ref = fast(x)
+    assert torch.equal(ref, model(x))
+    out = fast(x)
+    assert sqnr_db(ref, out) > 30
+    assert all(r.sqnr_db is not None and r.smoothing for r in qcompiler.explain(fast) if r.op == "linear")
+
+
+def test_a_graph_compiled_before_calibration_rebuilds_after_it():
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(2, 8, 48)
+    fast = compile_q(model, recipe="w8a8", target="reference")
+    fast(x)
+    assert all(r.sqnr_db is None for r in qcompiler.explain(fast) if r.op == "linear")
+    with qcompiler.calibrate(fast, progress=False):
+        fast(x)
+    fast(x)
+    assert all(r.sqnr_db > 30 for r in qcompiler.explain(fast) if r.op == "linear")
+
+
+def test_static_recipe_without_calibration_says_what_to_do():
+    model = Stack()
+    with pytest.raises(Exception, match=r"calibrat.*qcompiler\.calibrate"):
+        compile_q(model, recipe="w8a8-static")(torch.randn(2, 4, 48))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_calibration_data_is_rejected(bad):
+    model = Stack()
+    x = torch.randn(2, 4, 48)
+    x[0, 1, 2] = bad
+    with pytest.raises(qcompiler.CalibrationError, match="input of .blocks.0.q. contains NaN or Inf"):
+        with qcompiler.calibrate(model, [x], progress=False):
+            pass
+
+
+def test_empty_calibration_is_rejected():
+    with pytest.raises(qcompiler.CalibrationError, match="saw no data"):
+        with qcompiler.calibrate(Stack(), [], progress=False):
+            pass
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"recipe": "int3"}, "unknown recipe 'int3'"),
+    ({"target": "tpu"}, "unknown target 'tpu'"),
+    ({"alhpa": 0.5}, "unknown qcompile option"),
+])
+def test_bad_options_fail_with_the_valid_choices(options, match):
+    with pytest.raises(Exception, match=match):
+        compile_q(Stack(), **options)(torch.randn(1, 2, 48))
+
+
+def test_options_reach_the_passes():
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(2, 8, 48)
+    fast = compile_q(model, recipe="w8a8", skip=["lm_head"], overrides={"*.down": "w8a16"})
+    fast(x)
+    schemes = {r.module: r.scheme for r in qcompiler.explain(fast)}
+    assert schemes["lm_head"] == "floating point"
+    assert schemes["blocks.0.down"] == "w8a16" and schemes["blocks.0.q"] == "w8a8"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_small_models(seed):
+    """Random depth, widths, norms and recipes: the compiled model stays close to FP32, and
+    the Inductor target computes what the reference target computes."""
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]
+    torch.manual_seed(seed)
+    d = 2 * int(torch.randint(8, 40, (1,), generator=g))  # even, so k/v halves exist
+    model = Stack(n=pick([1, 2, 3]), d=d, h=int(torch.randint(9, 100, (1,), generator=g)),
+                  norm=pick(["rms", "layer"]), head=int(torch.randint(3, 50, (1,), generator=g)))
+    recipe = pick(["w8a8", "w8a16", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic"])
+    x = with_outlier_channels(torch.randn(2, int(torch.randint(1, 20, (1,), generator=g)), d), factor=8.0)
+    with qcompiler.calibrate(model, [x, torch.randn_like(x)], progress=False):
+        pass
+    outs = {}
+    for target in TARGETS:
+        torch._dynamo.reset()
+        outs[target] = compile_q(model, recipe=recipe, target=target, alpha="auto")(x) \
+            if "smoothquant" in recipe else compile_q(model, recipe=recipe, target=target)(x)
+    assert sqnr_db(model(x), outs["reference"]) > 20, recipe
+    assert rel_err(outs["inductor"], outs["reference"]) < 1e-4, recipe

