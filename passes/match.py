@@ -71,20 +71,22 @@ def owning_module(node: fx.Node, fallback: str) -> str:
 _TRANSPOSES = {torch.t, aten.t.default, aten.transpose.int, aten.permute.default, torch.transpose}
 
 
-def _param_through_transpose(node, params) -> Optional[tuple]:
-    """(name, param, transposed) when node is a 2-D parameter or a 2-D transpose of one."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node in params:
-        name, p = params[node]
-        return (name, p, False) if p.dim() == 2 else None
-    is_t = (node.op == "call_method" and node.target in ("t", "transpose", "permute")) or \
+def _is_transpose(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in ("t", "transpose", "permute")) or \
            (node.op == "call_function" and node.target in _TRANSPOSES) or \
            (node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT"))
-    if is_t and node.args and node.args[0] in params:
-        name, p = params[node.args[0]]
-        return (name, p, True) if p.dim() == 2 else None
-    return None
+
+
+def _param_through_transpose(node, params) -> Optional[tuple]:
+    """(name, param, transposed, param node) when node is a 2-D parameter or a transpose of one."""
+    if not isinstance(node, fx.Node):
+        return None
+    transposed = _is_transpose(node) and bool(node.args) and node.args[0] in params
+    pnode = node.args[0] if transposed else node
+    if pnode not in params or params[pnode][1].dim() != 2:
+        return None
+    name, p = params[pnode]
+    return name, p, transposed, pnode
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,16 @@ def activation_of(node: fx.Node) -> fx.Node:
     return _pattern_of(node).operands(node)[0]
 
 
+def _used_outside_linears(param_node: fx.Node) -> bool:
+    """True when the graph also uses this weight in something that is not a linear op (an
+    embedding lookup with tied weights, say), directly or through a transpose."""
+    def linear_only(user):
+        if _is_transpose(user):
+            return all(_pattern_of(u) is not None for u in user.users)
+        return _pattern_of(user) is not None
+    return not all(linear_only(u) for u in param_node.users)
+
+
 def _bias_ok(bias, params) -> bool:
     return bias is None or (isinstance(bias, fx.Node) and bias in params and params[bias][1].dim() == 1)
 
@@ -158,7 +170,7 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
                                            "no parameter operand (activation x activation)")
             continue
         x, _, bias = operands
-        pname, param, transposed = found
+        pname, param, transposed, param_node = found
         weight = param if pattern.weight_is_nk != transposed else param.t()
         module = owning_module(node, pname.rsplit(".", 1)[0])
         value = node.meta.get("example_value")
@@ -172,6 +184,10 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         elif value is not None and getattr(x, "meta", {}).get("example_value") is not None \
                 and x.meta["example_value"].dim() < 2 and pattern.name == "matmul":
             layer_recipe, reason = None, "1-D activation operand"
+        elif not layer_recipe.quantize_tied and _used_outside_linears(param_node):
+            layer_recipe, reason = None, ("weight is tied to a non-linear use (e.g. the input embedding): "
+                                          "an INT8 copy would sit beside the FP32 tensor that use still "
+                                          "needs; quantize_tied=True quantizes it anyway")
         elif layer_recipe.weight_bits is None:
             layer_recipe, reason = None, f"recipe {layer_recipe.name!r} keeps weights in floating point"
         bias_t = params[bias][1] if isinstance(bias, fx.Node) and bias in params else None

@@ -78,6 +78,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             weight = weight * plan.scale
         wq, ws = ops.quantize_per_channel_ref(weight)
         stats = stats_for(m.param)
+        stats = None if stats is None else stats.to(weight.device)  # math beside the weights
         x_scale = static_scale(stats, smooth_inv, recipe, m.module) if recipe.activation == "static" else None
         in_graph_inv = None if plan is None or plan.folded_into else smooth_inv
         out_dtype = node.meta["example_value"].dtype if "example_value" in node.meta else m.weight.dtype

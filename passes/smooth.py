@@ -155,6 +155,7 @@ def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
                 f"{members[0][1].module!r} has none: run `with qcompiler.calibrate(model): model(batch)` "
                 f"on representative data before the first call (or use recipe 'w8a8', which needs none)")
         weights = [m.weight.detach().to(torch.float32) for _, m in members]
+        stats = stats.to(weights[0].device)  # compile-time math runs beside the weights
         alpha = choose_alpha(weights, stats, recipe)
         s = smooth_scale(stats.channel_absmax, torch.cat(weights).abs().amax(dim=0), alpha)
         same_group = {node for node, _ in members}

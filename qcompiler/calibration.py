@@ -11,6 +11,7 @@ its compiled graphs rebuild with the new statistics on their next call.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -43,6 +44,11 @@ class ActivationStats:
     def empty(cls, module: str, k: int, max_rows: int) -> "ActivationStats":
         gen = torch.Generator().manual_seed(0)
         return cls(module, torch.zeros(k), torch.empty(0, k), 0, max_rows, gen)
+
+    def to(self, device) -> "ActivationStats":
+        """The same statistics with their tensors on ``device`` (searches stay shared)."""
+        return dataclasses.replace(self, channel_absmax=self.channel_absmax.to(device), rows=self.rows.to(device),
+                                   searches=self.searches)
 
     def update(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)

@@ -12,7 +12,7 @@ from typing import Optional
 
 from torch import nn
 
-from qcompiler.passes.meta import Decision
+from qcompiler.passes.meta import FLOATING_POINT, Decision
 
 NOT_COMPILED = "not compiled"
 
@@ -32,8 +32,14 @@ class Report:
 
     @property
     def weight_bytes(self) -> tuple:
-        """(FP32 bytes, bytes as compiled) over the compiled linear weights, scales included."""
+        """(FP32 bytes, bytes as compiled) over all compiled linear weights, scales included."""
         lin = [r for r in self.records if r.op == "linear" and r.scheme != NOT_COMPILED]
+        return sum(r.weight_bytes_fp32 for r in lin), sum(r.weight_bytes_quantized for r in lin)
+
+    @property
+    def quantized_weight_bytes(self) -> tuple:
+        """(FP32 bytes, bytes as compiled) over the linears that were quantized."""
+        lin = [r for r in self.records if r.op == "linear" and r.scheme not in (NOT_COMPILED, FLOATING_POINT)]
         return sum(r.weight_bytes_fp32 for r in lin), sum(r.weight_bytes_quantized for r in lin)
 
     def __str__(self) -> str:
@@ -45,9 +51,10 @@ class Report:
             rows.append((r.module, r.op, r.scheme, sq, "" if r.alpha is None else f"{r.alpha:.2f}", note))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
-        fp32, q = self.weight_bytes
-        if fp32:
-            lines.append(f"linear weights: {fp32 / 2**20:.1f} MiB FP32 -> {q / 2**20:.1f} MiB ({100 * q / fp32:.1f}%)")
+        for label, (fp32, q) in (("quantized linears", self.quantized_weight_bytes),
+                                 ("all linear weights", self.weight_bytes)):
+            if fp32:
+                lines.append(f"{label}: {fp32 / 2**20:.1f} MiB FP32 -> {q / 2**20:.1f} MiB ({100 * q / fp32:.1f}%)")
         return "\n".join(lines)
 
 

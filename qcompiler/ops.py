@@ -49,7 +49,9 @@ def int_matmul(xq: Tensor, wq: Tensor) -> Tensor:
 
     Plain-torch integer matmul is not implemented on every device, so K is split into chunks
     of at most 1024, each an exact float32 product, and the chunks are summed in float64
-    (exact far beyond any int32 accumulator).
+    (exact far beyond any int32 accumulator). Reduced-precision float32 matmul modes (TF32 on
+    GPUs, bf16 on CPUs) keep this exact: int8 values are representable in both, and they
+    still accumulate in float32.
     """
     k = xq.shape[-1]
     out = None

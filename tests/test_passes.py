@@ -204,3 +204,31 @@ def test_static_observers_give_usable_scales(observer):
     gm, ex, *_ , decisions = run_passes(model, x, get_recipe("w8a8-static").replace(observer=observer))
     assert qop_counts(gm) == {"quantize_per_tensor": 7, "linear_w8a8": 7}
     assert all(d.sqnr_db > 25 for d in decisions), [(d.module, d.sqnr_db) for d in decisions]
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output projection sharing one weight, as tied LMs do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.mid = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+@pytest.mark.parametrize("quantize_tied", [False, True])
+def test_tied_output_projection_stays_float_unless_asked(quantize_tied):
+    torch.manual_seed(0)
+    model, ids = TiedLM(), torch.randint(0, 50, (2, 7))
+    gm, ex, *_, decisions = run_passes(model, ids, get_recipe("w8a8").replace(quantize_tied=quantize_tied))
+    d = {d.module: d for d in decisions}
+    assert d["mid"].scheme == "w8a8"
+    if quantize_tied:
+        assert d["head"].scheme == "w8a8"
+    else:
+        assert d["head"].scheme == FLOATING_POINT and "tied" in d["head"].reason
+    assert qop_counts(gm)["linear_w8a8"] == (2 if quantize_tied else 1)
