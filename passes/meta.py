@@ -25,12 +25,17 @@ class LinearMatch:
 
 
 @dataclass(frozen=True)
-class SmoothPlan:
-    """SmoothQuant for one linear (set by ``smooth``): x / s feeds the layer, W * s replaces W."""
+class ActivationPlan:
+    """How one linear's input is prepared for quantization (set by ``smooth``).
 
-    scale: Tensor = field(repr=False, compare=False)         # s, [K]
-    alpha: float = 0.5
+    SmoothQuant: x / s feeds the layer and W * s replaces W (``scale`` is s, else None).
+    ``clip`` scales the observer's static activation range (1.0: the observer's own range).
+    """
+
+    scale: Optional[Tensor] = field(default=None, repr=False, compare=False)  # s, [K]
+    alpha: Optional[float] = None
     folded_into: Optional[str] = None  # producer that absorbed 1/s, or None: applied in quantize
+    clip: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class Decision:
     reason: str
     sqnr_db: Optional[float] = None   # output SQNR vs FP32 on the calibration rows
     alpha: Optional[float] = None
+    clip: Optional[float] = None      # static activation range / observer's range
     smoothing: Optional[str] = None
     weight_bytes_fp32: int = 0
     weight_bytes_quantized: int = 0

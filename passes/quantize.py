@@ -39,13 +39,13 @@ def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def static_scale(stats, smooth_inv: Optional[Tensor], recipe, module: str) -> Tensor:
+def static_scale(stats, smooth_inv: Optional[Tensor], recipe, module: str, clip: float = 1.0) -> Tensor:
     if stats is None:
         raise CalibrationError(
             f"recipe {recipe.name!r} quantizes activations with static scales, but {module!r} has no "
             f"calibration statistics: run `with qcompiler.calibrate(model): model(batch)` on "
             f"representative data before the first call, or use the dynamic recipe 'w8a8'")
-    return ops.scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe))
+    return ops.scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip)
 
 
 def _reference_output(x: Tensor, recipe, wq, ws, bias, smooth_inv, x_scale) -> Tensor:
@@ -73,14 +73,16 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             continue
         recipe, plan = m.recipe, plans.get(node)
         weight = m.weight.detach().to(torch.float32)
-        smooth_inv = None if plan is None else 1.0 / plan.scale          # on raw activations
-        if plan is not None:
+        smoothed = plan is not None and plan.scale is not None
+        smooth_inv = 1.0 / plan.scale if smoothed else None               # on raw activations
+        clip = plan.clip if plan is not None else float(recipe.clip)
+        if smoothed:
             weight = weight * plan.scale
         wq, ws = ops.quantize_per_channel_ref(weight)
         stats = stats_for(m.param)
         stats = None if stats is None else stats.to(weight.device)  # math beside the weights
-        x_scale = static_scale(stats, smooth_inv, recipe, m.module) if recipe.activation == "static" else None
-        in_graph_inv = None if plan is None or plan.folded_into else smooth_inv
+        x_scale = static_scale(stats, smooth_inv, recipe, m.module, clip) if recipe.activation == "static" else None
+        in_graph_inv = None if not smoothed or plan.folded_into else smooth_inv
         out_dtype = node.meta["example_value"].dtype if "example_value" in node.meta else m.weight.dtype
 
         g = gm.graph
@@ -107,10 +109,11 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             b = None if bias is None else bias.detach().to(torch.float32)
             ref = torch.nn.functional.linear(rows, m.weight.detach().to(torch.float32), b)
             sqnr = sqnr_db(ref, _reference_output(rows, recipe, wq, ws, b, smooth_inv, x_scale))
-        smoothing = None if plan is None else (f"folded into {plan.folded_into}" if plan.folded_into
+        smoothing = None if not smoothed else (f"folded into {plan.folded_into}" if plan.folded_into
                                                else "applied in the activation quantize op")
         d = Decision(m.module, "linear", recipe.name, _scheme_text(recipe), sqnr,
-                     None if plan is None else plan.alpha, smoothing, fp32_bytes,
+                     None if plan is None else plan.alpha,
+                     clip if recipe.activation == "static" else None, smoothing, fp32_bytes,
                      wq.numel() * wq.element_size() + ws.numel() * ws.element_size(), id(m.param))
         new.meta[META_KEY] = d
         decisions.append(d)

@@ -1,12 +1,13 @@
-"""Smooth: SmoothQuant scales for the linears of recipes that ask for it.
+"""Smooth: SmoothQuant scales (and static clip ranges) for the linears of recipes that ask.
 
 Linears reading the same activation form a group (q/k/v; gate/up) and share one scale
 ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (W over the whole group), so the activation is
 divided once. ``1/s`` is folded into the producer (an RMSNorm/LayerNorm weight, or any
 multiplication by a 1-D parameter) when every consumer of the producer is in the group; otherwise
 the quantize pass applies it inside the activation-quantize op. The weights absorb ``s`` in the
-quantize pass. ``alpha="auto"`` picks, per group, the alpha on ``recipe.alpha_grid`` with the
-smallest output error of the group's quantized linears on the calibration rows.
+quantize pass. ``alpha="auto"`` / ``clip="auto"`` pick, per group, the alpha on ``recipe.alpha_grid`` and
+the static activation clip on ``recipe.clip_grid`` with the smallest output error of the
+group's quantized linears on the calibration rows.
 
 The user's parameters are never touched: folded norm weights are new graph constants.
 """
@@ -25,10 +26,11 @@ from qcompiler.observers import OBSERVERS
 from qcompiler.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref, scale_from_amax
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import graph_parameters, owning_module
-from qcompiler.passes.meta import SmoothPlan
+from qcompiler.passes.meta import ActivationPlan
 
 aten = torch.ops.aten
 _MIN = 1e-5  # as in the SmoothQuant reference code: keeps s finite for dead channels
+SEARCH_ROWS = 512  # calibration rows each search candidate is scored on
 
 
 def smooth_scale(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
@@ -37,42 +39,60 @@ def smooth_scale(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Ten
     return s.clamp_min(_MIN).to(torch.float32)
 
 
-def fake_quant_activation(x: Tensor, smooth_inv: Tensor, stats, recipe) -> Tensor:
+def fake_quant_activation(x: Tensor, smooth_inv: Optional[Tensor], stats, recipe, clip: float = 1.0) -> Tensor:
     """What the recipe's activation quantizer turns ``x`` into, dequantized (for searches)."""
     if recipe.activation == "dynamic":
         q, scale = quantize_per_token_ref(x, smooth_inv)
         return q.float() * scale
-    scale = scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe))
+    scale = scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip)
     return quantize_per_tensor_ref(x, scale, smooth_inv).float() * scale
 
 
-def group_error(weights: list, stats, recipe, s: Tensor) -> float:
+def group_error(weights: list, stats, recipe, s: Optional[Tensor], clip: float = 1.0) -> float:
     """Sum over the group of ||Q(X/s) Q(W s)^T - X W^T||^2 / ||X W^T||^2 on the calibration rows."""
-    x = stats.rows
-    x_hat = fake_quant_activation(x, 1.0 / s, stats, recipe)
+    x = stats.rows[:SEARCH_ROWS]
+    x_hat = fake_quant_activation(x, None if s is None else 1.0 / s, stats, recipe, clip)
     err = 0.0
     for w in weights:
-        wq, ws = quantize_per_channel_ref(w * s)
+        wq, ws = quantize_per_channel_ref(w if s is None else w * s)
         y = x @ w.t()
         y_hat = x_hat @ (wq.float() * ws[:, None]).t()
         err += ((y_hat - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
     return err
 
 
-def choose_alpha(weights: list, stats, recipe) -> float:
-    if recipe.alpha != "auto":
-        return float(recipe.alpha)
-    key = ("alpha", recipe, tuple(w.shape for w in weights), float(torch.cat(weights).abs().sum()))
+def choose(weights: list, stats, recipe) -> tuple:
+    """(alpha or None, clip) for a group: the recipe's values, or searched where it says "auto".
+
+    The search is a coordinate descent on the group's output error: alpha at the first clip
+    candidate, then clip at that alpha, then alpha again at that clip. Results are cached on the
+    statistics, so a recompile (new shapes, grad mode) does not search again.
+    """
+    if recipe.alpha != "auto" and recipe.clip != "auto":
+        return (float(recipe.alpha) if recipe.smoothquant else None), float(recipe.clip)
+    key = ("alpha-clip", recipe, tuple(w.shape for w in weights), float(torch.cat(weights).abs().sum()))
     if key not in stats.searches:
-        stats.searches[key] = _search_alpha(weights, stats, recipe)
+        stats.searches[key] = _search(weights, stats, recipe)
     return stats.searches[key]
 
 
-def _search_alpha(weights: list, stats, recipe) -> float:
+def _search(weights: list, stats, recipe) -> tuple:
     w_absmax = torch.cat(weights).abs().amax(dim=0)
-    errors = {a: group_error(weights, stats, recipe, smooth_scale(stats.channel_absmax, w_absmax, a))
-              for a in recipe.alpha_grid}
-    return min(errors, key=errors.get)
+    alphas = [None] if not recipe.smoothquant else \
+        (list(recipe.alpha_grid) if recipe.alpha == "auto" else [float(recipe.alpha)])
+    clips = list(recipe.clip_grid) if recipe.clip == "auto" else [float(recipe.clip)]
+    errors = {}
+
+    def err(a, c):
+        if (a, c) not in errors:
+            s = None if a is None else smooth_scale(stats.channel_absmax, w_absmax, a)
+            errors[(a, c)] = group_error(weights, stats, recipe, s, c)
+        return errors[(a, c)]
+
+    alpha = min(alphas, key=lambda a: err(a, clips[0]))
+    clip = min(clips, key=lambda c: err(alpha, c))
+    alpha = min(alphas, key=lambda a: err(a, clip))
+    return alpha, clip
 
 
 # ----------------------------------------------------------------------------- folding
@@ -137,11 +157,15 @@ def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: di
 # ----------------------------------------------------------------------------- the pass
 
 
+def _needs_plan(recipe) -> bool:
+    return recipe is not None and (recipe.smoothquant or recipe.clip == "auto")
+
+
 def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
-    """Compute a ``SmoothPlan`` for every matched linear whose recipe uses SmoothQuant."""
+    """An ``ActivationPlan`` for every matched linear whose recipe smooths or searches a clip."""
     groups = defaultdict(list)
     for node, m, _bias in matches:
-        if m.recipe is not None and m.recipe.smoothquant:
+        if _needs_plan(m.recipe):
             groups[(m.x, m.recipe)].append((node, m))
     if not groups:
         return {}
@@ -151,15 +175,17 @@ def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
         stats = stats_for(members[0][1].param)
         if stats is None:
             raise CalibrationError(
-                f"recipe {recipe.name!r} uses SmoothQuant and needs calibration statistics, but "
-                f"{members[0][1].module!r} has none: run `with qcompiler.calibrate(model): model(batch)` "
-                f"on representative data before the first call (or use recipe 'w8a8', which needs none)")
+                f"recipe {recipe.name!r} needs calibration statistics (SmoothQuant scales or a clip "
+                f"search), but {members[0][1].module!r} has none: run `with qcompiler.calibrate(model): "
+                f"model(batch)` on representative data before the first call (or use recipe 'w8a8', "
+                f"which needs none)")
         weights = [m.weight.detach().to(torch.float32) for _, m in members]
         stats = stats.to(weights[0].device)  # compile-time math runs beside the weights
-        alpha = choose_alpha(weights, stats, recipe)
-        s = smooth_scale(stats.channel_absmax, torch.cat(weights).abs().amax(dim=0), alpha)
-        same_group = {node for node, _ in members}
-        folded_into = fold(gm, x, same_group, s, params)
+        alpha, clip = choose(weights, stats, recipe)
+        s, folded_into = None, None
+        if alpha is not None:
+            s = smooth_scale(stats.channel_absmax, torch.cat(weights).abs().amax(dim=0), alpha)
+            folded_into = fold(gm, x, {node for node, _ in members}, s, params)
         for node, _ in members:
-            plans[node] = SmoothPlan(s, alpha, folded_into)
+            plans[node] = ActivationPlan(s, alpha, folded_into, clip)
     return plans

@@ -43,12 +43,13 @@ class Report:
         return sum(r.weight_bytes_fp32 for r in lin), sum(r.weight_bytes_quantized for r in lin)
 
     def __str__(self) -> str:
-        head = ("module", "op", "scheme", "SQNR dB", "alpha", "reason / smoothing")
+        head = ("module", "op", "scheme", "SQNR dB", "alpha", "clip", "reason / smoothing")
         rows = [head]
         for r in self.records:
             sq = "" if r.sqnr_db is None else ("inf" if math.isinf(r.sqnr_db) else f"{r.sqnr_db:.1f}")
             note = r.reason + (f"; scales {r.smoothing}" if r.smoothing else "")
-            rows.append((r.module, r.op, r.scheme, sq, "" if r.alpha is None else f"{r.alpha:.2f}", note))
+            rows.append((r.module, r.op, r.scheme, sq, "" if r.alpha is None else f"{r.alpha:.2f}",
+                         "" if r.clip is None else f"{r.clip:.2f}", note))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
         for label, (fp32, q) in (("quantized linears", self.quantized_weight_bytes),

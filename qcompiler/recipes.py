@@ -17,6 +17,7 @@ FLOAT = "fp"  # the override value that keeps a module in floating point
 # tensor with a scale fixed from calibration (the form TensorRT's explicit quantization needs)
 ACTIVATION_SCHEMES = (None, "dynamic", "static")
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Recipe:
         alpha: SmoothQuant migration strength in [0, 1], or "auto" for a per-layer search over
             ``alpha_grid`` against each layer group's output error on the calibration data.
         alpha_grid: candidates for ``alpha="auto"``.
+        clip: static activation range as a fraction of the observer's range (values beyond it
+            saturate), or "auto" for a per-layer search over ``clip_grid`` against the output
+            error on the calibration data (jointly with ``alpha="auto"``).
+        clip_grid: candidates for ``clip="auto"``.
         skip: module-name patterns (fnmatch) kept in floating point.
         quantize_tied: also quantize a linear whose weight the graph uses elsewhere too (a
             language model's output projection tied to its input embedding). Off by default:
@@ -53,6 +58,8 @@ class Recipe:
     smoothquant: bool = False
     alpha: Union[float, str] = 0.5
     alpha_grid: tuple = DEFAULT_ALPHA_GRID
+    clip: Union[float, str] = 1.0
+    clip_grid: tuple = DEFAULT_CLIP_GRID
     skip: tuple = ()
     quantize_tied: bool = False
     overrides: tuple = ()
@@ -75,6 +82,11 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: percentile must be in (0, 100], got {self.percentile}")
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"recipe {self.name!r}: alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+        if self.clip != "auto" and not (isinstance(self.clip, (int, float)) and 0.0 < self.clip <= 1.0):
+            raise ValueError(f"recipe {self.name!r}: clip must be in (0, 1] or 'auto', got {self.clip!r}")
+        if self.clip != 1.0 and self.activation != "static":
+            raise ValueError(f"recipe {self.name!r}: clip applies to static activation scales, but "
+                             f"activation={self.activation!r}")
         if self.smoothquant and self.activation is None:
             raise ValueError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
         # normalise containers given as lists / dicts (e.g. from options) to hashable tuples
@@ -82,6 +94,7 @@ class Recipe:
         ov = self.overrides.items() if isinstance(self.overrides, Mapping) else self.overrides
         object.__setattr__(self, "overrides", tuple((str(p), str(r)) for p, r in ov))
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+        object.__setattr__(self, "clip_grid", tuple(float(c) for c in self.clip_grid))
 
     @property
     def needs_calibration(self) -> bool:

@@ -13,7 +13,7 @@ from models import Block, Stack, capture, with_outlier_channels
 from qcompiler.passes.match import match
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
 from qcompiler.passes.quantize import quantize, sqnr_db
-from qcompiler.passes.smooth import choose_alpha, group_error, smooth, smooth_scale
+from qcompiler.passes.smooth import choose, group_error, smooth, smooth_scale
 from qcompiler.recipes import get_recipe
 
 qops = torch.ops.qcompile
@@ -184,7 +184,36 @@ def test_alpha_auto_is_the_argmin_of_the_group_error():
     w_absmax = torch.cat(weights).abs().amax(0)
     errors = {a: group_error(weights, stats, recipe, smooth_scale(stats.channel_absmax, w_absmax, a))
               for a in recipe.alpha_grid}
-    assert choose_alpha(weights, stats, recipe) == min(errors, key=errors.get)
+    assert choose(weights, stats, recipe) == (min(errors, key=errors.get), 1.0)
+
+
+def test_clip_search_never_loses_to_no_clipping():
+    torch.manual_seed(0)
+    model = Block()
+    x = with_outlier_channels(torch.randn(4, 16, 48), factor=30.0)
+    x[:, 0] *= 20  # a few tokens with massive activations, as at an LLM's first position
+    calibrated(model, [x])
+    recipe = get_recipe("w8a8-smoothquant").replace(alpha="auto", clip="auto")
+    stats = qcompiler.calibration.stats_for(model.gate.weight)
+    weights = [model.gate.weight.detach(), model.up.weight.detach()]
+    alpha, clip = choose(weights, stats, recipe)
+    assert clip in recipe.clip_grid and alpha in recipe.alpha_grid
+    w_absmax = torch.cat(weights).abs().amax(0)
+    s = smooth_scale(stats.channel_absmax, w_absmax, alpha)
+    assert group_error(weights, stats, recipe, s, clip) <= group_error(weights, stats, recipe, s, 1.0)
+    gm, ex, matches, plans, decisions = run_passes(model, x, recipe)
+    assert {plans[n].clip for n, m, _ in matches if m.module in ("gate", "up")} == {clip}
+    assert all(d.clip in recipe.clip_grid for d in decisions)
+
+
+def test_clip_search_works_without_smoothquant():
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(4, 16, 48)
+    calibrated(model, [x])
+    gm, ex, matches, plans, decisions = run_passes(model, x, get_recipe("w8a8-static").replace(clip="auto"))
+    assert all(p.scale is None and p.alpha is None for p in plans.values())
+    assert qop_counts(gm) == {"quantize_per_tensor": 7, "linear_w8a8": 7}
 
 
 def test_smoothquant_without_calibration_is_a_clear_error():

@@ -42,6 +42,8 @@ def test_unknown_option_lists_valid_ones():
     ({"alpha": 1.5}, "alpha must be in"), ({"alpha": "best"}, "alpha must be in"),
     ({"observer": "magic"}, "unknown observer 'magic'.*minmax"), ({"activation": "per-head"}, "activation="),
     ({"percentile": 0}, "percentile"), ({"weight_bits": 3}, "weight_bits"),
+    ({"clip": 0}, "clip must be in"), ({"clip": 1.2}, "clip must be in"),
+    ({"clip": 0.8, "activation": "dynamic"}, "clip applies to static"),
 ])
 def test_validation_on_construction(changes, match):
     with pytest.raises(ValueError, match=match):
