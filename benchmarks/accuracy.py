@@ -26,12 +26,14 @@ from qcompiler import zoo
 LLM_RECIPES = [  # (label, options)
     ("w8a16", {"recipe": "w8a16"}),
     ("w8a8", {"recipe": "w8a8"}),
+    ("w8a8 quantize_tied (lm_head too)", {"recipe": "w8a8", "quantize_tied": True}),
     ("w8a8-smoothquant-dynamic a=0.5", {"recipe": "w8a8-smoothquant-dynamic"}),
     ("w8a8-static (minmax)", {"recipe": "w8a8-static"}),
     ("w8a8-smoothquant a=0.5", {"recipe": "w8a8-smoothquant", "alpha": 0.5}),
     ("w8a8-smoothquant a=0.65", {"recipe": "w8a8-smoothquant", "alpha": 0.65}),
     ("w8a8-smoothquant a=0.8", {"recipe": "w8a8-smoothquant", "alpha": 0.8}),
     ("w8a8-smoothquant a=auto", {"recipe": "w8a8-smoothquant", "alpha": "auto"}),
+    ("w8a8-smoothquant a=auto, no SQNR floor", {"recipe": "w8a8-smoothquant", "alpha": "auto", "min_sqnr_db": None}),
 ]
 QUICK_LLM = {"w8a16", "w8a8", "w8a8-smoothquant-dynamic a=0.5", "w8a8-smoothquant a=auto"}
 ENCODER_RECIPES = [

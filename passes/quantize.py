@@ -85,8 +85,31 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         in_graph_inv = None if not smoothed or plan.folded_into else smooth_inv
         out_dtype = node.meta["example_value"].dtype if "example_value" in node.meta else m.weight.dtype
 
+        sqnr = None
+        if stats is not None and stats.rows.shape[0]:
+            rows = stats.rows[:SQNR_ROWS]
+            b = None if bias is None else bias.detach().to(torch.float32)
+            ref = torch.nn.functional.linear(rows, m.weight.detach().to(torch.float32), b)
+            sqnr = sqnr_db(ref, _reference_output(rows, recipe, wq, ws, b, smooth_inv, x_scale))
+        floor = recipe.min_sqnr_db
         g = gm.graph
         x = activation_of(node)
+        if sqnr is not None and floor is not None and sqnr < floor:
+            d = Decision(m.module, "linear", FLOATING_POINT,
+                         f"{recipe.name}: output SQNR {sqnr:.1f} dB on the calibration data is below "
+                         f"min_sqnr_db={floor:g}", sqnr, weight_bytes_fp32=fp32_bytes,
+                         weight_bytes_quantized=fp32_bytes, param_id=id(m.param))
+            if smoothed and plan.folded_into:
+                # its input arrives divided by s (folded into the shared producer): absorb s in FP
+                with g.inserting_before(node):
+                    w_s = add_constant(gm, weight.to(m.weight.dtype), "smoothed_weight")
+                    new = g.call_function(torch.nn.functional.linear, (x, w_s, m.bias))
+                node.replace_all_uses_with(new)
+                g.erase_node(node)
+                node = new
+            node.meta[META_KEY] = d
+            decisions.append(d)
+            continue
         with g.inserting_before(node):
             wq_n, ws_n = add_constant(gm, wq, "wq"), add_constant(gm, ws, "wscale")
             inv_n = add_constant(gm, in_graph_inv, "smooth_inv") if in_graph_inv is not None else None
@@ -103,12 +126,6 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         node.replace_all_uses_with(new)
         g.erase_node(node)
 
-        sqnr = None
-        if stats is not None and stats.rows.shape[0]:
-            rows = stats.rows[:SQNR_ROWS]
-            b = None if bias is None else bias.detach().to(torch.float32)
-            ref = torch.nn.functional.linear(rows, m.weight.detach().to(torch.float32), b)
-            sqnr = sqnr_db(ref, _reference_output(rows, recipe, wq, ws, b, smooth_inv, x_scale))
         smoothing = None if not smoothed else (f"folded into {plan.folded_into}" if plan.folded_into
                                                else "applied in the activation quantize op")
         d = Decision(m.module, "linear", recipe.name, _scheme_text(recipe), sqnr,

@@ -16,7 +16,10 @@ FLOAT = "fp"  # the override value that keeps a module in floating point
 # activation schemes: None = weight-only; "dynamic" = per token at run time; "static" = per
 # tensor with a scale fixed from calibration (the form TensorRT's explicit quantization needs)
 ACTIVATION_SCHEMES = (None, "dynamic", "static")
-DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+# Bounded at 0.8, SmoothQuant's own Llama setting: the per-layer output-error search picks the
+# largest alpha it is offered on nearly every SmolLM2 layer, while the model's perplexity gets
+# worse above 0.8 (benchmarks/accuracy.py; README "alpha='auto'").
+DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
 
@@ -39,6 +42,9 @@ class Recipe:
             saturate), or "auto" for a per-layer search over ``clip_grid`` against the output
             error on the calibration data (jointly with ``alpha="auto"``).
         clip_grid: candidates for ``clip="auto"``.
+        min_sqnr_db: a linear whose quantized output SQNR against FP32 on the calibration data
+            falls below this stays in floating point (reported by ``explain``); None disables.
+            Needs calibration data; without it nothing is measured and nothing falls back.
         skip: module-name patterns (fnmatch) kept in floating point.
         quantize_tied: also quantize a linear whose weight the graph uses elsewhere too (a
             language model's output projection tied to its input embedding). Off by default:
@@ -60,6 +66,7 @@ class Recipe:
     alpha_grid: tuple = DEFAULT_ALPHA_GRID
     clip: Union[float, str] = 1.0
     clip_grid: tuple = DEFAULT_CLIP_GRID
+    min_sqnr_db: Optional[float] = 20.0
     skip: tuple = ()
     quantize_tied: bool = False
     overrides: tuple = ()

@@ -261,3 +261,21 @@ def test_tied_output_projection_stays_float_unless_asked(quantize_tied):
     else:
         assert d["head"].scheme == FLOATING_POINT and "tied" in d["head"].reason
     assert qop_counts(gm)["linear_w8a8"] == (2 if quantize_tied else 1)
+
+
+def test_a_layer_below_the_sqnr_floor_stays_float_and_still_computes_correctly():
+    torch.manual_seed(0)
+    model = Block()
+    x = with_outlier_channels(torch.randn(4, 16, 48), factor=30.0)
+    calibrated(model, [x])
+    ref = model(x)
+    # a floor no INT8 layer can reach: every linear falls back, folded smoothing included
+    gm, ex, matches, plans, decisions = run_passes(
+        model, x, get_recipe("w8a8-smoothquant").replace(min_sqnr_db=200.0))
+    assert all(d.scheme == FLOATING_POINT and "min_sqnr_db=200" in d.reason for d in decisions)
+    assert any(p.folded_into for p in plans.values())  # the norms were smoothed ...
+    assert rel_err(gm(*ex)[0], ref) < 1e-5             # ... and the FP layers absorbed s
+    assert not qop_counts(gm)
+    # a floor every layer clears changes nothing
+    _, _, _, _, kept = run_passes(model, x, get_recipe("w8a8-smoothquant").replace(min_sqnr_db=1.0))
+    assert all(d.scheme == "w8a8-smoothquant" for d in kept)
