@@ -126,3 +126,28 @@ def test_reference_table_covers_every_op():
     assert set(ops.REFERENCE) == {getattr(qops, n).default for n in (
         "quantize_per_channel", "quantize_per_token", "quantize_per_tensor", "dequantize",
         "linear_w8a8", "linear_w8a16")}
+
+
+class QLinear(torch.nn.Module):
+    """A module written directly in q-ops, as the quantize pass emits them."""
+
+    def __init__(self, w):
+        super().__init__()
+        wq, ws = ops.quantize_per_channel(w)
+        self.register_buffer("wq", wq)
+        self.register_buffer("ws", ws)
+
+    def forward(self, x):
+        xq, xs = qops.quantize_per_token(x, None)
+        return qops.linear_w8a8(xq, xs, self.wq, self.ws, None, x.dtype)
+
+
+def test_torch_export_keeps_the_qops_with_a_dynamic_batch():
+    torch.manual_seed(0)
+    mod, x = QLinear(torch.randn(24, 40)), torch.randn(5, 40)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(mod, (x,), dynamic_shapes=({0: batch},))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert {qops.quantize_per_token.default, qops.linear_w8a8.default} <= targets
+    x2 = torch.randn(11, 40)
+    assert torch.equal(ep.module()(x2), mod(x2))
