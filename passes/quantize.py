@@ -20,7 +20,7 @@ from torch import Tensor, fx
 
 from qcompiler import ops
 from qcompiler.calibration import CalibrationError, stats_for
-from qcompiler.observers import OBSERVERS
+from qcompiler.observers import static_scale
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import activation_of
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
@@ -39,13 +39,13 @@ def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def static_scale(stats, smooth_inv: Optional[Tensor], recipe, module: str, clip: float = 1.0) -> Tensor:
+def checked_static_scale(stats, smooth_inv: Optional[Tensor], recipe, module: str, clip: float) -> Tensor:
     if stats is None:
         raise CalibrationError(
             f"recipe {recipe.name!r} quantizes activations with static scales, but {module!r} has no "
             f"calibration statistics: run `with qcompiler.calibrate(model): model(batch)` on "
             f"representative data before the first call, or use the dynamic recipe 'w8a8'")
-    return ops.scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip)
+    return static_scale(stats, smooth_inv, recipe, clip)
 
 
 def _reference_output(x: Tensor, recipe, wq, ws, bias, smooth_inv, x_scale) -> Tensor:
@@ -81,7 +81,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         wq, ws = ops.quantize_per_channel_ref(weight)
         stats = stats_for(m.param)
         stats = None if stats is None else stats.to(weight.device)  # math beside the weights
-        x_scale = static_scale(stats, smooth_inv, recipe, m.module, clip) if recipe.activation == "static" else None
+        x_scale = checked_static_scale(stats, smooth_inv, recipe, m.module, clip) if recipe.activation == "static" else None
         in_graph_inv = None if not smoothed or plan.folded_into else smooth_inv
         out_dtype = node.meta["example_value"].dtype if "example_value" in node.meta else m.weight.dtype
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from qcompiler.calibration import CalibrationError, stats_for
-from qcompiler.observers import OBSERVERS
-from qcompiler.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref, scale_from_amax
+from qcompiler.observers import static_scale
+from qcompiler.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import graph_parameters, owning_module
 from qcompiler.passes.meta import ActivationPlan
@@ -44,7 +44,7 @@ def fake_quant_activation(x: Tensor, smooth_inv: Optional[Tensor], stats, recipe
     if recipe.activation == "dynamic":
         q, scale = quantize_per_token_ref(x, smooth_inv)
         return q.float() * scale
-    scale = scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip)
+    scale = static_scale(stats, smooth_inv, recipe, clip)
     return quantize_per_tensor_ref(x, scale, smooth_inv).float() * scale
 
 

@@ -22,6 +22,13 @@ def register_observer(name: str):
     return deco
 
 
+def static_scale(stats, smooth_inv: Optional[Tensor], recipe, clip: float = 1.0) -> Tensor:
+    """The static per-tensor INT8 scale: the recipe's observer range times ``clip``, over 127."""
+    from qcompiler.ops import scale_from_amax
+
+    return scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip)
+
+
 def _smoothed_rows(stats, smooth_inv: Optional[Tensor]) -> Tensor:
     rows = stats.rows
     return rows if smooth_inv is None else rows * smooth_inv
