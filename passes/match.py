@@ -173,7 +173,7 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         pname, param, transposed, param_node = found
         weight = param if pattern.weight_is_nk != transposed else param.t()
         module = owning_module(node, pname.rsplit(".", 1)[0])
-        value = node.meta.get("example_value")
+        x_value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
         layer_recipe, reason = recipe.for_module(module), ""
         if layer_recipe is None:
             reason = "kept in floating point by a skip/override pattern"
@@ -181,9 +181,8 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
             layer_recipe, reason = None, f"weight dtype {weight.dtype} is not a float type"
         elif not _bias_ok(bias, params):
             layer_recipe, reason = None, "bias is not a 1-D parameter"
-        elif value is not None and getattr(x, "meta", {}).get("example_value") is not None \
-                and x.meta["example_value"].dim() < 2 and pattern.name == "matmul":
-            layer_recipe, reason = None, "1-D activation operand"
+        elif x_value is None or x_value.dim() < 1:
+            layer_recipe, reason = None, "activation operand is not a tensor of known shape"
         elif not layer_recipe.quantize_tied and _used_outside_linears(param_node):
             layer_recipe, reason = None, ("weight is tied to a non-linear use (e.g. the input embedding): "
                                           "an INT8 copy would sit beside the FP32 tensor that use still "
