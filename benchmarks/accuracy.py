@@ -9,6 +9,8 @@ calibration time is measured once per model and printed above each table.
 
     python benchmarks/accuracy.py            # full: 16 held-out windows (8,192 tokens)
     python benchmarks/accuracy.py --quick    # the README's main job: fewer rows and windows
+    python benchmarks/accuracy.py --llm-only --rows '[{"recipe": "w8a8-smoothquant", "clip": "auto"}]'
+                                             # ablations: SmolLM2 rows for any option sets
 """
 from __future__ import annotations
 
@@ -72,8 +74,9 @@ def run_llm(args, rows):
     NOTES.append(f"SmolLM2-135M: {len(held)} held-out windows x {args.window} tokens; calibration on "
                  f"{len(cal)} disjoint windows took {time.perf_counter() - t:.1f}s")
     print(NOTES[-1], file=sys.stderr)
-    for label, options in LLM_RECIPES:
-        if args.quick and label not in QUICK_LLM:
+    recipes = [(json.dumps(o, separators=(",", ":")), o) for o in args.rows] if args.rows else LLM_RECIPES
+    for label, options in recipes:
+        if args.quick and not args.rows and label not in QUICK_LLM:
             continue
         fast = compiled(model, options, args.target)
         t = time.perf_counter()
@@ -117,11 +120,12 @@ def run_encoder(args, rows):
 
 
 def print_table(rows):
-    print(f"{'model':18} {'recipe':38} {'metric':7} {'value':>9} {'vs fp32':>11} {'q-lin B':>8} "
+    width = max(38, *(len(r[1]) for r in rows))
+    print(f"{'model':18} {'recipe':{width}} {'metric':7} {'value':>9} {'vs fp32':>11} {'q-lin B':>8} "
           f"{'all-lin B':>9} {'FP lin':>7} {'compile s':>9}")
     for model, label, metric, value, delta, (q_ratio, all_ratio, kept), secs in rows:
         vs = f"{delta:+.2f}%" if metric == "ppl" else (f"min {delta:.4f}" if label != "fp32 (eager)" else "")
-        print(f"{model:18} {label:38} {metric:7} {value:9.4f} {vs:>11} {100 * q_ratio:7.1f}% "
+        print(f"{model:18} {label:{width}} {metric:7} {value:9.4f} {vs:>11} {100 * q_ratio:7.1f}% "
               f"{100 * all_ratio:8.1f}% {kept:>7} {secs:9.1f}")
     print("(cosine rows: 'vs fp32' is the minimum over sentences. 'q-lin B': bytes of the quantized linear "
           "weights, scales included, over their FP32 bytes; 'all-lin B': every linear weight as compiled, "
@@ -141,13 +145,16 @@ def main(argv=None):
     p.add_argument("--sentences", type=int, default=256, help="MiniLM calibration / held-out sentences")
     p.add_argument("--target", default="reference", help="qcompile target for every row")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--rows", type=json.loads, help="JSON list of options dicts: SmolLM2 rows instead of the defaults")
+    p.add_argument("--llm-only", action="store_true", help="skip all-MiniLM-L6-v2")
     args = p.parse_args(argv)
     args.windows = args.windows or (8 if args.quick else 16)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     run_llm(args, rows)
-    run_encoder(args, rows)
+    if not args.llm_only:
+        run_encoder(args, rows)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

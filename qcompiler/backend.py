@@ -9,6 +9,7 @@ chosen lowering. The returned ``CompiledGraph`` keeps the original graph so that
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from typing import Mapping, Optional
 
@@ -30,8 +31,6 @@ def split_options(options: Optional[Mapping]) -> tuple:
     """options -> (Recipe, target name); unknown keys are an error listing the valid ones."""
     options = dict(options or {})
     target = options.pop("target", "auto")
-    import dataclasses
-
     fields = {f.name for f in dataclasses.fields(recipes.Recipe)} - {"name", "description"}
     unknown = sorted(set(options) - fields - {"recipe"})
     if unknown:
