@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcompiler.calibration import stats_for
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch
 
 aten = torch.ops.aten
@@ -172,7 +173,10 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         x, _, bias = operands
         pname, param, transposed, param_node = found
         weight = param if pattern.weight_is_nk != transposed else param.t()
-        module = owning_module(node, pname.rsplit(".", 1)[0])
+        # calibration saw the full name (named_modules); Dynamo's is relative to the frame's root,
+        # which after a graph break inside a submodule is that submodule
+        stats = stats_for(param)
+        module = stats.module if stats is not None else owning_module(node, pname.rsplit(".", 1)[0])
         x_value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
         layer_recipe, reason = recipe.for_module(module), ""
         if layer_recipe is None:

@@ -197,3 +197,34 @@ def test_random_small_models(seed):
             if "smoothquant" in recipe else compile_q(model, recipe=recipe, target=target)(x)
     assert sqnr_db(model(x), outs["reference"]) > 20, recipe
     assert rel_err(outs["inductor"], outs["reference"]) < 1e-4, recipe
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()  # the resumed frame's root is this submodule
+        return self.b(x)
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_full_module_names_after_a_graph_break_inside_a_submodule():
+    torch.manual_seed(0)
+    model, x = Outer(), torch.randn(3, 16)
+    with qcompiler.calibrate(model, [x], progress=False):
+        pass
+    fast = compile_q(model, skip=["inner.b"], target="reference")
+    fast(x)
+    schemes = {r.module: r.scheme for r in qcompiler.explain(fast)}
+    assert schemes == {"inner.a": "w8a8", "inner.b": "floating point"}
