@@ -68,24 +68,35 @@ def run_llm(args, rows):
     cal, held = zoo.lm_windows(ids, args.window, args.calib, args.windows)
     base = zoo.perplexity(model, held)
     rows.append(("SmolLM2-135M", "fp32 (eager)", "ppl", base, 0.0, (1.0, 1.0, ""), 0.0))
+    recipes = [(json.dumps(o, separators=(",", ":")), o) for o in args.rows] if args.rows else LLM_RECIPES
+    recipes = [(l, o) for l, o in recipes if not (args.quick and not args.rows and l not in QUICK_LLM)]
+    # recipes that need no calibration are measured before any exists, as a user gets them
+    # (with calibration statistics present, the SQNR floor would also apply to them)
+    uncalibrated = [(l, o) for l, o in recipes if not qcompiler.get_recipe(o["recipe"]).replace(
+        **{k: v for k, v in o.items() if k != "recipe"}).needs_calibration]
+    for label, options in uncalibrated:
+        llm_row(model, held, base, label, options, args, rows)
     t = time.perf_counter()
     with qcompiler.calibrate(model, cal.split(1), progress=False):
         pass
     NOTES.append(f"SmolLM2-135M: {len(held)} held-out windows x {args.window} tokens; calibration on "
                  f"{len(cal)} disjoint windows took {time.perf_counter() - t:.1f}s")
     print(NOTES[-1], file=sys.stderr)
-    recipes = [(json.dumps(o, separators=(",", ":")), o) for o in args.rows] if args.rows else LLM_RECIPES
     for label, options in recipes:
-        if args.quick and not args.rows and label not in QUICK_LLM:
-            continue
-        fast = compiled(model, options, args.target)
-        t = time.perf_counter()
-        with torch.no_grad():
-            fast(input_ids=held[:1], use_cache=False)
-        compile_s = time.perf_counter() - t
-        ppl = zoo.perplexity(fast, held)
-        rows.append(("SmolLM2-135M", label, "ppl", ppl, 100 * (ppl / base - 1), weight_ratios(model), compile_s))
-        print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / base - 1):+.2f}%)", file=sys.stderr)
+        if (label, options) not in uncalibrated:
+            llm_row(model, held, base, label, options, args, rows)
+
+
+def llm_row(model, held, base, label, options, args, rows):
+    fast = compiled(model, options, args.target)
+    t = time.perf_counter()
+    with torch.no_grad():
+        fast(input_ids=held[:1], use_cache=False)
+    compile_s = time.perf_counter() - t
+    ppl = zoo.perplexity(fast, held)
+    cal = "calibrated" if qcompiler.calibration.stats_for(model.model.layers[0].mlp.down_proj.weight) else "no calibration"
+    rows.append(("SmolLM2-135M", f"{label} [{cal}]", "ppl", ppl, 100 * (ppl / base - 1), weight_ratios(model), compile_s))
+    print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / base - 1):+.2f}%)", file=sys.stderr)
 
 
 def run_encoder(args, rows):
@@ -100,6 +111,9 @@ def run_encoder(args, rows):
     with torch.no_grad():
         ref = torch.cat([zoo.sentence_embeddings(model, b) for b in held_batches])
     rows.append(("all-MiniLM-L6-v2", "fp32 (eager)", "cosine", 1.0, 0.0, (1.0, 1.0, ""), 0.0))
+    first = [(l, o) for l, o in ENCODER_RECIPES if not qcompiler.get_recipe(o["recipe"]).needs_calibration]
+    for label, options in first:
+        encoder_row(model, held_batches, ref, label + " [no calibration]", options, args, rows)
     t = time.perf_counter()
     with qcompiler.calibrate(model, list(batches(cal_s)), progress=False):
         pass
@@ -107,16 +121,21 @@ def run_encoder(args, rows):
                  f"disjoint sentences took {time.perf_counter() - t:.1f}s")
     print(NOTES[-1], file=sys.stderr)
     for label, options in ENCODER_RECIPES:
-        fast = compiled(model, options, args.target)
-        t = time.perf_counter()
-        with torch.no_grad():
-            fast(**held_batches[0])
-        compile_s = time.perf_counter() - t
-        with torch.no_grad():
-            emb = torch.cat([zoo.sentence_embeddings(fast, b) for b in held_batches])
-        cos = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
-        rows.append(("all-MiniLM-L6-v2", label, "cosine", cos.mean().item(), cos.min().item(),
-                     weight_ratios(model), compile_s))
+        if (label, options) not in first:
+            encoder_row(model, held_batches, ref, label + " [calibrated]", options, args, rows)
+
+
+def encoder_row(model, held_batches, ref, label, options, args, rows):
+    fast = compiled(model, options, args.target)
+    t = time.perf_counter()
+    with torch.no_grad():
+        fast(**held_batches[0])
+    compile_s = time.perf_counter() - t
+    with torch.no_grad():
+        emb = torch.cat([zoo.sentence_embeddings(fast, b) for b in held_batches])
+    cos = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
+    rows.append(("all-MiniLM-L6-v2", label, "cosine", cos.mean().item(), cos.min().item(),
+                 weight_ratios(model), compile_s))
 
 
 def print_table(rows):
