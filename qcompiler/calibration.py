@@ -76,6 +76,13 @@ def stats_for(weight: Tensor) -> Optional[ActivationStats]:
     return _STATS.get(weight)
 
 
+def forget(model: nn.Module) -> None:
+    """Drop the calibration statistics of ``model``'s parameters (compiled graphs rebuild)."""
+    for p in _unwrap(model).parameters():
+        _STATS.pop(p, None)
+    _generation[0] += 1
+
+
 def generation() -> int:
     return _generation[0]
 

@@ -228,3 +228,17 @@ def test_full_module_names_after_a_graph_break_inside_a_submodule():
     fast(x)
     schemes = {r.module: r.scheme for r in qcompiler.explain(fast)}
     assert schemes == {"inner.a": "w8a8", "inner.b": "floating point"}
+
+
+def test_forget_drops_statistics_and_graphs_rebuild_without_them():
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(2, 8, 48)
+    with qcompiler.calibrate(model, [x], progress=False):
+        pass
+    fast = compile_q(model, recipe="w8a8", target="reference")
+    fast(x)
+    assert all(r.sqnr_db is not None for r in qcompiler.explain(fast) if r.op == "linear")
+    qcompiler.calibration.forget(model)
+    assert qcompiler.calibration.stats_for(model.lm_head.weight) is None
+    fast(x)
+    assert all(r.sqnr_db is None for r in qcompiler.explain(fast) if r.op == "linear")
