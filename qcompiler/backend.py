@@ -55,7 +55,6 @@ class CompiledGraph:
         self.recipe = recipe
         self.target = AUTO.get(_device_type(example_inputs), "reference") if target == "auto" else target
         get_lowering(self.target)  # unknown target: fail now, with the list of valid ones
-        self.decisions = []
         self._build()
         LIVE_GRAPHS.add(self)
 
@@ -63,13 +62,21 @@ class CompiledGraph:
         self.generation = calibration.generation()
         gm = copy.deepcopy(self.original)
         matches = match(gm, self.example_inputs, self.recipe)
+        # the statistics this build used: only a change to these makes a rebuild worthwhile
+        self.stats_used = [(m.param, calibration.stats_for(m.param)) for _, m, _ in matches]
         plans = smooth(gm, self.example_inputs, matches)
         self.decisions = quantize(gm, matches, plans)
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs)
 
+    def _stale(self) -> bool:
+        if self.generation == calibration.generation():
+            return False
+        self.generation = calibration.generation()
+        return any(calibration.stats_for(p) is not used for p, used in self.stats_used)
+
     def __call__(self, *args):
-        if self.generation != calibration.generation():
+        if self._stale():
             self._build()
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)

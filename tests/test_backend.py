@@ -242,3 +242,21 @@ def test_forget_drops_statistics_and_graphs_rebuild_without_them():
     assert qcompiler.calibration.stats_for(model.lm_head.weight) is None
     fast(x)
     assert all(r.sqnr_db is None for r in qcompiler.explain(fast) if r.op == "linear")
+
+
+def test_calibrating_another_model_does_not_rebuild_this_one():
+    torch.manual_seed(0)
+    model, other, x = Stack(), Stack(), torch.randn(2, 8, 48)
+    fast = compile_q(model, target="reference")
+    fast(x)
+    graphs = [g for g in qcompiler.backend.LIVE_GRAPHS if any(p is model.lm_head.weight for p, _ in g.stats_used)]
+    assert len(graphs) == 1
+    built = graphs[0].graph_module
+    with qcompiler.calibrate(other, [x], progress=False):
+        pass
+    fast(x)
+    assert graphs[0].graph_module is built      # unrelated statistics: no rebuild
+    with qcompiler.calibrate(model, [x], progress=False):
+        pass
+    fast(x)
+    assert graphs[0].graph_module is not built  # its own statistics changed: rebuilt
