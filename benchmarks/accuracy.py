@@ -11,18 +11,22 @@ calibration time is measured once per model and printed above each table.
     python benchmarks/accuracy.py --quick    # the README's main job: fewer rows and windows
     python benchmarks/accuracy.py --llm-only --rows '[{"recipe": "w8a8-smoothquant", "clip": "auto"}]'
                                              # ablations: SmolLM2 rows for any option sets
+    python benchmarks/accuracy.py --llm-only --select 'w8a16|fp8|w4a16|auto'
+                                             # the INT4 / FP8 / auto rows only
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
 import torch
 
 import qcompiler
+import qcompiler.weight_rounding
 from qcompiler import zoo
 
 LLM_RECIPES = [  # (label, options)
@@ -36,9 +40,21 @@ LLM_RECIPES = [  # (label, options)
     ("w8a8-smoothquant a=0.8", {"recipe": "w8a8-smoothquant", "alpha": 0.8}),
     ("w8a8-smoothquant a=auto", {"recipe": "w8a8-smoothquant", "alpha": "auto"}),
     ("w8a8-smoothquant a=auto, no SQNR floor", {"recipe": "w8a8-smoothquant", "alpha": "auto", "min_sqnr_db": None}),
+    ("fp8 (E4M3, dynamic per token)", {"recipe": "fp8"}),
+    ("fp8-static (E4M3, per tensor)", {"recipe": "fp8-static"}),
+    ("w4a16 RTN sym g128", {"recipe": "w4a16"}),
+    ("w4a16 RTN sym g64", {"recipe": "w4a16", "group_size": 64}),
+    ("w4a16 RTN sym g32", {"recipe": "w4a16", "group_size": 32}),
+    ("w4a16 RTN asym g64", {"recipe": "w4a16", "group_size": 64, "symmetric": False}),
+    ("w4a16-awq sym g64", {"recipe": "w4a16-awq", "group_size": 64}),
+    ("w4a16-gptq sym g64 (act order)", {"recipe": "w4a16-gptq", "group_size": 64}),
+    ("w4a16-gptq sym g64, no act order", {"recipe": "w4a16-gptq", "group_size": 64, "act_order": False}),
+    ("w4a16-awq-gptq sym g64", {"recipe": "w4a16-awq-gptq", "group_size": 64}),
+    ("auto, budget 2%", {"recipe": "auto", "budget": 0.02}),
 ]
 NOTES = []  # calibration set sizes and times, printed under the table
-QUICK_LLM = {"w8a16", "w8a8", "w8a8-smoothquant-dynamic a=0.5", "w8a8-smoothquant a=auto"}
+QUICK_LLM = {"w8a16", "w8a8", "w8a8-smoothquant-dynamic a=0.5", "w8a8-smoothquant a=auto",
+             "fp8 (E4M3, dynamic per token)", "w4a16 RTN sym g64"}
 ENCODER_RECIPES = [
     ("w8a8", {"recipe": "w8a8"}),
     ("w8a16", {"recipe": "w8a16"}),
@@ -70,10 +86,11 @@ def run_llm(args, rows):
     rows.append(("SmolLM2-135M", "fp32 (eager)", "ppl", base, 0.0, (1.0, 1.0, ""), 0.0))
     recipes = [(json.dumps(o, separators=(",", ":")), o) for o in args.rows] if args.rows else LLM_RECIPES
     recipes = [(l, o) for l, o in recipes if not (args.quick and not args.rows and l not in QUICK_LLM)]
+    if args.select:
+        recipes = [(l, o) for l, o in recipes if re.search(args.select, l)]
     # recipes that need no calibration are measured before any exists, as a user gets them
     # (with calibration statistics present, the SQNR floor would also apply to them)
-    uncalibrated = [(l, o) for l, o in recipes if not qcompiler.get_recipe(o["recipe"]).replace(
-        **{k: v for k, v in o.items() if k != "recipe"}).needs_calibration]
+    uncalibrated = [(l, o) for l, o in recipes if not _recipe(o).needs_calibration]
     for label, options in uncalibrated:
         llm_row(model, held, base, label, options, args, rows)
     t = time.perf_counter()
@@ -82,9 +99,27 @@ def run_llm(args, rows):
     NOTES.append(f"SmolLM2-135M: {len(held)} held-out windows x {args.window} tokens; calibration on "
                  f"{len(cal)} disjoint windows took {time.perf_counter() - t:.1f}s")
     print(NOTES[-1], file=sys.stderr)
+    # algorithm recipes (AWQ, GPTQ, auto) calibrate for themselves, last: their block-wise run
+    # replaces the statistics with ones seen through the quantized blocks before each layer
+    algorithmic = [(l, o) for l, o in recipes if _recipe(o).rounds_weights]
     for label, options in recipes:
-        if (label, options) not in uncalibrated:
+        if (label, options) not in uncalibrated and (label, options) not in algorithmic:
             llm_row(model, held, base, label, options, args, rows)
+    cal_int4, _ = zoo.lm_windows(ids, args.window, args.calib_int4, args.windows)
+    for label, options in algorithmic:
+        t = time.perf_counter()
+        qcompiler.calibrate(model, cal_int4.split(1), recipe=options, progress=False)
+        run = dict(qcompiler.weight_rounding.LAST_RUN)
+        NOTES.append(f"SmolLM2-135M {label}: calibration ({run.get('algorithm')}, block by block, "
+                     f"{len(cal_int4)} windows x {args.window} tokens) took {time.perf_counter() - t:.0f}s"
+                     + (f"; chose {run['formats']}, held-out calibration ppl x{run['ppl_ratio']:.4f} in "
+                        f"{run['evaluations']} evaluations" if run.get("algorithm") == "auto" else ""))
+        print(NOTES[-1], file=sys.stderr)
+        llm_row(model, held, base, label, options, args, rows)
+
+
+def _recipe(options):
+    return qcompiler.get_recipe(options["recipe"]).replace(**{k: v for k, v in options.items() if k != "recipe"})
 
 
 def llm_row(model, held, base, label, options, args, rows):
@@ -160,12 +195,15 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the main job: 4 SmolLM2 recipes, fewer windows")
     p.add_argument("--windows", type=int, help="held-out 512-token windows (default 16; quick 8)")
     p.add_argument("--calib", type=int, default=16, help="calibration windows")
+    p.add_argument("--calib-int4", type=int, default=32,
+                   help="calibration windows for the recipes that run an algorithm (AWQ, GPTQ, auto)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--sentences", type=int, default=256, help="MiniLM calibration / held-out sentences")
     p.add_argument("--target", default="reference", help="qcompile target for every row")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--rows", type=json.loads, help="JSON list of options dicts: SmolLM2 rows instead of the defaults")
     p.add_argument("--llm-only", action="store_true", help="skip all-MiniLM-L6-v2")
+    p.add_argument("--select", help="only the SmolLM2 rows whose label matches this regex")
     args = p.parse_args(argv)
     args.windows = args.windows or (8 if args.quick else 16)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcompiler.calibration import stats_for
+from qcompiler.calibration import CalibrationError, prepared_for, stats_for
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch
 
 aten = torch.ops.aten
@@ -152,6 +152,16 @@ def _bias_ok(bias, params) -> bool:
 # ----------------------------------------------------------------------------- the pass
 
 
+def assigned_recipe(param, module: str, recipe) -> tuple:
+    """(recipe, reason) that calibration's mixed-precision search gave this linear."""
+    prepared = prepared_for(param)
+    if prepared is None:
+        raise CalibrationError(
+            f"recipe {recipe.name!r} chooses each layer's format on calibration data, but {module!r} has no "
+            f"choice yet: run `qcompiler.calibrate(model, batches, recipe={recipe.name!r})` before compiling")
+    return prepared.recipe, prepared.reason
+
+
 def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
     """Annotate linear / attention nodes with ``LinearMatch`` / ``Decision``; return the matches."""
     params = graph_parameters(gm, example_inputs)
@@ -179,8 +189,10 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         module = stats.module if stats is not None else owning_module(node, pname.rsplit(".", 1)[0])
         x_value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
         layer_recipe, reason = recipe.for_module(module), ""
+        if layer_recipe is not None and layer_recipe.mixed_precision:
+            layer_recipe, reason = assigned_recipe(param, module, layer_recipe)
         if layer_recipe is None:
-            reason = "kept in floating point by a skip/override pattern"
+            reason = reason or "kept in floating point by a skip/override pattern"
         elif weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             layer_recipe, reason = None, f"weight dtype {weight.dtype} is not a float type"
         elif not _bias_ok(bias, params):

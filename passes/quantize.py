@@ -1,11 +1,13 @@
 """Quantize: replace each chosen linear by q-ops, weights quantized and packed once, here.
 
-Per recipe activation scheme the linear ``y = x W^T + b`` becomes
-  * weight-only: ``linear_w8a16(x, Wq, sw, b)``
+Per recipe (``SCHEMES``: weight bits x activation scheme) the linear ``y = x W^T + b`` becomes
+  * 8-bit weight-only: ``linear_w8a16(x, Wq, sw, b)``
   * dynamic:     ``xq, sx = quantize_per_token(x, 1/s)``; ``linear_w8a8(xq, sx, Wq, sw, b)``
   * static:      ``xq = quantize_per_tensor(x, sx, 1/s)``; ``linear_w8a8(xq, sx, Wq, sw, b)``
-with ``Wq, sw = quantize_per_channel(W * s)`` (``s = 1`` without SmoothQuant; ``1/s`` omitted
-when the smooth pass folded it into the producer). Every rewritten node gets a ``Decision``
+  * INT4 weight-only: ``linear_w4a16(x, W4, s4, z4, 1/s, group, b)``
+with ``Wq, sw = quantize_per_channel(W * s)`` in INT8 or FP8 (``s = 1`` without SmoothQuant or AWQ;
+``1/s`` omitted when the smooth pass folded it into the producer); INT4 weights come from
+round-to-nearest here or from AWQ / GPTQ at calibration (``qcompiler.weight_rounding``). Every rewritten node gets a ``Decision``
 with the layer's output SQNR against FP32 on the calibration rows, computed by the reference
 q-ops themselves.
 """
@@ -13,12 +15,13 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, fx
 
-from qcompiler import ops
+from qcompiler import int4, ops
 from qcompiler.calibration import CalibrationError, stats_for
 from qcompiler.observers import static_scale
 from qcompiler.passes.graph_utils import add_constant
@@ -48,15 +51,104 @@ def checked_static_scale(stats, smooth_inv: Optional[Tensor], recipe, module: st
     return static_scale(stats, smooth_inv, recipe, clip)
 
 
-def _reference_output(x: Tensor, recipe, wq, ws, bias, smooth_inv, x_scale) -> Tensor:
-    """The quantized layer on float rows, through the reference q-ops (for the SQNR)."""
-    if recipe.activation is None:
-        return ops.linear_w8a16_ref(x, wq, ws, bias)
-    if recipe.activation == "dynamic":
-        xq, sx = ops.quantize_per_token_ref(x, smooth_inv)
+# ----------------------------------------------------------------------------- schemes
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one kind of quantized linear is built; ``SCHEMES`` maps a recipe to one of these.
+
+    ``weights(w, recipe, prepared)`` -> named constants (``w`` is float32 [N, K], already
+    multiplied by any smoothing scale s; ``prepared`` a calibration-time ``PreparedWeight``);
+    ``reference(x, c, bias, smooth_inv, x_scale, recipe)`` -> the layer on float rows through the
+    reference q-ops (for the SQNR); ``emit(g, x, c, bias, inv, x_scale, recipe, out_dtype)`` ->
+    the node replacing the linear (``c`` and ``inv``, ``x_scale`` are graph nodes there).
+    """
+
+    weights: Callable
+    reference: Callable
+    emit: Callable
+    text: Callable
+
+
+def _w8_weights(w, recipe, prepared):
+    wq, ws = ops.quantize_per_channel_ref(w, recipe.qdtype)
+    return {"wq": wq, "wscale": ws}
+
+
+def _w4_weights(w, recipe, prepared):
+    if prepared is not None and prepared.weight is not None:
+        p = prepared.weight
     else:
-        xq, sx = ops.quantize_per_tensor_ref(x, x_scale, smooth_inv), x_scale
-    return ops.linear_w8a8_ref(xq, sx, wq, ws, bias, torch.float32)
+        p = int4.quantize(w, recipe.group_size, recipe.symmetric)
+    return {"w4": p.packed, "w4scale": p.scale, **({"w4zero": p.zero} if p.zero is not None else {})}
+
+
+def _w4_args(c):
+    return c["w4"], c["w4scale"], c.get("w4zero")
+
+
+SCHEMES = {
+    # (weight_bits, activation) -> Scheme
+    (8, None): Scheme(
+        _w8_weights,
+        lambda x, c, b, inv, xs, r: ops.linear_w8a16_ref(x, c["wq"], c["wscale"], b),
+        lambda g, x, c, b, inv, xs, r, dt: g.call_function(qops.linear_w8a16.default, (x, c["wq"], c["wscale"], b)),
+        lambda r: "INT8 weights per channel, weights only"),
+    (8, "dynamic"): Scheme(
+        _w8_weights,
+        lambda x, c, b, inv, xs, r: ops.linear_w8a8_ref(*ops.quantize_per_token_ref(x, inv, r.qdtype),
+                                                        c["wq"], c["wscale"], b, torch.float32),
+        lambda g, x, c, b, inv, xs, r, dt: _emit_dynamic(g, x, c, b, inv, r, dt),
+        lambda r: f"{_fmt(r)} weights per channel, {_fmt(r)} activations per token"),
+    (8, "static"): Scheme(
+        _w8_weights,
+        lambda x, c, b, inv, xs, r: ops.linear_w8a8_ref(ops.quantize_per_tensor_ref(x, xs, inv, r.qdtype), xs,
+                                                        c["wq"], c["wscale"], b, torch.float32),
+        lambda g, x, c, b, inv, xs, r, dt: g.call_function(qops.linear_w8a8.default, (
+            g.call_function(qops.quantize_per_tensor.default, (x, xs, inv, r.qdtype)), xs, c["wq"], c["wscale"], b, dt)),
+        lambda r: f"{_fmt(r)} weights per channel, {_fmt(r)} activations per tensor ({r.observer})"),
+    (4, None): Scheme(
+        _w4_weights,
+        lambda x, c, b, inv, xs, r: ops.linear_w4a16_ref(x, *_w4_args(c), inv, r.group_size, b),
+        lambda g, x, c, b, inv, xs, r, dt: g.call_function(qops.linear_w4a16.default, (
+            x, *_w4_args(c), inv, r.group_size, b)),
+        lambda r: f"INT4 weights, group {r.group_size}, {'symmetric' if r.symmetric else 'asymmetric'}, "
+                  f"{r.algorithm.upper()}"),
+}
+
+
+def _fmt(recipe) -> str:
+    return "FP8" if recipe.number_format == "fp8" else "INT8"
+
+
+def _emit_dynamic(g, x, c, bias, inv, recipe, out_dtype):
+    q = g.call_function(qops.quantize_per_token.default, (x, inv, recipe.qdtype))
+    xq, sx = g.call_function(operator.getitem, (q, 0)), g.call_function(operator.getitem, (q, 1))
+    return g.call_function(qops.linear_w8a8.default, (xq, sx, c["wq"], c["wscale"], bias, out_dtype))
+
+
+def scheme_for(recipe) -> Scheme:
+    return SCHEMES[(recipe.weight_bits, recipe.activation)]
+
+
+def checked_prepared(m, recipe):
+    """The calibration-time weight of an AWQ / GPTQ layer, checked against the recipe."""
+    from qcompiler.calibration import prepared_for
+    from qcompiler.weight_rounding import weight_key
+
+    if recipe.weight_bits != 4 or recipe.algorithm == "rtn":
+        return None
+    prepared = prepared_for(m.param)
+    fix = (f"run `qcompiler.calibrate(model, batches, recipe={recipe.name!r})` (with the same recipe "
+           f"options) before compiling")
+    if prepared is None or prepared.weight is None:
+        raise CalibrationError(f"recipe {recipe.name!r} rounds weights with {recipe.algorithm.upper()} on "
+                               f"calibration data, but {m.module!r} has no prepared weight: {fix}")
+    if prepared.key != weight_key(recipe):
+        raise CalibrationError(f"{m.module!r} was calibrated for a different INT4 setting {prepared.key} "
+                               f"than the recipe asks for {weight_key(recipe)}: {fix}")
+    return prepared
 
 
 def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
@@ -72,13 +164,15 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             decisions.append(d)
             continue
         recipe, plan = m.recipe, plans.get(node)
+        scheme = scheme_for(recipe)
+        prepared = checked_prepared(m, recipe)
         weight = m.weight.detach().to(torch.float32)
         smoothed = plan is not None and plan.scale is not None
         smooth_inv = 1.0 / plan.scale if smoothed else None               # on raw activations
         clip = plan.clip if plan is not None else float(recipe.clip)
         if smoothed:
             weight = weight * plan.scale
-        wq, ws = ops.quantize_per_channel_ref(weight)
+        consts = scheme.weights(weight, recipe, prepared)
         stats = stats_for(m.param)
         stats = None if stats is None else stats.to(weight.device)  # math beside the weights
         x_scale = checked_static_scale(stats, smooth_inv, recipe, m.module, clip) if recipe.activation == "static" else None
@@ -90,7 +184,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             rows = stats.rows[:SQNR_ROWS]
             b = None if bias is None else bias.detach().to(torch.float32)
             ref = torch.nn.functional.linear(rows, m.weight.detach().to(torch.float32), b)
-            sqnr = sqnr_db(ref, _reference_output(rows, recipe, wq, ws, b, smooth_inv, x_scale))
+            sqnr = sqnr_db(ref, scheme.reference(rows, consts, b, smooth_inv, x_scale, recipe))
         floor = recipe.min_sqnr_db
         g = gm.graph
         x = activation_of(node)
@@ -111,27 +205,20 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             decisions.append(d)
             continue
         with g.inserting_before(node):
-            wq_n, ws_n = add_constant(gm, wq, "wq"), add_constant(gm, ws, "wscale")
+            c = {k: add_constant(gm, v, k) for k, v in consts.items()}
             inv_n = add_constant(gm, in_graph_inv, "smooth_inv") if in_graph_inv is not None else None
-            if recipe.activation is None:
-                new = g.call_function(qops.linear_w8a16.default, (x, wq_n, ws_n, m.bias))
-            else:
-                if recipe.activation == "dynamic":
-                    q = g.call_function(qops.quantize_per_token.default, (x, inv_n))
-                    xq, sx = g.call_function(operator.getitem, (q, 0)), g.call_function(operator.getitem, (q, 1))
-                else:
-                    sx = add_constant(gm, x_scale, "xscale")
-                    xq = g.call_function(qops.quantize_per_tensor.default, (x, sx, inv_n))
-                new = g.call_function(qops.linear_w8a8.default, (xq, sx, wq_n, ws_n, m.bias, out_dtype))
+            xs_n = add_constant(gm, x_scale, "xscale") if x_scale is not None else None
+            new = scheme.emit(g, x, c, m.bias, inv_n, xs_n, recipe, out_dtype)
         node.replace_all_uses_with(new)
         g.erase_node(node)
 
         smoothing = None if not smoothed else (f"folded into {plan.folded_into}" if plan.folded_into
                                                else "applied in the activation quantize op")
-        d = Decision(m.module, "linear", recipe.name, _scheme_text(recipe), sqnr,
-                     None if plan is None else plan.alpha,
+        text = scheme.text(recipe) + (", SmoothQuant" if recipe.smoothquant else "") + (f"; {m.reason}" if m.reason else "")
+        d = Decision(m.module, "linear", recipe.name, text,
+                     sqnr, None if plan is None else plan.alpha,
                      clip if recipe.activation == "static" else None, smoothing, fp32_bytes,
-                     wq.numel() * wq.element_size() + ws.numel() * ws.element_size(), id(m.param))
+                     sum(v.numel() * v.element_size() for v in consts.values()), id(m.param))
         new.meta[META_KEY] = d
         decisions.append(d)
     g = gm.graph
@@ -140,8 +227,3 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
     gm.recompile()
     return decisions
 
-
-def _scheme_text(recipe) -> str:
-    act = {None: "weights only", "dynamic": "activations INT8 per token",
-           "static": f"activations INT8 per tensor ({recipe.observer})"}[recipe.activation]
-    return f"INT8 weights per channel, {act}" + (", SmoothQuant" if recipe.smoothquant else "")

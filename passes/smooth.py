@@ -1,4 +1,4 @@
-"""Smooth: SmoothQuant scales (and static clip ranges) for the linears of recipes that ask.
+"""Smooth: SmoothQuant / AWQ scales (and static clip ranges) for the linears of recipes that ask.
 
 Linears reading the same activation form a group (q/k/v; gate/up) and share one scale
 ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)`` (W over the whole group), so the activation is
@@ -8,6 +8,8 @@ the quantize pass applies it inside the activation-quantize op. The weights abso
 quantize pass. ``alpha="auto"`` / ``clip="auto"`` pick, per group, the alpha on ``recipe.alpha_grid`` and
 the static activation clip on ``recipe.clip_grid`` with the smallest output error of the
 group's quantized linears on the calibration rows.
+
+AWQ's scales are chosen at calibration (``qcompiler.awq``) and only folded here, the same way.
 
 The user's parameters are never touched: folded norm weights are new graph constants.
 """
@@ -42,10 +44,10 @@ def smooth_scale(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Ten
 def fake_quant_activation(x: Tensor, smooth_inv: Optional[Tensor], stats, recipe, clip: float = 1.0) -> Tensor:
     """What the recipe's activation quantizer turns ``x`` into, dequantized (for searches)."""
     if recipe.activation == "dynamic":
-        q, scale = quantize_per_token_ref(x, smooth_inv)
+        q, scale = quantize_per_token_ref(x, smooth_inv, recipe.qdtype)
         return q.float() * scale
     scale = static_scale(stats, smooth_inv, recipe, clip)
-    return quantize_per_tensor_ref(x, scale, smooth_inv).float() * scale
+    return quantize_per_tensor_ref(x, scale, smooth_inv, recipe.qdtype).float() * scale
 
 
 def group_error(weights: list, stats, recipe, s: Optional[Tensor], clip: float = 1.0) -> float:
@@ -54,7 +56,7 @@ def group_error(weights: list, stats, recipe, s: Optional[Tensor], clip: float =
     x_hat = fake_quant_activation(x, None if s is None else 1.0 / s, stats, recipe, clip)
     err = 0.0
     for w in weights:
-        wq, ws = quantize_per_channel_ref(w if s is None else w * s)
+        wq, ws = quantize_per_channel_ref(w if s is None else w * s, recipe.qdtype)
         y = x @ w.t()
         y_hat = x_hat @ (wq.float() * ws[:, None]).t()
         err += ((y_hat - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
@@ -158,7 +160,21 @@ def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: di
 
 
 def _needs_plan(recipe) -> bool:
-    return recipe is not None and (recipe.smoothquant or recipe.clip == "auto")
+    return recipe is not None and (recipe.smoothquant or recipe.clip == "auto" or _awq(recipe))
+
+
+def _awq(recipe) -> bool:
+    return recipe.weight_bits == 4 and recipe.algorithm in ("awq", "awq-gptq")
+
+
+def _awq_plans(gm, x, members, params) -> dict:
+    """AWQ's scales were chosen at calibration (one per group of linears reading x): fold them."""
+    from qcompiler.passes.quantize import checked_prepared
+
+    scales = [checked_prepared(m, m.recipe).smooth_scale for _, m in members]
+    shared = all(s is scales[0] for s in scales)  # the group calibration saw is the group here
+    folded_into = fold(gm, x, {node for node, _ in members}, scales[0], params) if shared else None
+    return {node: ActivationPlan(s, None, folded_into) for (node, _), s in zip(members, scales)}
 
 
 def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
@@ -172,6 +188,9 @@ def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
     params = graph_parameters(gm, example_inputs)
     plans = {}
     for (x, recipe), members in groups.items():
+        if _awq(recipe):
+            plans.update(_awq_plans(gm, x, members, params))
+            continue
         stats = stats_for(members[0][1].param)
         if stats is None:
             raise CalibrationError(

@@ -7,13 +7,17 @@ the SQNR that ``explain`` reports). Statistics are keyed by the layer's weight `
 is exactly what Dynamo hands the backend, so a later ``torch.compile`` finds them without needing
 the model object. Calibrating an already compiled model runs it eagerly for the duration and makes
 its compiled graphs rebuild with the new statistics on their next call.
+
+Recipes whose weights come from an algorithm (AWQ, GPTQ, ``auto``) are prepared here too:
+``qcompiler.calibrate(model, data, recipe="w4a16-gptq")`` runs the algorithm block by block over
+``data`` and keeps one ``PreparedWeight`` per linear, again keyed by its weight ``Parameter``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -76,10 +80,46 @@ def stats_for(weight: Tensor) -> Optional[ActivationStats]:
     return _STATS.get(weight)
 
 
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A linear's weight as a calibration-time algorithm left it for the quantize pass.
+
+    ``recipe`` is what the layer gets (None: floating point, with ``reason``); ``weight`` the
+    rounded weight in its packed form (None when the quantize pass rounds it itself);
+    ``smooth_scale`` the per-input-channel scale s that the weight absorbed (AWQ), so the
+    layer's input must be divided by it; ``key`` the recipe fields the weight was made for.
+    """
+
+    recipe: object
+    key: tuple
+    weight: object = None
+    smooth_scale: Optional[Tensor] = None
+    reason: str = ""
+    sensitivity: dict = field(default_factory=dict)    # format -> relative output error
+
+
+# weight Parameter -> PreparedWeight
+_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def prepared_for(weight: Tensor) -> Optional[PreparedWeight]:
+    return _PREPARED.get(weight)
+
+
+def store_prepared(prepared: dict, stats: Optional[dict] = None) -> None:
+    """Keep prepared weights (and the activation statistics the same run recorded)."""
+    for param, p in prepared.items():
+        _PREPARED[param] = p
+    for param, st in (stats or {}).items():
+        _STATS[param] = st
+    _generation[0] += 1
+
+
 def forget(model: nn.Module) -> None:
     """Drop the calibration statistics of ``model``'s parameters (compiled graphs rebuild)."""
     for p in _unwrap(model).parameters():
         _STATS.pop(p, None)
+        _PREPARED.pop(p, None)
     _generation[0] += 1
 
 
@@ -92,9 +132,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class _Session:
-    def __init__(self, model: nn.Module, max_rows: int, progress: bool):
+    def __init__(self, model: nn.Module, max_rows: int, progress: bool, allow_empty: bool = False):
         from tqdm.auto import tqdm
 
+        self.allow_empty = allow_empty
         self.model = _unwrap(model)
         self.max_rows = max_rows
         self.batches = 0
@@ -133,6 +174,8 @@ class _Session:
         if exc_type is not None:
             return False
         if self.batches == 0 or not self.new:
+            if self.allow_empty:
+                return False
             raise CalibrationError(
                 "calibration saw no data: call the model on representative batches inside "
                 "`with qcompiler.calibrate(model): ...` (no linear layer received an input)")
@@ -142,36 +185,90 @@ class _Session:
         return False
 
 
-@contextlib.contextmanager
-def calibrate(model: nn.Module, data: Optional[Iterable] = None, *, max_rows: int = DEFAULT_ROWS,
-              progress: bool = True):
-    """Record activation statistics of ``model``'s linear layers for the static / SmoothQuant recipes.
+class Calibration:
+    """A calibration session (what ``calibrate`` returns); a context manager for calling the
+    model yourself."""
+
+    def __init__(self, model: nn.Module, max_rows: int, progress: bool):
+        self.model, self.max_rows, self.progress = model, max_rows, progress
+        self._session = None
+        self._stance = None
+        self.ran = False  # batches were given to calibrate(): a with-block after it may add none
+
+    def run(self, data: Iterable) -> None:
+        with self:
+            for batch in data:
+                call_model(self.model, batch)
+        self.ran = True
+
+    def __enter__(self):
+        self._session = _Session(self.model, self.max_rows, self.progress, allow_empty=self.ran).__enter__()
+        self._stance = contextlib.ExitStack()
+        self._stance.enter_context(torch.compiler.set_stance("force_eager"))
+        self._stance.enter_context(torch.no_grad())
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stance.close()
+        return self._session.__exit__(exc_type, exc, tb)
+
+
+def calibrate(model: nn.Module, data: Optional[Iterable] = None, *, recipe=None, loss_fn=None,
+              max_rows: int = DEFAULT_ROWS, progress: bool = True) -> Calibration:
+    """Record activation statistics of ``model``'s linear layers (and prepare algorithm weights).
 
     Args:
         model: an ``nn.Module`` or the result of ``torch.compile`` on one (it runs eagerly while
             calibrating; its compiled graphs rebuild with the statistics on the next call).
-        data: optional iterable of batches to run here (a tensor, a tuple of positional
-            arguments, or a dict of keyword arguments each); otherwise call the model yourself
-            inside the ``with`` block.
+        data: batches to run now (a tensor, a tuple of positional arguments, or a dict of
+            keyword arguments each). Without it, call the model yourself inside
+            ``with qcompiler.calibrate(model): ...``.
+        recipe: a recipe name / ``Recipe`` / options dict whose weights come from an algorithm
+            run on ``data`` here, block by block: ``"w4a16-awq"``, ``"w4a16-gptq"``, ``"auto"``.
+            Other recipes need only the statistics and can leave it out.
+        loss_fn: for ``recipe="auto"``: ``loss_fn(model_output, batch) -> scalar`` (mean
+            negative log-likelihood); default: next-token cross-entropy of a causal language
+            model's logits on the batch's ``input_ids``.
         max_rows: activation rows kept per layer (a uniform sample) for observers and searches.
-        progress: show a progress bar.
+        progress: show progress bars.
 
-    Example:
-        >>> fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a8-smoothquant"})
-        >>> with qcompiler.calibrate(fast):
+    Examples:
+        >>> qcompiler.calibrate(model, batches)                        # statistics only
+        >>> qcompiler.calibrate(model, batches, recipe="w4a16-gptq")   # + GPTQ weights
+        >>> fast = torch.compile(model, backend="qcompile", options={"recipe": "w4a16-gptq"})
+        >>> with qcompiler.calibrate(fast):      # or call a (compiled) model yourself
         ...     for batch in batches:
         ...         fast(batch)
-        >>> fast(x)   # compiles with the calibrated scales
     """
-    session = _Session(model, max_rows, progress)
-    with session, torch.compiler.set_stance("force_eager"), torch.no_grad():
-        if data is not None:
-            for batch in data:
-                _call(model, batch)
-        yield session
+    session = Calibration(model, max_rows, progress)
+    if recipe is not None:
+        from qcompiler import weight_rounding
+        from qcompiler.backend import split_options
+
+        if isinstance(recipe, str):
+            recipe = {"recipe": recipe}
+        if not isinstance(recipe, Mapping):
+            recipe = {"recipe": recipe}
+        resolved, _ = split_options(recipe)
+        if resolved.rounds_weights:
+            if data is None:
+                raise CalibrationError(
+                    f"recipe {resolved.name!r} runs its weight-rounding algorithm over calibration data "
+                    f"block by block: pass the batches, `qcompiler.calibrate(model, batches, recipe=...)`")
+            from qcompiler.blockwise import materialize
+
+            data = materialize(data)
+            with torch.compiler.set_stance("force_eager"):
+                weight_rounding.prepare(_unwrap(model), data, resolved, loss_fn=loss_fn,
+                                        max_rows=max_rows, progress=progress)
+            session.ran = True  # the block-wise run recorded the statistics too
+            return session
+    if data is not None:
+        session.run(data)
+    return session
 
 
-def _call(model, batch):
+def call_model(model, batch):
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -1,7 +1,7 @@
 """Observers: turn calibration statistics into a static per-tensor activation range.
 
 Each observer is a function ``(stats, smooth_inv, recipe) -> amax`` registered by name; the
-range it returns becomes the scale ``amax / 127`` of the static recipes. ``stats`` is the
+range it returns becomes the scale ``amax / qmax`` (127 for INT8, 448 for FP8) of the static recipes. ``stats`` is the
 ``ActivationStats`` that calibration recorded for the layer's input; ``smooth_inv`` is the
 SmoothQuant reciprocal scale the layer's activations are multiplied by before quantizing.
 """
@@ -26,7 +26,7 @@ def static_scale(stats, smooth_inv: Optional[Tensor], recipe, clip: float = 1.0)
     """The static per-tensor INT8 scale: the recipe's observer range times ``clip``, over 127."""
     from qcompiler.ops import scale_from_amax
 
-    return scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip)
+    return scale_from_amax(OBSERVERS[recipe.observer](stats, smooth_inv, recipe) * clip, recipe.qdtype)
 
 
 def _smoothed_rows(stats, smooth_inv: Optional[Tensor]) -> Tensor:
@@ -61,8 +61,8 @@ def mse(stats, smooth_inv, recipe) -> Tensor:
     full = minmax(stats, smooth_inv, recipe)
     best, best_err = full, float("inf")
     for frac in torch.linspace(0.3, 1.0, 36).tolist():
-        scale = scale_from_amax(full * frac)
-        err = (quantize_per_tensor_ref(rows, scale).float() * scale - rows).pow(2).mean().item()
+        scale = scale_from_amax(full * frac, recipe.qdtype)
+        err = (quantize_per_tensor_ref(rows, scale, None, recipe.qdtype).float() * scale - rows).pow(2).mean().item()
         if err < best_err:
             best, best_err = full * frac, err
     return best

@@ -7,9 +7,12 @@ Each op is a ``torch.library`` custom op under the ``qcompile`` namespace with
 
 Conventions shared by every op (and by every lowering, ONNX included):
 
-* INT8 is symmetric with zero-point 0: ``q = clamp(round_half_even(x / scale), -128, 127)``,
-  ``x ~= q * scale``.  Scales are float32 and never zero (an all-zero row gets a tiny scale,
-  so it quantizes to zeros instead of NaN).
+* 8-bit values are INT8 (the default) or FP8 E4M3 (``qdtype=torch.float8_e4m3fn``), both
+  symmetric: INT8 ``q = clamp(round_half_even(x / scale), -128, 127)``; FP8
+  ``q = fp8(clamp(x / scale, -448, 448))`` (round to nearest even in the cast); ``x ~= q * scale``
+  and ``scale = amax / qmax`` (127 or 448). Scales are float32 and never zero (an all-zero row
+  gets a tiny scale, so it quantizes to zeros instead of NaN).
+* INT4 weights use the packed group-wise layout of ``qcompiler.int4``.
 * Weights are ``[N, K]`` (as ``F.linear`` takes them), scales per output channel ``[N]``.
 * Activation scales are per token (shape ``x.shape[:-1] + (1,)``) or per tensor (0-d).
 * ``smooth_inv`` is the SmoothQuant reciprocal scale ``1/s`` over the last dimension, applied
@@ -23,6 +26,9 @@ import torch
 from torch import Tensor
 
 QMIN, QMAX = -128, 127
+FP8 = torch.float8_e4m3fn
+# qdtype -> the largest magnitude it represents (the scale maps amax onto it)
+QMAXES = {torch.int8: float(QMAX), FP8: float(torch.finfo(FP8).max)}
 # Scales are amax / 127; keep them strictly positive so all-zero rows quantize to 0, not NaN.
 _MIN_AMAX = 1e-12
 # Integer products are at most 128 * 128; float32 represents every integer up to 2**24 exactly,
@@ -30,8 +36,12 @@ _MIN_AMAX = 1e-12
 _FP32_EXACT_K = 2**24 // (128 * 128)
 
 
-def _round_clamp(x: Tensor) -> Tensor:
-    return torch.clamp(torch.round(x), QMIN, QMAX).to(torch.int8)
+def _round_clamp(x: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
+    if qdtype == torch.int8:
+        return torch.clamp(torch.round(x), QMIN, QMAX).to(torch.int8)
+    if qdtype == FP8:
+        return torch.clamp(x, -QMAXES[FP8], QMAXES[FP8]).to(FP8)
+    raise ValueError(f"unsupported quantized dtype {qdtype}; supported: {list(QMAXES)}")
 
 
 def _apply_smooth(x: Tensor, smooth_inv: Optional[Tensor]) -> Tensor:
@@ -39,9 +49,9 @@ def _apply_smooth(x: Tensor, smooth_inv: Optional[Tensor]) -> Tensor:
     return x if smooth_inv is None else x * smooth_inv
 
 
-def scale_from_amax(amax: Tensor) -> Tensor:
-    """Symmetric INT8 scale for a given absolute maximum (float32, never zero)."""
-    return (amax.to(torch.float32).clamp_min(_MIN_AMAX) / QMAX).to(torch.float32)
+def scale_from_amax(amax: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
+    """Symmetric scale mapping an absolute maximum onto ``qdtype``'s range (float32, never zero)."""
+    return (amax.to(torch.float32).clamp_min(_MIN_AMAX) / QMAXES[qdtype]).to(torch.float32)
 
 
 def int_matmul(xq: Tensor, wq: Tensor) -> Tensor:
@@ -62,39 +72,54 @@ def int_matmul(xq: Tensor, wq: Tensor) -> Tensor:
     return out
 
 
+def exact_matmul(xq: Tensor, wq: Tensor) -> Tensor:
+    """Exact ``xq @ wq.T`` of two INT8 or two FP8 operands, as float64.
+
+    FP8 E4M3 values carry 4 significant bits and lie within [2**-9, 448]: each product fits in
+    8 significant bits between 2**-18 and 2**18, so float64 (53 bits) sums them exactly.
+    """
+    if xq.dtype == torch.int8 and wq.dtype == torch.int8:
+        return int_matmul(xq, wq)
+    if xq.dtype == FP8 and wq.dtype == FP8:
+        return torch.matmul(xq.to(torch.float64), wq.to(torch.float64).t())
+    raise ValueError(f"linear_w8a8 takes two int8 or two float8_e4m3fn operands, got {xq.dtype} x {wq.dtype}")
+
+
 # ----------------------------------------------------------------------------- quantize ops
 
 
-def quantize_per_channel_ref(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Weight ``[N, K]`` -> (int8 ``[N, K]``, float32 scale ``[N]``), one scale per output row."""
+def quantize_per_channel_ref(w: Tensor, qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """Weight ``[N, K]`` -> (``qdtype`` ``[N, K]``, float32 scale ``[N]``), one scale per output row."""
     amax = w.detach().to(torch.float32).abs().amax(dim=-1)
-    scale = scale_from_amax(amax)
-    return _round_clamp(w.to(torch.float32) / scale[:, None]), scale
+    scale = scale_from_amax(amax, qdtype)
+    return _round_clamp(w.to(torch.float32) / scale[:, None], qdtype), scale
 
 
-def _quantize_per_channel_fake(w):
-    return w.new_empty(w.shape, dtype=torch.int8), w.new_empty(w.shape[:1], dtype=torch.float32)
+def _quantize_per_channel_fake(w, qdtype=torch.int8):
+    return w.new_empty(w.shape, dtype=qdtype), w.new_empty(w.shape[:1], dtype=torch.float32)
 
 
-def quantize_per_token_ref(x: Tensor, smooth_inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Dynamic per-token INT8: (int8 like x, float32 scale ``x.shape[:-1] + (1,)``)."""
+def quantize_per_token_ref(x: Tensor, smooth_inv: Optional[Tensor] = None,
+                           qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token: (``qdtype`` like x, float32 scale ``x.shape[:-1] + (1,)``)."""
     xs = _apply_smooth(x, smooth_inv)
-    scale = scale_from_amax(xs.abs().amax(dim=-1, keepdim=True))
-    return _round_clamp(xs / scale), scale
+    scale = scale_from_amax(xs.abs().amax(dim=-1, keepdim=True), qdtype)
+    return _round_clamp(xs / scale, qdtype), scale
 
 
-def _quantize_per_token_fake(x, smooth_inv=None):
-    return (x.new_empty(x.shape, dtype=torch.int8),
+def _quantize_per_token_fake(x, smooth_inv=None, qdtype=torch.int8):
+    return (x.new_empty(x.shape, dtype=qdtype),
             x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
 
 
-def quantize_per_tensor_ref(x: Tensor, scale: Tensor, smooth_inv: Optional[Tensor] = None) -> Tensor:
-    """Static per-tensor INT8 with a calibrated 0-d ``scale``; values beyond it saturate."""
-    return _round_clamp(_apply_smooth(x, smooth_inv) / scale)
+def quantize_per_tensor_ref(x: Tensor, scale: Tensor, smooth_inv: Optional[Tensor] = None,
+                            qdtype: torch.dtype = torch.int8) -> Tensor:
+    """Static per-tensor with a calibrated 0-d ``scale``; values beyond it saturate."""
+    return _round_clamp(_apply_smooth(x, smooth_inv) / scale, qdtype)
 
 
-def _quantize_per_tensor_fake(x, scale, smooth_inv=None):
-    return x.new_empty(x.shape, dtype=torch.int8)
+def _quantize_per_tensor_fake(x, scale, smooth_inv=None, qdtype=torch.int8):
+    return x.new_empty(x.shape, dtype=qdtype)
 
 
 def dequantize_ref(q: Tensor, scale: Tensor) -> Tensor:
@@ -111,11 +136,11 @@ def _dequantize_fake(q, scale):
 
 def linear_w8a8_ref(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
                 bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    """INT8 x INT8 linear with the dequantization in the epilogue.
+    """8-bit x 8-bit linear (INT8 or FP8 operands) with the dequantization in the epilogue.
 
-    ``y = (xq @ wq.T) * x_scale * w_scale + bias``, the integer product exact.
+    ``y = (xq @ wq.T) * x_scale * w_scale + bias``, the product of the 8-bit values exact.
     """
-    y = int_matmul(xq, wq) * x_scale.to(torch.float64) * w_scale.to(torch.float64)
+    y = exact_matmul(xq, wq) * x_scale.to(torch.float64) * w_scale.to(torch.float64)
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(out_dtype)
@@ -135,6 +160,24 @@ def _linear_w8a16_fake(x, wq, w_scale, bias):
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 
+def linear_w4a16_ref(x: Tensor, packed: Tensor, scale: Tensor, zero: Optional[Tensor],
+                     smooth_inv: Optional[Tensor], group_size: int, bias: Optional[Tensor]) -> Tensor:
+    """INT4 weight-only linear (``qcompiler.int4`` layout): ``y = (x / s) @ W4.T + bias`` in x's dtype.
+
+    ``smooth_inv`` is AWQ's ``1/s`` when it could not be folded into the producer of ``x``.
+    """
+    from qcompiler import int4
+
+    w = int4.dequantize(packed, scale, zero, group_size, x.shape[-1]).to(x.dtype)
+    if smooth_inv is not None:
+        x = x * smooth_inv.to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _linear_w4a16_fake(x, packed, scale, zero, smooth_inv, group_size, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
 def _define(name: str, ref, fake):
     op = torch.library.custom_op(f"qcompile::{name}", ref, mutates_args=())
     op.register_fake(fake)
@@ -147,6 +190,7 @@ quantize_per_tensor = _define("quantize_per_tensor", quantize_per_tensor_ref, _q
 dequantize = _define("dequantize", dequantize_ref, _dequantize_fake)
 linear_w8a8 = _define("linear_w8a8", linear_w8a8_ref, _linear_w8a8_fake)
 linear_w8a16 = _define("linear_w8a16", linear_w8a16_ref, _linear_w8a16_fake)
+linear_w4a16 = _define("linear_w4a16", linear_w4a16_ref, _linear_w4a16_fake)
 
 # op overload (what appears in FX graphs) -> its plain-torch reference implementation
 REFERENCE = {
@@ -156,4 +200,5 @@ REFERENCE = {
     torch.ops.qcompile.dequantize.default: dequantize_ref,
     torch.ops.qcompile.linear_w8a8.default: linear_w8a8_ref,
     torch.ops.qcompile.linear_w8a16.default: linear_w8a16_ref,
+    torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,
 }

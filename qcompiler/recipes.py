@@ -21,6 +21,13 @@ ACTIVATION_SCHEMES = (None, "dynamic", "static")
 # worse above 0.8 (benchmarks/accuracy.py; README "alpha='auto'").
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+NUMBER_FORMATS = ("int", "fp8")
+# how 4-bit weights are rounded: plain round-to-nearest, or an algorithm that needs calibration
+ALGORITHMS = ("rtn", "awq", "gptq", "awq-gptq")
+# what "auto" may give a linear, smallest first (ties: faster first); "fp" keeps it in floating point
+# INT4 candidate: round to nearest. On SmolLM2-135M GPTQ lowers each layer's error on the
+# calibration rows yet raises perplexity (benchmarks/accuracy.py), which would mislead the search.
+DEFAULT_AUTO_FORMATS = ("w4a16", "w8a8", "w8a16", FLOAT)
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,20 @@ class Recipe:
 
     Args:
         name: registry name.
-        weight_bits: 8 (INT8, symmetric per output channel) or None (weights stay float).
+        weight_bits: 8 (INT8 or FP8, symmetric per output channel), 4 (INT4 in groups along K,
+            weight-only) or None (weights stay float).
+        number_format: "int" or "fp8" (E4M3, for 8-bit weights and activations).
+        group_size: INT4 group length along K (a power of two >= 16; K need not be a multiple).
+        symmetric: INT4 zero point fixed at 8 (the TensorRT form), else one per group.
+        algorithm: how INT4 weights are rounded: "rtn" (round to nearest), "awq" (activation-
+            aware scales and clipping), "gptq" (Hessian-based error feedback) or "awq-gptq" (AWQ's
+            scales, then GPTQ's rounding); all but "rtn" need
+            ``qcompiler.calibrate(model, data, recipe=...)``, which runs them block by block.
+        awq_grid: AWQ scale-exponent candidates (and clip ratios) searched per layer group.
+        awq_clip: also search a per-group weight clip ratio (AWQ).
+        gptq_damp: GPTQ dampening, as a fraction of the Hessian's mean diagonal.
+        gptq_block: GPTQ lazy-update block width (columns).
+        act_order: GPTQ processes columns by decreasing Hessian diagonal (groups stay static).
         activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
         observer: how a static activation scale is chosen from calibration data
             (see ``qcompiler.observers.OBSERVERS``).
@@ -51,6 +71,11 @@ class Recipe:
             the INT8 copy adds memory instead of saving it, and that projection is the most
             sensitive layer (SmolLM2-135M: +0.2 to +0.6 points of perplexity).
         overrides: (pattern, recipe name or "fp") pairs; the first matching pattern wins.
+        mixed_precision: choose each linear's format from ``auto_formats`` at calibration
+            (``qcompiler.calibrate(model, data, recipe="auto")``) so the model is as small as
+            possible while its loss on held-out calibration data stays within ``budget``.
+        budget: allowed relative perplexity increase for ``mixed_precision`` (0.01 = 1%).
+        auto_formats: the recipe names (or "fp") ``mixed_precision`` may assign, smallest first.
 
     Example:
         >>> r = get_recipe("w8a8-smoothquant").replace(alpha=0.8, skip=("lm_head",))
@@ -58,6 +83,15 @@ class Recipe:
 
     name: str
     weight_bits: Optional[int] = 8
+    number_format: str = "int"
+    group_size: Optional[int] = None
+    symmetric: bool = True
+    algorithm: str = "rtn"
+    awq_grid: int = 20
+    awq_clip: bool = True
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    act_order: bool = False
     activation: Optional[str] = "dynamic"
     observer: str = "minmax"
     percentile: float = 99.99
@@ -70,13 +104,37 @@ class Recipe:
     skip: tuple = ()
     quantize_tied: bool = False
     overrides: tuple = ()
+    mixed_precision: bool = False
+    budget: float = 0.01
+    auto_formats: tuple = DEFAULT_AUTO_FORMATS
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
         from qcompiler.observers import OBSERVERS
 
-        if self.weight_bits not in (None, 8):
-            raise ValueError(f"recipe {self.name!r}: weight_bits={self.weight_bits!r}; supported: 8 or None")
+        if self.weight_bits not in (None, 8, 4):
+            raise ValueError(f"recipe {self.name!r}: weight_bits={self.weight_bits!r}; supported: 8, 4 or None")
+        if self.number_format not in NUMBER_FORMATS:
+            raise ValueError(f"recipe {self.name!r}: number_format={self.number_format!r}; valid: {NUMBER_FORMATS}")
+        if self.number_format == "fp8" and self.weight_bits != 8:
+            raise ValueError(f"recipe {self.name!r}: FP8 needs weight_bits=8, got {self.weight_bits!r}")
+        if self.weight_bits == 4:
+            gs = self.group_size
+            if not (isinstance(gs, int) and gs >= 16 and gs & (gs - 1) == 0):
+                raise ValueError(f"recipe {self.name!r}: INT4 needs group_size a power of two >= 16 "
+                                 f"(e.g. 32, 64, 128), got {gs!r}")
+            if self.activation is not None:
+                raise ValueError(f"recipe {self.name!r}: INT4 is weight-only here; set activation=None "
+                                 f"(got {self.activation!r})")
+        elif self.group_size is not None or self.algorithm != "rtn":
+            raise ValueError(f"recipe {self.name!r}: group_size and algorithm apply to 4-bit weights "
+                             f"(weight_bits=4), got weight_bits={self.weight_bits!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {ALGORITHMS}")
+        if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block < 1 or self.awq_grid < 1:
+            raise ValueError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block and awq_grid >= 1")
+        if not 0.0 < self.budget:
+            raise ValueError(f"recipe {self.name!r}: budget must be > 0 (0.01 = 1% perplexity), got {self.budget!r}")
         if self.activation not in ACTIVATION_SCHEMES:
             raise ValueError(f"recipe {self.name!r}: activation={self.activation!r}; "
                              f"valid: {ACTIVATION_SCHEMES}")
@@ -102,11 +160,24 @@ class Recipe:
         object.__setattr__(self, "overrides", tuple((str(p), str(r)) for p, r in ov))
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
         object.__setattr__(self, "clip_grid", tuple(float(c) for c in self.clip_grid))
+        object.__setattr__(self, "auto_formats", tuple(self.auto_formats))
+
+    @property
+    def qdtype(self):
+        """The torch dtype of 8-bit weights and activations."""
+        import torch
+
+        return torch.float8_e4m3fn if self.number_format == "fp8" else torch.int8
+
+    @property
+    def rounds_weights(self) -> bool:
+        """Weights come from a calibration-time algorithm (AWQ, GPTQ, or the auto assignment)."""
+        return self.algorithm != "rtn" or self.mixed_precision
 
     @property
     def needs_calibration(self) -> bool:
-        """Static activation scales and an alpha search need calibration data; the rest do not."""
-        return self.activation == "static" or self.smoothquant
+        """Static activation scales, searches and weight-rounding algorithms need calibration data."""
+        return self.activation == "static" or self.smoothquant or self.rounds_weights
 
     def replace(self, **changes) -> "Recipe":
         """A copy with some fields changed; unknown field names are an error listing valid ones."""
@@ -166,3 +237,19 @@ register_recipe(Recipe("w8a8-smoothquant", activation="static", smoothquant=True
 register_recipe(Recipe("w8a8-smoothquant-dynamic", activation="dynamic", smoothquant=True,
                        description="SmoothQuant + dynamic per-token INT8 activations"))
 register_recipe(Recipe("w8a16", activation=None, description="INT8 weight-only, per output channel"))
+register_recipe(Recipe("fp8", number_format="fp8",
+                       description="FP8 E4M3 weights per channel, FP8 activations dynamic per token"))
+register_recipe(Recipe("fp8-static", number_format="fp8", activation="static",
+                       description="FP8 E4M3 weights per channel, FP8 activations per tensor (TensorRT form)"))
+# No SQNR floor for INT4: 4-bit layers sit near 20 dB by nature, and a floor would silently keep
+# many of them in floating point (the user asked for 4 bits; ``auto`` is the way to mix).
+_INT4 = dict(weight_bits=4, activation=None, group_size=128, symmetric=True, min_sqnr_db=None)
+register_recipe(Recipe("w4a16", **_INT4, description="INT4 weight-only in groups, round to nearest"))
+register_recipe(Recipe("w4a16-awq", **_INT4, algorithm="awq",
+                       description="INT4 weight-only in groups, AWQ scales and clipping (calibrated)"))
+register_recipe(Recipe("w4a16-gptq", **_INT4, algorithm="gptq", act_order=True,
+                       description="INT4 weight-only in groups, GPTQ rounding (calibrated)"))
+register_recipe(Recipe("w4a16-awq-gptq", **_INT4, algorithm="awq-gptq", act_order=True,
+                       description="INT4 weight-only in groups, AWQ scales then GPTQ rounding (calibrated)"))
+register_recipe(Recipe("auto", mixed_precision=True, activation=None, weight_bits=None,
+                       description="per-layer choice of FP / w8a8 / w8a16 / w4a16 under a perplexity budget"))

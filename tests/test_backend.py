@@ -50,6 +50,35 @@ def test_targets_agree_with_the_reference_and_stay_close_to_fp32(target, recipe)
     assert sqnr_db(model(x), out) > 30
 
 
+# every registered recipe: the least SQNR against FP32 it must keep on the small Stack model
+MIN_SQNR = {"w8a8": 30, "w8a8-static": 25, "w8a8-smoothquant": 25, "w8a8-smoothquant-dynamic": 30, "w8a16": 35,
+            "fp8": 25, "fp8-static": 22, "w4a16": 17, "w4a16-awq": 20, "w4a16-gptq": 20, "w4a16-awq-gptq": 20, "auto": 25}
+
+
+def test_every_registered_recipe_is_covered_here():
+    assert set(MIN_SQNR) == set(qcompiler.list_recipes())
+
+
+@pytest.mark.parametrize("recipe", sorted(MIN_SQNR))
+def test_every_recipe_inductor_matches_reference_and_fp32(recipe):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96)
+    batches = [with_outlier_channels(torch.randn(2, 16, 64)) for _ in range(4)]
+    x = with_outlier_channels(torch.randn(2, 9, 64))
+    opts = {"recipe": recipe, **({"group_size": 32} if recipe.startswith("w4a16") else {}),
+            **({"budget": 0.002} if recipe == "auto" else {})}
+    # auto's budget is on exp(loss): with the relative output MSE as the loss, 0.002 ~ 27 dB
+    loss_fn = (lambda out, batch: (out - model(batch)).pow(2).mean() / model(batch).pow(2).mean())
+    qcompiler.calibrate(model, batches, recipe=opts, progress=False, loss_fn=loss_fn)
+    ref_q = compile_q(model, **opts, target="reference")(x)
+    torch._dynamo.reset()
+    out = compile_q(model, **opts, target="inductor")(x)
+    # the same integer / FP8 / INT4 math: only float32 rounding of the GEMMs differs
+    assert rel_err(out, ref_q) < 1e-5
+    assert sqnr_db(model(x), out) > MIN_SQNR[recipe]
+    assert any(r.scheme not in ("floating point", "not compiled") for r in qcompiler.explain(model))
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_dynamic_shapes_and_new_batch_and_sequence_lengths(target):
     torch.manual_seed(0)

@@ -83,3 +83,41 @@ def test_register_a_new_recipe_in_one_place():
     assert get_recipe(name).observer == "percentile"
     with pytest.raises(ValueError, match="already registered"):
         recipes.register_recipe(Recipe(name))
+
+
+@pytest.mark.parametrize("name,bits,fmt,act", [
+    ("fp8", 8, "fp8", "dynamic"), ("fp8-static", 8, "fp8", "static"),
+    ("w4a16", 4, "int", None), ("w4a16-awq", 4, "int", None), ("w4a16-gptq", 4, "int", None),
+    ("w4a16-awq-gptq", 4, "int", None),
+])
+def test_int4_and_fp8_recipes(name, bits, fmt, act):
+    r = get_recipe(name)
+    assert (r.weight_bits, r.number_format, r.activation) == (bits, fmt, act)
+    assert r.needs_calibration == (r.algorithm != "rtn" or act == "static")
+
+
+def test_int4_options_from_the_backend():
+    r, _ = split_options({"recipe": "w4a16-gptq", "group_size": 64, "symmetric": False, "act_order": True})
+    assert (r.group_size, r.symmetric, r.act_order, r.algorithm) == (64, False, True, "gptq")
+
+
+@pytest.mark.parametrize("base,changes,match", [
+    ("w4a16", {"group_size": 48}, "power of two >= 16"), ("w4a16", {"group_size": 8}, "power of two >= 16"),
+    ("w4a16", {"group_size": None}, "power of two"), ("w4a16", {"activation": "dynamic"}, "weight-only"),
+    ("w8a8", {"group_size": 64}, "apply to 4-bit"), ("w8a8", {"algorithm": "gptq"}, "apply to 4-bit"),
+    ("w4a16", {"algorithm": "smart"}, "algorithm='smart'"), ("w4a16", {"number_format": "fp8"}, "FP8 needs"),
+    ("fp8", {"number_format": "fp4"}, "number_format="), ("w4a16-gptq", {"gptq_damp": 0}, "gptq_damp"),
+    ("auto", {"budget": 0}, "budget must be > 0"),
+])
+def test_int4_fp8_validation(base, changes, match):
+    with pytest.raises(ValueError, match=match):
+        get_recipe(base).replace(**changes)
+
+
+def test_auto_rejects_formats_that_cannot_mix_per_layer():
+    from qcompiler import auto
+
+    with pytest.raises(ValueError, match="cannot be mixed per layer"):
+        auto._formats(get_recipe("auto").replace(auto_formats=("w4a16-awq", "fp")))
+    with pytest.raises(ValueError, match="unknown recipe 'w5'"):
+        auto._formats(get_recipe("auto").replace(auto_formats=("w5",)))

@@ -1,0 +1,215 @@
+"""The ``auto`` recipe: a format per linear, as small as possible within a perplexity budget.
+
+``qcompiler.calibrate(model, batches, recipe="auto")`` runs here:
+
+1. block by block (``qcompiler.blockwise``, floating-point inputs: the assignment is not known
+   yet) every linear is rounded in every candidate format of ``recipe.auto_formats`` and its
+   *sensitivity* measured: the relative output error ``||Y^ - Y||^2 / ||Y||^2`` on its
+   calibration rows (INT4 candidates get their algorithm, e.g. GPTQ, here);
+2. one threshold t turns sensitivities into an assignment: each linear takes the first (smallest)
+   format whose error is at most t, or floating point. A larger t gives a smaller, less accurate
+   model, so a binary search over t finds the largest t whose *measured* model loss on held-out
+   calibration batches (the last quarter) stays within ``exp(loss) <= (1 + budget) exp(loss_fp)``;
+3. each linear's choice is stored as a ``PreparedWeight`` (the recipe and, for INT4, the weight),
+   which ``match`` reads when the backend compiles with ``recipe="auto"``; ``explain`` shows the
+   choice and its reason.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from qcompiler import blockwise, int4, ops
+from qcompiler.calibration import CalibrationError, PreparedWeight, store_prepared
+from qcompiler.recipes import FLOAT, get_recipe
+
+SENSITIVITY_ROWS = 512
+
+
+def causal_lm_loss(output, batch) -> Tensor:
+    """Mean next-token cross-entropy of a causal LM's logits on the batch's ``input_ids``."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else (batch[0] if isinstance(batch, (tuple, list)) else batch)
+    logits = getattr(output, "logits", output)
+    if not (isinstance(ids, Tensor) and not ids.is_floating_point() and isinstance(logits, Tensor)
+            and logits.dim() == 3 and logits.shape[:2] == ids.shape):
+        raise CalibrationError(
+            "recipe 'auto' measures the model's loss on held-out calibration batches; the default loss is "
+            "a causal LM's next-token cross-entropy (batches of input_ids, output logits [B, T, V]), which "
+            "does not fit this model: pass `loss_fn=lambda output, batch: <scalar loss>` to calibrate()")
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             ids[:, 1:].reshape(-1))
+
+
+def _fake_quant_tokens(x: Tensor, qdtype) -> Tensor:
+    q, s = ops.quantize_per_token_ref(x, None, qdtype)
+    return (q.to(torch.float32) * s).to(x.dtype)
+
+
+class _Candidate:
+    """One linear in one format: its effective float weight on demand, and its sensitivity."""
+
+    def __init__(self, recipe, weight: Tensor, prepared=None):
+        self.recipe, self.prepared = recipe, prepared
+        self._w8 = None if prepared is not None else ops.quantize_per_channel_ref(weight, recipe.qdtype)
+        self.error = float("nan")
+
+    @property
+    def act_quant(self) -> bool:
+        return self.recipe.activation == "dynamic"
+
+    def weight(self) -> Tensor:
+        if self.prepared is not None:
+            return self.prepared.weight.dequantize()
+        q, s = self._w8
+        return q.to(torch.float32) * s[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        if self.prepared is not None:
+            return self.prepared.weight.nbytes
+        q, s = self._w8
+        return q.numel() * q.element_size() + s.numel() * 4
+
+
+def _formats(recipe) -> list:
+    out = []
+    for name in recipe.auto_formats:
+        if name == FLOAT:
+            out.append(None)
+            continue
+        r = get_recipe(name)
+        if r.mixed_precision or r.smoothquant or (r.weight_bits == 4 and r.algorithm in ("awq", "awq-gptq")) or \
+                r.activation == "static":
+            raise ValueError(f"auto_formats: {name!r} cannot be mixed per layer (it needs scales shared by a "
+                             f"group of layers or static activation ranges); use e.g. w4a16-gptq, w4a16, "
+                             f"w8a8, w8a16, fp8 or 'fp'")
+        out.append(r)
+    return out
+
+
+def _rounded(li, r, weight) -> _Candidate:
+    from qcompiler.weight_rounding import ALGORITHMS, weight_key
+
+    if r.weight_bits == 4:
+        if r.algorithm == "rtn":
+            packed = int4.quantize(weight, r.group_size, r.symmetric)
+            return _Candidate(r, weight, PreparedWeight(r, weight_key(r), packed))
+        fn, _ = ALGORITHMS[r.algorithm]
+        prepared, _ = fn([li], lambda _li: r)[li.module]
+        return _Candidate(r, weight, prepared)
+    return _Candidate(r, weight)
+
+
+def _sensitivity(c: _Candidate, x: Tensor, w: Tensor) -> float:
+    y = x @ w.t()
+    x_hat = _fake_quant_tokens(x, c.recipe.qdtype) if c.act_quant else x
+    return ((x_hat @ c.weight().t() - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: int = 1024,
+           progress: bool = True) -> dict:
+    from qcompiler.weight_rounding import LAST_RUN, tied_weights
+
+    if len(batches) < 2:
+        raise CalibrationError("recipe 'auto' needs at least 2 calibration batches: the last quarter is held "
+                               "out to measure the model's loss against the budget")
+    formats = [f for f in _formats(recipe)]
+    held = batches[-max(1, len(batches) // 4):]
+    fit = batches[:len(batches) - len(held)]
+    loss_fn = loss_fn or causal_lm_loss
+    tied = set() if recipe.quantize_tied else tied_weights(model)
+    start = time.perf_counter()
+    layers = {}   # module -> (name, {format index: _Candidate})
+
+    def handle(block_name, linears):
+        for li in linears:
+            if li.module in layers or id(li.module.weight) in tied or recipe.for_module(li.name) is None:
+                continue
+            w = li.module.weight.detach().to(torch.float32)
+            x = li.inputs.rows.rows[:SENSITIVITY_ROWS]
+            cands = {}
+            for i, r in enumerate(formats):
+                if r is not None:
+                    cands[i] = _rounded(li, r, w)
+                    cands[i].error = _sensitivity(cands[i], x, w)
+            layers[li.module] = (li.name, cands)
+        return {}  # floating-point inputs for the next block
+
+    need_h = any(r is not None and r.weight_bits == 4 and r.algorithm != "rtn" for r in formats)
+    ignore = {m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+              and (id(m.weight) in tied or recipe.for_module(n) is None)}
+    stats = blockwise.run(model, fit, handle, need_hessian=need_h, max_rows=max_rows, progress=progress,
+                          on_outside=lambda linears: handle("", linears), ignore=ignore)
+    names = {mod: name for mod, (name, _) in layers.items()}
+
+    def assign(t: float) -> dict:
+        out = {}
+        for mod, (_, cands) in layers.items():
+            out[mod] = next((i for i, c in sorted(cands.items()) if c.error <= t), None)
+        return out
+
+    def loss(assignment: dict) -> float:
+        params, hooks = {}, []
+        for mod, i in assignment.items():
+            if i is None:
+                continue
+            c = layers[mod][1][i]
+            params[f"{names[mod]}.weight"] = c.weight().to(mod.weight.dtype)
+            if c.act_quant:
+                hooks.append(mod.register_forward_pre_hook(
+                    lambda m, a, _q=c.recipe.qdtype: (_fake_quant_tokens(a[0], _q), *a[1:])))
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for batch in held:
+                    out = _functional(model, params, batch)
+                    total += float(loss_fn(out, batch))
+        finally:
+            for h in hooks:
+                h.remove()
+        return total / len(held)
+
+    base = loss({})
+    ok = lambda l: math.exp(l - base) - 1 <= recipe.budget  # noqa: E731
+    thresholds = sorted({c.error for _, cands in layers.values() for c in cands.values()})
+    lo, hi, best, best_loss, evals = 0, len(thresholds) - 1, {m: None for m in layers}, base, 1
+    while lo <= hi:  # the largest threshold whose model stays within the budget
+        mid = (lo + hi) // 2
+        a = assign(thresholds[mid])
+        evals += 1
+        l_mid = loss(a)
+        if ok(l_mid):
+            best, best_loss, lo = a, l_mid, mid + 1
+        else:
+            hi = mid - 1
+
+    prepared = {}
+    for mod, (name, cands) in layers.items():
+        i = best[mod]
+        errs = {(formats[j].name if formats[j] else FLOAT): c.error for j, c in cands.items()}
+        summary = ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        if i is None:
+            prepared[mod.weight] = PreparedWeight(None, (), reason=f"auto: too sensitive (output error {summary})",
+                                                  sensitivity=errs)
+            continue
+        c = cands[i]
+        p = c.prepared
+        prepared[mod.weight] = PreparedWeight(c.recipe, p.key if p else (), p.weight if p else None,
+                                              reason=f"auto: output error {summary}", sensitivity=errs)
+    store_prepared(prepared, stats)
+    LAST_RUN.clear()
+    LAST_RUN.update(algorithm="auto", layers=len(prepared), evaluations=evals, seconds=time.perf_counter() - start,
+                    loss_fp=base, loss_auto=best_loss, ppl_ratio=math.exp(best_loss - base),
+                    formats={(formats[i].name if i is not None and formats[i] else FLOAT):
+                             sum(1 for v in best.values() if v == i) for i in set(best.values())})
+    return prepared
+
+
+def _functional(model, params, batch):
+    if isinstance(batch, dict):
+        return torch.func.functional_call(model, params, (), batch, strict=False)
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    return torch.func.functional_call(model, params, args, strict=False)

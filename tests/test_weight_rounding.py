@@ -1,0 +1,158 @@
+"""GPTQ, AWQ and the block-wise driver, on small layers where the answer is checkable."""
+import copy
+
+import pytest
+import torch
+
+import qcompiler
+from conftest import rel_err
+from models import Stack, with_outlier_channels
+from qcompiler import awq, blockwise, gptq, int4
+from qcompiler.passes.quantize import sqnr_db
+
+
+def correlated_inputs(n, k, seed=0):
+    """Calibration rows with correlated channels and a few large ones (what GPTQ/AWQ exploit)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(n, k, generator=g) @ mix
+    x[:, :3] *= 20
+    return x
+
+
+def out_err(x, w, w_hat):
+    return ((x @ (w_hat - w).t()).pow(2).sum() / (x @ w.t()).pow(2).sum()).item()
+
+
+@pytest.mark.parametrize("k,group_size", [(64, 16), (96, 32), (100, 32), (576, 128)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_is_below_rtn(k, group_size, symmetric, act_order):
+    torch.manual_seed(k)
+    w = torch.randn(48, k) * 0.05
+    x = correlated_inputs(4 * k, k)
+    h = 2 * x.t() @ x / x.shape[0]
+    p = gptq.gptq(w, h, group_size, symmetric, act_order=act_order)
+    rtn = int4.quantize(w, group_size, symmetric)
+    assert p.packed.shape == rtn.packed.shape and (p.zero is None) == symmetric
+    e_gptq, e_rtn = out_err(x, w, p.dequantize()), out_err(x, w, rtn.dequantize())
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_gptq_with_identity_hessian_and_no_feedback_target_is_rtn():
+    # H = I: no column predicts another, so the error feedback has nothing to correct
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    p = gptq.gptq(w, torch.eye(64), 32, True, damp=1e-6)
+    # the group scale is found from the same (unchanged) weights: codes equal RTN's
+    assert torch.equal(p.packed, int4.quantize(w, 32, True).packed)
+
+
+def test_gptq_dead_input_channels_quantize_to_zero():
+    x = correlated_inputs(256, 64)
+    x[:, 7] = 0
+    w = torch.randn(8, 64)
+    p = gptq.gptq(w, 2 * x.t() @ x / 256, 32, True)
+    assert torch.equal(p.dequantize()[:, 7], torch.zeros(8))
+
+
+def test_awq_scales_of_one_reproduce_rtn_exactly():
+    torch.manual_seed(0)
+    w, x = torch.randn(32, 64), correlated_inputs(128, 64)
+    for gs, sym in ((32, True), (16, False)):
+        ones = torch.ones(64)
+        assert awq.output_error([w], x, ones, gs, sym) == awq.output_error([w], x, None, gs, sym)
+        assert torch.equal(int4.quantize(w * ones, gs, sym).packed, int4.quantize(w, gs, sym).packed)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_is_never_worse_than_rtn_and_helps_outlier_channels(symmetric):
+    torch.manual_seed(1)
+    ws = [torch.randn(40, 96) * 0.05, torch.randn(24, 96) * 0.05]
+    x = correlated_inputs(512, 96)
+    packed, s, a = awq.awq(ws, x, x.abs().mean(0), 32, symmetric, grid=10, clip=True)
+    assert s.shape == (96,) and (s > 0).all()
+    for w, p in zip(ws, packed):
+        e_awq = out_err(x, w, p.dequantize() / s)
+        e_rtn = out_err(x, w, int4.quantize(w, 32, symmetric).dequantize())
+        assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
+    assert a is not None and s[:3].mean() > s[3:].mean()  # large channels get larger scales
+
+
+def test_clip_search_keeps_ratio_one_when_nothing_is_gained():
+    w = torch.tensor([[1.0, -1.0] * 8])  # two values: any clipping only adds error
+    ratio = awq.search_clip(w, torch.randn(64, 16), 16, True, 10)
+    assert torch.equal(ratio, torch.ones(1, 1))
+
+
+def test_find_blocks_prefers_the_layer_list():
+    assert [n for n, _ in blockwise.find_blocks(Stack(n=3))] == ["blocks.0", "blocks.1", "blocks.2"]
+    lin = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert blockwise.find_blocks(lin) == [("", lin)]
+
+
+def test_blockwise_groups_linears_by_shared_input_and_sees_quantized_predecessors():
+    torch.manual_seed(0)
+    model = Stack(n=2, d=32, h=48)
+    batches = [with_outlier_channels(torch.randn(2, 8, 32)) for _ in range(3)]
+    seen = {}
+
+    def handle(name, linears):
+        seen[name] = {li.name: li for li in linears}
+        # blocks.0 "quantized" to zero weights: its output is its input plus the two residual
+        # branches' biases, which is what blocks.1 must see; with the FP weights it would not
+        return {li.module: torch.zeros_like(li.module.weight) for li in linears}
+
+    blockwise.run(model, batches, handle, need_hessian=True, max_rows=64, progress=False)
+    b0, b1 = seen["blocks.0"], seen["blocks.1"]
+    assert b0["blocks.0.q"].group == b0["blocks.0.k"].group == b0["blocks.0.v"].group
+    assert b0["blocks.0.gate"].group == b0["blocks.0.up"].group != b0["blocks.0.q"].group
+    assert b0["blocks.0.o"].group != b0["blocks.0.down"].group
+    # tokens are counted once per input tensor, not once per reader
+    assert b0["blocks.0.q"].inputs.tokens == 3 * 16
+    b = model.blocks[0]
+    x = torch.cat([b.reshape(-1, 32) for b in batches]) + b.o.bias + b.down.bias
+    h1 = 2 * model.blocks[1].norm1(x).t() @ model.blocks[1].norm1(x) / x.shape[0]
+    assert rel_err(b1["blocks.1.q"].inputs.hessian, h1) < 1e-5
+
+
+def test_calibrate_with_gptq_leaves_the_model_untouched_and_beats_rtn():
+    torch.manual_seed(0)
+    model = Stack(n=2, d=64, h=96)
+    before = copy.deepcopy(model.state_dict())
+    batches = [with_outlier_channels(torch.randn(4, 16, 64)) for _ in range(4)]
+    x = with_outlier_channels(torch.randn(4, 16, 64))
+    ref = model(x)
+    results = {}
+    for recipe in ("w4a16", "w4a16-gptq", "w4a16-awq"):
+        opts = {"recipe": recipe, "group_size": 32}
+        qcompiler.calibrate(model, batches, recipe=opts, progress=False)
+        torch._dynamo.reset()
+        results[recipe] = sqnr_db(ref, torch.compile(model, backend="qcompile", options=opts)(x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert results["w4a16-gptq"] > results["w4a16"] + 1 and results["w4a16-awq"] > results["w4a16"] + 1, results
+    report = qcompiler.explain(model)
+    awq_rows = [r for r in report if r.scheme == "w4a16-awq"]
+    assert any(r.smoothing and "folded into" in r.smoothing for r in awq_rows)  # AWQ's s in the norms
+
+
+def test_algorithm_recipe_without_prepared_weights_says_what_to_do():
+    model = Stack()
+    qcompiler.calibration.forget(model)
+    with pytest.raises(Exception, match=r"no prepared weight.*calibrate\(model, batches, recipe='w4a16-gptq'\)"):
+        torch.compile(model, backend="qcompile", options={"recipe": "w4a16-gptq"})(torch.randn(2, 4, 48))
+
+
+def test_prepared_weights_for_other_settings_are_not_reused():
+    model = Stack()
+    qcompiler.calibrate(model, [torch.randn(2, 4, 48)], recipe={"recipe": "w4a16-gptq", "group_size": 16},
+                        progress=False)
+    with pytest.raises(Exception, match="different INT4 setting"):
+        torch.compile(model, backend="qcompile", options={"recipe": "w4a16-gptq", "group_size": 32})(
+            torch.randn(2, 4, 48))
+
+
+def test_algorithm_recipes_need_data_passed_to_calibrate():
+    with pytest.raises(qcompiler.CalibrationError, match="pass the batches"):
+        qcompiler.calibrate(Stack(), recipe="w4a16-awq")
