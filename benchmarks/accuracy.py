@@ -11,7 +11,7 @@ calibration time is measured once per model and printed above each table.
     python benchmarks/accuracy.py --quick    # the README's main job: fewer rows and windows
     python benchmarks/accuracy.py --llm-only --rows '[{"recipe": "w8a8-smoothquant", "clip": "auto"}]'
                                              # ablations: SmolLM2 rows for any option sets
-    python benchmarks/accuracy.py --llm-only --select 'w8a16|fp8|w4a16|auto'
+    python benchmarks/accuracy.py --llm-only --select '^w8a16$|fp8|w4a16|^auto'
                                              # the INT4 / FP8 / auto rows only
 """
 from __future__ import annotations
