@@ -199,6 +199,9 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
         p = c.prepared
         prepared[mod.weight] = PreparedWeight(c.recipe, p.key if p else (), p.weight if p else None,
                                               reason=f"auto: output error {summary}", sensitivity=errs)
+    for mod in ignore:  # tied or skipped: floating point, and compiling says why
+        prepared[mod.weight] = PreparedWeight(None, (), reason="auto: not a candidate (weight tied to a "
+                                              "non-linear use, or kept by a skip/override pattern)")
     store_prepared(prepared, stats)
     LAST_RUN.clear()
     LAST_RUN.update(algorithm="auto", layers=len(prepared), evaluations=evals, seconds=time.perf_counter() - start,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qcompiler
+import qcompiler.weight_rounding
 from conftest import rel_err
 from models import Stack, with_outlier_channels
 from qcompiler import awq, blockwise, gptq, int4
@@ -156,3 +157,24 @@ def test_prepared_weights_for_other_settings_are_not_reused():
 def test_algorithm_recipes_need_data_passed_to_calibrate():
     with pytest.raises(qcompiler.CalibrationError, match="pass the batches"):
         qcompiler.calibrate(Stack(), recipe="w4a16-awq")
+
+
+def test_auto_keeps_a_tied_output_projection_in_floating_point_and_says_why():
+    torch.manual_seed(0)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body = torch.nn.Embedding(24, 48), Stack(n=2, d=48, h=64, head=24)
+            self.body.lm_head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.body(self.emb(ids))
+
+    model, batches = LM(), [torch.randint(0, 24, (2, 12)) for _ in range(4)]
+    qcompiler.calibrate(model, batches, recipe={"recipe": "auto", "budget": 0.05}, progress=False)
+    torch.compile(model, backend="qcompile", options={"recipe": "auto"})(batches[0])
+    head = qcompiler.explain(model).by_module("body.lm_head")
+    assert head.scheme == "floating point" and "tied" in head.reason
+    run = qcompiler.weight_rounding.LAST_RUN
+    assert run["algorithm"] == "auto" and run["ppl_ratio"] <= 1.05
