@@ -12,6 +12,12 @@ from typing import Callable
 from qcompiler.lowering import inductor, reference
 
 
+def _ort_build(gm, example_inputs):
+    from qcompiler.lowering import ort  # onnx / onnxruntime are optional: import on use
+
+    return ort.build(gm, example_inputs)
+
+
 @dataclass(frozen=True)
 class Lowering:
     name: str
@@ -23,6 +29,8 @@ LOWERINGS = {
     "reference": Lowering("reference", reference.build, "q-ops run their plain-torch reference kernels"),
     "inductor": Lowering("inductor", inductor.build,
                          "the q-op graph, q-ops inlined as torch code, compiled by Inductor"),
+    "ort": Lowering("ort", _ort_build,
+                    "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session"),
 }
 # What target="auto" means on each device type, chosen by measurement (benchmarks/cpu_latency.py).
 AUTO = {"cpu": "inductor", "cuda": "inductor"}

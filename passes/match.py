@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qcompiler.calibration import CalibrationError, prepared_for, stats_for
-from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch
+from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch, node_value
 
 aten = torch.ops.aten
 
@@ -39,6 +39,16 @@ def _placeholder_to_path(target: str) -> str:
     return re.sub(r"(?:^|_)(?:modules|parameters|buffers)_", ".", s).strip(".")
 
 
+def _get_attr(gm: fx.GraphModule, target: str):
+    """``get_attr`` targets are dotted paths in ``torch.export``'s unlifted modules."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
+
+
 def graph_parameters(gm: fx.GraphModule, example_inputs) -> dict:
     """fx.Node -> (qualified name, Parameter) for every node that is a model parameter."""
     params = {}
@@ -51,7 +61,7 @@ def graph_parameters(gm: fx.GraphModule, example_inputs) -> dict:
             params[node] = (name, value)
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = getattr(gm, node.target, None)
+            value = _get_attr(gm, node.target)
             if isinstance(value, nn.Parameter):
                 params[node] = (node.target, value)
     return params
@@ -187,7 +197,7 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         # which after a graph break inside a submodule is that submodule
         stats = stats_for(param)
         module = stats.module if stats is not None else owning_module(node, pname.rsplit(".", 1)[0])
-        x_value = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+        x_value = node_value(x) if isinstance(x, fx.Node) else None
         layer_recipe, reason = recipe.for_module(module), ""
         if layer_recipe is not None and layer_recipe.mixed_precision:
             layer_recipe, reason = assigned_recipe(param, module, layer_recipe)

@@ -10,6 +10,12 @@ META_KEY = "qcompile"
 FLOATING_POINT = "floating point"
 
 
+def node_value(node):
+    """The (fake) value a node produces: Dynamo records ``example_value``, ``torch.export`` ``val``."""
+    meta = getattr(node, "meta", None) or {}
+    return meta.get("example_value", meta.get("val"))
+
+
 @dataclass(frozen=True)
 class LinearMatch:
     """A linear op whose weight is a model parameter (set by ``match``)."""

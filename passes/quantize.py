@@ -26,7 +26,7 @@ from qcompiler.calibration import CalibrationError, stats_for
 from qcompiler.observers import static_scale
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import activation_of
-from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
+from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 
 qops = torch.ops.qcompile
 SQNR_ROWS = 256  # enough rows for a stable dB figure, few enough to keep compile time short
@@ -177,7 +177,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         stats = None if stats is None else stats.to(weight.device)  # math beside the weights
         x_scale = checked_static_scale(stats, smooth_inv, recipe, m.module, clip) if recipe.activation == "static" else None
         in_graph_inv = None if not smoothed or plan.folded_into else smooth_inv
-        out_dtype = node.meta["example_value"].dtype if "example_value" in node.meta else m.weight.dtype
+        out_dtype = node_value(node).dtype if node_value(node) is not None else m.weight.dtype
 
         sqnr = None
         if stats is not None and stats.rows.shape[0]:

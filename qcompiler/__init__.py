@@ -12,8 +12,9 @@ from qcompiler import ops  # noqa: F401  (registers the q-op IR)
 from qcompiler.backend import qcompile_backend
 from qcompiler.calibration import CalibrationError, calibrate
 from qcompiler.explain import Report, explain
+from qcompiler.export import export_onnx
 from qcompiler.recipes import Recipe, get_recipe, list_recipes, register_recipe
 
-__all__ = ["qcompile_backend", "calibrate", "CalibrationError", "explain", "Report",
+__all__ = ["qcompile_backend", "calibrate", "CalibrationError", "explain", "Report", "export_onnx",
            "Recipe", "get_recipe", "list_recipes", "register_recipe"]
 __version__ = "0.1.0"

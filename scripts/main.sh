@@ -9,3 +9,6 @@ bash scripts/setup.sh
 export QCOMPILE_CACHE="${QCOMPILE_CACHE:-$PWD/.cache}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "${1:-}" = "--full" ]; then shift; else set -- --quick "$@"; fi
 python benchmarks/accuracy.py "$@"
+# ... and exported: MiniLM in TensorRT's QDQ form, checked against its explicit-quantization rules
+mkdir -p .cache/exports
+qcompile export --model minilm --recipe w8a8-smoothquant --calib 4 --out .cache/exports/minilm-w8a8-smoothquant.onnx

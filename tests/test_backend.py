@@ -13,7 +13,7 @@ from conftest import rel_err
 from models import Block, Stack, with_outlier_channels
 from qcompiler.passes.quantize import sqnr_db
 
-TARGETS = ["reference", "inductor"]
+TARGETS = ["reference", "inductor", "ort"]
 
 
 def compile_q(model, **options):

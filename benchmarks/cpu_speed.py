@@ -1,0 +1,171 @@
+"""CPU speed of the ONNX Runtime path against every alternative we can run here, side by side.
+
+Rows (issue 3): all-MiniLM-L6-v2 (batch 8 x 128, batch 1 x 32) and SmolLM2-135M (prefill of 256
+tokens; one decode step with a 256-token KV cache), each as
+  eager FP32 | torch.compile FP32 | ORT FP32 (the same graph exported, nothing quantized)
+  | ORT quantize_dynamic (the peer: onnxruntime.quantization.quantize_dynamic, per-channel INT8,
+    applied to that FP32 ONNX graph) | qcompile w8a8 / ort | qcompile w8a8-smoothquant / ort
+  | qcompile w8a16 / ort
+with the ONNX model size and the accuracy of each against eager FP32 (MiniLM: mean and least
+cosine of sentence embeddings over held-out sentences; SmolLM2: perplexity on held-out windows).
+The ORT rows run through ``torch.compile(..., backend="qcompile", options={"target": "ort"})``;
+the peer replaces each of those sessions by its ``quantize_dynamic`` version of the FP32 graph,
+so every ORT row runs exactly the same graph. Timing is interleaved round-robin (median of the
+rounds): this machine is noisy, read the ratios.
+
+    python benchmarks/cpu_speed.py [--rounds 7] [--quick] [--workload REGEX]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import qcompiler
+from qcompiler import zoo
+from qcompiler.backend import LIVE_GRAPHS
+
+CONFIGS = [  # label, backend, options
+    ("eager fp32", None, None),
+    ("torch.compile fp32", "inductor", None),
+    ("ORT fp32", "qcompile", {"recipe": "w8a8", "skip": ["*"], "target": "ort"}),
+    ("ORT quantize_dynamic (peer)", "qcompile", {"recipe": "w8a8", "skip": ["*"], "target": "ort", "_peer": True}),
+    ("qcompile w8a8 / ort", "qcompile", {"recipe": "w8a8", "target": "ort"}),
+    ("qcompile w8a8-smoothquant / ort", "qcompile", {"recipe": "w8a8-smoothquant", "target": "ort"}),
+    ("qcompile w8a16 / ort", "qcompile", {"recipe": "w8a16", "target": "ort"}),
+]
+
+
+def peer_session(session):
+    """The same graph's FP32 ONNX model through ORT's own quantize_dynamic (per-channel INT8)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from qcompiler.runtimes.ort_session import OrtSession
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
+        onnx.save(session.model, src)
+        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        return OrtSession(onnx.load(dst))
+
+
+def ort_graphs(fn_graphs_before):
+    return [g for g in LIVE_GRAPHS if g not in fn_graphs_before and g.target == "ort"]
+
+
+def workloads(quick: bool, pattern: str):
+    mini, mtok = zoo.load_minilm()
+    sents = zoo.wiki_sentences(64, 64)
+    calib_s, held = sents
+    enc = lambda s, n: dict(mtok(s, padding="max_length", truncation=True, max_length=n, return_tensors="pt"))
+    b8, b1 = enc(held[:8], 128), enc(held[8:9], 32)
+    mini_eval = [enc(held[i:i + 8], 128) for i in range(16, 64, 8)]
+
+    def cosine(fn):
+        ref = torch.cat([zoo.sentence_embeddings(mini, b) for b in mini_eval])
+        out = torch.cat([zoo.sentence_embeddings(fn, b) for b in mini_eval])
+        c = torch.nn.functional.cosine_similarity(out, ref)
+        return f"cos {c.mean():.4f} (min {c.min():.4f})"
+
+    out = {
+        "MiniLM 8x128": (mini, lambda f: (lambda: f(**b8)), [enc(calib_s[i:i + 8], 128) for i in range(0, 32, 8)], cosine),
+        "MiniLM 1x32": (mini, lambda f: (lambda: f(**b1)), [enc(calib_s[i:i + 1], 32) for i in range(8)], None),
+    }
+    if not quick:
+        lm, tok = zoo.load_smollm2()
+        ids = zoo.wiki_token_ids(tok, "smollm2")
+        calib_w, held_w = zoo.lm_windows(ids, 256, 4, 4)
+        prompt = held_w[:1]
+        with torch.no_grad():
+            past = lm(input_ids=prompt, use_cache=True).past_key_values
+        nxt = held_w[1:2, :1]
+
+        def decode(f):
+            def step():  # the same cache contents every call: drop the token each step appends
+                f(input_ids=nxt, past_key_values=past, use_cache=True)
+                past.crop(-1)
+            return step
+
+        def ppl(fn):
+            return f"ppl {zoo.perplexity(fn, held_w):.3f}"
+
+        calib = [{"input_ids": w[None]} for w in calib_w]
+        out["SmolLM2 prefill 256"] = (lm, lambda f: (lambda: f(input_ids=prompt, use_cache=False)), calib, ppl)
+        out["SmolLM2 decode 1 (KV 256)"] = (lm, decode, calib, None)
+    return {k: v for k, v in out.items() if re.search(pattern, k)}
+
+
+def build(model, backend, options):
+    if backend is None:
+        return model
+    if options is None:
+        return torch.compile(model, backend=backend)
+    options = {k: v for k, v in options.items() if not k.startswith("_")}
+    return torch.compile(model, backend=backend, options=options)
+
+
+def onnx_bytes(graphs) -> str:
+    sizes = [g.fn.session.model.ByteSize() for g in graphs if getattr(g.fn, "session", None) is not None]
+    return f"{sum(sizes) / 2**20:7.1f}" if sizes else "      -"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="MiniLM only")
+    p.add_argument("--workload", default=".", help="regex over workload names")
+    args = p.parse_args(argv)
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
+    print(f"threads={torch.get_num_threads()} cpu={torch.backends.cpu.get_cpu_capability()}", file=sys.stderr)
+    print(f"{'workload':26} {'configuration':34} {'median ms':>10} {'vs eager':>9} {'ONNX MiB':>9} "
+          f"{'first s':>8}  accuracy vs FP32")
+    for wname, (model, make_call, calib, accuracy) in workloads(args.quick, args.workload).items():
+        qcompiler.calibrate(model, calib, progress=False)
+        calls = {}
+        for label, backend, options in CONFIGS:
+            before = set(LIVE_GRAPHS)
+            fn = build(model, backend, options)
+            call = make_call(fn)
+            with torch.no_grad():
+                t = time.perf_counter()
+                call()
+                graphs = ort_graphs(before)
+                if options and options.get("_peer"):
+                    for g in graphs:
+                        g.fn.session = peer_session(g.fn.session)
+                call()
+                warm = time.perf_counter() - t
+            calls[label] = (call, warm, fn, graphs)
+        times = {label: [] for label in calls}
+        with torch.no_grad():
+            for _ in range(args.rounds):
+                for label, (call, *_rest) in calls.items():
+                    t = time.perf_counter()
+                    call()
+                    times[label].append(time.perf_counter() - t)
+        eager = statistics.median(times["eager fp32"])
+        for label, v in times.items():
+            t = statistics.median(v)
+            _call, warm, fn, graphs = calls[label]
+            acc = ""
+            if accuracy is not None and label != "eager fp32":
+                with torch.no_grad():
+                    acc = accuracy(fn)
+            print(f"{wname:26} {label:34} {1e3 * t:10.2f} {eager / t:8.2f}x {onnx_bytes(graphs):>9} {warm:8.1f}  {acc}",
+                  flush=True)
+    print("('vs eager': eager FP32 time / this time, >1 is faster; medians of interleaved rounds; "
+          "ONNX MiB: the serialized models the ORT rows run)")
+
+
+if __name__ == "__main__":
+    main()

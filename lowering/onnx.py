@@ -1,0 +1,199 @@
+"""The ONNX lowering: a q-op graph -> an ``onnx.ModelProto`` in the TensorRT or ORT form.
+
+The q-op graph (weights already quantized by the passes) goes through the ``torch.onnx``
+exporter, with each q-op translated by ``lowering.onnx_ops`` (one function per q-op and form).
+Before export, model parameters become stored constants and Dynamo's symbolic-size inputs are
+rewritten as ``sym_size`` of the tensors they measure, so the ONNX graph's only inputs are the
+model's own tensors, with their batch and sequence dimensions left dynamic.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import fx, nn
+
+from qcompiler.lowering.onnx_ops import FORMS, OPSET, TRANSLATIONS, UnsupportedForm
+
+__all__ = ["to_onnx", "FORMS", "OPSET", "UnsupportedForm", "runtime_inputs"]
+
+
+def _symbol(value) -> Optional[str]:
+    return str(value.node.expr) if isinstance(value, torch.SymInt) else None
+
+
+def runtime_inputs(gm: fx.GraphModule, example_inputs) -> list:
+    """Indices of the placeholders a caller must feed: tensors that are not model parameters."""
+    return [i for i, v in enumerate(example_inputs) if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)]
+
+
+def _item_only(node: fx.Node, value) -> bool:
+    users = list(node.users)
+    return value.dim() == 0 and bool(users) and all(u.op == "call_method" and u.target == "item" for u in users)
+
+
+def fed_inputs(gm: fx.GraphModule, example_inputs) -> list:
+    """Indices of the inputs an exported graph takes: ``runtime_inputs`` less the 0-d tensors
+    Dynamo lifts from a module's float attributes (eps, dropout p) and reads with ``.item()``;
+    they are constants of the model, and export cannot take a data-dependent value."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i in runtime_inputs(gm, example_inputs) if not _item_only(placeholders[i], example_inputs[i])]
+
+
+def freeze(gm: fx.GraphModule, example_inputs) -> tuple:
+    """Copy of ``gm`` whose parameters are constants and whose SymInt inputs are ``sym_size`` calls.
+
+    Returns (graph module, example runtime inputs, their indices among ``example_inputs``).
+    """
+    gm = copy.deepcopy(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    keep = set(fed_inputs(gm, example_inputs))
+    for i in set(runtime_inputs(gm, example_inputs)) - keep:
+        for u in list(placeholders[i].users):
+            u.replace_all_uses_with(example_inputs[i].item())
+            gm.graph.erase_node(u)
+    sizes = {}  # symbol -> (placeholder, dim) measuring it
+    for i in sorted(keep):
+        fake = placeholders[i].meta.get("example_value")
+        for d, size in enumerate(getattr(fake, "shape", ())):
+            sym = _symbol(size)
+            if sym is not None:
+                sizes.setdefault(sym, (placeholders[i], d))
+    first = next((placeholders[i] for i in sorted(keep)), None)
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if i in keep:
+            continue
+        if isinstance(value, torch.Tensor):
+            name = f"_frozen_{i}"
+            gm.register_buffer(name, value.detach())
+            with gm.graph.inserting_after(first or node):
+                const = gm.graph.get_attr(name)
+        else:
+            sym = _symbol(node.meta.get("example_value"))
+            if sym not in sizes:
+                raise UnsupportedForm(f"graph input {node.name} ({value!r}) is not a tensor size the "
+                                      f"export can recompute; export with static shapes")
+            src, dim = sizes[sym]
+            with gm.graph.inserting_after(src):
+                const = gm.graph.call_function(torch.ops.aten.sym_size.int, (src, dim))
+        node.replace_all_uses_with(const)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, [example_inputs[i] for i in sorted(keep)], sorted(keep)
+
+
+def symbolic_shapes(gm: fx.GraphModule, indices: Sequence[int]):
+    """``dynamic_shapes`` for the placeholders at ``indices``: the dimensions Dynamo made symbolic
+    are dynamic, the rest static; None when all are static."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dims, specs = {}, []
+    for i in indices:
+        fake = placeholders[i].meta.get("example_value")
+        spec = {}
+        for d, size in enumerate(getattr(fake, "shape", ())):
+            sym = _symbol(size)
+            if sym is not None:
+                # AUTO rather than one named Dim per symbol: export re-derives the equalities
+                # and bounds (a named Dim with a guard such as "<= 512" is a hard error)
+                spec[d] = dims.setdefault(sym, torch.export.Dim.AUTO)
+        specs.append(spec)
+    return tuple(specs) if dims else None
+
+
+def auto_dims(x) -> Optional[dict]:
+    """Default dynamic dimensions of one input: all of a token-id tensor's, all but the last
+    (the feature size) of a float tensor's; AUTO lets torch.export pin any the model fixes."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    dims = range(x.dim() - 1) if x.is_floating_point() else range(x.dim())
+    return {d: torch.export.Dim.AUTO for d in dims}
+
+
+def _dynamic_shapes(inputs: Sequence[torch.Tensor]):
+    return tuple(auto_dims(x) for x in inputs)
+
+
+def _takes_varargs(module: nn.Module) -> bool:
+    import inspect
+
+    params = inspect.signature(module.forward).parameters.values()
+    return any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwargs: Optional[dict] = None,
+            input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None):
+    """Export ``module`` (a q-op graph, or any module holding q-ops) to an ``onnx.ModelProto``."""
+    if form not in FORMS:
+        raise ValueError(f"unknown ONNX form {form!r}; valid forms: {list(FORMS)}")
+    if dynamic_shapes is None and dynamic and not kwargs:
+        dynamic_shapes = _dynamic_shapes(inputs)
+    if dynamic_shapes is not None and _takes_varargs(module):  # Dynamo's graphs: forward(self, *args)
+        dynamic_shapes = (tuple(dynamic_shapes),)
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSET,
+                custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names) if input_names else None, optimize=True, verbose=False,
+                report=False)
+        except Exception as exc:  # the exporter wraps our translation errors: surface the message
+            cause = exc
+            while cause is not None and not isinstance(cause, UnsupportedForm):
+                cause = cause.__cause__
+            if cause is not None:
+                raise UnsupportedForm(str(cause)) from None
+            raise
+    return fold_constants(program.model_proto)
+
+
+# ops whose all-constant results fold into stored initializers: the weight layout changes the
+# translations write as ONNX ops (the exporter's own folding leaves bit and INT4 ops alone)
+_FOLDABLE = {"BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", "Squeeze", "Concat", "Reshape", "Slice",
+             "Cast", "Sub", "Add", "Transpose", "Pad", "Constant"}
+
+
+def fold_constants(model):
+    """Evaluate every node of ``_FOLDABLE`` whose inputs are all constants; store the results."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and all(i in consts for i in node.input if i):
+            try:
+                evaluator = ReferenceEvaluator(onnx.helper.make_model(onnx.helper.make_graph(
+                    [node], "fold", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                                         for o in node.output], [consts[i] for i in node.input if i]),
+                    opset_imports=[onnx.helper.make_opsetid("", OPSET)]))
+                values = evaluator.run(None, {})
+            except Exception:  # an op the reference evaluator cannot run stays in the graph
+                keep.append(node)
+                continue
+            for name, value in zip(node.output, values):
+                tensor = numpy_helper.from_array(value, name)
+                if node.op_type == "Cast":  # numpy has no INT4 type: from_array cannot tell
+                    tensor = onnx.helper.make_tensor(name, onnx.helper.get_attribute_value(node.attribute[0])
+                                                     if node.attribute[0].name == "to" else tensor.data_type,
+                                                     value.shape, value.flatten().tolist()) \
+                        if value.dtype.kind not in "fiub" else tensor
+                consts[name] = tensor
+            continue
+        keep.append(node)
+    used = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(keep)
+    del graph.initializer[:]
+    graph.initializer.extend(t for name, t in consts.items() if name in used)
+    return model

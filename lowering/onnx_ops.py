@@ -1,0 +1,257 @@
+"""ONNX translations of the q-ops: one function per q-op and form, used by ``lowering.onnx``.
+
+Two forms of the same integer math (``FORMS``):
+
+* ``"tensorrt"``: TensorRT's explicit quantization. QuantizeLinear / DequantizeLinear pairs,
+  symmetric, zero point a constant 0 of the signed type (INT8 or FP8 E4M3), weights stored
+  quantized as ``[K, N]`` (the layout MatMul consumes) with per-channel scales on axis 1,
+  activations per tensor with constant scales. INT4 weights are a blocked DequantizeLinear
+  (opset 21, ``block_size`` along K). Dynamic per-token activations have no form here.
+* ``"ort"``: what ONNX Runtime's CPU kernels run fast *and exactly*. INT8 values travel as
+  uint8 with zero point 128 (``u = q + 128``): on x86 CPUs without VNNI, ORT's u8 x s8 kernels
+  sum pairs of products in int16 and saturate (measured: errors of 20% of the output), while
+  its u8 x u8 kernels are exact and as fast. Dynamic per-token activations are quantized by
+  plain ONNX ops and multiplied with ``MatMulInteger``; INT4 weights run in ``MatMulNBits``.
+
+Every function receives the q-op's arguments as the exporter's symbolic values, in the q-op's
+own layout (``[N, K]`` weights, ``qcompiler.int4`` packing); layout changes are written as ONNX
+ops on the constants, which the exporter's constant folding turns into stored initializers,
+so the weights are never re-quantized and no scale is re-derived here.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import torch
+from onnxscript import ir
+from onnxscript import opset21 as op
+from onnxscript.values import Op, Opset
+
+from qcompiler import ops
+
+FORMS = ("tensorrt", "ort")
+OPSET = 21  # blocked (INT4) DequantizeLinear and INT4 types need 21; FP8 Q/DQ need 19
+qops = torch.ops.qcompile
+
+_QTYPES = {torch.int8: ir.DataType.INT8, ops.FP8: ir.DataType.FLOAT8E4M3FN,
+           ir.DataType.INT8: ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN: ir.DataType.FLOAT8E4M3FN}
+
+
+_NUMPY = {ir.DataType.INT8: np.int8, ir.DataType.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn,
+          ir.DataType.INT4: ml_dtypes.int4, ir.DataType.UINT4: ml_dtypes.uint4}
+
+
+def _contrib_schema(name: str, inputs: list, attributes: list):
+    """An ``OpSchema`` for an ONNX Runtime contrib op (onnx's registry does not know them)."""
+    from onnx.defs import OpSchema
+
+    fp = OpSchema.FormalParameter
+    opt = OpSchema.FormalParameterOption.Optional
+    return OpSchema(
+        name, "com.microsoft", 1,
+        inputs=[fp(n, t, param_option=opt) if optional else fp(n, t) for n, t, optional in inputs],
+        outputs=[fp("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in attributes])
+
+
+MatMulNBits = Op(Opset("com.microsoft", 1), "MatMulNBits", _contrib_schema(
+    "MatMulNBits", [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True)],
+    ["K", "N", "bits", "block_size"]))
+
+
+class UnsupportedForm(ValueError):
+    """A q-op that has no translation in the requested ONNX form (the message says what to use)."""
+
+
+def _qtype(qdtype) -> ir.DataType:
+    return _QTYPES[ir.DataType.INT8 if qdtype is None else qdtype]
+
+
+def _const(value, dtype) -> ir.Value:
+    return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
+
+
+def _zero(qtype: ir.DataType, n: int = 0):
+    """Constant zero point 0 of ``qtype`` (scalar, or ``[n]`` for per-axis scales)."""
+    return _const(np.zeros(() if n == 0 else (n,)), _NUMPY[qtype])
+
+
+def _smoothed(x, smooth_inv):
+    return x if smooth_inv is None else op.Mul(x, smooth_inv)
+
+
+def _bias(y, bias):
+    return y if bias is None else op.Add(y, bias)
+
+
+def _out(y, out_dtype):
+    return y if out_dtype in (None, ir.DataType.FLOAT, torch.float32) else op.Cast(y, to=_ir_float(out_dtype))
+
+
+def _ir_float(dtype) -> ir.DataType:
+    table = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16}
+    return table.get(dtype, dtype)
+
+
+def _is_fp8(qtype) -> bool:
+    return qtype == ir.DataType.FLOAT8E4M3FN
+
+
+# ----------------------------------------------------------------------------- tensorrt form
+
+
+def trt_quantize_per_tensor(x, scale, smooth_inv=None, qdtype=None):
+    qtype = _qtype(qdtype)
+    return op.QuantizeLinear(_smoothed(x, smooth_inv), scale, _zero(qtype))
+
+
+def trt_quantize_per_token(x, smooth_inv=None, qdtype=None):
+    raise UnsupportedForm(
+        "dynamic per-token activation quantization has no TensorRT explicit-quantization form "
+        "(TensorRT needs constant per-tensor activation scales): export a static recipe "
+        "(w8a8-static, w8a8-smoothquant, fp8-static) for TensorRT, or use form='ort' for ONNX Runtime")
+
+
+def _trt_weight(wq, w_scale):
+    """``[N, K]`` 8-bit weight -> DequantizeLinear of its ``[K, N]`` transpose, per channel on axis 1."""
+    qtype = ir.DataType.FLOAT8E4M3FN if wq.dtype == ir.DataType.FLOAT8E4M3FN else ir.DataType.INT8
+    n = wq.shape[0]
+    return op.DequantizeLinear(op.Transpose(wq, perm=[1, 0]), w_scale, _zero(qtype, n), axis=1)
+
+
+def trt_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
+    qtype = ir.DataType.FLOAT8E4M3FN if wq.dtype == ir.DataType.FLOAT8E4M3FN else ir.DataType.INT8
+    x = op.DequantizeLinear(xq, x_scale, _zero(qtype))
+    return _out(_bias(op.MatMul(x, _trt_weight(wq, w_scale)), bias), out_dtype)
+
+
+def linear_w8a16(x, wq, w_scale, bias):
+    w = op.CastLike(_trt_weight(wq, w_scale), x)
+    return _bias(op.MatMul(x, w), op.CastLike(bias, x) if bias is not None else None)
+
+
+def _int4_codes_kn(packed, zero, in_features: int, signed: bool):
+    """Packed ``[N, Kp/2]`` nibbles -> ``[K, N]`` codes (uint4, or int4 = code - 8 when symmetric)."""
+    low = op.BitwiseAnd(packed, _const(15, np.uint8))
+    high = op.BitShift(packed, _const(4, np.uint8), direction="RIGHT")
+    codes = op.Reshape(op.Concat(op.Unsqueeze(low, _const([-1], np.int64)),
+                                 op.Unsqueeze(high, _const([-1], np.int64)), axis=-1),
+                       _const([0, -1], np.int64))
+    codes = op.Slice(codes, _const([0], np.int64), _const([in_features], np.int64), _const([1], np.int64))
+    if signed:
+        codes = op.Cast(op.Sub(op.Cast(codes, to=ir.DataType.INT16), _const(8, np.int16)), to=ir.DataType.INT4)
+    else:
+        codes = op.Cast(codes, to=ir.DataType.UINT4)
+    return op.Transpose(codes, perm=[1, 0])
+
+
+def trt_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
+    """Blocked DequantizeLinear (opset 21) of ``[K, N]`` INT4 codes, blocks of ``group_size`` along K."""
+    in_features = x.shape[-1]
+    if not isinstance(in_features, int):
+        raise UnsupportedForm("linear_w4a16 needs a static input feature size to export")
+    k_groups = -(-in_features // group_size)
+    signed = zero is None
+    codes = _int4_codes_kn(packed, zero, in_features, signed)
+    scale_kn = op.Transpose(scale, perm=[1, 0])                       # [G, N]
+    zp = (_const(np.zeros((k_groups, packed.shape[0])), ml_dtypes.int4) if signed
+          else op.Cast(op.Transpose(zero, perm=[1, 0]), to=ir.DataType.UINT4))
+    w = op.CastLike(op.DequantizeLinear(codes, scale_kn, zp, axis=0, block_size=group_size), x)
+    y = op.MatMul(_smoothed(x, smooth_inv), w)
+    return _bias(y, op.CastLike(bias, x) if bias is not None else None)
+
+
+def dequantize(q, scale):
+    shifted = q.dtype == ir.DataType.UINT8  # the ort form's int8 + 128
+    q = op.Cast(q, to=ir.DataType.FLOAT)
+    return op.Mul(op.Sub(q, _const(float(_U8_ZERO), np.float32)) if shifted else q, scale)
+
+
+# ----------------------------------------------------------------------------- ort form
+# INT8 values are carried as uint8 = int8 + 128 (see the module docstring).
+
+_U8_ZERO = 128
+
+
+def _to_u8(q_int_as_float):
+    """Float tensor of integers in [-128, 127] -> uint8 with zero point 128."""
+    return op.Cast(op.Add(q_int_as_float, _const(float(_U8_ZERO), np.float32)), to=ir.DataType.UINT8)
+
+
+def ort_quantize_per_tensor(x, scale, smooth_inv=None, qdtype=None):
+    qtype = _qtype(qdtype)
+    if _is_fp8(qtype):
+        return trt_quantize_per_tensor(x, scale, smooth_inv, qdtype)
+    return op.QuantizeLinear(_smoothed(x, smooth_inv), scale, _const(_U8_ZERO, np.uint8))
+
+
+def ort_quantize_per_token(x, smooth_inv=None, qdtype=None):
+    qtype = _qtype(qdtype)
+    xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
+    amax = op.Max(op.ReduceMax(op.Abs(xs), _const([-1], np.int64), keepdims=1), _const(ops._MIN_AMAX, np.float32))
+    scale = op.Div(amax, _const(ops.QMAXES[ops.FP8 if _is_fp8(qtype) else torch.int8], np.float32))
+    if _is_fp8(qtype):
+        limit = ops.QMAXES[ops.FP8]
+        q = op.Cast(op.Clip(op.Div(xs, scale), _const(-limit, np.float32), _const(limit, np.float32)), to=qtype)
+        return q, scale
+    q = op.Clip(op.Round(op.Div(xs, scale)), _const(float(ops.QMIN), np.float32), _const(float(ops.QMAX), np.float32))
+    return _to_u8(q), scale
+
+
+def _u8_weight_kn(wq):
+    """``[N, K]`` int8 -> ``[K, N]`` uint8 (+128), folded to an initializer at export."""
+    shifted = op.Cast(op.Add(op.Cast(wq, to=ir.DataType.INT16), _const(_U8_ZERO, np.int16)), to=ir.DataType.UINT8)
+    return op.Transpose(shifted, perm=[1, 0])
+
+
+def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
+    if wq.dtype == ir.DataType.FLOAT8E4M3FN:  # no FP8 GEMM on ORT's CPU: dequantize, float MatMul
+        x = op.Mul(op.Cast(xq, to=ir.DataType.FLOAT), x_scale)  # the scale may be per token
+        return _out(_bias(op.MatMul(x, _trt_weight(wq, w_scale)), bias), out_dtype)
+    zp = _const(_U8_ZERO, np.uint8)
+    acc = op.Cast(op.MatMulInteger(xq, _u8_weight_kn(wq), zp, zp), to=ir.DataType.FLOAT)
+    # Two Muls, never one by (x_scale * w_scale): ORT 1.32 fuses that pattern into
+    # MatMulIntegerToFloat, which returns wrong results for per-token scales (tests/test_onnx.py)
+    return _out(_bias(op.Mul(op.Mul(acc, w_scale), x_scale), bias), out_dtype)
+
+
+def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
+    """ONNX Runtime's ``MatMulNBits``: it reads ``qcompiler.int4``'s packing as is."""
+    n, k = packed.shape[0], x.shape[-1]
+    if not isinstance(k, int):
+        raise UnsupportedForm("linear_w4a16 needs a static input feature size to export")
+    k_groups = -(-k // group_size)
+    blob = op.Reshape(packed, _const([n, k_groups, group_size // 2], np.int64))
+    inputs = [op.CastLike(_smoothed(x, smooth_inv), scale), blob, op.Reshape(scale, _const([-1], np.int64))]
+    if zero is not None:
+        # MatMulNBits packs 4-bit zero points two per byte, low nibble first, per row
+        padded = op.Pad(zero, _const([0, 0, 0, k_groups % 2], np.int64))
+        pairs = op.Reshape(padded, _const([n, -1, 2], np.int64))
+        lo = op.Squeeze(op.Slice(pairs, _const([0], np.int64), _const([1], np.int64), _const([2], np.int64)), _const([2], np.int64))
+        hi = op.Squeeze(op.Slice(pairs, _const([1], np.int64), _const([2], np.int64), _const([2], np.int64)), _const([2], np.int64))
+        inputs.append(op.Reshape(op.BitwiseOr(lo, op.BitShift(hi, _const(4, np.uint8), direction="LEFT")),
+                                 _const([-1], np.int64)))
+    y = MatMulNBits(*inputs, K=k, N=n, bits=4, block_size=group_size)
+    return op.CastLike(_bias(y, bias), x)
+
+
+TRANSLATIONS = {
+    "tensorrt": {
+        qops.quantize_per_tensor.default: trt_quantize_per_tensor,
+        qops.quantize_per_token.default: trt_quantize_per_token,
+        qops.dequantize.default: dequantize,
+        qops.linear_w8a8.default: trt_linear_w8a8,
+        qops.linear_w8a16.default: linear_w8a16,
+        qops.linear_w4a16.default: trt_linear_w4a16,
+    },
+    "ort": {
+        qops.quantize_per_tensor.default: ort_quantize_per_tensor,
+        qops.quantize_per_token.default: ort_quantize_per_token,
+        qops.dequantize.default: dequantize,
+        qops.linear_w8a8.default: ort_linear_w8a8,
+        qops.linear_w8a16.default: linear_w8a16,
+        qops.linear_w4a16.default: ort_linear_w4a16,
+    },
+}

@@ -1,0 +1,99 @@
+"""The ``qcompile`` command: export a model to ONNX, check an ONNX file, list recipes.
+
+    qcompile export --model minilm --recipe w8a8-smoothquant --out minilm.onnx
+    qcompile export --model smollm2 --recipe w4a16 --form ort --out smollm2-w4.onnx
+    qcompile export --model mypkg.models:build --recipe w8a8-static --out m.onnx
+    qcompile check model.onnx
+    qcompile recipes
+
+``--model`` is a bundled model (``minilm``, ``smollm2``) or ``module:function`` returning
+``(model, example_inputs, calibration_batches_or_None)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _bundled(name: str, calib: int, seq: int):
+    import torch
+
+    from qcompiler import zoo
+
+    if name == "minilm":
+        model, tok = zoo.load_minilm()
+        calib_sents, _ = zoo.wiki_sentences(max(calib, 1) * 8, 0)
+        batches = [dict(tok(calib_sents[i:i + 8], padding="max_length", truncation=True, max_length=seq,
+                            return_tensors="pt")) for i in range(0, calib * 8, 8)]
+        example = {k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask")} if batches else \
+            dict(tok(["an example"], return_tensors="pt"))
+        batches = [{k: b[k] for k in example} for b in batches]
+        return model, example, batches or None
+    if name == "smollm2":
+        model, tok = zoo.load_smollm2()
+        ids = zoo.wiki_token_ids(tok, "smollm2")
+        calib_w, _ = zoo.lm_windows(ids, seq, max(calib, 1), 0)
+        return model, {"input_ids": calib_w[:1]}, [{"input_ids": w[None]} for w in calib_w[:calib]] or None
+    raise SystemExit(f"unknown bundled model {name!r}; use minilm, smollm2 or module:function")
+
+
+def _load_model(spec: str, calib: int, seq: int):
+    if ":" not in spec:
+        return _bundled(spec, calib, seq)
+    module, fn = spec.split(":", 1)
+    result = getattr(importlib.import_module(module), fn)()
+    return (*result, None) if len(result) == 2 else result
+
+
+def cmd_export(args) -> int:
+    from qcompiler.export import export_onnx
+
+    model, example, batches = _load_model(args.model, args.calib, args.seq)
+    result = export_onnx(model, example, args.out, recipe=args.recipe, form=args.form,
+                         calibration=batches if batches else None)
+    print(result.summary())
+    return 1 if result.violations else 0
+
+
+def cmd_check(args) -> int:
+    from qcompiler import onnx_check
+
+    violations = onnx_check.check(args.path)
+    print(f"{args.path}: " + ("conforms to TensorRT explicit quantization" if not violations
+                              else f"{len(violations)} violation(s)"))
+    for v in violations:
+        print(f"  {v}")
+    return 1 if violations else 0
+
+
+def cmd_recipes(args) -> int:
+    from qcompiler.recipes import get_recipe, list_recipes
+
+    for name in list_recipes():
+        print(f"{name:28s} {get_recipe(name).description}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export", help="quantize a model and write it as ONNX")
+    p.add_argument("--model", required=True, help="minilm | smollm2 | module:function")
+    p.add_argument("--recipe", default="w8a8-smoothquant")
+    p.add_argument("--form", default="tensorrt", choices=["tensorrt", "ort"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--calib", type=int, default=8, help="calibration batches (bundled models)")
+    p.add_argument("--seq", type=int, default=128, help="calibration sequence length (bundled models)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("check", help="check an ONNX file against TensorRT's explicit-quantization rules")
+    p.add_argument("path")
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("recipes", help="list the registered recipes")
+    p.set_defaults(fn=cmd_recipes)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

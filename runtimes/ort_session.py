@@ -1,0 +1,71 @@
+"""An ONNX Runtime session behind a Python callable: torch tensors in, torch tensors out.
+
+Inputs are bound by pointer (no copy); outputs are allocated by ONNX Runtime and handed to torch
+without a copy on the CPU. Session options are the ones the ``ort`` target was measured with.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+          torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
+
+
+def require_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("the 'ort' target and ONNX export need onnxruntime and onnx: "
+                          "pip install 'qcompiler[onnx]'") from None
+    return onnxruntime
+
+
+def session_options(threads: Optional[int] = None):
+    ort = require_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    # ORT's QDQ fusions re-quantize what our graphs keep exact: DequantizeLinear -> MatMul becomes
+    # MatMulNBits at accuracy level 4 (activations re-quantized to int8) and Q/DQ -> MatMul
+    # becomes a u8 x s8 MatMulIntegerToFloat that saturates on CPUs without VNNI (README, "ONNX").
+    # The ort form already states its integer kernels explicitly, so nothing is lost.
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
+def providers() -> list:
+    ort = require_onnxruntime()
+    wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    available = set(ort.get_available_providers())
+    return [p for p in wanted if p in available] if os.environ.get("QCOMPILE_ORT_GPU") else ["CPUExecutionProvider"]
+
+
+class OrtSession:
+    """Runs one ONNX model; ``__call__(*tensors) -> list of tensors`` in the model's output order."""
+
+    def __init__(self, model, threads: Optional[int] = None):
+        ort = require_onnxruntime()
+        data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+        self.model = model  # what runs, for sizes and for tools that rewrite it
+        self.session = ort.InferenceSession(data, session_options(threads), providers=providers())
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, *tensors: torch.Tensor) -> list:
+        if len(tensors) != len(self.input_names):
+            raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)}")
+        binding = self.session.io_binding()
+        keep = []  # contiguous copies must outlive the run
+        for name, t in zip(self.input_names, tensors):
+            t = t.detach().contiguous().cpu()
+            keep.append(t)
+            binding.bind_input(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return [torch.from_numpy(v.numpy()) for v in binding.get_outputs()]

@@ -1,0 +1,266 @@
+"""ONNX lowering, export, conformance checker and the ``ort`` target.
+
+Per q-op: ONNX Runtime runs each q-op's translation (both forms) on fresh random inputs and
+must give the reference q-op's result (the same integer math; only float32 rounding differs).
+Per recipe: the exported Stack model against the reference graph and against FP32.
+"""
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+from torch import nn
+
+import qcompiler
+from conftest import rel_err
+from models import Stack, with_outlier_channels
+from qcompiler import int4, onnx_check, ops
+from qcompiler.lowering.onnx import UnsupportedForm, to_onnx
+from qcompiler.passes.quantize import sqnr_db
+from qcompiler.runtimes.ort_session import OrtSession
+
+qops = torch.ops.qcompile
+FP8 = ops.FP8
+
+
+class QOp(nn.Module):
+    """One linear q-op on stored quantized weights, its activation quantized as ``act`` says."""
+
+    def __init__(self, kind, n, k, qdtype=torch.int8, group=32, symmetric=True, smooth=False, bias=True):
+        super().__init__()
+        w = torch.randn(n, k)
+        self.kind, self.qdtype, self.group = kind, qdtype, group
+        self.bias = torch.randn(n) if bias else None
+        self.inv = (torch.rand(k) + 0.5) if smooth else None
+        if kind == "w4a16":
+            p = int4.quantize(w, group, symmetric)
+            self.w4, self.s4, self.z4 = p.packed, p.scale, p.zero
+        else:
+            self.wq, self.ws = ops.quantize_per_channel_ref(w, qdtype)
+        amax = torch.tensor(3.0)
+        self.xs = ops.scale_from_amax(amax, qdtype)
+
+    def forward(self, x):
+        if self.kind == "dynamic":
+            xq, sx = qops.quantize_per_token(x, self.inv, self.qdtype)
+            return qops.linear_w8a8(xq, sx, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "static":
+            xq = qops.quantize_per_tensor(x, self.xs, self.inv, self.qdtype)
+            return qops.linear_w8a8(xq, self.xs, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "w8a16":
+            return qops.linear_w8a16(x, self.wq, self.ws, self.bias)
+        return qops.linear_w4a16(x, self.w4, self.s4, self.z4, self.inv, self.group, self.bias)
+
+
+CASES = [  # (kind, qdtype, forms)
+    ("dynamic", torch.int8, ["ort"]),
+    ("dynamic", FP8, ["ort"]),
+    ("static", torch.int8, ["tensorrt", "ort"]),
+    ("static", FP8, ["tensorrt", "ort"]),
+    ("w8a16", torch.int8, ["tensorrt", "ort"]),
+    ("w4a16", None, ["tensorrt", "ort"]),
+]
+
+
+def _run(model, *xs):
+    return OrtSession(model)(*xs)[0]
+
+
+@pytest.mark.parametrize("kind,qdtype,forms", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("n,k", [(64, 32), (48, 100)])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_each_qop_translation_matches_the_reference(kind, qdtype, forms, n, k, smooth):
+    if smooth and kind not in ("dynamic", "static", "w4a16"):
+        pytest.skip("no smoothing input on this q-op")
+    torch.manual_seed(n + k)
+    for form in forms:
+        for symmetric in ([True, False] if kind == "w4a16" else [True]):
+            m = QOp(kind, n, k, qdtype or torch.int8, group=32, symmetric=symmetric, smooth=smooth)
+            x = torch.randn(3, 5, k)
+            proto = to_onnx(m, (x,), form)
+            x2 = torch.randn(2, 7, k)  # a new batch and sequence: dynamic dimensions
+            for xi in (x, x2):
+                ref, out = m(xi), _run(proto, xi)
+                exact = torch.float64  # error measured against a float64 view of the reference
+                assert out.shape == ref.shape
+                assert rel_err(out.to(exact), ref.to(exact)) < 2e-6, (form, symmetric)
+            if form == "tensorrt":
+                found = {v.rule for v in onnx_check.check(proto)}
+                # TensorRT's INT4 is symmetric: an asymmetric export runs, and is reported
+                assert found == (set() if symmetric else {"zero-point-type"}), (kind, qdtype)
+
+
+def test_ort_form_carries_int8_as_uint8_for_exact_u8u8_kernels():
+    m = QOp("dynamic", 64, 384)
+    proto = to_onnx(m, (torch.randn(2, 4, 384),), "ort")
+    ops_used = {n.op_type for n in proto.graph.node}
+    assert "MatMulInteger" in ops_used
+    weights = [t for t in proto.graph.initializer if t.data_type == T.UINT8 and len(t.dims) == 2]
+    assert weights and list(weights[0].dims) == [384, 64]   # [K, N] as MatMul reads it
+    # full-range activations: a u8 x s8 kernel would saturate here; the u8 x u8 one must not
+    x = torch.randn(2, 16, 384) * 4
+    assert rel_err(_run(proto, x).double(), m(x).double()) < 2e-6
+
+
+def test_nan_input_never_passes_silently():
+    m = QOp("static", 32, 32)
+    proto = to_onnx(m, (torch.randn(2, 32),), "ort")
+    x = torch.randn(2, 32)
+    x[0, 3] = float("nan")
+    out = _run(proto, x)
+    # QuantizeLinear saturates NaN to a number; the reference does the same (clamp of NaN): equal rows
+    ref = m(x)
+    assert torch.equal(out[1:].isnan(), ref[1:].isnan())
+    with pytest.raises(AssertionError):
+        rel_err(torch.full((2,), float("nan")), torch.ones(2))
+
+
+def test_tensorrt_form_refuses_dynamic_activations_with_the_fix_in_the_message():
+    with pytest.raises(UnsupportedForm, match="static recipe"):
+        to_onnx(QOp("dynamic", 16, 16), (torch.randn(2, 16),), "tensorrt")
+
+
+# ----------------------------------------------------------------------------- whole models
+
+RECIPES = ["w8a8", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic", "w8a16", "fp8", "fp8-static",
+           "w4a16", "w4a16-awq", "w4a16-gptq"]
+STATIC = {"w8a8-static", "w8a8-smoothquant", "fp8-static", "w8a16", "w4a16", "w4a16-awq", "w4a16-gptq"}
+MIN_SQNR = {"w8a8": 30, "w8a8-static": 25, "w8a8-smoothquant": 25, "w8a8-smoothquant-dynamic": 30, "w8a16": 35,
+            "fp8": 25, "fp8-static": 22, "w4a16": 17, "w4a16-awq": 20, "w4a16-gptq": 20}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_exports_and_runs_in_onnx_runtime(recipe, tmp_path):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96).eval()
+    batches = [with_outlier_channels(torch.randn(2, 16, 64)) for _ in range(4)]
+    x = with_outlier_channels(torch.randn(2, 9, 64))
+    opts = {"group_size": 32} if recipe.startswith("w4a16") else {}
+    qcompiler.calibrate(model, batches, recipe={"recipe": recipe, **opts}, progress=False)
+    ref_q = torch.compile(model, backend="qcompile", options={"recipe": recipe, **opts, "target": "reference"})(x)
+    forms = ["ort"] + (["tensorrt"] if recipe in STATIC else [])
+    for form in forms:
+        result = qcompiler.export_onnx(model, (x,), str(tmp_path / f"{form}.onnx"), recipe=recipe, form=form,
+                                       options=opts)
+        assert result.violations == [], [str(v) for v in result.violations]
+        for xi in (x, with_outlier_channels(torch.randn(3, 5, 64))):
+            out = OrtSession(result.path)(xi)[0]
+            ref = ref_q if xi is x else torch.compile(model, backend="qcompile", options={
+                "recipe": recipe, **opts, "target": "reference"}, dynamic=True)(xi)
+            assert rel_err(out, ref) < 1e-5, form
+            assert sqnr_db(model(xi), out) > MIN_SQNR[recipe], form
+        quantized = sum(d.scheme != "floating point" for d in result.decisions)
+        assert quantized >= 8, f"{recipe}: only {quantized} linears quantized"
+
+
+def test_export_of_an_fp32_model_needs_no_checker_findings_and_keeps_sizes(tmp_path):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96).eval()
+    x = torch.randn(2, 9, 64)
+    w8 = qcompiler.export_onnx(model, (x,), str(tmp_path / "w8.onnx"), recipe="w8a16")
+    w4 = qcompiler.export_onnx(model, (x,), str(tmp_path / "w4.onnx"), recipe="w4a16", options={"group_size": 32})
+    assert w4.file_bytes < w8.file_bytes
+    assert "clean" in w8.summary()
+
+
+# ----------------------------------------------------------------------------- the checker
+
+
+def _model(nodes, inits, opset=21, inputs=("x",)):
+    return h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info(i, T.FLOAT, None) for i in inputs],
+                                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits),
+                        opset_imports=[h.make_opsetid("", opset)])
+
+
+def _qdq_linear(zp_act=np.int8(0), act_scale=np.float32(0.1), w_axis=1, opset=21, w_zp=None):
+    w = np.random.default_rng(0).integers(-127, 128, (8, 4)).astype(np.int8)
+    inits = [nh.from_array(w, "w"), nh.from_array(np.full(4, 0.01, np.float32), "ws"),
+             nh.from_array(np.asarray(act_scale), "xs"), nh.from_array(np.asarray(zp_act), "xz"),
+             nh.from_array(np.zeros(4, np.int8) if w_zp is None else w_zp, "wz")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+             h.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=w_axis, name="wdq"),
+             h.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    return _model(nodes, inits, opset)
+
+
+def _rules(model):
+    return {v.rule for v in onnx_check.check(model)}
+
+
+def test_checker_accepts_the_explicit_quantization_form():
+    assert onnx_check.check(_qdq_linear()) == []
+
+
+@pytest.mark.parametrize("planted,rule", [
+    (dict(zp_act=np.uint8(128)), "zero-point-type"),
+    (dict(zp_act=np.int8(3)), "zero-point-value"),
+    (dict(act_scale=np.full(8, 0.1, np.float32)), "activation-per-tensor"),
+    (dict(act_scale=np.float32(-0.1)), "scale-value"),
+    (dict(w_axis=0, w_zp=np.zeros(8, np.int8)), "weight-axis"),
+    (dict(opset=10), "opset"),
+])
+def test_checker_catches_planted_violations(planted, rule):
+    model = _qdq_linear(**planted)
+    if rule == "weight-axis":  # scales sized for axis 0
+        for t in model.graph.initializer:
+            if t.name == "ws":
+                t.CopyFrom(nh.from_array(np.full(8, 0.01, np.float32), "ws"))
+    assert rule in _rules(model)
+
+
+def test_checker_catches_runtime_scales_lone_q_and_integer_ops():
+    nodes = [h.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
+             h.make_node("QuantizeLinear", ["x", "s"], ["q"], name="lone_q"),
+             h.make_node("MatMulInteger", ["xq", "w"], ["y"], name="mmi")]
+    model = _model(nodes, [nh.from_array(np.int8([[1]]), "w"), nh.from_array(np.float32(0.1), "s")])
+    assert {"op", "placement", "zero-point-type"} <= _rules(model)
+
+
+def test_cli_check_reports_findings_and_exit_codes(tmp_path, capsys):
+    from qcompiler.cli import main
+
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(_qdq_linear(), good)
+    onnx.save(_qdq_linear(zp_act=np.uint8(128)), bad)
+    assert main(["check", str(good)]) == 0
+    assert main(["check", str(bad)]) == 1
+    assert "zero-point-type" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the ort target
+
+
+def test_ort_target_exports_once_for_dynamic_shapes():
+    from qcompiler.lowering import ort
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    fast = torch.compile(model, backend="qcompile", options={"target": "ort"})
+    before = len(ort._SESSIONS)
+    # the 2nd shape recompiles dynamic; then no export (a size-1 dimension would be a new graph:
+    # Dynamo specializes sizes 0 and 1)
+    for b, t in [(2, 8), (3, 17), (5, 4), (4, 33)]:
+        x = torch.randn(b, t, 48)
+        assert sqnr_db(model(x), fast(x)) > 30
+    assert len(ort._SESSIONS) == before + 1
+    assert ort.LAST_FALLBACK["reason"] is None
+
+
+def test_ort_target_falls_back_to_inductor_with_a_reason_when_export_fails(monkeypatch):
+    from qcompiler.lowering import ort
+
+    def broken(*a, **k):
+        raise RuntimeError("planted exporter failure")
+    monkeypatch.setattr(ort, "to_onnx", broken)
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x = torch.randn(2, 8, 48)
+    with pytest.warns(UserWarning, match="planted exporter failure"):
+        out = torch.compile(model, backend="qcompile", options={"target": "ort"})(x)
+    assert sqnr_db(model(x), out) > 30
+    monkeypatch.setitem(ort.LAST_FALLBACK, "reason", None)
