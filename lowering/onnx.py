@@ -161,6 +161,10 @@ _FOLDABLE = {"BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", "Squeeze", "Con
              "Cast", "Sub", "Add", "Transpose", "Pad", "Constant"}
 
 
+# a constant cast to float is a dequantization the file must not store expanded
+_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
 def fold_constants(model):
     """Evaluate every node of ``_FOLDABLE`` whose inputs are all constants; store the results."""
     import onnx
@@ -171,7 +175,9 @@ def fold_constants(model):
     consts = {t.name: t for t in graph.initializer}
     keep = []
     for node in graph.node:
-        if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx") and all(i in consts for i in node.input if i):
+        to_float = node.op_type == "Cast" and any(a.name == "to" and a.i in _FLOAT_TYPES for a in node.attribute)
+        if node.op_type in _FOLDABLE and not to_float and node.domain in ("", "ai.onnx") and \
+                all(i in consts for i in node.input if i):
             try:
                 evaluator = ReferenceEvaluator(onnx.helper.make_model(onnx.helper.make_graph(
                     [node], "fold", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
@@ -183,11 +189,9 @@ def fold_constants(model):
                 continue
             for name, value in zip(node.output, values):
                 tensor = numpy_helper.from_array(value, name)
-                if node.op_type == "Cast":  # numpy has no INT4 type: from_array cannot tell
-                    tensor = onnx.helper.make_tensor(name, onnx.helper.get_attribute_value(node.attribute[0])
-                                                     if node.attribute[0].name == "to" else tensor.data_type,
-                                                     value.shape, value.flatten().tolist()) \
-                        if value.dtype.kind not in "fiub" else tensor
+                to = next((a.i for a in node.attribute if a.name == "to"), None)
+                if node.op_type == "Cast" and value.dtype.kind not in "fiub":  # INT4: from_array cannot tell
+                    tensor = onnx.helper.make_tensor(name, to, value.shape, value.flatten().tolist())
                 consts[name] = tensor
             continue
         keep.append(node)

@@ -56,6 +56,9 @@ def _contrib_schema(name: str, inputs: list, attributes: list):
         attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in attributes])
 
 
+MatMulIntegerToFloat = Op(Opset("com.microsoft", 1), "MatMulIntegerToFloat", _contrib_schema(
+    "MatMulIntegerToFloat", [("A", "T2", False), ("B", "T2", False), ("a_scale", "T1", False), ("b_scale", "T1", False),
+                             ("a_zero_point", "T2", True), ("b_zero_point", "T2", True), ("bias", "T1", True)], []))
 MatMulNBits = Op(Opset("com.microsoft", 1), "MatMulNBits", _contrib_schema(
     "MatMulNBits", [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True)],
     ["K", "N", "bits", "block_size"]))
@@ -211,10 +214,21 @@ def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
         x = op.Mul(op.Cast(xq, to=ir.DataType.FLOAT), x_scale)  # the scale may be per token
         return _out(_bias(op.MatMul(x, _trt_weight(wq, w_scale)), bias), out_dtype)
     zp = _const(_U8_ZERO, np.uint8)
+    if len(x_scale.shape) == 0:  # static per-tensor: the dequantize and bias in the GEMM's epilogue
+        y = MatMulIntegerToFloat(xq, _u8_weight_kn(wq), x_scale, w_scale, zp, zp, *(() if bias is None else (bias,)))
+        return _out(y, out_dtype)
     acc = op.Cast(op.MatMulInteger(xq, _u8_weight_kn(wq), zp, zp), to=ir.DataType.FLOAT)
     # Two Muls, never one by (x_scale * w_scale): ORT 1.32 fuses that pattern into
     # MatMulIntegerToFloat, which returns wrong results for per-token scales (tests/test_onnx.py)
     return _out(_bias(op.Mul(op.Mul(acc, w_scale), x_scale), bias), out_dtype)
+
+
+def ort_linear_w8a16(x, wq, w_scale, bias):
+    """INT8 weights stored, dequantized once by ORT's constant folding when the session loads:
+    on this CPU no ORT kernel multiplies INT8 weights by float activations both exactly and
+    faster than its float GEMM (benchmarks/cpu_speed.py; README "ONNX")."""
+    w = op.Mul(op.Cast(op.Transpose(wq, perm=[1, 0]), to=ir.DataType.FLOAT), w_scale)
+    return _bias(op.MatMul(x, op.CastLike(w, x)), op.CastLike(bias, x) if bias is not None else None)
 
 
 def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
@@ -251,7 +265,7 @@ TRANSLATIONS = {
         qops.quantize_per_token.default: ort_quantize_per_token,
         qops.dequantize.default: dequantize,
         qops.linear_w8a8.default: ort_linear_w8a8,
-        qops.linear_w8a16.default: linear_w8a16,
+        qops.linear_w8a16.default: ort_linear_w8a16,
         qops.linear_w4a16.default: ort_linear_w4a16,
     },
 }
