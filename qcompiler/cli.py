@@ -26,8 +26,10 @@ def _bundled(name: str, calib: int, seq: int):
         calib_sents, _ = zoo.wiki_sentences(max(calib, 1) * 8, 0)
         batches = [dict(tok(calib_sents[i:i + 8], padding="max_length", truncation=True, max_length=seq,
                             return_tensors="pt")) for i in range(0, calib * 8, 8)]
-        example = {k: v for k, v in batches[0].items() if k in ("input_ids", "attention_mask")} if batches else \
-            dict(tok(["an example"], return_tensors="pt"))
+        # two rows: a batch of one would fix the batch dimension at 1 in the export
+        example = {k: v for k, v in (batches[0] if batches else dict(tok(
+            ["an example", "another example"], padding=True, return_tensors="pt"))).items()
+            if k in ("input_ids", "attention_mask")}
         batches = [{k: b[k] for k in example} for b in batches]
         return model, example, batches or None
     if name == "smollm2":
