@@ -18,6 +18,12 @@ def _ort_build(gm, example_inputs):
     return ort.build(gm, example_inputs)
 
 
+def _triton_build(gm, example_inputs):
+    from qcompiler.lowering import triton  # triton is optional (the 'gpu' extra): import on use
+
+    return triton.build(gm, example_inputs)
+
+
 @dataclass(frozen=True)
 class Lowering:
     name: str
@@ -31,8 +37,12 @@ LOWERINGS = {
                          "the q-op graph, q-ops inlined as torch code, compiled by Inductor"),
     "ort": Lowering("ort", _ort_build,
                     "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session"),
+    "triton": Lowering("triton", _triton_build,
+                       "q-ops run as qcompile's Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1), "
+                       "the rest of the graph through Inductor"),
 }
-# What target="auto" means on each device type, chosen by measurement (benchmarks/cpu_latency.py).
+# What target="auto" means on each device type, chosen by measurement (benchmarks/cpu_latency.py;
+# 'cuda' stays on Inductor until benchmarks/gpu_e2e.py has measured the triton target faster).
 AUTO = {"cpu": "inductor", "cuda": "inductor"}
 
 

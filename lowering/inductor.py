@@ -32,12 +32,17 @@ def linear_w8a8_float_gemm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Ten
 IMPLEMENTATIONS = {**REFERENCE, qops.linear_w8a8.default: linear_w8a8_float_gemm}
 
 
-def inline_qops(gm: fx.GraphModule) -> fx.GraphModule:
+def retarget(gm: fx.GraphModule, table) -> fx.GraphModule:
+    """Every call of an op in ``table`` calls ``table[op]`` instead (same arguments)."""
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in IMPLEMENTATIONS:
-            node.target = IMPLEMENTATIONS[node.target]
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
     gm.recompile()
     return gm
+
+
+def inline_qops(gm: fx.GraphModule) -> fx.GraphModule:
+    return retarget(gm, IMPLEMENTATIONS)
 
 
 def build(gm: fx.GraphModule, example_inputs):

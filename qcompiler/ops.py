@@ -178,9 +178,15 @@ def _linear_w4a16_fake(x, packed, scale, zero, smooth_inv, group_size, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+# q-op name -> its fake implementation (shapes and dtypes only); lowerings that wrap a q-op in an
+# op of their own (the Triton kernels) reuse it
+FAKES: dict = {}
+
+
 def _define(name: str, ref, fake):
     op = torch.library.custom_op(f"qcompile::{name}", ref, mutates_args=())
     op.register_fake(fake)
+    FAKES[name] = fake
     return op
 
 

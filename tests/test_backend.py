@@ -13,7 +13,7 @@ from conftest import rel_err
 from models import Block, Stack, with_outlier_channels
 from qcompiler.passes.quantize import sqnr_db
 
-TARGETS = ["reference", "inductor", "ort"]
+TARGETS = ["reference", "inductor", "ort", "triton"]  # triton: the CPU interpreter without a GPU
 
 
 def compile_q(model, **options):
@@ -59,8 +59,9 @@ def test_every_registered_recipe_is_covered_here():
     assert set(MIN_SQNR) == set(qcompiler.list_recipes())
 
 
+@pytest.mark.parametrize("target", ["inductor", "triton"])
 @pytest.mark.parametrize("recipe", sorted(MIN_SQNR))
-def test_every_recipe_inductor_matches_reference_and_fp32(recipe):
+def test_every_recipe_matches_reference_and_fp32(recipe, target):
     torch.manual_seed(0)
     model = Stack(d=64, h=96)
     batches = [with_outlier_channels(torch.randn(2, 16, 64)) for _ in range(4)]
@@ -72,7 +73,7 @@ def test_every_recipe_inductor_matches_reference_and_fp32(recipe):
     qcompiler.calibrate(model, batches, recipe=opts, progress=False, loss_fn=loss_fn)
     ref_q = compile_q(model, **opts, target="reference")(x)
     torch._dynamo.reset()
-    out = compile_q(model, **opts, target="inductor")(x)
+    out = compile_q(model, **opts, target=target)(x)
     # the same integer / FP8 / INT4 math: only float32 rounding of the GEMMs differs
     assert rel_err(out, ref_q) < 1e-5
     assert sqnr_db(model(x), out) > MIN_SQNR[recipe]

@@ -1,0 +1,64 @@
+"""The ``triton`` lowering: every q-op in the graph runs as our Triton kernels, the rest through Inductor.
+
+Each q-op is swapped for a ``qcompile_triton::`` custom op whose implementation is the kernel
+launcher in ``qcompiler.runtimes.triton_*`` and whose fake is the q-op's own, so Inductor compiles
+the graph around them (norms, attention, residuals) and calls the kernels as extern calls. Scales
+and packed weights arrive as graph constants; nothing here recomputes them. Which kernel runs
+(GEMV or GEMM, split-K, tile sizes) is decided per call from M by the launchers.
+
+Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CI tests it).
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompiler import ops
+from qcompiler.lowering.inductor import inline_qops, retarget
+from qcompiler.runtimes import triton_quantize, triton_w8a8, triton_weight_only
+from qcompiler.runtimes.triton_support import require
+
+qops = torch.ops.qcompile
+
+# q-op name -> the Triton launcher that implements it (same arguments, same results)
+KERNELS = {
+    "quantize_per_token": triton_quantize.quantize_per_token,
+    "quantize_per_tensor": triton_quantize.quantize_per_tensor,
+    "linear_w8a8": triton_w8a8.linear_w8a8,
+    "linear_w8a16": triton_weight_only.linear_w8a16,
+    "linear_w4a16": triton_weight_only.linear_w4a16,
+}
+
+
+def _register(name: str, launcher):
+    """``qcompile_triton::<name>``: the q-op's schema and fake, the launcher as its kernel."""
+    schema = str(getattr(qops, name).default._schema)
+    op = torch.library.custom_op(f"qcompile_triton::{name}", launcher, mutates_args=(),
+                                 schema=schema[schema.index("("):])
+    op.register_fake(ops.FAKES[name])
+    return getattr(torch.ops.qcompile_triton, name).default
+
+
+TRITON_OPS = {getattr(qops, name).default: _register(name, launcher) for name, launcher in KERNELS.items()}
+
+
+def swap_qops(gm: fx.GraphModule) -> fx.GraphModule:
+    """q-op nodes -> their Triton custom ops (the dequantize q-op stays: Inductor fuses it)."""
+    return retarget(gm, TRITON_OPS)
+
+
+def _device(example_inputs) -> torch.device:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def build(gm: fx.GraphModule, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    require(_device(example_inputs))
+    # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the
+    # kernels have no gradients (CompiledGraph runs under no_grad), so compile for inference
+    with torch.no_grad():
+        return compile_fx(inline_qops(swap_qops(gm)), example_inputs)

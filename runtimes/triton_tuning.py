@@ -1,0 +1,105 @@
+"""Launch configurations of the Triton kernels: small explicit sets, tuned once and cached on disk.
+
+Each kernel family has one named function returning its candidate ``triton.Config`` list; the
+autotuner keys on ``M_BUCKET`` (M rounded up to a power of two, so a new prompt length does not
+re-tune), N and K, and ``cache_results=True`` keeps the winners in Triton's cache directory, so a
+second process starts without benchmarking. Under the CPU interpreter only the first config of
+each set is used (benchmarking there measures nothing).
+
+The sets are written for Hopper (H100: 132 SMs, 228 KB shared memory per SM); the split-K choice
+of the decode path is a named heuristic, because the launcher must know it before launching to
+allocate the float32 accumulator.
+"""
+from __future__ import annotations
+
+import triton
+
+from qcompiler.runtimes.triton_support import interpreting
+
+AUTOTUNE_KEY = ["M_BUCKET", "N", "K"]
+SMALL_M = 16          # at or below: the decode (GEMV-like) path
+_M_BUCKETS = (1, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def m_bucket(m: int) -> int:
+    for b in _M_BUCKETS:
+        if m <= b:
+            return b
+    return _M_BUCKETS[-1]
+
+
+def _cfg(bm, bn, bk, warps, stages, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra}, num_warps=warps, num_stages=stages)
+
+
+def _first_when_interpreting(configs: list) -> list:
+    return configs[:1] if interpreting() else configs
+
+
+def w8a8_configs() -> list:
+    """INT8 / FP8 x 8-bit GEMM with the scale epilogue; 8-bit operands want BLOCK_K >= 64."""
+    return _first_when_interpreting([
+        _cfg(16, 64, 64, 4, 3, GROUP_M=8),
+        _cfg(16, 128, 128, 4, 4, GROUP_M=8),
+        _cfg(64, 128, 128, 4, 4, GROUP_M=8),
+        _cfg(128, 128, 128, 8, 4, GROUP_M=8),
+        _cfg(128, 256, 128, 8, 3, GROUP_M=8),
+        _cfg(256, 128, 128, 8, 3, GROUP_M=8),
+    ])
+
+
+def prune_w8a8(configs, named_args, **_):
+    """Drop tiles far taller than M (a 256-row tile for a 16-row input is wasted work)."""
+    m = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
+    return kept or configs[:1]
+
+
+def weight_only_gemm_configs() -> list:
+    """16-bit activations x INT4/INT8 weights dequantized in the tile, for M > SMALL_M (prefill)."""
+    return _first_when_interpreting([
+        _cfg(32, 64, 64, 4, 3, GROUP_M=8),
+        _cfg(64, 128, 64, 4, 4, GROUP_M=8),
+        _cfg(128, 128, 64, 8, 3, GROUP_M=8),
+        _cfg(128, 256, 64, 8, 3, GROUP_M=8),
+        _cfg(128, 128, 128, 8, 3, GROUP_M=8),
+    ])
+
+
+def prune_weight_only(configs, named_args, **_):
+    m = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m)]
+    return kept or configs[:1]
+
+
+GEMV_BLOCK_N = 64
+
+
+def weight_only_gemv_configs() -> list:
+    """M <= 16: memory-bound; each program streams a [BLOCK_N, K / SPLIT_K] slice of the weight."""
+    return _first_when_interpreting([
+        _cfg(16, GEMV_BLOCK_N, 128, 4, 4),
+        _cfg(16, GEMV_BLOCK_N, 256, 4, 4),
+        _cfg(16, GEMV_BLOCK_N, 512, 4, 3),
+        _cfg(16, GEMV_BLOCK_N, 256, 8, 4),
+    ])
+
+
+def gemv_split_k(n: int, k: int, sm_count: int) -> int:
+    """Smallest power-of-two split of K giving two waves of programs, each still >= 512 deep in K.
+
+    (N=11008, K=4096 on 132 SMs: 172 column tiles -> split 2; N=4096, K=11008: 64 -> split 8.)
+    """
+    tiles = triton.cdiv(n, GEMV_BLOCK_N)
+    split = 1
+    while tiles * split < 2 * sm_count and k // (split * 2) >= 512:
+        split *= 2
+    return split
+
+
+def sm_count(device) -> int:
+    import torch
+
+    if device.type != "cuda":
+        return 1  # the interpreter: no parallelism to fill
+    return torch.cuda.get_device_properties(device).multi_processor_count

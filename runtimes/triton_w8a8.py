@@ -1,0 +1,92 @@
+"""W8A8 GEMM in Triton: INT8 x INT8 (int32 accumulator) or FP8 E4M3 x E4M3 (float32 accumulator),
+the dequantization in the epilogue.
+
+``y = (xq @ wq.T) * x_scale * w_scale + bias`` in the output dtype, one kernel: the per-token (or
+per-tensor) activation scale and per-channel weight scale are applied to the accumulator tile
+before its only store, so the int32 / float32 product never goes to memory (``torch._int_mm``
+writes it and needs a second pass). Weights stay ``[N, K]``, K-major, which is the layout Hopper's
+8-bit tensor-core instructions read both operands in. The reference is
+``qcompiler.ops.linear_w8a8_ref``; the INT8 product is exact (int32 accumulation), so results
+differ from it only by the float32 epilogue's rounding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qcompiler import ops
+from qcompiler.runtimes import triton_tuning as tuning
+from qcompiler.runtimes.triton_common import store_rounded, tile_ids
+
+
+@triton.autotune(configs=tuning.w8a8_configs(), key=tuning.AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": tuning.prune_w8a8}, cache_results=True)
+@triton.jit
+def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
+                 stride_xm, stride_wn, stride_ym, stride_xs,
+                 IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + rk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if IS_FP8 else tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk[None, :] < K - k0), other=0)
+        b = tl.load(w_ptrs, mask=(rn[None, :] < N) & (rk[:, None] < K - k0), other=0)
+        if IS_FP8:  # FP8 travels as bytes (byte 0 is +0.0, so masked lanes add nothing)
+            acc += tl.dot(a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True))
+        else:
+            acc += tl.dot(a, b, out_dtype=tl.int32)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    xs = tl.load(xs_ptr + rm * stride_xs, mask=rm < M, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    store_rounded(y_ptrs, y, (rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _bytes(t: Tensor) -> Tensor:
+    return t.view(torch.uint8) if t.dtype == ops.FP8 else t
+
+
+def check_operands(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor) -> None:
+    """Shapes and dtypes the kernel takes, or a ValueError that says which and why."""
+    if xq.dtype != wq.dtype or xq.dtype not in ops.QMAXES:
+        raise ValueError(f"linear_w8a8 takes two int8 or two float8_e4m3fn operands, got {xq.dtype} x {wq.dtype}")
+    if wq.dim() != 2 or xq.shape[-1] != wq.shape[1]:
+        raise ValueError(f"linear_w8a8: activation [..., {xq.shape[-1]}] does not match weight {tuple(wq.shape)} ([N, K])")
+    if w_scale.shape != (wq.shape[0],):
+        raise ValueError(f"linear_w8a8: weight scale {tuple(w_scale.shape)} must be per output channel ({wq.shape[0]},)")
+    if x_scale.numel() not in (1, xq[..., 0].numel()):
+        raise ValueError(f"linear_w8a8: activation scale {tuple(x_scale.shape)} is neither per tensor nor per token")
+
+
+def linear_w8a8(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
+                bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """The ``linear_w8a8`` q-op on Triton: ``[..., K]`` 8-bit x ``[N, K]`` 8-bit -> ``[..., N]`` out_dtype."""
+    check_operands(xq, x_scale, wq, w_scale)
+    k, n = wq.shape[1], wq.shape[0]
+    x2 = xq.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    m = x2.shape[0]
+    wq = wq if wq.stride(-1) == 1 else wq.contiguous()
+    xs = x_scale.reshape(-1).to(torch.float32).contiguous()
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _w8a8_kernel[grid](
+            _bytes(x2), _bytes(wq), xs, w_scale.to(torch.float32).contiguous(),
+            bias.contiguous() if bias is not None else xs, y, m, n, k, tuning.m_bucket(m),
+            x2.stride(0), wq.stride(0), y.stride(0), 0 if xs.numel() == 1 else 1,
+            IS_FP8=xq.dtype == ops.FP8, HAS_BIAS=bias is not None)
+    return y.reshape(*xq.shape[:-1], n)
