@@ -54,3 +54,16 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def rows_2d(x):
+    """``[..., K]`` -> ``[M, K]`` with unit stride along K (a view when possible): what the kernels index."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def as_bytes(t):
+    """FP8 tensors travel to the kernels as their bytes: the interpreter cannot hand float8 to numpy."""
+    import torch
+
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompiler import ops
+from qcompiler.runtimes.triton_common import as_bytes, rows_2d
 
 MAX_ONE_TILE = 16384  # row length kept in registers in a single tile (11008 for Llama's down_proj)
 
@@ -45,7 +46,7 @@ def _round_to_e4m3(y):
 def _to_code(y, IS_FP8: tl.constexpr):
     """The reference's ``_round_clamp``: FP8 clamps then casts; INT8 rounds then clamps."""
     if IS_FP8:
-        # nearest even, as torch's cast; stored as its byte (see _storage)
+        # nearest even, as torch's cast; stored as its byte (see triton_common.as_bytes)
         y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
         return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     # (y + 1.5 * 2**23) - 1.5 * 2**23 rounds half to even for |y| < 2**22; beyond, it stays far
@@ -99,16 +100,6 @@ def _per_tensor_kernel(x_ptr, smooth_ptr, scale_ptr, q_ptr, K, stride_x, stride_
         tl.store(q_ptr + row * stride_q + cols, _to_code(tl.math.div_rn(x, scale), IS_FP8), mask=cols < K)
 
 
-def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _storage(q: Tensor) -> Tensor:
-    # FP8 travels as its bytes: the interpreter cannot hand float8 tensors to numpy
-    return q.view(torch.uint8) if q.dtype == ops.FP8 else q
-
-
 def _smooth(smooth_inv: Optional[Tensor], k: int, x: Tensor) -> Optional[Tensor]:
     if smooth_inv is None:
         return None
@@ -126,14 +117,14 @@ def quantize_per_token(x: Tensor, smooth_inv: Optional[Tensor] = None,
                        qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
     """The ``quantize_per_token`` q-op: (``qdtype`` like x, float32 scale ``x.shape[:-1] + (1,)``)."""
     k = x.shape[-1]
-    rows = _rows(x)
+    rows = rows_2d(x)
     q = torch.empty(rows.shape, dtype=qdtype, device=x.device)
     scale = torch.empty((rows.shape[0], 1), dtype=torch.float32, device=x.device)
     smooth = _smooth(smooth_inv, k, x)
     block_k, one_tile = _block_k(k)
     if rows.shape[0]:
         _per_token_kernel[(rows.shape[0],)](
-            rows, smooth if smooth is not None else rows, _storage(q), scale, k, rows.stride(0), q.stride(0),
+            rows, smooth if smooth is not None else rows, as_bytes(q), scale, k, rows.stride(0), q.stride(0),
             ops.QMAXES[qdtype], HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == ops.FP8, BLOCK_K=block_k,
             ONE_TILE=one_tile, num_warps=8 if block_k >= 4096 else 4)
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
@@ -143,13 +134,13 @@ def quantize_per_tensor(x: Tensor, scale: Tensor, smooth_inv: Optional[Tensor] =
                         qdtype: torch.dtype = torch.int8) -> Tensor:
     """The ``quantize_per_tensor`` q-op with a calibrated 0-d float32 ``scale``."""
     k = x.shape[-1]
-    rows = _rows(x)
+    rows = rows_2d(x)
     q = torch.empty(rows.shape, dtype=qdtype, device=x.device)
     smooth = _smooth(smooth_inv, k, x)
     block_k = min(triton.next_power_of_2(k), 4096)
     if rows.shape[0]:
         _per_tensor_kernel[(rows.shape[0],)](
             rows, smooth if smooth is not None else rows, scale.to(device=x.device, dtype=torch.float32),
-            _storage(q), k, rows.stride(0), q.stride(0),
+            as_bytes(q), k, rows.stride(0), q.stride(0),
             HAS_SMOOTH=smooth is not None, IS_FP8=qdtype == ops.FP8, BLOCK_K=block_k)
     return q.reshape(x.shape)

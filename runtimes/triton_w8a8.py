@@ -20,7 +20,7 @@ from torch import Tensor
 
 from qcompiler import ops
 from qcompiler.runtimes import triton_tuning as tuning
-from qcompiler.runtimes.triton_common import store_rounded, tile_ids
+from qcompiler.runtimes.triton_common import as_bytes, rows_2d, store_rounded, tile_ids
 
 
 @triton.autotune(configs=tuning.w8a8_configs(), key=tuning.AUTOTUNE_KEY,
@@ -55,10 +55,6 @@ def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKE
     store_rounded(y_ptrs, y, (rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _bytes(t: Tensor) -> Tensor:
-    return t.view(torch.uint8) if t.dtype == ops.FP8 else t
-
-
 def check_operands(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor) -> None:
     """Shapes and dtypes the kernel takes, or a ValueError that says which and why."""
     if xq.dtype != wq.dtype or xq.dtype not in ops.QMAXES:
@@ -76,8 +72,7 @@ def linear_w8a8(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
     """The ``linear_w8a8`` q-op on Triton: ``[..., K]`` 8-bit x ``[N, K]`` 8-bit -> ``[..., N]`` out_dtype."""
     check_operands(xq, x_scale, wq, w_scale)
     k, n = wq.shape[1], wq.shape[0]
-    x2 = xq.reshape(-1, k)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = rows_2d(xq)
     m = x2.shape[0]
     wq = wq if wq.stride(-1) == 1 else wq.contiguous()
     xs = x_scale.reshape(-1).to(torch.float32).contiguous()
@@ -85,7 +80,7 @@ def linear_w8a8(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
     if m:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _w8a8_kernel[grid](
-            _bytes(x2), _bytes(wq), xs, w_scale.to(torch.float32).contiguous(),
+            as_bytes(x2), as_bytes(wq), xs, w_scale.to(torch.float32).contiguous(),
             bias.contiguous() if bias is not None else xs, y, m, n, k, tuning.m_bucket(m),
             x2.stride(0), wq.stride(0), y.stride(0), 0 if xs.numel() == 1 else 1,
             IS_FP8=xq.dtype == ops.FP8, HAS_BIAS=bias is not None)

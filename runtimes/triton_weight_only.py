@@ -25,7 +25,7 @@ from torch import Tensor
 
 from qcompiler import int4
 from qcompiler.runtimes import triton_tuning as tuning
-from qcompiler.runtimes.triton_common import cast_rounded, dot_acc, store_rounded, tile_ids
+from qcompiler.runtimes.triton_common import cast_rounded, dot_acc, rows_2d, store_rounded, tile_ids
 from qcompiler.runtimes.triton_support import interpreting
 
 _ONE_GROUP = 1 << 30  # INT8 weights: one scale per row, i.e. one group as long as any K
@@ -118,15 +118,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_pt
         tl.atomic_add(acc_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
 
 
-def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _launch(x: Tensor, w: Tensor, scale: Tensor, zero: Optional[Tensor], smooth_inv: Optional[Tensor],
             bias: Optional[Tensor], n: int, bits: int, group_size: int, split_k: Optional[int]) -> Tensor:
     k = x.shape[-1]
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
