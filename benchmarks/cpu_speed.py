@@ -143,8 +143,9 @@ def main(argv=None):
                 call()
                 graphs = ort_graphs(before)
                 if options and options.get("_peer"):
-                    for g in graphs:
-                        g.fn.session = peer_session(g.fn.session)
+                    for g in graphs:  # a graph that fell back to Inductor has no session to replace
+                        if g.fn.session is not None:
+                            g.fn.session = peer_session(g.fn.session)
                 call()
                 warm = time.perf_counter() - t
             calls[label] = (call, warm, fn, graphs)

@@ -73,6 +73,9 @@ def freeze(gm: fx.GraphModule, example_inputs) -> tuple:
             gm.register_buffer(name, value.detach())
             with gm.graph.inserting_after(first or node):
                 const = gm.graph.get_attr(name)
+        elif not node.users:  # a size Dynamo passes along that this graph never reads
+            gm.graph.erase_node(node)
+            continue
         else:
             sym = _symbol(node.meta.get("example_value"))
             if sym not in sizes:

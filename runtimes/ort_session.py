@@ -35,6 +35,11 @@ def session_options(threads: Optional[int] = None):
     # becomes a u8 x s8 MatMulIntegerToFloat that saturates on CPUs without VNNI (README, "ONNX").
     # The ort form already states its integer kernels explicitly, so nothing is lost.
     so.add_session_config_entry("session.disable_quant_qdq", "1")
+    # ORT's worker threads busy-wait after each run by default. Ours share the cores with torch's
+    # thread pool and with the other graphs' sessions, and the spinning starves them: SmolLM2
+    # decode, 2 cores, measured FP32 session 107 -> 34 ms and eager torch between runs 123 -> 67
+    # ms with spinning off (README, "ONNX"; benchmarks/cpu_speed.py).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 

@@ -251,6 +251,51 @@ def test_ort_target_exports_once_for_dynamic_shapes():
     assert ort.LAST_FALLBACK["reason"] is None
 
 
+def _graph_with_size_inputs(read_other: bool):
+    """A Dynamo-shaped graph: SymInt placeholders ``length`` (x's dim 1) and ``other`` (no tensor
+    measures it), then x; returns ``x * length`` (+ ``other`` when ``read_other``)."""
+    from torch import fx
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    sym = lambda name, hint: env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint)
+    length, other = sym("length", 8), sym("other", 5)
+    with FakeTensorMode(shape_env=env):
+        fake = torch.empty(2, length)
+    g = fx.Graph()
+    nodes = [g.placeholder("s_other"), g.placeholder("s_len"), g.placeholder("x")]
+    for node, value in zip(nodes, [other, length, fake]):
+        node.meta["example_value"] = value
+    y = g.call_function(torch.mul, (nodes[2], nodes[1]))
+    if read_other:
+        y = g.call_function(torch.add, (y, nodes[0]))
+    g.output((y,))
+    return fx.GraphModule(nn.Module(), g), [5, 8, torch.randn(2, 8)]
+
+
+def test_freeze_recomputes_sizes_drops_unread_ones_and_names_the_rest():
+    from qcompiler.lowering.onnx import freeze
+
+    # a KV-cache decode step after a prefill: Dynamo passes a size the graph never reads
+    frozen, feeds, fed = freeze(*_graph_with_size_inputs(read_other=False))
+    assert fed == [2] and [n.op for n in frozen.graph.nodes].count("placeholder") == 1
+    x = torch.randn(2, 3)  # the size is re-measured on the new input, not frozen at 8
+    torch.testing.assert_close(frozen(x)[0], x * 3)
+    with pytest.raises(UnsupportedForm, match="s_other .* not a tensor size"):
+        freeze(*_graph_with_size_inputs(read_other=True))
+
+
+def test_ort_sessions_do_not_busy_wait_between_runs():
+    # spinning workers starve torch's threads and the other graphs' sessions (README, "ONNX")
+    from qcompiler.runtimes.ort_session import session_options
+
+    so = session_options()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
+
+
 def test_ort_target_falls_back_to_inductor_with_a_reason_when_export_fails(monkeypatch):
     from qcompiler.lowering import ort
 
