@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 import torch
 from torch import fx, nn
 
-from qcompiler.lowering.onnx_ops import FORMS, OPSET, TRANSLATIONS, UnsupportedForm
+from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
 
-__all__ = ["to_onnx", "FORMS", "OPSET", "UnsupportedForm", "runtime_inputs"]
+__all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_inputs"]
 
 
 def _symbol(value) -> Optional[str]:
@@ -144,7 +144,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSET,
+                module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSETS[form],
                 custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes,
                 input_names=list(input_names) if input_names else None, optimize=True, verbose=False,
                 report=False)
@@ -175,6 +175,7 @@ def fold_constants(model):
     from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
     consts = {t.name: t for t in graph.initializer}
     keep = []
     for node in graph.node:
@@ -185,7 +186,7 @@ def fold_constants(model):
                 evaluator = ReferenceEvaluator(onnx.helper.make_model(onnx.helper.make_graph(
                     [node], "fold", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
                                          for o in node.output], [consts[i] for i in node.input if i]),
-                    opset_imports=[onnx.helper.make_opsetid("", OPSET)]))
+                    opset_imports=[onnx.helper.make_opsetid("", opset)]))
                 values = evaluator.run(None, {})
             except Exception:  # an op the reference evaluator cannot run stays in the graph
                 keep.append(node)

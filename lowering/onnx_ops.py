@@ -30,7 +30,14 @@ from onnxscript.values import Op, Opset
 from qcompiler import ops
 
 FORMS = ("tensorrt", "ort")
-OPSET = 21  # blocked (INT4) DequantizeLinear and INT4 types need 21; FP8 Q/DQ need 19
+# the default-domain opset each form declares. TensorRT: 21, the lowest with blocked (INT4)
+# DequantizeLinear and INT4 types (FP8 Q/DQ need 19). ORT: 23, whose ``Attention`` op the exporter
+# emits for scaled_dot_product_attention and ORT (>= 1.23) runs as one fused CPU kernel; at 21
+# attention is decomposed and its mask handling alone (Where, IsNaN) took 14 of MiniLM 8x128's
+# 187 ms (benchmarks/ort_profile.py). The translations below are written to opset 21 and mean
+# the same at 23.
+OPSETS = {"tensorrt": 21, "ort": 23}
+OPSET = OPSETS["tensorrt"]
 qops = torch.ops.qcompile
 
 _QTYPES = {torch.int8: ir.DataType.INT8, ops.FP8: ir.DataType.FLOAT8E4M3FN,
