@@ -96,8 +96,13 @@ def workloads(quick: bool, pattern: str):
                 past.crop(-1)
             return step
 
+        base = []
+
         def ppl(fn):
-            return f"ppl {zoo.perplexity(fn, held_w):.3f}"
+            if not base:
+                base.append(zoo.perplexity(lm, held_w))
+            value = zoo.perplexity(fn, held_w)
+            return f"ppl {value:.3f} ({100 * (value / base[0] - 1):+.4f}%)"
 
         calib = [{"input_ids": w[None]} for w in calib_w]
         out["SmolLM2 prefill 256"] = (lm, lambda f: (lambda: f(input_ids=prompt, use_cache=False)), calib, ppl)

@@ -98,7 +98,7 @@ def test_ort_form_carries_int8_as_uint8_for_exact_u8u8_kernels():
     m = QOp("dynamic", 64, 384)
     proto = to_onnx(m, (torch.randn(2, 4, 384),), "ort")
     ops_used = {n.op_type for n in proto.graph.node}
-    assert "MatMulInteger" in ops_used
+    assert "MatMulIntegerToFloat" in ops_used and "MatMul" not in ops_used  # the integer GEMM
     weights = [t for t in proto.graph.initializer if t.data_type == T.UINT8 and len(t.dims) == 2]
     assert weights and list(weights[0].dims) == [384, 64]   # [K, N] as MatMul reads it
     # full-range activations: a u8 x s8 kernel would saturate here; the u8 x u8 one must not
