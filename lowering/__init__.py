@@ -6,8 +6,11 @@ graph with every quantized weight and scale already computed as graph constants.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from qcompiler.lowering import inductor, reference
 
@@ -24,11 +27,23 @@ def _triton_build(gm, example_inputs):
     return triton.build(gm, example_inputs)
 
 
+def _installed(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _ort_supports(example_inputs) -> bool:
+    # measured (and ONNX Runtime's CPU kernels fast) for float32 models only
+    floats = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return _installed("onnx", "onnxruntime", "onnxscript") and all(x.dtype == torch.float32 for x in floats)
+
+
 @dataclass(frozen=True)
 class Lowering:
     name: str
     build: Callable            # (gm, example_inputs) -> callable(*args)
     description: str
+    # whether target="auto" may pick it for these graph inputs (dependencies installed, dtypes)
+    supports: Callable[[list], bool] = lambda example_inputs: True
 
 
 LOWERINGS = {
@@ -36,14 +51,23 @@ LOWERINGS = {
     "inductor": Lowering("inductor", inductor.build,
                          "the q-op graph, q-ops inlined as torch code, compiled by Inductor"),
     "ort": Lowering("ort", _ort_build,
-                    "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session"),
+                    "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session",
+                    _ort_supports),
     "triton": Lowering("triton", _triton_build,
                        "q-ops run as qcompile's Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1), "
-                       "the rest of the graph through Inductor"),
+                       "the rest of the graph through Inductor", lambda example_inputs: _installed("triton")),
 }
-# What target="auto" means on each device type, chosen by measurement (benchmarks/cpu_latency.py;
-# 'cuda' stays on Inductor until benchmarks/gpu_e2e.py has measured the triton target faster).
-AUTO = {"cpu": "inductor", "cuda": "inductor"}
+# What target="auto" means on each device type: the first target of the list that supports the
+# graph (``Lowering.supports``), the list ordered by measurement. CPU: 'ort' was faster than 'inductor' on every row of benchmarks/cpu_speed.py
+# (README, "ONNX"); 'cuda' stays on Inductor until benchmarks/gpu_e2e.py has measured the triton
+# target faster.
+AUTO = {"cpu": ("ort", "inductor"), "cuda": ("inductor",)}
+
+
+def auto_target(device_type: str, example_inputs=()) -> str:
+    """The target ``target="auto"`` picks for a graph on ``device_type`` (``reference`` on devices
+    not listed)."""
+    return next((t for t in AUTO.get(device_type, ()) if LOWERINGS[t].supports(list(example_inputs))), "reference")
 
 
 def get_lowering(name: str) -> Lowering:

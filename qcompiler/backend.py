@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from qcompiler import calibration, recipes
-from qcompiler.lowering import AUTO, get_lowering
+from qcompiler.lowering import auto_target, get_lowering
 from qcompiler.passes.match import match
 from qcompiler.passes.quantize import quantize
 from qcompiler.passes.smooth import smooth
@@ -53,7 +53,7 @@ class CompiledGraph:
         self.original = gm
         self.example_inputs = list(example_inputs)
         self.recipe = recipe
-        self.target = AUTO.get(_device_type(example_inputs), "reference") if target == "auto" else target
+        self.target = auto_target(_device_type(example_inputs), example_inputs) if target == "auto" else target
         get_lowering(self.target)  # unknown target: fail now, with the list of valid ones
         self._build()
         LIVE_GRAPHS.add(self)

@@ -34,3 +34,23 @@ def test_unknown_target_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown target 'tensorrt'.*'inductor'.*'reference'"):
         get_lowering("tensorrt")
     assert {"reference", "inductor"} <= set(LOWERINGS)
+
+
+@pytest.mark.parametrize("device,dtype,expected", [
+    ("cpu", torch.float32, "ort"), ("cpu", torch.bfloat16, "inductor"), ("cuda", torch.float32, "inductor"),
+    ("mps", torch.float32, "reference")])
+def test_auto_target_follows_the_measured_order_per_device_and_dtype(device, dtype, expected):
+    from qcompiler.lowering import auto_target
+
+    inputs = [torch.empty(2, 3, dtype=dtype), torch.zeros(2, dtype=torch.int64)]
+    assert auto_target(device, inputs) == expected
+
+
+def test_auto_target_skips_ort_when_onnxruntime_is_missing(monkeypatch):
+    import importlib.util
+
+    from qcompiler.lowering import auto_target
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find(name, *a))
+    assert auto_target("cpu", [torch.empty(2, 3)]) == "inductor"
