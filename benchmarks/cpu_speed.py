@@ -19,6 +19,7 @@ rounds): this machine is noisy, read the ratios.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import re
@@ -175,6 +176,11 @@ def main(argv=None):
                     acc = accuracy(fn)
             print(f"{wname:26} {label:34} {1e3 * t:10.2f} {eager / t:8.2f}x {onnx_bytes(graphs):>9} {warm:8.1f}  {acc}",
                   flush=True)
+        # drop this workload's sessions and graphs before the next one: holding every row of
+        # every workload at once went past this machine's 23 GB (killed in the decode rows)
+        calls.clear()
+        torch._dynamo.reset()
+        gc.collect()
     print("('vs eager': eager FP32 time / this time, >1 is faster; medians of interleaved rounds; "
           "ONNX MiB: the serialized models the ORT rows run)")
 
