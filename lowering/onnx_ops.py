@@ -36,8 +36,10 @@ FORMS = ("tensorrt", "ort")
 # attention is decomposed and its mask handling alone (Where, IsNaN) took 14 of MiniLM 8x128's
 # 187 ms (benchmarks/ort_profile.py). The translations below are written to opset 21 and mean
 # the same at 23.
-OPSETS = {"tensorrt": 21, "ort": 23}
-OPSET = OPSETS["tensorrt"]
+# The exporter's opset-23 attention takes 4-D query/key/value only: a graph it refuses exports
+# at 21 instead (attention decomposed), so each form lists its opsets in order of preference.
+OPSETS = {"tensorrt": (21,), "ort": (23, 21)}
+OPSET = OPSETS["tensorrt"][0]
 qops = torch.ops.qcompile
 
 _QTYPES = {torch.int8: ir.DataType.INT8, ops.FP8: ir.DataType.FLOAT8E4M3FN,
