@@ -142,22 +142,19 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        for attempt, opset in enumerate(OPSETS[form]):
-            try:
-                program = torch.onnx.export(
-                    module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=opset,
-                    custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes,
-                    input_names=list(input_names) if input_names else None, optimize=True, verbose=False,
-                    report=False)
-                break
-            except Exception as exc:  # the exporter wraps our translation errors: surface the message
-                cause = exc
-                while cause is not None and not isinstance(cause, UnsupportedForm):
-                    cause = cause.__cause__
-                if cause is not None:
-                    raise UnsupportedForm(str(cause)) from None
-                if attempt == len(OPSETS[form]) - 1:
-                    raise
+        try:
+            program = torch.onnx.export(
+                module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSETS[form],
+                custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes,
+                input_names=list(input_names) if input_names else None, optimize=True, verbose=False,
+                report=False)
+        except Exception as exc:  # the exporter wraps our translation errors: surface the message
+            cause = exc
+            while cause is not None and not isinstance(cause, UnsupportedForm):
+                cause = cause.__cause__
+            if cause is not None:
+                raise UnsupportedForm(str(cause)) from None
+            raise
     return fold_constants(program.model_proto)
 
 

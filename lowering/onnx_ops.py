@@ -30,16 +30,13 @@ from onnxscript.values import Op, Opset
 from qcompiler import ops
 
 FORMS = ("tensorrt", "ort")
-# the default-domain opset each form declares. TensorRT: 21, the lowest with blocked (INT4)
+# The default-domain opset each form exports at. TensorRT: 21, the lowest with blocked (INT4)
 # DequantizeLinear and INT4 types (FP8 Q/DQ need 19). ORT: 23, whose ``Attention`` op the exporter
-# emits for scaled_dot_product_attention and ORT (>= 1.23) runs as one fused CPU kernel; at 21
-# attention is decomposed and its mask handling alone (Where, IsNaN) took 14 of MiniLM 8x128's
-# 187 ms (benchmarks/ort_profile.py). The translations below are written to opset 21 and mean
-# the same at 23.
-# The exporter's opset-23 attention takes 4-D query/key/value only: a graph it refuses exports
-# at 21 instead (attention decomposed), so each form lists its opsets in order of preference.
-OPSETS = {"tensorrt": (21,), "ort": (23, 21)}
-OPSET = OPSETS["tensorrt"][0]
+# emits for scaled_dot_product_attention and ORT (>= 1.23) runs as one fused CPU kernel (MiniLM
+# 8x128 FP32 kernel time 193 -> 166 ms, of which Where alone took 14 at 21:
+# benchmarks/ort_profile.py). The translations below are written to opset 21 and mean the same at 23.
+OPSETS = {"tensorrt": 21, "ort": 23}
+OPSET = OPSETS["tensorrt"]
 qops = torch.ops.qcompile
 
 _QTYPES = {torch.int8: ir.DataType.INT8, ops.FP8: ir.DataType.FLOAT8E4M3FN,
