@@ -101,13 +101,12 @@ def workloads(quick: bool, pattern: str):
                 past.crop(-1)
             return step
 
-        base = []
+        with torch.no_grad():
+            base = zoo.perplexity(lm, held_w)
 
         def ppl(fn):
-            if not base:
-                base.append(zoo.perplexity(lm, held_w))
             value = zoo.perplexity(fn, held_w)
-            return f"ppl {value:.3f} ({100 * (value / base[0] - 1):+.4f}%)"
+            return f"ppl {value:.3f} ({100 * (value / base - 1):+.4f}%)"
 
         calib = [{"input_ids": w[None]} for w in calib_w]
         out["SmolLM2 prefill 256"] = (lm, lambda f: (lambda: f(input_ids=prompt, use_cache=False)), calib, ppl)

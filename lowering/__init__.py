@@ -58,9 +58,9 @@ LOWERINGS = {
                        "the rest of the graph through Inductor", lambda example_inputs: _installed("triton")),
 }
 # What target="auto" means on each device type: the first target of the list that supports the
-# graph (``Lowering.supports``), the list ordered by measurement. CPU: 'ort' was faster than 'inductor' on every row of benchmarks/cpu_speed.py
-# (README, "ONNX"); 'cuda' stays on Inductor until benchmarks/gpu_e2e.py has measured the triton
-# target faster.
+# graph (``Lowering.supports``), the list ordered by measurement. CPU: 'ort' was faster than
+# 'inductor' on every row of benchmarks/cpu_speed.py (README, "ONNX"); 'cuda' stays on Inductor
+# until benchmarks/gpu_e2e.py has measured the triton target faster.
 AUTO = {"cpu": ("ort", "inductor"), "cuda": ("inductor",)}
 
 
