@@ -3,7 +3,9 @@
 Rows: MatMul shapes of MiniLM (1024 tokens) and SmolLM2 decode; columns: float MatMul,
 MatMulInteger with u8 x s8 / s8 x s8 / u8 x u8 (zero point 128) operands over full int8 ranges
 (max error against an exact int64 product), and a weight-only DequantizeLinear -> MatMul under
-ORT's default QDQ fusions and with them off (max error against float64).
+ORT's default QDQ fusions and with them off (max error against float64). Then per-token
+quantization (uint8, zero point 128) of [B, S, K] activations as the ort form can write it: one
+blocked QuantizeLinear (opset 21, a block per row) against per-axis scales on a 2-D view.
 
     python benchmarks/ort_int8_kernels.py
 """
@@ -28,6 +30,40 @@ def session(nodes, inputs, inits, **config):
     for k, v in config.items():
         so.add_session_config_entry(k, v)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def per_token_quantize():
+    rng = np.random.default_rng(0)
+    print(f"\n{'B x S x K':18} {'per-token QuantizeLinear':34} {'us':>8} {'max error':>12}")
+    for b, s_, k in [(1, 1, 576), (1, 256, 576), (8, 128, 384)]:
+        x = rng.standard_normal((b, s_, k)).astype(np.float32)
+        scale = (np.abs(x).max(-1, keepdims=True) / 127).astype(np.float32)
+        exact = np.clip(np.round(x / scale) + 128, 0, 255)
+        inputs = [h.make_tensor_value_info("x", T.FLOAT, [None, None, k]),
+                  h.make_tensor_value_info("s", T.FLOAT, [None, None, 1])]
+        zero = [h.make_node("Shape", ["s"], ["s_shape"]), h.make_node("Expand", ["z", "s_shape"], ["zp"])]
+        consts = {"z": np.array(128, np.uint8), "flat": np.array([-1], np.int64), "rows": np.array([-1, k], np.int64)}
+        forms = {
+            "blocked, block = row": zero + [h.make_node("QuantizeLinear", ["x", "s", "zp"], ["y"], axis=2, block_size=k)],
+            "per-axis on a [B*S, K] view": zero + [
+                h.make_node("Reshape", ["x", "rows"], ["x2"]), h.make_node("Reshape", ["s", "flat"], ["s1"]),
+                h.make_node("Reshape", ["zp", "flat"], ["z1"]),
+                h.make_node("QuantizeLinear", ["x2", "s1", "z1"], ["y2"], axis=0),
+                h.make_node("Shape", ["x"], ["x_shape"]), h.make_node("Reshape", ["y2", "x_shape"], ["y"])]}
+        # as the ort target runs them (no spinning); the forms interleaved, median of 300 runs each
+        sessions = {name: session(nodes, inputs, [nh.from_array(v, n) for n, v in consts.items()
+                                                  if any(n in node.input for node in nodes)], **{"session.intra_op.allow_spinning": "0"})
+                    for name, nodes in forms.items()}
+        feeds = {"x": x, "s": scale}
+        times = {name: [] for name in forms}
+        for _ in range(300):
+            for name, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, feeds)
+                times[name].append(time.perf_counter() - t)
+        for name, s in sessions.items():
+            err = np.abs(s.run(None, feeds)[0].astype(np.int64) - exact).max()
+            print(f"{f'{b}x{s_}x{k}':18} {name:34} {1e6 * np.median(times[name]):8.1f} {err:12.4g}", flush=True)
 
 
 def timed(s, feeds, n=20) -> tuple:
@@ -74,6 +110,7 @@ def main():
             print(f"{f'{m}x{k}x{n}':18} {name:34} {ms:8.3f} {err:12.4g}", flush=True)
     print("(integer rows: error against the exact int64 product; float rows: against float64; "
           "DQ rows' outputs are of magnitude ~5)")
+    per_token_quantize()
 
 
 if __name__ == "__main__":

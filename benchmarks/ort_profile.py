@@ -1,7 +1,13 @@
-"""Where ONNX Runtime spends its time: per-op-type totals of a profiled session (issue 3's
-"profile the session" step), for MiniLM 8 x 128 exported FP32 and with qcompile recipes (ORT form).
+"""Where ONNX Runtime spends its time: per-op-type totals of profiled sessions (issue 3's
+"profile the session" step), with qcompile recipes in the ORT form and FP32 ("fp32": the same
+graph with nothing quantized).
 
-    python benchmarks/ort_profile.py [--recipes fp32 w8a8 w8a8-smoothquant w8a16] [--runs 5]
+Workloads: ``minilm`` (all-MiniLM-L6-v2, batch 8 x 128, exported with ``export_onnx``) and
+``decode`` (SmolLM2-135M, one token after a 256-token prompt, through
+``torch.compile(..., options={"target": "ort"})``; every ORT session of the step is profiled and
+their kernel times added).
+
+    python benchmarks/ort_profile.py [--workload minilm|decode] [--recipes fp32 w8a8 ...] [--runs 5]
 """
 from __future__ import annotations
 
@@ -15,32 +21,30 @@ import torch
 
 import qcompiler
 from qcompiler import zoo
+from qcompiler.backend import LIVE_GRAPHS
 from qcompiler.runtimes.ort_session import session_options
 
 
-def profile(path: str, feeds: dict, runs: int) -> collections.Counter:
+def profiled_session(path_or_bytes, prefix: str):
     import onnxruntime as ort
 
     so = session_options()
     so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(os.path.dirname(path), "prof")
-    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    s.run(None, feeds)
-    for _ in range(runs):
-        s.run(None, feeds)
-    trace = json.load(open(s.end_profiling()))
-    per_op = collections.Counter()
+    so.profile_file_prefix = prefix
+    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def per_op(session, runs: int) -> collections.Counter:
+    """Kernel milliseconds per op type per run, from ``session``'s profile of ``runs`` runs."""
+    trace = json.load(open(session.end_profiling()))
+    totals = collections.Counter()
     for e in trace:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / (runs + 1)
-    return per_op
+            totals[e["args"]["op_name"]] += e["dur"] / 1e3 / runs
+    return totals
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--recipes", nargs="+", default=["fp32", "w8a8", "w8a8-smoothquant", "w8a16"])
-    p.add_argument("--runs", type=int, default=5)
-    args = p.parse_args(argv)
+def minilm(recipes, runs: int, d: str):
     model, tok = zoo.load_minilm()
     calib_s, held = zoo.wiki_sentences(32, 16)
     enc = lambda s: dict(tok(s, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
@@ -48,16 +52,60 @@ def main(argv=None):
     calib = [{k: v for k, v in enc(calib_s[i:i + 8]).items() if k in batch} for i in range(0, 32, 8)]
     qcompiler.calibrate(model, calib, progress=False)
     feeds = {k: v.numpy() for k, v in batch.items()}
+    for recipe in recipes:
+        path = os.path.join(d, f"{recipe}.onnx")
+        opts = {"skip": ["*"]} if recipe == "fp32" else {}
+        qcompiler.export_onnx(model, batch, path, recipe="w8a8" if recipe == "fp32" else recipe, form="ort",
+                              options=opts)
+        s = profiled_session(path, os.path.join(d, recipe))
+        for _ in range(runs + 1):
+            s.run(None, feeds)
+        yield recipe, per_op(s, runs + 1)
+
+
+def decode(recipes, runs: int, d: str):
+    lm, tok = zoo.load_smollm2()
+    ids = zoo.wiki_token_ids(tok, "smollm2")
+    calib_w, held_w = zoo.lm_windows(ids, 256, 4, 4)
+    qcompiler.calibrate(lm, [{"input_ids": w[None]} for w in calib_w], progress=False)
+    with torch.no_grad():
+        past = lm(input_ids=held_w[:1], use_cache=True).past_key_values
+    nxt = held_w[1:2, :1]
+    for recipe in recipes:
+        options = {"recipe": "w8a8", "skip": ["*"]} if recipe == "fp32" else {"recipe": recipe}
+        before = set(LIVE_GRAPHS)
+        fn = torch.compile(lm, backend="qcompile", options={**options, "target": "ort"})
+        with torch.no_grad():
+            for _ in range(2):  # the second call may recompile (Dynamo guards on the cache's state)
+                fn(input_ids=nxt, past_key_values=past, use_cache=True)
+                past.crop(-1)
+            graphs = [g for g in LIVE_GRAPHS if g not in before and getattr(g.fn, "session", None) is not None]
+            for i, g in enumerate(graphs):  # the same model, now profiled
+                g.fn.session.session = profiled_session(g.fn.session.model.SerializeToString(),
+                                                        os.path.join(d, f"{recipe}-{i}"))
+            for _ in range(runs):
+                fn(input_ids=nxt, past_key_values=past, use_cache=True)
+                past.crop(-1)
+        total = collections.Counter()
+        for g in graphs:
+            total.update(per_op(g.fn.session.session, runs))
+        yield recipe, total
+        torch._dynamo.reset()
+
+
+WORKLOADS = {"minilm": minilm, "decode": decode}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm")
+    p.add_argument("--recipes", nargs="+", default=["fp32", "w8a8", "w8a8-smoothquant", "w8a16"])
+    p.add_argument("--runs", type=int, default=5)
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
-        for recipe in args.recipes:
-            path = os.path.join(d, f"{recipe}.onnx")
-            opts = {"skip": ["*"]} if recipe == "fp32" else {}
-            qcompiler.export_onnx(model, batch, path, recipe="w8a8" if recipe == "fp32" else recipe, form="ort",
-                                  options=opts)
-            per_op = profile(path, feeds, args.runs)
-            total = sum(per_op.values())
-            top = ", ".join(f"{op} {ms:.1f}" for op, ms in per_op.most_common(8))
-            print(f"{recipe:18} kernels {total:7.1f} ms/run: {top}", flush=True)
+        for recipe, ops in WORKLOADS[args.workload](args.recipes, args.runs, d):
+            top = ", ".join(f"{op} {ms:.2f}" for op, ms in ops.most_common(10))
+            print(f"{recipe:18} kernels {sum(ops.values()):7.2f} ms/run: {top}", flush=True)
 
 
 if __name__ == "__main__":

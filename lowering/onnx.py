@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import fx, nn
 
+from qcompiler.lowering import onnx_fusions
 from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
 
 __all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_inputs"]
@@ -155,6 +156,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
             if cause is not None:
                 raise UnsupportedForm(str(cause)) from None
             raise
+    onnx_fusions.fuse(program.model, form)
     return fold_constants(program.model_proto)
 
 

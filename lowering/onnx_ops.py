@@ -200,14 +200,15 @@ def ort_quantize_per_token(x, smooth_inv=None, qdtype=None):
         limit = ops.QMAXES[ops.FP8]
         q = op.Cast(op.Clip(op.Div(xs, scale), _const(-limit, np.float32), _const(limit, np.float32)), to=qtype)
         return q, scale
-    # one QuantizeLinear per token row (per-axis scales on the rows of a 2-D view) instead of
-    # Div, Round, Clip, Add and Cast: one pass over the activations where there were five, the
-    # same math (x / scale, round half to even, saturate, + 128)
-    rows = op.Reshape(xs, op.Concat(_const([-1], np.int64), op.Shape(xs, start=-1), axis=0))
-    row_scale = op.Reshape(scale, _const([-1], np.int64))
-    row_zero = op.Expand(_const(_U8_ZERO, np.uint8), op.Shape(row_scale))
-    q = op.QuantizeLinear(rows, row_scale, row_zero, axis=0)
-    return op.Reshape(q, op.Shape(xs)), scale
+    k = x.shape[-1]
+    if not isinstance(k, int):
+        raise UnsupportedForm("quantize_per_token needs a static feature size to export")
+    # one blocked QuantizeLinear (opset 21) whose block is a whole token row, where Div, Round,
+    # Clip, Add and Cast took five passes; same math (x / scale, round half to even, saturate,
+    # + 128). It replaced per-axis scales on a 2-D view of the rows: the blocked form runs
+    # 1.1-2.4x faster (benchmarks/ort_int8_kernels.py) and needs none of the view's Reshapes
+    zero = op.Expand(_const(_U8_ZERO, np.uint8), op.Shape(scale))
+    return op.QuantizeLinear(xs, scale, zero, axis=-1, block_size=k), scale
 
 
 def _u8_weight_kn(wq):

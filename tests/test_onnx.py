@@ -302,6 +302,42 @@ def test_ort_form_runs_attention_as_one_fused_op():
     torch.testing.assert_close(_run(proto, x), _SelfAttention()(x), rtol=1e-5, atol=1e-5)
 
 
+class _ProjectedAttention(nn.Module):
+    """Encoder-style attention: [B, S, E] projections split into heads, SDPA, heads merged."""
+
+    def __init__(self, heads: int, head_dim: int, split_last: bool = True):
+        super().__init__()
+        self.heads, self.head_dim, self.split_last = heads, head_dim, split_last
+        self.qkv = nn.ModuleList(nn.Linear(heads * head_dim, heads * head_dim) for _ in range(3))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        if self.split_last:
+            q, k, v = (p(x).view(b, s, self.heads, self.head_dim).transpose(1, 2) for p in self.qkv)
+        else:  # heads interleaved along E: not a split of the last dimension into (heads, size)
+            q, k, v = (p(x).view(b, s, self.head_dim, self.heads).permute(0, 3, 1, 2) for p in self.qkv)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].expand(b, 1, s, s))
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(2, 8), (3, 4)])
+@pytest.mark.parametrize("split_last", [True, False])
+def test_ort_form_feeds_attention_the_projections_without_transposes(heads, head_dim, split_last):
+    torch.manual_seed(0)
+    model = _ProjectedAttention(heads, head_dim, split_last).eval()
+    x, mask = torch.randn(2, 5, heads * head_dim), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    proto = to_onnx(model, (x, mask), "ort")
+    attention = [n for n in proto.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 1
+    attrs = {a.name: a.i for a in attention[0].attribute}
+    transposes = [n.op_type for n in proto.graph.node].count("Transpose")
+    if split_last:  # the 3-D form: heads given as attributes, no layout ops left around it
+        assert (attrs.get("q_num_heads"), attrs.get("kv_num_heads"), transposes) == (heads, heads, 0)
+    else:  # a different layout: the rule must not fire
+        assert "q_num_heads" not in attrs and transposes >= 4
+    torch.testing.assert_close(torch.as_tensor(OrtSession(proto)(x, mask)[0]), model(x, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_ort_sessions_do_not_busy_wait_between_runs():
     # spinning workers starve torch's threads and the other graphs' sessions (README, "ONNX")
     from qcompiler.runtimes.ort_session import session_options
