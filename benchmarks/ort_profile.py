@@ -2,12 +2,14 @@
 "profile the session" step), with qcompile recipes in the ORT form and FP32 ("fp32": the same
 graph with nothing quantized).
 
-Workloads: ``minilm`` (all-MiniLM-L6-v2, batch 8 x 128, exported with ``export_onnx``) and
+Workloads: ``minilm`` (all-MiniLM-L6-v2, batch x tokens from ``--shape``, default 8 x 128,
+exported with ``export_onnx``; recipes ``peer`` and ``peer-reduce-range`` are the FP32 export
+through ORT's ``quantize_dynamic``, as in benchmarks/cpu_speed.py) and
 ``decode`` (SmolLM2-135M, one token after a 256-token prompt, through
 ``torch.compile(..., options={"target": "ort"})``; every ORT session of the step is profiled and
 their kernel times added).
 
-    python benchmarks/ort_profile.py [--workload minilm|decode] [--recipes fp32 w8a8 ...] [--runs 5]
+    python benchmarks/ort_profile.py [--workload minilm|decode] [--shape 8 128] [--recipes fp32 w8a8 ...] [--runs 5]
 """
 from __future__ import annotations
 
@@ -44,19 +46,31 @@ def per_op(session, runs: int) -> collections.Counter:
     return totals
 
 
-def minilm(recipes, runs: int, d: str):
+PEERS = {"peer": {}, "peer-reduce-range": {"reduce_range": True}}
+
+
+def minilm(recipes, runs: int, d: str, shape=(8, 128)):
     model, tok = zoo.load_minilm()
+    rows, tokens = shape
     calib_s, held = zoo.wiki_sentences(32, 16)
-    enc = lambda s: dict(tok(s, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
-    batch = {k: v for k, v in enc(held[:8]).items() if k in ("input_ids", "attention_mask")}
-    calib = [{k: v for k, v in enc(calib_s[i:i + 8]).items() if k in batch} for i in range(0, 32, 8)]
+    enc = lambda s: dict(tok(s, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt"))
+    batch = {k: v for k, v in enc(held[:rows]).items() if k in ("input_ids", "attention_mask")}
+    # calibration batches as benchmarks/cpu_speed.py makes them: 4 of 8 x 128, 8 of 1 x 32
+    calib = [{k: v for k, v in enc(calib_s[i:i + rows]).items() if k in batch}
+             for i in range(0, min(32, 8 * rows), rows)]
     qcompiler.calibrate(model, calib, progress=False)
     feeds = {k: v.numpy() for k, v in batch.items()}
     for recipe in recipes:
         path = os.path.join(d, f"{recipe}.onnx")
-        opts = {"skip": ["*"]} if recipe == "fp32" else {}
-        qcompiler.export_onnx(model, batch, path, recipe="w8a8" if recipe == "fp32" else recipe, form="ort",
-                              options=opts)
+        fp32 = recipe == "fp32" or recipe in PEERS
+        qcompiler.export_onnx(model, batch, path, recipe="w8a8" if fp32 else recipe, form="ort",
+                              options={"skip": ["*"]} if fp32 else {})
+        if recipe in PEERS:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(path, path + ".peer", per_channel=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"], **PEERS[recipe])
+            path += ".peer"
         s = profiled_session(path, os.path.join(d, recipe))
         for _ in range(runs + 1):
             s.run(None, feeds)
@@ -101,9 +115,11 @@ def main(argv=None):
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="minilm")
     p.add_argument("--recipes", nargs="+", default=["fp32", "w8a8", "w8a8-smoothquant", "w8a16"])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--shape", type=int, nargs=2, default=[8, 128], help="minilm: batch, tokens")
     args = p.parse_args(argv)
+    extra = {"shape": tuple(args.shape)} if args.workload == "minilm" else {}
     with tempfile.TemporaryDirectory() as d:
-        for recipe, ops in WORKLOADS[args.workload](args.recipes, args.runs, d):
+        for recipe, ops in WORKLOADS[args.workload](args.recipes, args.runs, d, **extra):
             top = ", ".join(f"{op} {ms:.2f}" for op, ms in ops.most_common(10))
             print(f"{recipe:18} kernels {sum(ops.values()):7.2f} ms/run: {top}", flush=True)
 
