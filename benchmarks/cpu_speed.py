@@ -13,9 +13,10 @@ cosine of sentence embeddings over held-out sentences; SmolLM2: perplexity on he
 The ORT rows run through ``torch.compile(..., backend="qcompile", options={"target": "ort"})``;
 the peer replaces each of those sessions by its ``quantize_dynamic`` version of the FP32 graph,
 so every ORT row runs exactly the same graph. Timing is interleaved round-robin (median of the
-rounds): this machine is noisy, read the ratios.
+rounds; each timed call preceded by ``--settle`` untimed calls of the same row and ``--pause``
+seconds idle): this machine is noisy, read the ratios.
 
-    python benchmarks/cpu_speed.py [--rounds 7] [--quick] [--workload REGEX]
+    python benchmarks/cpu_speed.py [--rounds 7] [--quick] [--workload REGEX] [--settle 1] [--pause 0.05] [--reverse]
 """
 from __future__ import annotations
 
@@ -141,6 +142,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="MiniLM only")
     p.add_argument("--workload", default=".", help="regex over workload names")
+    p.add_argument("--settle", type=int, default=1, help="untimed calls of a row before each timed one")
+    p.add_argument("--pause", type=float, default=0.05, help="seconds idle before each timed call")
+    p.add_argument("--reverse", action="store_true",
+                   help="time the rows after eager in reverse order (does a row's place in the rotation matter?)")
     args = p.parse_args(argv)
     for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
@@ -151,7 +156,8 @@ def main(argv=None):
     for wname, (model, make_call, calib, accuracy) in workloads(args.quick, args.workload).items():
         qcompiler.calibrate(model, calib, progress=False)
         calls = {}
-        for label, backend, options in CONFIGS:
+        configs = CONFIGS[:1] + (CONFIGS[:0:-1] if args.reverse else CONFIGS[1:])
+        for label, backend, options in configs:
             if options and not re.search(options.get("_workloads", "."), wname):
                 continue
             before = set(LIVE_GRAPHS)
@@ -172,6 +178,13 @@ def main(argv=None):
         with torch.no_grad():
             for _ in range(args.rounds):
                 for label, (call, *_rest) in calls.items():
+                    # a row timed right after a torch row ran up to 30% slower at MiniLM 1x32
+                    # (--reverse moves the penalty with the order): torch's OpenMP workers keep
+                    # spinning after a parallel region. An untimed call and a pause before each
+                    # timed call let every row start from the same idle threads
+                    for _ in range(args.settle):
+                        call()
+                    time.sleep(args.pause)
                     t = time.perf_counter()
                     call()
                     times[label].append(time.perf_counter() - t)
