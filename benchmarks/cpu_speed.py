@@ -56,20 +56,26 @@ CONFIGS = [  # label, backend, options
 ]
 
 
-def peer_session(session, **quantize_options):
-    """The same graph's FP32 ONNX model through ORT's own quantize_dynamic (per-channel INT8)."""
-    import onnx
+def peer_quantize(src: str, dst: str, **quantize_options):
+    """ORT's own quantize_dynamic (per-channel INT8) of the FP32 ONNX file ``src`` into ``dst``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # its default op list includes 'Attention' meaning ORT's contrib op, and it rewrites opset 23's
+    # Attention into an invalid QAttention: quantize the MatMuls, as it does by default
+    quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     **quantize_options)
+
+
+def peer_session(session, **quantize_options):
+    """The same graph's FP32 ONNX model through ``peer_quantize``."""
+    import onnx
 
     from qcompiler.runtimes.ort_session import OrtSession
 
     with tempfile.TemporaryDirectory() as d:
         src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
         onnx.save(session.model, src)
-        # its default op list includes 'Attention' meaning ORT's contrib op, and it rewrites
-        # opset 23's Attention into an invalid QAttention: quantize the MatMuls, as it does by default
-        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         **quantize_options)
+        peer_quantize(src, dst, **quantize_options)
         return OrtSession(onnx.load(dst))
 
 

@@ -66,10 +66,9 @@ def minilm(recipes, runs: int, d: str, shape=(8, 128)):
         qcompiler.export_onnx(model, batch, path, recipe="w8a8" if fp32 else recipe, form="ort",
                               options={"skip": ["*"]} if fp32 else {})
         if recipe in PEERS:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            from cpu_speed import peer_quantize  # this folder is on sys.path when run as a script
 
-            quantize_dynamic(path, path + ".peer", per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"], **PEERS[recipe])
+            peer_quantize(path, path + ".peer", **PEERS[recipe])
             path += ".peer"
         s = profiled_session(path, os.path.join(d, recipe))
         for _ in range(runs + 1):
