@@ -71,7 +71,7 @@ def main(argv=None):
             emb.copy_(original)
         print(f"{f'reference, embedding x (1 + 1e-7 N), seed {seed}':44} {perturbed[-1]:9.4f} "
               f"{100 * (perturbed[-1] / base - 1):+8.3f}%", flush=True)
-    spread = [100 * (v / base - 1) for v in perturbed + [rows.get("reference", perturbed[0])]]
+    spread = [100 * (v / base - 1) for v in perturbed + ([rows["reference"]] if "reference" in rows else [])]
     print(f"reference under 1e-7 perturbations: {min(spread):+.3f}% .. {max(spread):+.3f}% "
           f"(stdev {statistics.stdev(spread):.3f} points); targets: "
           + ", ".join(f"{t} {100 * (v / base - 1):+.3f}%" for t, v in rows.items()))
