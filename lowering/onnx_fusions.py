@@ -4,7 +4,7 @@
 constants. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
 the same values, so none changes what the model computes: a table entry is a speed decision.
 
-* ``attention_3d`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
+* ``Attention3D`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
   ``[B, S, H*D]`` projections into ``[B, H, S, D]`` heads, a 4-D ``Attention``, and the inverse
   ``Transpose`` + ``Reshape``. Opset 23's ``Attention`` takes the 3-D projections itself
   (``q_num_heads`` / ``kv_num_heads``), and ONNX Runtime's CPU kernel then skips the four

@@ -335,7 +335,7 @@ def test_ort_form_feeds_attention_the_projections_without_transposes(heads, head
         assert (attrs.get("q_num_heads"), attrs.get("kv_num_heads"), transposes) == (heads, heads, 0)
     else:  # a different layout: the rule must not fire
         assert "q_num_heads" not in attrs and transposes >= 4
-    torch.testing.assert_close(torch.as_tensor(OrtSession(proto)(x, mask)[0]), model(x, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_run(proto, x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_ort_sessions_do_not_busy_wait_between_runs():
