@@ -48,6 +48,8 @@ LLM_RECIPES = [  # (label, options)
     ("w4a16 RTN asym g64", {"recipe": "w4a16", "group_size": 64, "symmetric": False}),
     ("w4a16-awq sym g64", {"recipe": "w4a16-awq", "group_size": 64}),
     ("w4a16-gptq sym g64 (act order)", {"recipe": "w4a16-gptq", "group_size": 64}),
+    ("w4a16-gptq sym g64 (act order), first token x64", {"recipe": "w4a16-gptq", "group_size": 64,
+                                                         "gptq_first_token_weight": 64}),
     ("w4a16-gptq sym g64, no act order", {"recipe": "w4a16-gptq", "group_size": 64, "act_order": False}),
     ("w4a16-awq-gptq sym g64", {"recipe": "w4a16-awq-gptq", "group_size": 64}),
     ("auto, budget 2%", {"recipe": "auto", "budget": 0.02}),

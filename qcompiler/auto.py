@@ -6,10 +6,15 @@
    yet) every linear is rounded in every candidate format of ``recipe.auto_formats`` and its
    *sensitivity* measured: the relative output error ``||Y^ - Y||^2 / ||Y||^2`` on its
    calibration rows (INT4 candidates get their algorithm, e.g. GPTQ, here);
-2. one threshold t turns sensitivities into an assignment: each linear takes the first (smallest)
-   format whose error is at most t, or floating point. A larger t gives a smaller, less accurate
-   model, so a binary search over t finds the largest t whose *measured* model loss on held-out
-   calibration batches (the last quarter) stays within ``exp(loss) <= (1 + budget) exp(loss_fp)``;
+2. two searches, each a binary search over a threshold t on those errors for the largest t whose
+   *measured* model loss on held-out calibration batches (the last quarter) fits the budget,
+   ``exp(mean increase + MARGIN_SE standard errors) <= 1 + budget``: first for size, each linear
+   taking the smallest size class (INT4, then 8 bits) whose most accurate format has error <= t,
+   else floating point; then for speed, with the sizes fixed, each linear taking the first
+   listed (faster) format of its class whose error is <= t (``w8a8`` before ``w8a16``). One
+   threshold over all formats chose no INT4 layer on SmolLM2-135M: every 8-bit error there sits
+   far below every INT4 error, so a t that admitted INT4 had already spent the budget on
+   activation quantization;
 3. each linear's choice is stored as a ``PreparedWeight`` (the recipe and, for INT4, the weight),
    which ``match`` reads when the backend compiles with ``recipe="auto"``; ``explain`` shows the
    choice and its reason.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +33,11 @@ from qcompiler.calibration import CalibrationError, PreparedWeight, store_prepar
 from qcompiler.recipes import FLOAT, get_recipe
 
 SENSITIVITY_ROWS = 512
+# The budget is checked on a few held-out batches, so their mean loss increase is an estimate: a
+# choice must fit the budget with its increase raised by this many standard errors of the
+# per-batch increases. Without it (0) SmolLM2-135M's choice sat at x1.0199 on its held-out
+# calibration windows and at +2.05% on the test windows for a 2% budget (benchmarks/accuracy.py).
+MARGIN_SE = 1.0
 
 
 def causal_lm_loss(output, batch) -> Tensor:
@@ -145,13 +156,8 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
                           on_outside=lambda linears: handle("", linears), ignore=ignore)
     names = {mod: name for mod, (name, _) in layers.items()}
 
-    def assign(t: float) -> dict:
-        out = {}
-        for mod, (_, cands) in layers.items():
-            out[mod] = next((i for i, c in sorted(cands.items()) if c.error <= t), None)
-        return out
-
-    def loss(assignment: dict) -> float:
+    def loss(assignment: dict) -> Tensor:
+        """The loss on each held-out batch (float64 [len(held)])."""
         params, hooks = {}, []
         for mod, i in assignment.items():
             if i is None:
@@ -161,30 +167,29 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
             if c.act_quant:
                 hooks.append(mod.register_forward_pre_hook(
                     lambda m, a, _q=c.recipe.qdtype: (_fake_quant_tokens(a[0], _q), *a[1:])))
-        total = 0.0
+        losses = []
         try:
             with torch.no_grad():
                 for batch in held:
-                    out = _functional(model, params, batch)
-                    total += float(loss_fn(out, batch))
+                    losses.append(float(loss_fn(_functional(model, params, batch), batch)))
         finally:
             for h in hooks:
                 h.remove()
-        return total / len(held)
+        return torch.tensor(losses, dtype=torch.float64)
 
     base = loss({})
-    ok = lambda l: math.exp(l - base) - 1 <= recipe.budget  # noqa: E731
-    thresholds = sorted({c.error for _, cands in layers.values() for c in cands.values()})
-    lo, hi, best, best_loss, evals = 0, len(thresholds) - 1, {m: None for m in layers}, base, 1
-    while lo <= hi:  # the largest threshold whose model stays within the budget
-        mid = (lo + hi) // 2
-        a = assign(thresholds[mid])
-        evals += 1
-        l_mid = loss(a)
-        if ok(l_mid):
-            best, best_loss, lo = a, l_mid, mid + 1
-        else:
-            hi = mid - 1
+
+    def within(losses: Tensor) -> bool:
+        # the budget holds for the mean paired loss increase plus MARGIN_SE standard errors of it
+        d = losses - base
+        se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        return math.exp(float(d.mean()) + MARGIN_SE * se) - 1 <= recipe.budget
+
+    errors = {mod: {i: (c.recipe.weight_bits, c.error) for i, c in cands.items()} for mod, (_, cands) in layers.items()}
+    best, best_losses, evals = search(errors, loss, within)
+    best_loss = float((base if best_losses is None else best_losses).mean())
+    base = float(base.mean())
+    evals += 1
 
     prepared = {}
     for mod, (name, cands) in layers.items():
@@ -209,6 +214,54 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
                     formats={(formats[i].name if i is not None and formats[i] else FLOAT):
                              sum(1 for v in best.values() if v == i) for i in set(best.values())})
     return prepared
+
+
+def search(errors: dict, loss: Callable[[dict], object], within: Callable[[object], bool]) -> tuple:
+    """(assignment {layer: format index or None}, its loss or None, loss evaluations).
+
+    ``errors[layer][i] = (size class, error)`` for each candidate format ``i`` (indices in the
+    user's order: faster first within a size class). ``loss(assignment)`` measures a model;
+    ``within(loss)`` is the budget. Size first, then speed (module docstring, step 2).
+    """
+    evals = 0
+
+    def largest_within(assign_at, thresholds, start):
+        nonlocal evals
+        lo, hi, best, best_loss = 0, len(thresholds) - 1, start, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            a = assign_at(thresholds[mid])
+            evals += 1
+            l_mid = loss(a)
+            if within(l_mid):
+                best, best_loss, lo = a, l_mid, mid + 1
+            else:
+                hi = mid - 1
+        return best, best_loss
+
+    accurate = {}  # layer -> {size class: its most accurate format}
+    for layer, cands in errors.items():
+        accurate[layer] = {}
+        for i, (bits, err) in cands.items():
+            if bits not in accurate[layer] or err < cands[accurate[layer][bits]][1]:
+                accurate[layer][bits] = i
+
+    def by_size(t: float) -> dict:
+        return {layer: next((accurate[layer][b] for b in sorted(accurate[layer])
+                             if errors[layer][accurate[layer][b]][1] <= t), None) for layer in errors}
+
+    every = sorted({err for cands in errors.values() for _, err in cands.values()})
+    sized, size_loss = largest_within(by_size, every, {layer: None for layer in errors})
+
+    def by_speed(t: float) -> dict:
+        return {layer: i if i is None else next(
+            j for j, (bits, err) in sorted(errors[layer].items())
+            if bits == errors[layer][i][0] and (j == i or err <= t)) for layer, i in sized.items()}
+
+    faster = sorted({err for layer, i in sized.items() if i is not None
+                     for j, (bits, err) in errors[layer].items() if j < i and bits == errors[layer][i][0]})
+    best, speed_loss = largest_within(by_speed, faster, sized)
+    return best, (speed_loss if speed_loss is not None else size_loss), evals
 
 
 def _functional(model, params, batch):

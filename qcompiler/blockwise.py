@@ -39,6 +39,7 @@ class InputStats:
     need_hessian: bool
     max_rows: int
     name: str
+    first_token_weight: float = 1.0       # weight of each sequence's first row in ``xtx``
     xtx: Optional[Tensor] = None          # float64 [K, K]: sum of x x^T (GPTQ's Hessian / 2)
     abs_sum: Optional[Tensor] = None      # float64 [K]: sum of |x| (AWQ's input magnitude)
     tokens: int = 0
@@ -51,13 +52,18 @@ class InputStats:
         self.rows = ActivationStats.empty(self.name, self.k, self.max_rows)
 
     def update(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)
+        x = x.detach().to("cpu", torch.float32)
+        weighted = x
+        if self.first_token_weight != 1.0 and x.dim() >= 3:
+            weighted = x.clone()
+            weighted[..., 0, :] *= self.first_token_weight ** 0.5
+        x, weighted = x.reshape(-1, x.shape[-1]), weighted.reshape(-1, x.shape[-1])
         if not torch.isfinite(x).all():
             raise CalibrationError(f"calibration activation at the input of {self.name!r} contains NaN or Inf; "
                                    "calibrate on clean data (and check the model in FP32)")
         self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx += (x.t() @ x).to(torch.float64)  # float32 GEMM, float64 running sum
+            self.xtx += (weighted.t() @ weighted).to(torch.float64)  # float32 GEMM, float64 running sum
         self.tokens += x.shape[0]
         self.rows.update(x)
 
@@ -86,6 +92,7 @@ class _Recorder:
     linears: dict                   # module -> name
     need_hessian: bool
     max_rows: int
+    first_token_weight: float = 1.0
     found: dict = field(default_factory=dict)      # name -> LinearInput
     # id(x) -> (x, InputStats) within one call; holding x keeps its id from being reused
     _by_tensor: dict = field(default_factory=dict)
@@ -112,7 +119,7 @@ class _Recorder:
             return
         _, stats = self._by_tensor.get(id(x), (None, None))
         if stats is None:
-            stats = InputStats(x.shape[-1], self.need_hessian, self.max_rows, name)
+            stats = InputStats(x.shape[-1], self.need_hessian, self.max_rows, name, self.first_token_weight)
             self._by_tensor[id(x)] = (x, stats)
             stats.update(x)
         self.found[name] = LinearInput(name, module, stats, id(stats))
@@ -142,7 +149,8 @@ def _strip_cache(kwargs: dict) -> dict:
 
 
 def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool, max_rows: int,
-        progress: bool = True, on_outside: Optional[Callable] = None, ignore: set = frozenset()) -> dict:
+        progress: bool = True, on_outside: Optional[Callable] = None, ignore: set = frozenset(),
+        first_token_weight: float = 1.0) -> dict:
     """Run ``model`` block by block over ``batches``; return ``{weight: ActivationStats}``.
 
     ``handle(block_name, [LinearInput]) -> {module: effective float weight}`` is called once per
@@ -169,7 +177,7 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
     whole_model = blocks[0][1] is model
     first = blocks[0][1]
     handle_ = first.register_forward_pre_hook(keep, with_kwargs=True)
-    outside_rec = _Recorder(outside, need_hessian, max_rows)
+    outside_rec = _Recorder(outside, need_hessian, max_rows, first_token_weight)
     try:
         with outside_rec, torch.no_grad():
             for batch in batches:
@@ -186,7 +194,7 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
     seen = {}
     bar = tqdm(blocks, desc="qcompile block-wise calibration", unit="block", disable=not progress, leave=False)
     for prefix, block in bar:
-        rec = _Recorder(_linears(block, prefix), need_hessian, max_rows)
+        rec = _Recorder(_linears(block, prefix), need_hessian, max_rows, first_token_weight)
         with rec, torch.no_grad():
             for args, kwargs in cached:
                 rec.new_call()

@@ -49,6 +49,11 @@ class Recipe:
         awq_clip: also search a per-group weight clip ratio (AWQ).
         gptq_damp: GPTQ dampening, as a fraction of the Hessian's mean diagonal.
         gptq_block: GPTQ lazy-update block width (columns).
+        gptq_first_token_weight: weight of each calibration sequence's first token in GPTQ's
+            Hessians. A causal LM's first token is its attention sink: most heads attend to it,
+            so the error of its value projection reaches every later token, while an unweighted
+            Hessian counts it once per sequence and GPTQ trades its accuracy away
+            (SmolLM2-135M layer 18 ``v_proj``: +4.4% perplexity alone, RTN +0.2%; weight 64: 0.0%).
         act_order: GPTQ processes columns by decreasing Hessian diagonal (groups stay static).
         activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
         observer: how a static activation scale is chosen from calibration data
@@ -92,6 +97,7 @@ class Recipe:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     act_order: bool = False
+    gptq_first_token_weight: float = 1.0
     activation: Optional[str] = "dynamic"
     observer: str = "minmax"
     percentile: float = 99.99
@@ -131,6 +137,9 @@ class Recipe:
                              f"(weight_bits=4), got weight_bits={self.weight_bits!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {ALGORITHMS}")
+        if not self.gptq_first_token_weight >= 1.0:
+            raise ValueError(f"recipe {self.name!r}: gptq_first_token_weight must be >= 1 (1 = every token "
+                             f"alike), got {self.gptq_first_token_weight!r}")
         if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block < 1 or self.awq_grid < 1:
             raise ValueError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block and awq_grid >= 1")
         if not 0.0 < self.budget:

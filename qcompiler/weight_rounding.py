@@ -20,7 +20,7 @@ from qcompiler.calibration import PreparedWeight, store_prepared
 
 # the recipe fields a prepared INT4 weight depends on: compiling with other values must not reuse it
 KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "awq_clip",
-              "gptq_damp", "gptq_block", "act_order")
+              "gptq_damp", "gptq_block", "act_order", "gptq_first_token_weight")
 LAST_RUN: dict = {}  # what the last prepare() did: algorithm, layers, seconds (benchmarks print it)
 
 
@@ -110,7 +110,8 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
     ignore = {m for n, m in model.named_modules() if isinstance(m, nn.Linear)
               and (id(m.weight) in tied or recipe.for_module(n) is None)}
     stats = blockwise.run(model, batches, handle, need_hessian=need_hessian, max_rows=max_rows,
-                          progress=progress, on_outside=lambda linears: handle("", linears), ignore=ignore)
+                          progress=progress, on_outside=lambda linears: handle("", linears), ignore=ignore,
+                          first_token_weight=recipe.gptq_first_token_weight)
     store_prepared(prepared, stats)
     LAST_RUN.clear()
     LAST_RUN.update(algorithm=recipe.algorithm, layers=len(prepared), seconds=time.perf_counter() - start)

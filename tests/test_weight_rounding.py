@@ -178,3 +178,41 @@ def test_auto_keeps_a_tied_output_projection_in_floating_point_and_says_why():
     assert head.scheme == "floating point" and "tied" in head.reason
     run = qcompiler.weight_rounding.LAST_RUN
     assert run["algorithm"] == "auto" and run["ppl_ratio"] <= 1.05
+
+
+def test_auto_search_spends_the_budget_on_size_before_speed():
+    """Formats 0 = INT4, 1 = w8a8, 2 = w8a16 (faster first); the loss adds the chosen errors."""
+    from qcompiler.auto import search
+
+    errors = {"a": {0: (4, 1e-2), 1: (8, 1e-4), 2: (8, 1e-5)},
+              "b": {0: (4, 5e-2), 1: (8, 2e-3), 2: (8, 1e-5)},
+              "c": {0: (4, 1e-3), 1: (8, 1e-2), 2: (8, 1e-6)}}   # c: activations hard, weights easy
+    loss = lambda a: sum(errors[k][i][1] for k, i in a.items() if i is not None)  # noqa: E731
+    best, best_loss, evals = search(errors, loss, lambda l: l <= 0.012)
+    # a single threshold over all formats gets only c to INT4 (a and b to w8a8, 3.1e-3); here a
+    # and c are INT4, b stays w8a16 because its w8a8 would overrun the budget
+    assert best == {"a": 0, "b": 2, "c": 0} and best_loss == pytest.approx(1.1e-2 + 1e-5)
+    assert evals <= 2 * 4   # two binary searches over at most 9 thresholds each
+    # a larger budget buys speed once every size is settled
+    best, _, _ = search(errors, loss, lambda l: l <= 0.0135)
+    assert best == {"a": 0, "b": 1, "c": 0}
+    # nothing fits: all floating point, no loss measured within the budget
+    assert search(errors, loss, lambda l: l <= 0)[:2] == ({"a": None, "b": None, "c": None}, None)
+
+
+@pytest.mark.parametrize("weight", [1.0, 64.0])
+def test_hessian_weights_each_sequences_first_token(weight):
+    from qcompiler.blockwise import InputStats
+
+    x = torch.randn(3, 7, 16)
+    stats = InputStats(16, True, 8, "l", first_token_weight=weight)
+    stats.update(x)
+    flat, first = x.reshape(-1, 16).double(), x[:, 0].double()
+    expected = flat.t() @ flat + (weight - 1) * first.t() @ first
+    torch.testing.assert_close(stats.xtx, expected, rtol=1e-5, atol=1e-4)
+    assert stats.tokens == 21 and torch.allclose(stats.mean_abs, x.abs().reshape(-1, 16).mean(0))
+
+
+def test_first_token_weight_below_one_is_refused():
+    with pytest.raises(ValueError, match="gptq_first_token_weight must be >= 1"):
+        qcompiler.get_recipe("w4a16-gptq").replace(gptq_first_token_weight=0.5)
