@@ -177,18 +177,18 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
                 h.remove()
         return torch.tensor(losses, dtype=torch.float64)
 
-    base = loss({})
+    base_losses = loss({})
 
     def within(losses: Tensor) -> bool:
         # the budget holds for the mean paired loss increase plus MARGIN_SE standard errors of it
-        d = losses - base
+        d = losses - base_losses
         se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
         return math.exp(float(d.mean()) + MARGIN_SE * se) - 1 <= recipe.budget
 
     errors = {mod: {i: (c.recipe.weight_bits, c.error) for i, c in cands.items()} for mod, (_, cands) in layers.items()}
     best, best_losses, evals = search(errors, loss, within)
-    best_loss = float((base if best_losses is None else best_losses).mean())
-    base = float(base.mean())
+    best_loss = float((base_losses if best_losses is None else best_losses).mean())
+    base = float(base_losses.mean())
     evals += 1
 
     prepared = {}
