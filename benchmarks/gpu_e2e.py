@@ -2,12 +2,16 @@
 
 The model is built from a transformers ``LlamaConfig`` (hidden 4096, intermediate 11008, 32
 heads: Llama-2-7B's layer, random weights, bf16) with ``--layers`` layers. Per row:
-  decode  one token at a time after a ``--past``-token prompt (KV cache kept at that length by
-          cropping it after each step, so every step has the same shapes), tokens/s
+  decode  one token at a time after a ``--past``-token prompt, tokens/s. The KV cache is a
+          transformers ``StaticCache`` of ``--past`` + 64 slots (the form torch.compile and CUDA
+          graphs need): attention reads every slot, masked, so every step has the same shapes
+          and the same work
   prefill one ``--prefill``-token forward, milliseconds
   logits  relative error and top-1 agreement of the decode logits against bf16 eager
-Rows: bf16 eager, bf16 torch.compile (Inductor), then qcompile w8a8 / w8a8-smoothquant / fp8 /
-w8a16 / w4a16 through ``target="triton"``. Times are medians of CUDA-event-timed repeats.
+Rows: bf16 eager, bf16 torch.compile (Inductor) without and with mode="reduce-overhead" (CUDA
+graphs), then qcompile w8a8 / w8a8-smoothquant / fp8 / w8a16 / w4a16 through ``target="triton"``
+with ``cuda_graphs=True`` (``--no-graphs`` adds each recipe without them too). The ratio columns
+divide by the best bf16 row of the same run. Times are medians of CUDA-event-timed repeats.
 
     python benchmarks/gpu_e2e.py [--layers 8] [--past 512] [--prefill 2048] [--recipes w4a16,w8a16]
     TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --smoke   # CPU, a tiny config: checks the rows only
@@ -15,7 +19,6 @@ w8a16 / w4a16 through ``target="triton"``. Times are medians of CUDA-event-timed
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -23,6 +26,7 @@ import time
 
 import torch
 
+HEADROOM = 64  # cache slots after the prompt: each row decodes reps + 4 tokens into them
 RECIPES = ["w8a8", "w8a8-smoothquant", "fp8", "w8a16", "w4a16"]
 
 
@@ -70,9 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-graphs", action="store_true", help="also run each recipe without CUDA graphs")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 decode steps per row")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.reps + 4 > HEADROOM:
+        ap.error(f"--reps at most {HEADROOM - 4}: each row decodes reps + 4 tokens into the cache's {HEADROOM} free slots")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
         print("no CUDA device: only `TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --smoke` runs here")
@@ -85,53 +93,85 @@ def main(argv=None) -> int:
 
     import qcompiler
 
+    from transformers import StaticCache
+
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.past), generator=gen).to(device)
     prefill_ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), generator=gen).to(device)
     token = torch.randint(0, cfg.vocab_size, (1, 1), generator=gen).to(device)
+    position = torch.tensor([args.past], device=device)
     calib = [torch.randint(0, cfg.vocab_size, (1, min(256, args.prefill)), generator=gen).to(device) for _ in range(2)]
-    with torch.no_grad():
-        prompt_cache = model(prompt, use_cache=True).past_key_values
-        ref_logits = model(token, past_key_values=copy.deepcopy(prompt_cache), use_cache=True).logits.float()
 
+    def prompt_cache():
+        """A static cache holding the prompt's keys and values (filled by the bf16 model, eagerly)."""
+        cache = StaticCache(config=cfg, max_cache_len=args.past + HEADROOM)
+        model(prompt, past_key_values=cache, cache_position=torch.arange(args.past, device=device), use_cache=True)
+        return cache
+
+    with torch.no_grad():
+        ref_logits = model(token, past_key_values=prompt_cache(), cache_position=position, use_cache=True).logits.float()
+
+    graphs = device.type == "cuda"  # CUDA graphs need CUDA; the smoke run checks the rows only
     rows = [("bf16 eager", None, None), ("bf16 torch.compile", "inductor", None)]
-    rows += [(f"qcompile {r} / triton", "qcompile", {"recipe": r, "target": "triton", "skip": ["lm_head"]})
-             for r in args.recipes.split(",") if r]
-    needs_calibration = any(opts and qcompiler.get_recipe(opts["recipe"]).needs_calibration for _, _, opts in rows)
+    if graphs:
+        rows.append(("bf16 torch.compile reduce-overhead", "inductor", "reduce-overhead"))
+    for r in (r for r in args.recipes.split(",") if r):
+        opts = {"recipe": r, "target": "triton", "skip": ["lm_head"]}
+        if graphs:
+            rows.append((f"qcompile {r} / triton + graphs", "qcompile", {**opts, "cuda_graphs": True}))
+        if args.no_graphs or not graphs:
+            rows.append((f"qcompile {r} / triton", "qcompile", opts))
+    needs_calibration = any(isinstance(opts, dict) and qcompiler.get_recipe(opts["recipe"]).needs_calibration
+                            for _, _, opts in rows)
     if needs_calibration:
         qcompiler.calibrate(model, calib, progress=False)
 
     lines = [f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU interpreter (no timing)'}; "
-             f"{args.layers} {'tiny' if args.smoke else 'Llama-7B'} layers, bf16; decode after {args.past} tokens; prefill {args.prefill}",
-             f"{'row':34} {'decode tok/s':>12} {'vs bf16':>8} {'prefill ms':>11} {'vs bf16':>8} {'logit rel err':>13} {'top1':>5} {'quantized':>9}"]
-    base = None
+             f"torch {torch.__version__}; {args.layers} {'tiny' if args.smoke else 'Llama-7B'} layers, bf16; "
+             f"decode after {args.past} tokens; prefill {args.prefill}; ratios over the best bf16 row",
+             f"{'row':40} {'decode tok/s':>12} {'vs bf16':>8} {'prefill ms':>11} {'vs bf16':>8} {'logit rel err':>13} {'top1':>5} {'quantized':>9}"]
+    results = []
     for label, backend, opts in rows:
         torch._dynamo.reset()
-        fn = model if backend is None else torch.compile(model, backend=backend, options=opts)
-        cache = copy.deepcopy(prompt_cache)
-
-        def step():
-            out = fn(token, past_key_values=cache, use_cache=True)
-            cache.crop(-1)  # drop the new token: same shapes every step, no recompiles
-            return out.logits
-
+        if backend is None:
+            fn = model
+        elif opts == "reduce-overhead":
+            fn = torch.compile(model, backend=backend, mode=opts)
+        else:
+            fn = torch.compile(model, backend=backend, options=opts)
         with torch.no_grad():
+            cache = prompt_cache()
+
+            def step():
+                return fn(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
             logits = step().float()
-            for _ in range(2):  # warm-up: compilation and autotuning stay out of the numbers
+            for _ in range(3):  # warm-up: compilation, autotuning and graph capture stay out of the numbers
                 step()
-                fn(prefill_ids)
+                fn(prefill_ids, use_cache=False)
             decode_ms = measure(step, args.reps)
-            prefill_ms = measure(lambda: fn(prefill_ids), max(3, args.reps // 5))
+            if args.profile:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                print(f"## {label}: 3 decode steps\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=18,
+                                                                                   max_name_column_width=60))
+            prefill_ms = measure(lambda: fn(prefill_ids, use_cache=False), max(3, args.reps // 5))
         err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
         top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         # how many linears this row really runs quantized (a row that quantized nothing is no result)
         quantized = 0 if backend != "qcompile" else sum(
             r.scheme not in ("floating point", "not compiled") for r in qcompiler.explain(fn))
-        tok_s = 1e3 / decode_ms
-        base = base or (tok_s, prefill_ms)
-        lines.append(f"{label:34} {tok_s:12.1f} {tok_s / base[0]:7.2f}x {prefill_ms:11.1f} {base[1] / prefill_ms:7.2f}x "
+        results.append((label, 1e3 / decode_ms, prefill_ms, err, top1, quantized))
+        print(f"{label:40} {1e3 / decode_ms:12.1f} {prefill_ms:11.1f} {err:13.2e} {top1:5.2f} {quantized:9d}", flush=True)
+        del fn, cache
+    best = [(tok_s, ms) for label, tok_s, ms, *_ in results if label.startswith("bf16")]
+    best_tok_s, best_ms = max(t for t, _ in best), min(m for _, m in best)
+    for label, tok_s, prefill_ms, err, top1, quantized in results:
+        lines.append(f"{label:40} {tok_s:12.1f} {tok_s / best_tok_s:7.2f}x {prefill_ms:11.1f} {best_ms / prefill_ms:7.2f}x "
                      f"{err:13.2e} {top1:5.2f} {quantized:9d}")
-        print(lines[-1], flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

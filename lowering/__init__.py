@@ -15,16 +15,16 @@ import torch
 from qcompiler.lowering import inductor, reference
 
 
-def _ort_build(gm, example_inputs):
+def _ort_build(gm, example_inputs, **_):
     from qcompiler.lowering import ort  # onnx / onnxruntime are optional: import on use
 
     return ort.build(gm, example_inputs)
 
 
-def _triton_build(gm, example_inputs):
+def _triton_build(gm, example_inputs, cuda_graphs: bool = False):
     from qcompiler.lowering import triton  # triton is optional (the 'gpu' extra): import on use
 
-    return triton.build(gm, example_inputs)
+    return triton.build(gm, example_inputs, cuda_graphs=cuda_graphs)
 
 
 def _installed(*modules: str) -> bool:
@@ -40,22 +40,25 @@ def _ort_supports(example_inputs) -> bool:
 @dataclass(frozen=True)
 class Lowering:
     name: str
-    build: Callable            # (gm, example_inputs) -> callable(*args)
+    build: Callable            # (gm, example_inputs, **options) -> callable(*args)
     description: str
     # whether target="auto" may pick it for these graph inputs (dependencies installed, dtypes)
     supports: Callable[[list], bool] = lambda example_inputs: True
+    # whether build() takes cuda_graphs=True (Inductor's CUDA graph trees around the compiled graph)
+    cuda_graphs: bool = False
 
 
 LOWERINGS = {
     "reference": Lowering("reference", reference.build, "q-ops run their plain-torch reference kernels"),
     "inductor": Lowering("inductor", inductor.build,
-                         "the q-op graph, q-ops inlined as torch code, compiled by Inductor"),
+                         "the q-op graph, q-ops inlined as torch code, compiled by Inductor", cuda_graphs=True),
     "ort": Lowering("ort", _ort_build,
                     "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session",
                     _ort_supports),
     "triton": Lowering("triton", _triton_build,
                        "q-ops run as qcompile's Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1), "
-                       "the rest of the graph through Inductor", lambda example_inputs: _installed("triton")),
+                       "the rest of the graph through Inductor", lambda example_inputs: _installed("triton"),
+                       cuda_graphs=True),
 }
 # What target="auto" means on each device type: the first target of the list that supports the
 # graph (``Lowering.supports``), the list ordered by measurement. CPU: 'ort' was faster than

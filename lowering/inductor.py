@@ -45,7 +45,12 @@ def inline_qops(gm: fx.GraphModule) -> fx.GraphModule:
     return retarget(gm, IMPLEMENTATIONS)
 
 
-def build(gm: fx.GraphModule, example_inputs):
+def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(inline_qops(gm), example_inputs)
+    return compile_fx(inline_qops(gm), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))
+
+
+def cuda_graph_patch(cuda_graphs: bool) -> dict:
+    """Inductor's config for ``cuda_graphs``: what torch.compile's mode="reduce-overhead" sets."""
+    return {"triton.cudagraphs": bool(cuda_graphs)}

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from qcompiler import ops
-from qcompiler.lowering.inductor import inline_qops, retarget
+from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
 from qcompiler.runtimes import triton_quantize, triton_w8a8, triton_weight_only
 from qcompiler.runtimes.triton_support import require
 
@@ -54,11 +54,11 @@ def _device(example_inputs) -> torch.device:
     return torch.device("cpu")
 
 
-def build(gm: fx.GraphModule, example_inputs):
+def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
     from torch._inductor.compile_fx import compile_fx
 
     require(_device(example_inputs))
     # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the
     # kernels have no gradients (CompiledGraph runs under no_grad), so compile for inference
     with torch.no_grad():
-        return compile_fx(inline_qops(swap_qops(gm)), example_inputs)
+        return compile_fx(inline_qops(swap_qops(gm)), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))

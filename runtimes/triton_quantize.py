@@ -44,15 +44,20 @@ def _round_to_e4m3(y):
 
 @triton.jit
 def _to_code(y, IS_FP8: tl.constexpr):
-    """The reference's ``_round_clamp``: FP8 clamps then casts; INT8 rounds then clamps."""
+    """The reference's ``_round_clamp``: FP8 clamps then casts; INT8 rounds then clamps.
+
+    One return after an if/else: the compiler (not the interpreter) rejects a constexpr branch
+    that returns a different type than the code after it."""
     if IS_FP8:
         # nearest even, as torch's cast; stored as its byte (see triton_common.as_bytes)
         y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
-        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    # (y + 1.5 * 2**23) - 1.5 * 2**23 rounds half to even for |y| < 2**22; beyond, it stays far
-    # outside [-128, 127] and the clamp saturates it as the reference does
-    r = (y + 12582912.0) - 12582912.0
-    return tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+        code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        # (y + 1.5 * 2**23) - 1.5 * 2**23 rounds half to even for |y| < 2**22; beyond, it stays
+        # far outside [-128, 127] and the clamp saturates it as the reference does
+        r = (y + 12582912.0) - 12582912.0
+        code = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+    return code
 
 
 @triton.jit

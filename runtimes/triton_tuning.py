@@ -36,53 +36,65 @@ def _first_when_interpreting(configs: list) -> list:
     return configs[:1] if interpreting() else configs
 
 
+# INT8 / FP8 x 8-bit GEMM with the scale epilogue; 8-bit operands want BLOCK_K >= 64
+ALL_W8A8 = [
+    _cfg(16, 64, 64, 4, 3, GROUP_M=8),
+    _cfg(16, 128, 128, 4, 4, GROUP_M=8),
+    _cfg(64, 128, 128, 4, 4, GROUP_M=8),
+    _cfg(128, 128, 128, 8, 4, GROUP_M=8),
+    _cfg(128, 256, 128, 8, 3, GROUP_M=8),
+    _cfg(256, 128, 128, 8, 3, GROUP_M=8),
+]
+
+
 def w8a8_configs() -> list:
-    """INT8 / FP8 x 8-bit GEMM with the scale epilogue; 8-bit operands want BLOCK_K >= 64."""
-    return _first_when_interpreting([
-        _cfg(16, 64, 64, 4, 3, GROUP_M=8),
-        _cfg(16, 128, 128, 4, 4, GROUP_M=8),
-        _cfg(64, 128, 128, 4, 4, GROUP_M=8),
-        _cfg(128, 128, 128, 8, 4, GROUP_M=8),
-        _cfg(128, 256, 128, 8, 3, GROUP_M=8),
-        _cfg(256, 128, 128, 8, 3, GROUP_M=8),
-    ])
+    return _first_when_interpreting(ALL_W8A8)
 
 
-def prune_w8a8(configs, named_args, **_):
+def _m_bucket_arg(named_args, kwargs) -> int:
+    # Triton's autotuner passes positional arguments in named_args and keyword ones in kwargs
+    return {**named_args, **kwargs}["M_BUCKET"]
+
+
+def prune_w8a8(configs, named_args, **kwargs):
     """Drop tiles far taller than M (a 256-row tile for a 16-row input is wasted work)."""
-    m = named_args["M_BUCKET"]
+    m = _m_bucket_arg(named_args, kwargs)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
-    return kept or configs[:1]
-
-
-def weight_only_gemm_configs() -> list:
-    """16-bit activations x INT4/INT8 weights dequantized in the tile, for M > SMALL_M (prefill)."""
-    return _first_when_interpreting([
-        _cfg(32, 64, 64, 4, 3, GROUP_M=8),
-        _cfg(64, 128, 64, 4, 4, GROUP_M=8),
-        _cfg(128, 128, 64, 8, 3, GROUP_M=8),
-        _cfg(128, 256, 64, 8, 3, GROUP_M=8),
-        _cfg(128, 128, 128, 8, 3, GROUP_M=8),
-    ])
-
-
-def prune_weight_only(configs, named_args, **_):
-    m = named_args["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(32, m)]
     return kept or configs[:1]
 
 
 GEMV_BLOCK_N = 64
 
 
+# M <= 16: memory-bound; each program streams a [BLOCK_N, K / SPLIT_K] slice of the weight
+ALL_WEIGHT_ONLY_GEMV = [
+    _cfg(16, GEMV_BLOCK_N, 128, 4, 4),
+    _cfg(16, GEMV_BLOCK_N, 256, 4, 4),
+    _cfg(16, GEMV_BLOCK_N, 512, 4, 3),
+    _cfg(16, GEMV_BLOCK_N, 256, 8, 4),
+]
+
+
 def weight_only_gemv_configs() -> list:
-    """M <= 16: memory-bound; each program streams a [BLOCK_N, K / SPLIT_K] slice of the weight."""
-    return _first_when_interpreting([
-        _cfg(16, GEMV_BLOCK_N, 128, 4, 4),
-        _cfg(16, GEMV_BLOCK_N, 256, 4, 4),
-        _cfg(16, GEMV_BLOCK_N, 512, 4, 3),
-        _cfg(16, GEMV_BLOCK_N, 256, 8, 4),
-    ])
+    return _first_when_interpreting(ALL_WEIGHT_ONLY_GEMV)
+
+
+# M = 1: the CUDA-core GEMV; BLOCK_N rows of BLOCK_K weights per step (INT4: BLOCK_K / 2 bytes a row)
+ALL_WEIGHT_ONLY_GEMV1 = [
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 512}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 1024}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 1024}, num_warps=8, num_stages=2),
+]
+
+
+def weight_only_gemv1_configs() -> list:
+    return _first_when_interpreting(ALL_WEIGHT_ONLY_GEMV1)
+
+
+# the dequantize kernel of the prefill path (M > SMALL_M): BLOCK_N x BLOCK_K outputs a program
+DEQUANT_BLOCK = (32, 256)
 
 
 def gemv_split_k(n: int, k: int, sm_count: int) -> int:

@@ -1,18 +1,23 @@
-"""Weight-only GEMMs in Triton: 16/32-bit activations x INT8 (W8A16) or packed INT4 (W4A16) weights.
+"""Weight-only linears in Triton: 16/32-bit activations x INT8 (W8A16) or packed INT4 (W4A16) weights.
 
-The weight tile is dequantized in registers exactly as the reference ops do it (``(code - zero) *
-scale`` in float32, rounded to the activation dtype), then multiplied on the tensor cores with a
-float32 accumulator. Two kernels per bit width, picked per call by M:
+Three paths, picked per call by M (measured on the H100 with benchmarks/gpu_gemm.py):
 
-* ``M <= SMALL_M`` (decode): a split-K GEMV. The cost is reading the weight, so each program
-  streams a ``[BLOCK_N, K / SPLIT_K]`` slice; with ``SPLIT_K > 1`` the partial sums meet in a float32
-  buffer by atomic adds (the split is a named heuristic in ``triton_tuning``).
-* larger M (prefill): a tiled GEMM with grouped tile order.
+* ``M == 1`` (decode, batch 1): a split-K GEMV on the CUDA cores (``_gemv1_kernel``). The cost is
+  reading the weight, so each program streams ``[BLOCK_N, BLOCK_K]`` tiles contiguous along K and
+  reduces them against the activation vector; INT4 group sums are scaled once per group.
+* ``M <= SMALL_M``: a split-K GEMV on the tensor cores (``_gemv_kernel``): the integer codes go into
+  the dot (exact in 16 bits) and each group's float32 sum is scaled, so the weight is never
+  rounded to the activation dtype.
+* larger M (prefill, compute-bound): ``dequantize`` writes the weight in the activation dtype,
+  exactly the reference's, in one kernel, and cuBLAS multiplies (a Triton GEMM dequantizing in
+  the tile measured 0.09x bf16 cuBLAS at M=2048; this transient copy costs one weight's bytes).
 
-INT4 uses ``qcompiler.int4``'s layout as is: codes two per byte (low nibble first), per-group
-scales ``[N, G]``, per-group zero points or the symmetric 8; groups need not divide K. AWQ's
-``smooth_inv`` (when it was not folded upstream) multiplies the activation tile on load. The
-references are ``qcompiler.ops.linear_w8a16_ref`` and ``linear_w4a16_ref``.
+With ``SPLIT_K > 1`` the GEMVs' partial sums meet in a float32 buffer by atomic adds (the split is
+a named heuristic in ``triton_tuning``). INT4 uses ``qcompiler.int4``'s layout as is: codes two per
+byte (low nibble first), per-group scales ``[N, G]``, per-group zero points or the symmetric 8;
+groups (powers of two) need not divide K. AWQ's ``smooth_inv`` (when it was not folded upstream)
+multiplies the activation on load. The references are ``qcompiler.ops.linear_w8a16_ref`` and
+``linear_w4a16_ref``.
 """
 from __future__ import annotations
 
@@ -32,27 +37,6 @@ _ONE_GROUP = 1 << 30  # INT8 weights: one scale per row, i.e. one group as long 
 
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, z_ptr, rn, rk, N, K, stride_wn, stride_sn, stride_zn,
-                 BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, dtype: tl.constexpr):
-    """The ``[BLOCK_K, BLOCK_N]`` tile of ``W.T`` at rows ``rk``, columns ``rn``, in ``dtype``."""
-    mask = (rk[:, None] < K) & (rn[None, :] < N)
-    n_off = rn[None, :].to(tl.int64)
-    if BITS == 4:
-        byte = tl.load(w_ptr + n_off * stride_wn + rk[:, None] // 2, mask=mask, other=0)
-        code = ((byte >> ((rk[:, None] % 2) * 4)) & 0xF).to(tl.float32)
-        g = rk[:, None] // GROUP_SIZE
-        if HAS_ZERO:
-            code -= tl.load(z_ptr + n_off * stride_zn + g, mask=mask, other=0).to(tl.float32)
-        else:
-            code -= 8.0
-        w = code * tl.load(s_ptr + n_off * stride_sn + g, mask=mask, other=0.0)
-    else:
-        q = tl.load(w_ptr + n_off * stride_wn + rk[:, None], mask=mask, other=0).to(tl.float32)
-        w = q * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    return cast_rounded(w, dtype)
-
-
-@triton.jit
 def _activation_tile(x_ptr, smooth_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.constexpr):
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
                 mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
@@ -62,34 +46,192 @@ def _activation_tile(x_ptr, smooth_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH: tl.
     return x
 
 
-@triton.autotune(configs=tuning.weight_only_gemm_configs(), key=tuning.AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": tuning.prune_weight_only}, cache_results=True)
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
-                 stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
-                 BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
+def _codes(byte_or_int8, zero, BITS: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """Codes minus their zero point, as float32 (small integers: exact in any float type)."""
+    if BITS == 4:
+        c = byte_or_int8.to(tl.int32)
+        if HAS_ZERO:
+            c = c - zero.to(tl.int32)[None, :]
+        else:
+            c = c - 8
+    else:
+        c = byte_or_int8.to(tl.int32)
+    return c.to(tl.float32)
+
+
+@triton.jit
+def _step(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, kk, M, N, K, K_W,
+          stride_xm, stride_wn, stride_sn, stride_zn,
+          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, GROUP_SIZE: tl.constexpr,
+          STEP: tl.constexpr, SCALE_IN_TILE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, acc):
+    """``acc`` plus columns ``kk .. kk + STEP`` of ``x @ W.T`` (``STEP`` lies inside one group unless
+    ``SCALE_IN_TILE``).
+
+    INT4 bytes are read as a ``[STEP / 2, BLOCK_N]`` tile, contiguous along K: the low nibbles
+    multiply the even activation columns and the high nibbles the odd ones, two dots and no
+    shuffle. The dots take the integer codes (exact in 16 bits) and the group's scale multiplies
+    their float32 sum, so the weight is never rounded to the activation dtype; only groups shorter
+    than 32 (a dot needs K >= 16 per nibble half) scale each element in the tile, as the
+    reference does. INT8 per-row scales are applied by the caller once, after the K loop.
+    """
+    n_ok = rn < N
+    n_off = rn[None, :].to(tl.int64)
+    if BITS == 4:
+        half = tl.arange(0, STEP // 2)
+        kb = kk // 2 + half  # byte column
+        byte = tl.load(w_ptr + n_off * stride_wn + kb[:, None], mask=(kb[:, None] < K_W // 2) & n_ok[None, :], other=0)
+        zero = rn
+        if HAS_ZERO:
+            if SCALE_IN_TILE:
+                zero = tl.load(z_ptr + n_off * stride_zn + ((kk + 2 * half) // GROUP_SIZE)[:, None],
+                               mask=n_ok[None, :], other=0)
+            else:
+                zero = tl.load(z_ptr + rn.to(tl.int64) * stride_zn + kk // GROUP_SIZE, mask=n_ok, other=0)
+        if SCALE_IN_TILE:  # zero is [STEP / 2, BLOCK_N] here: subtract it without broadcasting
+            lo = (byte & 0xF).to(tl.int32)
+            hi = (byte >> 4).to(tl.int32)
+            if HAS_ZERO:
+                lo = lo - zero.to(tl.int32)
+                hi = hi - zero.to(tl.int32)
+            else:
+                lo = lo - 8
+                hi = hi - 8
+            sc = tl.load(s_ptr + n_off * stride_sn + ((kk + 2 * half) // GROUP_SIZE)[:, None], mask=n_ok[None, :], other=0.0)
+            x_even = _activation_tile(x_ptr, smooth_ptr, rm, kk + 2 * half, M, K, stride_xm, HAS_SMOOTH)
+            x_odd = _activation_tile(x_ptr, smooth_ptr, rm, kk + 2 * half + 1, M, K, stride_xm, HAS_SMOOTH)
+            acc = dot_acc(x_even, cast_rounded(lo.to(tl.float32) * sc, x_even.dtype), acc, PRECISION, UPCAST)
+            acc = dot_acc(x_odd, cast_rounded(hi.to(tl.float32) * sc, x_odd.dtype), acc, PRECISION, UPCAST)
+        else:
+            x_even = _activation_tile(x_ptr, smooth_ptr, rm, kk + 2 * half, M, K, stride_xm, HAS_SMOOTH)
+            x_odd = _activation_tile(x_ptr, smooth_ptr, rm, kk + 2 * half + 1, M, K, stride_xm, HAS_SMOOTH)
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+            part = dot_acc(x_even, _codes(byte & 0xF, zero, BITS, HAS_ZERO).to(x_even.dtype), part, PRECISION, UPCAST)
+            part = dot_acc(x_odd, _codes(byte >> 4, zero, BITS, HAS_ZERO).to(x_odd.dtype), part, PRECISION, UPCAST)
+            sc = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + kk // GROUP_SIZE, mask=n_ok, other=0.0)
+            acc += part * sc[None, :]
+    else:
+        rk = kk + tl.arange(0, STEP)
+        q = tl.load(w_ptr + n_off * stride_wn + rk[:, None], mask=(rk[:, None] < K_W) & n_ok[None, :], other=0)
         x = _activation_tile(x_ptr, smooth_ptr, rm, rk, M, K, stride_xm, HAS_SMOOTH)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, rn, rk, N, K, stride_wn, stride_sn, stride_zn,
-                         BITS, HAS_ZERO, GROUP_SIZE, x.dtype)
-        acc = dot_acc(x, w, acc, PRECISION, UPCAST)
+        acc = dot_acc(x, q.to(tl.float32).to(x.dtype), acc, PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _k_range(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, k_start, k_end, M, N, K_W,
+             stride_xm, stride_wn, stride_sn, stride_zn,
+             BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, GROUP_SIZE: tl.constexpr,
+             PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 ``[BLOCK_M, BLOCK_N]`` sum over K in ``[k_start, k_end)`` (INT8: before its row scale)."""
+    SCALE_IN_TILE: tl.constexpr = BITS == 4 and GROUP_SIZE < 32
+    # one group per step where the group fits in BLOCK_K; else BLOCK_K (a group holds several steps)
+    STEP: tl.constexpr = BLOCK_K if (BITS == 8 or SCALE_IN_TILE or GROUP_SIZE > BLOCK_K) else GROUP_SIZE
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        for j in tl.static_range(BLOCK_K // STEP):
+            acc = _step(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, k0 + j * STEP, M, N, k_end, K_W,
+                        stride_xm, stride_wn, stride_sn, stride_zn, BITS, HAS_ZERO, HAS_SMOOTH, GROUP_SIZE,
+                        STEP, SCALE_IN_TILE, PRECISION, UPCAST, acc)
+    if BITS == 8:
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
+                    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[N, K]`` = the reference's dequantized weight, ``((code - zero) * scale)`` rounded to out's dtype."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    n_off = rn[:, None].to(tl.int64)
+    if BITS == 4:
+        byte = tl.load(w_ptr + n_off * stride_wn + rk[None, :] // 2, mask=mask, other=0)
+        code = ((byte >> ((rk[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+        g = rk[None, :] // GROUP_SIZE
+        if HAS_ZERO:
+            code -= tl.load(z_ptr + n_off * stride_zn + g, mask=mask, other=0).to(tl.float32)
+        else:
+            code -= 8.0
+        w = code * tl.load(s_ptr + n_off * stride_sn + g, mask=mask, other=0.0)
+    else:
+        w = tl.load(w_ptr + n_off * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
+        w = w * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]
+    store_rounded(out_ptr + n_off * stride_on + rk[None, :], w, mask)
+
+
+@triton.jit
+def _x_vector(x_ptr, smooth_ptr, rk, K, HAS_SMOOTH: tl.constexpr):
+    """Activation entries ``rk`` of the single row, float32 (times ``1/s`` rounded as the reference)."""
+    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+    if HAS_SMOOTH:
+        x = cast_rounded(x.to(tl.float32) * tl.load(smooth_ptr + rk, mask=rk < K, other=0.0).to(tl.float32), x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.autotune(configs=tuning.weight_only_gemv1_configs(), key=tuning.AUTOTUNE_KEY, reset_to_zero=["acc_ptr"],
+                 cache_results=True)
+@triton.jit
+def _gemv1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_ptr, N, K, K_W, M_BUCKET,
+                  stride_wn, stride_sn, stride_zn,
+                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M = 1 (decode): no tensor cores. Each program streams a ``[BLOCK_N, BLOCK_K]`` weight tile per
+    step, contiguous along K (16-byte loads), multiplies it by the activation vector on the CUDA
+    cores and reduces along K; INT4 group sums are scaled per group: ``sum((code - z) * x) =
+    sum(code * x) - z * sum(x)``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    n_off = rn.to(tl.int64)
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    G_TILE: tl.constexpr = BLOCK_K // GROUP_SIZE if GROUP_SIZE < BLOCK_K else 1  # groups per step
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if BITS == 4:
+            half = tl.arange(0, BLOCK_K // 2)
+            kb = k0 // 2 + half
+            byte = tl.load(w_ptr + n_off[:, None] * stride_wn + kb[None, :],
+                           mask=n_ok[:, None] & (kb < K_W // 2)[None, :], other=0)
+            xe = _x_vector(x_ptr, smooth_ptr, k0 + 2 * half, k_end, HAS_SMOOTH)
+            xo = _x_vector(x_ptr, smooth_ptr, k0 + 2 * half + 1, k_end, HAS_SMOOTH)
+            t = (byte & 0xF).to(tl.float32) * xe[None, :] + (byte >> 4).to(tl.float32) * xo[None, :]
+            t = tl.sum(tl.reshape(t, [BLOCK_N, G_TILE, BLOCK_K // 2 // G_TILE]), axis=2)
+            xsum = tl.sum(tl.reshape(xe + xo, [G_TILE, BLOCK_K // 2 // G_TILE]), axis=1)
+            g = k0 // GROUP_SIZE + tl.arange(0, G_TILE)
+            g_ok = n_ok[:, None] & (g < K_W // GROUP_SIZE)[None, :]
+            sc = tl.load(s_ptr + n_off[:, None] * stride_sn + g[None, :], mask=g_ok, other=0.0)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + n_off[:, None] * stride_zn + g[None, :], mask=g_ok, other=0).to(tl.float32)
+            else:
+                z = tl.full([BLOCK_N, G_TILE], 8.0, tl.float32)
+            acc += tl.sum((t - z * xsum[None, :]) * sc, axis=1)
+        else:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(w_ptr + n_off[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & (rk < K_W)[None, :],
+                        other=0)
+            acc += tl.sum(q.to(tl.float32) * _x_vector(x_ptr, smooth_ptr, rk, k_end, HAS_SMOOTH)[None, :], axis=1)
+    if BITS == 8:
+        acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    store_rounded(y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :], acc,
-                  (rm[:, None] < M) & (rn[None, :] < N))
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        store_rounded(y_ptr + rn, acc, n_ok)
+    else:
+        tl.atomic_add(acc_ptr + rn, acc, mask=n_ok)
 
 
 @triton.autotune(configs=tuning.weight_only_gemv_configs(), key=tuning.AUTOTUNE_KEY, reset_to_zero=["acc_ptr"],
                  cache_results=True)
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_ptr, M, N, K, M_BUCKET,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_ptr, M, N, K, K_W, M_BUCKET,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -101,13 +243,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_pt
     k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = _activation_tile(x_ptr, smooth_ptr, rm, rk, M, k_end, stride_xm, HAS_SMOOTH)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, rn, rk, N, k_end, stride_wn, stride_sn, stride_zn,
-                         BITS, HAS_ZERO, GROUP_SIZE, x.dtype)
-        acc = dot_acc(x, w, acc, PRECISION, UPCAST)
+    acc = _k_range(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, k_start, k_end, M, N, K_W, stride_xm, stride_wn,
+                   stride_sn, stride_zn, BITS, HAS_ZERO, HAS_SMOOTH, GROUP_SIZE, PRECISION, UPCAST,
+                   BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -130,20 +268,43 @@ def _launch(x: Tensor, w: Tensor, scale: Tensor, zero: Optional[Tensor], smooth_
     scale = scale.to(torch.float32).contiguous()
     args = dict(x_ptr=x2, w_ptr=w, s_ptr=scale, z_ptr=zero if zero is not None else w,
                 smooth_ptr=smooth if smooth is not None else x2, bias_ptr=bias.contiguous() if bias is not None else x2,
-                y_ptr=y, M=m, N=n, K=k, M_BUCKET=tuning.m_bucket(m), stride_xm=x2.stride(0), stride_wn=w.stride(0),
+                y_ptr=y, M=m, N=n, K=k, K_W=w.shape[1] * (2 if bits == 4 else 1), M_BUCKET=tuning.m_bucket(m),
+                stride_xm=x2.stride(0), stride_wn=w.stride(0),
                 stride_sn=scale.stride(0), stride_zn=zero.stride(0) if zero is not None else 0, stride_ym=y.stride(0),
                 BITS=bits, HAS_ZERO=zero is not None, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
                 GROUP_SIZE=group_size, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting() and x.dtype == torch.bfloat16)
-    if m <= tuning.SMALL_M:
+    if m == 1:
+        split = split_k or tuning.gemv_split_k(n, k, tuning.sm_count(x.device))
+        acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+        gemv1 = {name: v for name, v in args.items() if name not in ("M", "stride_xm", "stride_ym", "PRECISION", "UPCAST")}
+        _gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](acc_ptr=acc, SPLIT_K=split, **gemv1)
+        if split > 1:
+            y.copy_(acc)  # float32 -> x.dtype, rounded to nearest even
+    elif m <= tuning.SMALL_M:
         split = split_k or tuning.gemv_split_k(n, k, tuning.sm_count(x.device))
         acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else y
         _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](acc_ptr=acc, SPLIT_K=split, **args)
         if split > 1:
             y.copy_(acc)  # float32 -> x.dtype, rounded to nearest even
-    else:
-        _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](**args)
+    else:  # prefill: compute-bound, so the weight in x's dtype (exactly the reference's) and cuBLAS
+        w_deq = dequantize(w, scale, zero, n, k, bits, group_size, x.dtype)
+        xs = x2 if smooth is None else x2 * smooth
+        y = torch.nn.functional.linear(xs, w_deq, None if bias is None else bias.to(x.dtype))
     return y.reshape(*x.shape[:-1], n)
+
+
+def dequantize(w: Tensor, scale: Tensor, zero: Optional[Tensor], n: int, k: int, bits: int, group_size: int,
+               dtype: torch.dtype) -> Tensor:
+    """The weight ``[N, K]`` in ``dtype``, as the reference ops dequantize it, in one kernel."""
+    out = torch.empty((n, k), dtype=dtype, device=w.device)
+    scale = scale.to(torch.float32).contiguous()
+    bn, bk = tuning.DEQUANT_BLOCK
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        w, scale, zero if zero is not None else w, out, n, k, w.stride(0), scale.stride(0),
+        zero.stride(0) if zero is not None else 0, out.stride(0), BITS=bits, HAS_ZERO=zero is not None,
+        GROUP_SIZE=group_size, BLOCK_N=bn, BLOCK_K=bk)
+    return out
 
 
 def _check_activation(x: Tensor, name: str) -> None:
@@ -174,7 +335,8 @@ def linear_w4a16(x: Tensor, packed: Tensor, scale: Tensor, zero: Optional[Tensor
                          f"fit K={k} at group {group_size}; expected uint8 [N, {g * group_size // 2}] and scale [N, {g}]")
     if zero is not None and zero.shape != (n, g):
         raise ValueError(f"linear_w4a16: zero points {tuple(zero.shape)}; expected [N, {g}] (or None when symmetric)")
-    if group_size % 2:
-        raise ValueError(f"linear_w4a16: group size {group_size} must be even (two codes per byte)")
+    if group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"linear_w4a16: group size {group_size} must be a power of two (the kernels step through K "
+                         "by whole groups); quantize with group_size 32, 64 or 128")
     return _launch(x, packed.contiguous(), scale, None if zero is None else zero.contiguous(), smooth_inv, bias, n,
                    4, group_size, split_k)

@@ -190,6 +190,8 @@ def test_empty_calibration_is_rejected():
     ({"recipe": "int3"}, "unknown recipe 'int3'"),
     ({"target": "tpu"}, "unknown target 'tpu'"),
     ({"alhpa": 0.5}, "unknown qcompile option"),
+    ({"cuda_graphs": True}, r"cuda_graphs=True needs the model and inputs on a CUDA device"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs must be True or False"),
 ])
 def test_bad_options_fail_with_the_valid_choices(options, match):
     with pytest.raises(Exception, match=match):
@@ -290,3 +292,52 @@ def test_calibrating_another_model_does_not_rebuild_this_one():
         pass
     fast(x)
     assert graphs[0].graph_module is not built  # its own statistics changed: rebuilt
+
+
+def test_cuda_graphs_are_refused_where_the_target_cannot_take_them():
+    from qcompiler.backend import _lowering_options
+    from qcompiler.lowering import get_lowering
+
+    with pytest.raises(ValueError, match=r"target 'reference' cannot run in CUDA graphs; use one of \['inductor', 'triton'\]"):
+        _lowering_options(get_lowering("reference"), True, "cuda")
+    assert _lowering_options(get_lowering("triton"), True, "cuda") == {"cuda_graphs": True}
+    assert _lowering_options(get_lowering("ort"), False, "cpu") == {}
+
+
+def test_inputs_dynamo_marks_static_stay_static_through_the_passes(monkeypatch):
+    # CUDA graphs replay in place only on inputs AOTAutograd knows as static (parameters, a
+    # StaticCache's tensors); copying Dynamo's graph for the passes used to lose what it reads
+    # (seen on the H100: "skipping cudagraphs due to mutated inputs"). The static indices are
+    # computed the same way on the CPU, so they are checked here.
+    import torch._inductor.compile_fx as compile_fx
+
+    seen = []
+    original = compile_fx.get_static_input_idxs
+
+    def spy(num_fixed):
+        static = original(num_fixed)
+        info = torch._guards.TracingContext.get().fw_metadata.input_info
+        seen.append((static, [i for i, a in enumerate(info) if a.mutates_data], len(info)))
+        return static
+
+    monkeypatch.setattr(compile_fx, "get_static_input_idxs", spy)
+
+    class WithCache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(48, 48)
+
+        def forward(self, x, cache):
+            cache.add_(1.0)  # mutated in place, as a KV cache is
+            return self.proj(x) + cache
+
+    cache = torch.zeros(48)
+    torch._dynamo.mark_static_address(cache)
+    model = WithCache().eval()
+    torch._dynamo.reset()
+    out = compile_q(model, recipe="w8a16", target="inductor")(torch.randn(2, 48), cache)
+    assert out.shape == (2, 48) and torch.equal(cache, torch.ones(48))
+    assert seen, "Inductor did not ask for the static inputs"
+    (static, mutated, n_inputs), = seen
+    assert len(mutated) == 1 and mutated[0] in static  # what CUDA graphs need to replay in place
+    assert len(static) == n_inputs - 1  # every input but x: parameters, the passes' buffers, the cache

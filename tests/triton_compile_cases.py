@@ -1,0 +1,147 @@
+"""Every Triton kernel, in every launch variant, compiled for the H100 (sm_90) on any machine.
+
+``CASES`` maps a case id to a function that compiles one kernel variant down to a cubin with
+``triton.compile`` and the target named (no GPU needed). Run as a script, it compiles the cases
+and prints one JSON object, case id -> "ok" or the error. It must run without
+``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives Python functions that Triton's
+compiler cannot take), which is why tests/test_triton_compile.py runs it in a subprocess.
+"""
+import itertools
+import json
+import sys
+
+H100 = ("cuda", 90, 32)
+ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+
+
+def compile_for_h100(kernel, types: dict, constexprs: dict, num_warps=4, num_stages=3):
+    """``kernel`` (a JIT function or an autotuned one) -> the compiled kernel; ``types`` give the
+    runtime arguments' Triton types, ``constexprs`` the values of the rest."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, JITFunction):  # an autotuner (or heuristics) wraps the JIT function
+        fn = fn.fn
+    names = fn.arg_names
+    missing = set(names) - set(types) - set(constexprs)
+    if missing:
+        raise ValueError(f"no type or value for {sorted(missing)}")
+    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget(*H100), options={"num_warps": num_warps, "num_stages": num_stages})
+    if "cubin" not in compiled.asm:
+        raise RuntimeError("no cubin")
+    return compiled
+
+
+def _ints(*names):
+    return {n: "i32" for n in names}
+
+
+def _config_id(c) -> str:
+    return f"{c.kwargs.get('BLOCK_M', 1)}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}w{c.num_warps}s{c.num_stages}"
+
+
+def _quantize(act, is_fp8, has_smooth, one_tile):
+    from qcompiler.runtimes import triton_quantize as tq
+
+    q = "*u8" if is_fp8 else "*i8"
+    compile_for_h100(tq._per_token_kernel,
+                     {"x_ptr": ACT[act], "smooth_ptr": "*fp32", "q_ptr": q, "scale_ptr": "*fp32", "qmax": "fp32",
+                      **_ints("K", "stride_x", "stride_q")},
+                     {"HAS_SMOOTH": has_smooth, "IS_FP8": is_fp8, "BLOCK_K": 1024 if one_tile else 4096,
+                      "ONE_TILE": one_tile}, num_warps=8)
+    if one_tile:  # the per-tensor kernel has no one-tile form: once per flag set is enough
+        compile_for_h100(tq._per_tensor_kernel,
+                         {"x_ptr": ACT[act], "smooth_ptr": "*fp32", "scale_ptr": "*fp32", "q_ptr": q,
+                          **_ints("K", "stride_x", "stride_q")},
+                         {"HAS_SMOOTH": has_smooth, "IS_FP8": is_fp8, "BLOCK_K": 1024})
+
+
+def _w8a8(config, is_fp8, out):
+    from qcompiler.runtimes import triton_w8a8 as tw
+
+    byte = "*u8" if is_fp8 else "*i8"
+    compile_for_h100(tw._w8a8_kernel,
+                     {"x_ptr": byte, "w_ptr": byte, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": ACT[out],
+                      "y_ptr": ACT[out], **_ints("M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym", "stride_xs")},
+                     {"IS_FP8": is_fp8, "HAS_BIAS": True, **config.kwargs}, config.num_warps, config.num_stages)
+
+
+def _weight_only(kernel: str, config, act, bits, has_zero, has_smooth, group=64, split_k=1):
+    """kernel: 'gemv' (tensor cores, M <= 16), 'gemv1' (M = 1) or 'dequant' (the prefill path's)."""
+    from qcompiler.runtimes import triton_weight_only as wo
+
+    group = group if bits == 4 else 1 << 30
+    w = "*u8" if bits == 4 else "*i8"
+    if kernel == "dequant":
+        bn, bk = config
+        compile_for_h100(wo._dequant_kernel, {"w_ptr": w, "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": ACT[act],
+                                              **_ints("N", "K", "stride_wn", "stride_sn", "stride_zn", "stride_on")},
+                         {"BITS": bits, "HAS_ZERO": has_zero, "GROUP_SIZE": group, "BLOCK_N": bn, "BLOCK_K": bk})
+        return
+    types = {"x_ptr": ACT[act], "y_ptr": ACT[act], "w_ptr": w, "s_ptr": "*fp32", "acc_ptr": "*fp32",
+             "z_ptr": "*u8", "smooth_ptr": ACT[act], "bias_ptr": ACT[act],
+             **_ints("M", "N", "K", "K_W", "M_BUCKET", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym")}
+    constexprs = {"BITS": bits, "HAS_ZERO": has_zero, "HAS_SMOOTH": has_smooth, "HAS_BIAS": True,
+                  "GROUP_SIZE": group, "SPLIT_K": split_k, **config.kwargs}
+    if kernel == "gemv":
+        constexprs.update(PRECISION="ieee" if act == "fp32" else "tf32", UPCAST=False)
+    fn = wo._gemv_kernel if kernel == "gemv" else wo._gemv1_kernel
+    names = fn.fn.arg_names
+    compile_for_h100(fn, {k: v for k, v in types.items() if k in names}, constexprs, config.num_warps, config.num_stages)
+
+
+# activation dtype, bits, zero points, AWQ smoothing, group: the flag sets the launchers produce
+# (group 16 scales in the tile; 128 is longer than some BLOCK_K)
+WEIGHT_ONLY_VARIANTS = [("bf16", 4, False, False, 64), ("fp16", 4, True, True, 32), ("fp32", 4, True, False, 128),
+                        ("bf16", 4, True, False, 16), ("bf16", 4, False, True, 16),
+                        ("bf16", 8, False, False, 0), ("fp16", 8, False, False, 0)]
+
+
+def cases() -> dict:
+    """case id -> a no-argument function that compiles it (raises on failure)."""
+    from qcompiler.runtimes import triton_tuning as tuning
+
+    out = {}
+    for act, is_fp8, smooth, one_tile in itertools.product(ACT, [False, True], [False, True], [False, True]):
+        out[f"quantize-{act}-{'fp8' if is_fp8 else 'int8'}-{'smooth' if smooth else 'plain'}-"
+            f"{'onetile' if one_tile else 'twopass'}"] = lambda a=(act, is_fp8, smooth, one_tile): _quantize(*a)
+    for config, is_fp8 in itertools.product(tuning.ALL_W8A8, [False, True]):
+        out[f"w8a8-{'fp8' if is_fp8 else 'int8'}-{_config_id(config)}"] = lambda a=(config, is_fp8, "bf16"): _w8a8(*a)
+    for out_dtype in ("fp16", "fp32"):
+        out[f"w8a8-int8-out-{out_dtype}"] = lambda o=out_dtype: _w8a8(tuning.ALL_W8A8[0], False, o)
+    for config, split in itertools.product(tuning.ALL_WEIGHT_ONLY_GEMV, [1, 4]):
+        out[f"w4-gemv-split{split}-{_config_id(config)}"] = lambda a=(config, split): _weight_only(
+            "gemv", a[0], "bf16", 4, False, False, 32, a[1])
+    for config, split in itertools.product(tuning.ALL_WEIGHT_ONLY_GEMV1, [1, 4]):
+        out[f"w4-gemv1-split{split}-{_config_id(config)}"] = lambda a=(config, split): _weight_only(
+            "gemv1", a[0], "bf16", 4, True, False, 32, a[1])
+    for act, bits, zero, smooth, group in WEIGHT_ONLY_VARIANTS:
+        name = f"{act}-w{bits}-{'zero' if zero else 'sym'}-{'smooth' if smooth else 'plain'}" + (f"-g{group}" if group else "")
+        out[f"dequant-{name}"] = lambda a=(act, bits, zero, smooth, group): _weight_only(
+            "dequant", tuning.DEQUANT_BLOCK, *a)
+        out[f"gemv-{name}"] = lambda a=(act, bits, zero, smooth, group): _weight_only(
+            "gemv", tuning.ALL_WEIGHT_ONLY_GEMV[0], *a, 2)
+        out[f"gemv1-{name}"] = lambda a=(act, bits, zero, smooth, group): _weight_only(
+            "gemv1", tuning.ALL_WEIGHT_ONLY_GEMV1[0], *a, 2)
+    return out
+
+
+def main(ids) -> dict:
+    todo = cases()
+    results = {}
+    for case_id in ids or todo:
+        try:
+            todo[case_id]()
+            results[case_id] = "ok"
+        except Exception as e:  # noqa: BLE001 — every failure is reported, by case
+            results[case_id] = f"{type(e).__name__}: {e}"[:2000]
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:])))
