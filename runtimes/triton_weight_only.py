@@ -81,13 +81,18 @@ def _step(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, kk, M, N, K, K_W,
         half = tl.arange(0, STEP // 2)
         kb = kk // 2 + half  # byte column
         byte = tl.load(w_ptr + n_off * stride_wn + kb[:, None], mask=(kb[:, None] < K_W // 2) & n_ok[None, :], other=0)
+        # groups past the weight's last (a step beyond K) are masked: their memory is not ours,
+        # and a stray Inf scale times the zero activation there would make NaN
+        n_groups = K_W // GROUP_SIZE
+        g_tile = ((kk + 2 * half) // GROUP_SIZE)[:, None]
+        g_ok = (g_tile < n_groups) & n_ok[None, :]
+        g_step_ok = n_ok & (kk // GROUP_SIZE < n_groups)
         zero = rn
         if HAS_ZERO:
             if SCALE_IN_TILE:
-                zero = tl.load(z_ptr + n_off * stride_zn + ((kk + 2 * half) // GROUP_SIZE)[:, None],
-                               mask=n_ok[None, :], other=0)
+                zero = tl.load(z_ptr + n_off * stride_zn + g_tile, mask=g_ok, other=0)
             else:
-                zero = tl.load(z_ptr + rn.to(tl.int64) * stride_zn + kk // GROUP_SIZE, mask=n_ok, other=0)
+                zero = tl.load(z_ptr + rn.to(tl.int64) * stride_zn + kk // GROUP_SIZE, mask=g_step_ok, other=0)
         if SCALE_IN_TILE:  # zero is [STEP / 2, BLOCK_N] here: subtract it without broadcasting
             lo = (byte & 0xF).to(tl.int32)
             hi = (byte >> 4).to(tl.int32)
@@ -97,7 +102,7 @@ def _step(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, kk, M, N, K, K_W,
             else:
                 lo = lo - 8
                 hi = hi - 8
-            sc = tl.load(s_ptr + n_off * stride_sn + ((kk + 2 * half) // GROUP_SIZE)[:, None], mask=n_ok[None, :], other=0.0)
+            sc = tl.load(s_ptr + n_off * stride_sn + g_tile, mask=g_ok, other=0.0)
             x_even = _activation_tile(x_ptr, smooth_ptr, rm, kk + 2 * half, M, K, stride_xm, HAS_SMOOTH)
             x_odd = _activation_tile(x_ptr, smooth_ptr, rm, kk + 2 * half + 1, M, K, stride_xm, HAS_SMOOTH)
             acc = dot_acc(x_even, cast_rounded(lo.to(tl.float32) * sc, x_even.dtype), acc, PRECISION, UPCAST)
@@ -108,7 +113,7 @@ def _step(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, kk, M, N, K, K_W,
             part = tl.zeros(acc.shape, dtype=tl.float32)
             part = dot_acc(x_even, _codes(byte & 0xF, zero, BITS, HAS_ZERO).to(x_even.dtype), part, PRECISION, UPCAST)
             part = dot_acc(x_odd, _codes(byte >> 4, zero, BITS, HAS_ZERO).to(x_odd.dtype), part, PRECISION, UPCAST)
-            sc = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + kk // GROUP_SIZE, mask=n_ok, other=0.0)
+            sc = tl.load(s_ptr + rn.to(tl.int64) * stride_sn + kk // GROUP_SIZE, mask=g_step_ok, other=0.0)
             acc += part * sc[None, :]
     else:
         rk = kk + tl.arange(0, STEP)

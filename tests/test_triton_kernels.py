@@ -151,6 +151,26 @@ def test_w4a16_matches_float64(dtype, m, k, n, group_size, symmetric, split_k):
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, truth) <= _tolerance_vs(truth, ref, dtype)
 
+@pytest.mark.parametrize("m", [1, 3, 33])  # the three paths: M = 1 GEMV, tensor-core GEMV, dequantize
+@pytest.mark.parametrize("group_size", [16, 64])
+def test_w4a16_never_reads_scales_past_the_last_group(m, group_size):
+    # K = 576 is not a multiple of the kernels' K steps: a step can reach past the last group. The
+    # scales and zero points are followed in memory by Inf / 255, so a read past them shows up
+    # (a CI run once drew NaN this way, by chance, from whatever followed the scales)
+    k, n = 576, 17
+    x, w = fresh(m, k, dtype=torch.float16), fresh(n, k)
+    p = int4.quantize(w, group_size, False)
+    size = p.scale.numel()
+    scale = torch.full((size + 4096,), float("inf"), device=DEVICE)[:size].view_as(p.scale)
+    scale.copy_(p.scale)
+    zero = torch.full((size + 4096,), 255, dtype=torch.uint8, device=DEVICE)[:size].view_as(p.zero)
+    zero.copy_(p.zero)
+    y = triton_weight_only.linear_w4a16(x, p.packed, scale, zero, None, group_size, None)
+    truth = ops.linear_w4a16_ref(x.double(), p.packed, p.scale.double(), p.zero, None, group_size, None)
+    ref = ops.linear_w4a16_ref(x, p.packed, p.scale, p.zero, None, group_size, None)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, truth) <= _tolerance_vs(truth, ref, torch.float16)
+
 def test_w4a16_rejects_a_layout_that_does_not_fit():
     p = int4.quantize(fresh(8, 64), 32, True)
     with pytest.raises(ValueError, match=r"do not fit K=100 at group 32"):
