@@ -279,23 +279,20 @@ def _launch(x: Tensor, w: Tensor, scale: Tensor, zero: Optional[Tensor], smooth_
                 BITS=bits, HAS_ZERO=zero is not None, HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
                 GROUP_SIZE=group_size, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                 UPCAST=interpreting() and x.dtype == torch.bfloat16)
-    if m == 1:
-        split = split_k or tuning.gemv_split_k(n, k, tuning.sm_count(x.device))
-        acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-        gemv1 = {name: v for name, v in args.items() if name not in ("M", "stride_xm", "stride_ym", "PRECISION", "UPCAST")}
-        _gemv1_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](acc_ptr=acc, SPLIT_K=split, **gemv1)
-        if split > 1:
-            y.copy_(acc)  # float32 -> x.dtype, rounded to nearest even
-    elif m <= tuning.SMALL_M:
-        split = split_k or tuning.gemv_split_k(n, k, tuning.sm_count(x.device))
-        acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else y
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](acc_ptr=acc, SPLIT_K=split, **args)
-        if split > 1:
-            y.copy_(acc)  # float32 -> x.dtype, rounded to nearest even
-    else:  # prefill: compute-bound, so the weight in x's dtype (exactly the reference's) and cuBLAS
+    if m > tuning.SMALL_M:  # prefill: compute-bound, so the weight in x's dtype (exactly the reference's) and cuBLAS
         w_deq = dequantize(w, scale, zero, n, k, bits, group_size, x.dtype)
         xs = x2 if smooth is None else x2 * smooth
-        y = torch.nn.functional.linear(xs, w_deq, None if bias is None else bias.to(x.dtype))
+        return torch.nn.functional.linear(xs, w_deq, None if bias is None else bias.to(x.dtype)).reshape(*x.shape[:-1], n)
+    if m == 1:  # the CUDA-core GEMV takes neither M nor the tensor-core options
+        kernel = _gemv1_kernel
+        args = {name: v for name, v in args.items() if name not in ("M", "stride_xm", "stride_ym", "PRECISION", "UPCAST")}
+    else:
+        kernel = _gemv_kernel
+    split = split_k or tuning.gemv_split_k(n, k, tuning.sm_count(x.device))
+    acc = torch.zeros((m, n), dtype=torch.float32, device=x.device) if split > 1 else y
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](acc_ptr=acc, SPLIT_K=split, **args)
+    if split > 1:
+        y.copy_(acc)  # float32 -> x.dtype, rounded to nearest even
     return y.reshape(*x.shape[:-1], n)
 
 
