@@ -20,13 +20,12 @@ model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")
 cal, held = zoo.lm_windows(ids, 512, int(sys.argv[1]), 4)
 lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+
+
 def ppl(params):
-    nll = 0
-    with torch.no_grad():
-        for w in held.split(1):
-            lg = torch.func.functional_call(model, params, (w,), {"use_cache": False}, strict=False).logits
-            nll += torch.nn.functional.cross_entropy(lg[0, :-1], w[0, 1:]).item()
-    return float(torch.exp(torch.tensor(nll / len(held))))
+    return zoo.perplexity(model, held, params=params)
+
+
 print("fp32", ppl({}), flush=True)
 for opts in json.loads(sys.argv[2]):
     t = time.time()

@@ -64,9 +64,9 @@ def search_clip(w: Tensor, rows: Tensor, group_size: int, symmetric: bool, grid:
                 chunk: int = 256) -> Tensor:
     """Per (output row, group) clip ratio in [MAX_SHRINK, 1] minimising that group's output error.
 
-    ``w`` and ``rows`` are already scaled (``W s`` and ``x / s``).
+    ``w`` and ``rows`` are already scaled (``W s`` and ``x / s``); ``rows``: ``CLIP_ROWS`` of them.
     """
-    x = int4.grouped(rows[:CLIP_ROWS], group_size)           # [n, G, gs]
+    x = int4.grouped(rows, group_size)                        # [n, G, gs]
     wg = int4.grouped(w, group_size)                          # [N, G, gs]
     ratios = [1.0 - MAX_SHRINK * i / grid for i in range(grid)]
     best = torch.ones(wg.shape[:2])
@@ -85,14 +85,15 @@ def search_clip(w: Tensor, rows: Tensor, group_size: int, symmetric: bool, grid:
     return best
 
 
-def awq(weights: list, rows: Tensor, mean_abs: Tensor, group_size: int, symmetric: bool, grid: int = 20,
-        clip: bool = True) -> tuple[list, Tensor, Optional[float]]:
-    """([PackedInt4 of W s per linear], s, exponent) for linears that read the same input."""
+def awq(weights: list, rows: Tensor, clip_rows: Tensor, mean_abs: Tensor, group_size: int, symmetric: bool,
+        grid: int = 20, clip: bool = True) -> tuple[list, Tensor, Optional[float]]:
+    """([PackedInt4 of W s per linear], s, exponent) for linears that read the same input; ``rows``
+    and ``clip_rows`` score the scale and the clip searches."""
     weights = [w.detach().to(torch.float32) for w in weights]
     s, a = search_scale(weights, rows, mean_abs, group_size, symmetric, grid)
     packed = []
     for w in weights:
         ws = w * s
-        ratio = search_clip(ws, rows / s, group_size, symmetric, grid) if clip else 1.0
+        ratio = search_clip(ws, clip_rows / s, group_size, symmetric, grid) if clip else 1.0
         packed.append(int4.quantize(ws, group_size, symmetric, ratio))
     return packed, s, a

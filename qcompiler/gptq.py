@@ -13,6 +13,8 @@ them apart.
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import Tensor
 
@@ -27,8 +29,12 @@ def _column_quantize(w: Tensor, scale: Tensor, zero) -> tuple[Tensor, Tensor]:
 
 
 def gptq(weight: Tensor, hessian: Tensor, group_size: int, symmetric: bool, damp: float = 0.01,
-         block: int = 128, act_order: bool = False) -> int4.PackedInt4:
-    """GPTQ-rounded INT4 of ``weight`` [N, K] given ``hessian`` [K, K] (= 2/n X^T X)."""
+         block: int = 128, act_order: bool = False, clip: Union[float, Tensor] = 1.0) -> int4.PackedInt4:
+    """GPTQ-rounded INT4 of ``weight`` [N, K] given ``hessian`` [K, K] (= 2/n X^T X).
+
+    ``clip`` (a number or [N, G] ratios, as ``int4.scale_zero`` takes) shrinks each group's range
+    before rounding: AWQ's clip search result, when GPTQ rounds AWQ-scaled weights.
+    """
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
     h = hessian.detach().to(torch.float32).clone()
@@ -40,7 +46,7 @@ def gptq(weight: Tensor, hessian: Tensor, group_size: int, symmetric: bool, damp
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     if act_order:
         # static groups: scales from the whole (dead-zeroed) weight, before any error feedback
-        scale, zero = int4.scale_zero(w, group_size, symmetric)
+        scale, zero = int4.scale_zero(w, group_size, symmetric, clip)
         w, h = w[:, perm], h[perm][:, perm]
     else:
         scale = torch.empty(n, g_count)
@@ -61,7 +67,8 @@ def gptq(weight: Tensor, hessian: Tensor, group_size: int, symmetric: bool, damp
             col = i1 + i
             g = int(perm[col]) // group_size
             if not act_order and col % group_size == 0:
-                s, z = int4.scale_zero(w1[:, i:i + group_size], group_size, symmetric)
+                ratio = clip[:, g:g + 1] if isinstance(clip, Tensor) else clip
+                s, z = int4.scale_zero(w1[:, i:i + group_size], group_size, symmetric, ratio)
                 scale[:, g] = s[:, 0]
                 if zero is not None:
                     zero[:, g] = z[:, 0].to(torch.float32)

@@ -49,13 +49,19 @@ class Recipe:
         awq_clip: also search a per-group weight clip ratio (AWQ).
         gptq_damp: GPTQ dampening, as a fraction of the Hessian's mean diagonal.
         gptq_block: GPTQ lazy-update block width (columns).
-        gptq_first_token_weight: weight of each calibration sequence's first token in GPTQ's
-            Hessians. A causal LM's first token is its attention sink: most heads attend to it,
+        first_token_weight: weight of each calibration sequence's first token in the rounding
+            objectives (GPTQ's Hessians, AWQ's scale and clip searches, the scale refit). A causal
+            LM's first token is its attention sink: most heads attend to it,
             so the error of its value projection reaches every later token, while an unweighted
             Hessian counts it once per sequence and GPTQ trades its accuracy away
             (SmolLM2-135M layer 18 ``v_proj``: +4.4% perplexity alone, RTN +0.2%; weight 64: 0.0%).
             The GPTQ recipes default to 64: on SmolLM2's 16 test windows, sym g64, +19.9% perplexity
-            against +32.1% unweighted (benchmarks/accuracy.py).
+            against +32.1% unweighted (benchmarks/accuracy.py). AWQ's searches barely move with it
+            (4 test windows, 17.54 at 64 vs 17.54 at 1: benchmarks/int4_eager.py), so AWQ keeps 1.
+        refit_scales: after AWQ / GPTQ chose the codes, refit each row's group scales by least
+            squares against the layer's output on the calibration data (``qcompiler.scale_refit``).
+            On by default for GPTQ (SmolLM2 sym g64, 4 test windows: perplexity 18.13 vs 19.27
+            without); AWQ's clip search already fits its grids to the outputs (17.62 vs 17.54).
         act_order: GPTQ processes columns by decreasing Hessian diagonal (groups stay static).
         activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
         observer: how a static activation scale is chosen from calibration data
@@ -99,7 +105,8 @@ class Recipe:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     act_order: bool = False
-    gptq_first_token_weight: float = 1.0
+    first_token_weight: float = 1.0
+    refit_scales: bool = False
     activation: Optional[str] = "dynamic"
     observer: str = "minmax"
     percentile: float = 99.99
@@ -139,9 +146,9 @@ class Recipe:
                              f"(weight_bits=4), got weight_bits={self.weight_bits!r}")
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {ALGORITHMS}")
-        if not self.gptq_first_token_weight >= 1.0:
-            raise ValueError(f"recipe {self.name!r}: gptq_first_token_weight must be >= 1 (1 = every token "
-                             f"alike), got {self.gptq_first_token_weight!r}")
+        if not self.first_token_weight >= 1.0:
+            raise ValueError(f"recipe {self.name!r}: first_token_weight must be >= 1 (1 = every token "
+                             f"alike), got {self.first_token_weight!r}")
         if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block < 1 or self.awq_grid < 1:
             raise ValueError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block and awq_grid >= 1")
         if not 0.0 < self.budget:
@@ -258,9 +265,10 @@ _INT4 = dict(weight_bits=4, activation=None, group_size=128, symmetric=True, min
 register_recipe(Recipe("w4a16", **_INT4, description="INT4 weight-only in groups, round to nearest"))
 register_recipe(Recipe("w4a16-awq", **_INT4, algorithm="awq",
                        description="INT4 weight-only in groups, AWQ scales and clipping (calibrated)"))
-register_recipe(Recipe("w4a16-gptq", **_INT4, algorithm="gptq", act_order=True, gptq_first_token_weight=64.0,
+register_recipe(Recipe("w4a16-gptq", **_INT4, algorithm="gptq", act_order=True, first_token_weight=64.0,
+                       refit_scales=True,
                        description="INT4 weight-only in groups, GPTQ rounding (calibrated)"))
-register_recipe(Recipe("w4a16-awq-gptq", **_INT4, algorithm="awq-gptq", act_order=True, gptq_first_token_weight=64.0,
+register_recipe(Recipe("w4a16-awq-gptq", **_INT4, algorithm="awq-gptq", act_order=True, first_token_weight=64.0,
                        description="INT4 weight-only in groups, AWQ scales then GPTQ rounding (calibrated)"))
 register_recipe(Recipe("auto", mixed_precision=True, activation=None, weight_bits=None,
                        description="per-layer choice of FP / w8a8 / w8a16 / w4a16 under a perplexity budget"))

@@ -15,12 +15,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qcompiler import awq, blockwise, gptq
+from qcompiler import awq, blockwise, gptq, scale_refit
 from qcompiler.calibration import PreparedWeight, store_prepared
 
 # the recipe fields a prepared INT4 weight depends on: compiling with other values must not reuse it
 KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "awq_clip",
-              "gptq_damp", "gptq_block", "act_order", "gptq_first_token_weight")
+              "gptq_damp", "gptq_block", "act_order", "first_token_weight",
+              "refit_scales")
 LAST_RUN: dict = {}  # what the last prepare() did: algorithm, layers, seconds (benchmarks print it)
 
 
@@ -35,12 +36,26 @@ def tied_weights(model: nn.Module) -> set:
             for p in m.parameters(recurse=False) if id(p) in linear}
 
 
+def _refit(r, packed, weight, inputs, s=None):
+    """The recipe's scale refit (``qcompiler.scale_refit``) of ``weight`` (``W s``) against the
+    Hessian of its input (``x / s``)."""
+    if not r.refit_scales:
+        return packed
+    h = inputs.hessian if s is None else inputs.hessian / s[:, None] / s[None, :]
+    return scale_refit.refit(packed, weight, h)
+
+
+def _weight(li) -> torch.Tensor:
+    return li.module.weight.detach().to(torch.float32)
+
+
 def _gptq_block(linears: list, recipe_of: Callable) -> dict:
     out = {}
     for li in linears:
         r = recipe_of(li)
-        packed = gptq.gptq(li.module.weight, li.inputs.hessian, r.group_size, r.symmetric, r.gptq_damp,
-                           r.gptq_block, r.act_order)
+        w = _weight(li)
+        packed = gptq.gptq(w, li.inputs.hessian, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order)
+        packed = _refit(r, packed, w, li.inputs)
         out[li.module] = (PreparedWeight(r, weight_key(r), packed), packed.dequantize())
     return out
 
@@ -57,25 +72,33 @@ def _awq_block(linears: list, recipe_of: Callable) -> dict:
     out = {}
     for r, members in _input_groups(linears, recipe_of):
         inputs = members[0].inputs
-        packed, s, a = awq.awq([li.module.weight for li in members], inputs.rows.rows, inputs.mean_abs,
-                               r.group_size, r.symmetric, r.awq_grid, r.awq_clip)
+        weights = [_weight(li) for li in members]
+        packed, s, a = awq.awq(weights, inputs.objective_rows(awq.SEARCH_ROWS),
+                               inputs.objective_rows(awq.CLIP_ROWS), inputs.mean_abs, r.group_size, r.symmetric,
+                               r.awq_grid, r.awq_clip)
         reason = "scales from plain rounding (no exponent beat it)" if a is None else f"AWQ exponent {a:.2f}"
-        for li, p in zip(members, packed):
+        for li, w, p in zip(members, weights, packed):
+            p = _refit(r, p, w * s, inputs, s)
             out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason), p.dequantize() / s)
     return out
 
 
 def _awq_gptq_block(linears: list, recipe_of: Callable) -> dict:
-    """AWQ's activation-aware scales, then GPTQ rounding of ``W s`` against the Hessian of ``x / s``."""
+    """AWQ's activation-aware scales (and clip ratios), then GPTQ rounding of ``W s`` against the
+    Hessian of ``x / s`` on the clipped group grids."""
     out = {}
     for r, members in _input_groups(linears, recipe_of):
         inputs = members[0].inputs
-        weights = [li.module.weight.detach().to(torch.float32) for li in members]
-        s, a = awq.search_scale(weights, inputs.rows.rows, inputs.mean_abs, r.group_size, r.symmetric, r.awq_grid)
+        weights = [_weight(li) for li in members]
+        s, a = awq.search_scale(weights, inputs.objective_rows(awq.SEARCH_ROWS), inputs.mean_abs, r.group_size,
+                                r.symmetric, r.awq_grid)
         h = inputs.hessian / s[:, None] / s[None, :]
+        clip_rows = inputs.objective_rows(awq.CLIP_ROWS) / s
         reason = "AWQ scales: none (plain rounding won)" if a is None else f"AWQ exponent {a:.2f}"
         for li, w in zip(members, weights):
-            p = gptq.gptq(w * s, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order)
+            ratio = awq.search_clip(w * s, clip_rows, r.group_size, r.symmetric, r.awq_grid) if r.awq_clip else 1.0
+            p = gptq.gptq(w * s, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order, ratio)
+            p = _refit(r, p, w * s, inputs, s)
             out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason + ", GPTQ rounding"), p.dequantize() / s)
     return out
 
@@ -92,6 +115,7 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
 
         return auto.choose(model, batches, recipe, loss_fn=loss_fn, max_rows=max_rows, progress=progress)
     algorithm, need_hessian = ALGORITHMS[recipe.algorithm]
+    need_hessian = need_hessian or recipe.refit_scales
     tied = set() if recipe.quantize_tied else tied_weights(model)
     prepared = {}
 
@@ -111,7 +135,7 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
               and (id(m.weight) in tied or recipe.for_module(n) is None)}
     stats = blockwise.run(model, batches, handle, need_hessian=need_hessian, max_rows=max_rows,
                           progress=progress, on_outside=lambda linears: handle("", linears), ignore=ignore,
-                          first_token_weight=recipe.gptq_first_token_weight)
+                          first_token_weight=recipe.first_token_weight)
     store_prepared(prepared, stats)
     LAST_RUN.clear()
     LAST_RUN.update(algorithm=recipe.algorithm, layers=len(prepared), seconds=time.perf_counter() - start)

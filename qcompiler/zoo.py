@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -125,12 +126,15 @@ def wiki_sentences(calib: int, heldout: int, min_words: int = 6) -> tuple:
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:
-    """exp(mean next-token NLL) over all windows (each window scored on its own)."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, params: Optional[dict] = None) -> float:
+    """exp(mean next-token NLL) over all windows (each window scored on its own); ``params``
+    (name -> tensor) replace the model's own for this call (``torch.func.functional_call``)."""
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         ids = windows[i: i + batch_size]
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        kwargs = {"input_ids": ids, "use_cache": False}
+        out = model(**kwargs) if not params else torch.func.functional_call(model, params, (), kwargs, strict=False)
+        logits = out.logits.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  ids[:, 1:].reshape(-1), reduction="sum")
         nll += loss.item()

@@ -40,13 +40,18 @@ def test_gptq_output_error_is_below_rtn(k, group_size, symmetric, act_order):
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
 
 
-def test_gptq_with_identity_hessian_and_no_feedback_target_is_rtn():
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_gptq_with_identity_hessian_and_no_feedback_target_is_rtn(act_order, symmetric, clipped):
     # H = I: no column predicts another, so the error feedback has nothing to correct
     torch.manual_seed(0)
     w = torch.randn(16, 64)
-    p = gptq.gptq(w, torch.eye(64), 32, True, damp=1e-6)
-    # the group scale is found from the same (unchanged) weights: codes equal RTN's
-    assert torch.equal(p.packed, int4.quantize(w, 32, True).packed)
+    clip = torch.rand(16, 2) * 0.5 + 0.5 if clipped else 1.0
+    p = gptq.gptq(w, torch.eye(64), 32, symmetric, damp=1e-6, act_order=act_order, clip=clip)
+    # the group scale is found from the same (unchanged) weights on the same clipped range: RTN's codes
+    rtn = int4.quantize(w, 32, symmetric, clip)
+    assert torch.equal(p.packed, rtn.packed) and torch.equal(p.scale, rtn.scale)
 
 
 def test_gptq_dead_input_channels_quantize_to_zero():
@@ -71,7 +76,7 @@ def test_awq_is_never_worse_than_rtn_and_helps_outlier_channels(symmetric):
     torch.manual_seed(1)
     ws = [torch.randn(40, 96) * 0.05, torch.randn(24, 96) * 0.05]
     x = correlated_inputs(512, 96)
-    packed, s, a = awq.awq(ws, x, x.abs().mean(0), 32, symmetric, grid=10, clip=True)
+    packed, s, a = awq.awq(ws, x, x, x.abs().mean(0), 32, symmetric, grid=10, clip=True)
     assert s.shape == (96,) and (s > 0).all()
     for w, p in zip(ws, packed):
         e_awq = out_err(x, w, p.dequantize() / s)
@@ -214,5 +219,17 @@ def test_hessian_weights_each_sequences_first_token(weight):
 
 
 def test_first_token_weight_below_one_is_refused():
-    with pytest.raises(ValueError, match="gptq_first_token_weight must be >= 1"):
-        qcompiler.get_recipe("w4a16-gptq").replace(gptq_first_token_weight=0.5)
+    with pytest.raises(ValueError, match="first_token_weight must be >= 1"):
+        qcompiler.get_recipe("w4a16-gptq").replace(first_token_weight=0.5)
+
+
+@pytest.mark.parametrize("weight", [1.0, 64.0])
+def test_search_rows_weigh_first_tokens_as_the_hessian_does(weight):
+    from qcompiler.blockwise import InputStats
+
+    x = torch.randn(3, 7, 16)
+    stats = InputStats(16, True, 64, "l", first_token_weight=weight)  # room for every row: no sampling
+    stats.update(x)
+    rows = stats.objective_rows(64)
+    assert rows.shape[0] == 21 + (3 if weight != 1.0 else 0)
+    torch.testing.assert_close(rows.double().t() @ rows.double(), stats.xtx, rtol=1e-5, atol=1e-4)
