@@ -15,7 +15,7 @@ import torch
 from qcompiler.lowering import inductor, reference
 
 
-def _ort_build(gm, example_inputs, **_):
+def _ort_build(gm, example_inputs):
     from qcompiler.lowering import ort  # onnx / onnxruntime are optional: import on use
 
     return ort.build(gm, example_inputs)

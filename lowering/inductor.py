@@ -53,4 +53,4 @@ def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
 
 def cuda_graph_patch(cuda_graphs: bool) -> dict:
     """Inductor's config for ``cuda_graphs``: what torch.compile's mode="reduce-overhead" sets."""
-    return {"triton.cudagraphs": bool(cuda_graphs)}
+    return {"triton.cudagraphs": cuda_graphs}

@@ -56,12 +56,14 @@ class Recipe:
             Hessian counts it once per sequence and GPTQ trades its accuracy away
             (SmolLM2-135M layer 18 ``v_proj``: +4.4% perplexity alone, RTN +0.2%; weight 64: 0.0%).
             The GPTQ recipes default to 64: on SmolLM2's 16 test windows, sym g64, +19.9% perplexity
-            against +32.1% unweighted (benchmarks/accuracy.py). AWQ's searches barely move with it
-            (4 test windows, 17.54 at 64 vs 17.54 at 1: benchmarks/int4_eager.py), so AWQ keeps 1.
+            against +32.1% unweighted (benchmarks/accuracy.py). AWQ's searches do not move with it
+            (4 test windows: 17.544 at 64, benchmarks/int4_eager.py; 17.539 at 1,
+            benchmarks/int4_recipe_sensitivity.py), so AWQ keeps 1.
         refit_scales: after AWQ / GPTQ chose the codes, refit each row's group scales by least
             squares against the layer's output on the calibration data (``qcompiler.scale_refit``).
             On by default for GPTQ (SmolLM2 sym g64, 4 test windows: perplexity 18.13 vs 19.27
-            without); AWQ's clip search already fits its grids to the outputs (17.62 vs 17.54).
+            without; the 16 test windows of benchmarks/accuracy.py: +19.76% vs +19.92%, within noise);
+            off for AWQ, whose clip search already fits its grids to the outputs (17.62 vs 17.54).
         act_order: GPTQ processes columns by decreasing Hessian diagonal (groups stay static).
         activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
         observer: how a static activation scale is chosen from calibration data

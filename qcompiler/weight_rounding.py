@@ -96,9 +96,10 @@ def _awq_gptq_block(linears: list, recipe_of: Callable) -> dict:
         clip_rows = inputs.objective_rows(awq.CLIP_ROWS) / s
         reason = "AWQ scales: none (plain rounding won)" if a is None else f"AWQ exponent {a:.2f}"
         for li, w in zip(members, weights):
-            ratio = awq.search_clip(w * s, clip_rows, r.group_size, r.symmetric, r.awq_grid) if r.awq_clip else 1.0
-            p = gptq.gptq(w * s, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order, ratio)
-            p = _refit(r, p, w * s, inputs, s)
+            ws = w * s
+            ratio = awq.search_clip(ws, clip_rows, r.group_size, r.symmetric, r.awq_grid) if r.awq_clip else 1.0
+            p = gptq.gptq(ws, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order, ratio)
+            p = _refit(r, p, ws, inputs, s)
             out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason + ", GPTQ rounding"), p.dequantize() / s)
     return out
 
