@@ -5,6 +5,7 @@ block), then measures perplexity on 4 held-out 512-token windows with the prepar
 swapped in through ``torch.func.functional_call`` (no compile), so algorithms can be compared in
 minutes. ``benchmarks/accuracy.py`` measures the same recipes through the compiled path.
 
+    python benchmarks/int4_eager.py CALIB_WINDOWS '[OPTIONS, ...]' [HELD_OUT_WINDOWS]
     python benchmarks/int4_eager.py 16 '[{"recipe": "w4a16-awq", "group_size": 64}]'
 """
 import json
@@ -18,7 +19,7 @@ from qcompiler import zoo, int4, calibration
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")
-cal, held = zoo.lm_windows(ids, 512, int(sys.argv[1]), 4)
+cal, held = zoo.lm_windows(ids, 512, int(sys.argv[1]), int(sys.argv[3]) if len(sys.argv) > 3 else 4)
 lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from qcompiler.calibration import ActivationStats, CalibrationError, call_model
 
-MAX_FIRST_ROWS = 256    # first rows kept per input for the searches' objectives
 # a KV cache given to a block would be appended to on every re-run; blocks run without one
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache")
 
@@ -40,25 +39,22 @@ class InputStats:
     need_hessian: bool
     max_rows: int
     name: str
-    first_token_weight: float = 1.0       # weight of each sequence's first row in the objectives
+    first_token_weight: float = 1.0       # weight of each sequence's first row in the Hessian
     xtx: Optional[Tensor] = None          # float64 [K, K]: sum of x x^T (GPTQ's Hessian / 2)
     abs_sum: Optional[Tensor] = None      # float64 [K]: sum of |x| (AWQ's input magnitude)
     tokens: int = 0
     rows: ActivationStats = None
-    first_rows: Optional[Tensor] = None   # [<= MAX_FIRST_ROWS, K]: each sequence's first row
 
     def __post_init__(self):
         self.abs_sum = torch.zeros(self.k, dtype=torch.float64)
         if self.need_hessian:
             self.xtx = torch.zeros(self.k, self.k, dtype=torch.float64)
         self.rows = ActivationStats.empty(self.name, self.k, self.max_rows)
-        self.first_rows = torch.empty(0, self.k)
 
     def update(self, x: Tensor) -> None:
         x = x.detach().to("cpu", torch.float32)
-        weighted, first = x, None
+        weighted = x
         if self.first_token_weight != 1.0 and x.dim() >= 3:
-            first = x[..., 0, :].reshape(-1, x.shape[-1])
             weighted = x.clone()
             weighted[..., 0, :] *= self.first_token_weight ** 0.5
         x, weighted = x.reshape(-1, x.shape[-1]), weighted.reshape(-1, x.shape[-1])
@@ -70,19 +66,6 @@ class InputStats:
             self.xtx += (weighted.t() @ weighted).to(torch.float64)  # float32 GEMM, float64 running sum
         self.tokens += x.shape[0]
         self.rows.update(x)
-        if first is not None and len(self.first_rows) < MAX_FIRST_ROWS:
-            self.first_rows = torch.cat([self.first_rows, first])[:MAX_FIRST_ROWS]
-
-    def objective_rows(self, n: int) -> Tensor:
-        """Rows whose summed squared outputs weigh tokens as the Hessian does: ``n`` sampled rows,
-        then (with a first-token weight w) each sequence's first row again, scaled so that it counts
-        ``w - 1`` tokens against the ``tokens / n`` each sampled row stands for (the sample holds
-        first rows at their share already). AWQ's searches score candidates on these."""
-        rows = self.rows.rows[:n]
-        if self.first_token_weight == 1.0 or not len(self.first_rows) or not len(rows):
-            return rows
-        per_row = self.tokens / len(rows)
-        return torch.cat([rows, self.first_rows * ((self.first_token_weight - 1) / per_row) ** 0.5])
 
     @property
     def mean_abs(self) -> Tensor:

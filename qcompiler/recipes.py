@@ -58,7 +58,8 @@ class Recipe:
             The GPTQ recipes default to 64: on SmolLM2's 16 test windows, sym g64, +19.9% perplexity
             against +32.1% unweighted (benchmarks/accuracy.py). AWQ's searches do not move with it
             (4 test windows: 17.544 at 64, benchmarks/int4_eager.py; 17.539 at 1,
-            benchmarks/int4_recipe_sensitivity.py), so AWQ keeps 1.
+            benchmarks/int4_recipe_sensitivity.py; both with the row-sampled searches AWQ used then),
+            so AWQ keeps 1.
         refit_scales: after AWQ / GPTQ chose the codes, refit each row's group scales by least
             squares against the layer's output on the calibration data (``qcompiler.scale_refit``).
             On by default for GPTQ (SmolLM2 sym g64, 4 test windows: perplexity 18.13 vs 19.27

@@ -73,8 +73,7 @@ def _awq_block(linears: list, recipe_of: Callable) -> dict:
     for r, members in _input_groups(linears, recipe_of):
         inputs = members[0].inputs
         weights = [_weight(li) for li in members]
-        packed, s, a = awq.awq(weights, inputs.objective_rows(awq.SEARCH_ROWS),
-                               inputs.objective_rows(awq.CLIP_ROWS), inputs.mean_abs, r.group_size, r.symmetric,
+        packed, s, a = awq.awq(weights, inputs.hessian, inputs.mean_abs, r.group_size, r.symmetric,
                                r.awq_grid, r.awq_clip)
         reason = "scales from plain rounding (no exponent beat it)" if a is None else f"AWQ exponent {a:.2f}"
         for li, w, p in zip(members, weights, packed):
@@ -90,14 +89,12 @@ def _awq_gptq_block(linears: list, recipe_of: Callable) -> dict:
     for r, members in _input_groups(linears, recipe_of):
         inputs = members[0].inputs
         weights = [_weight(li) for li in members]
-        s, a = awq.search_scale(weights, inputs.objective_rows(awq.SEARCH_ROWS), inputs.mean_abs, r.group_size,
-                                r.symmetric, r.awq_grid)
+        s, a = awq.search_scale(weights, inputs.hessian, inputs.mean_abs, r.group_size, r.symmetric, r.awq_grid)
         h = inputs.hessian / s[:, None] / s[None, :]
-        clip_rows = inputs.objective_rows(awq.CLIP_ROWS) / s
         reason = "AWQ scales: none (plain rounding won)" if a is None else f"AWQ exponent {a:.2f}"
         for li, w in zip(members, weights):
             ws = w * s
-            ratio = awq.search_clip(ws, clip_rows, r.group_size, r.symmetric, r.awq_grid) if r.awq_clip else 1.0
+            ratio = awq.search_clip(ws, h, r.group_size, r.symmetric, r.awq_grid) if r.awq_clip else 1.0
             p = gptq.gptq(ws, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order, ratio)
             p = _refit(r, p, ws, inputs, s)
             out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason + ", GPTQ rounding"), p.dequantize() / s)
@@ -105,7 +102,7 @@ def _awq_gptq_block(linears: list, recipe_of: Callable) -> dict:
 
 
 # recipe.algorithm -> (function over one block's linears, whether it needs Hessians)
-ALGORITHMS = {"gptq": (_gptq_block, True), "awq": (_awq_block, False), "awq-gptq": (_awq_gptq_block, True)}
+ALGORITHMS = {"gptq": (_gptq_block, True), "awq": (_awq_block, True), "awq-gptq": (_awq_gptq_block, True)}
 
 
 def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: int = 1024,

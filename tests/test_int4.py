@@ -17,7 +17,8 @@ def f64_rtn(w, group_size, symmetric):
     for g0 in range(0, k, group_size):
         g = w[:, g0:g0 + group_size].double()
         if symmetric:
-            scale = (g.abs().amax(1, keepdim=True) / 7).clamp_min(1e-12)
+            hi, lo = g.amax(1, keepdim=True).clamp_min(0), g.amin(1, keepdim=True).clamp_max(0)
+            scale = torch.maximum(hi / 7, -lo / 8).clamp_min(1e-12)   # -8 * scale reaches a negative extreme
             q = torch.clamp(torch.round(g / scale), -8, 7)
             out[:, g0:g0 + group_size] = q * scale
         else:
@@ -59,6 +60,16 @@ def test_rtn_matches_float64(group_size, k, symmetric):
         pad = codes[:, k:]
         zero = 8 if symmetric else p.zero[:, -1:].expand_as(pad)
         assert torch.equal(pad, torch.as_tensor(zero, dtype=torch.uint8).expand_as(pad))
+
+
+def test_symmetric_grid_reaches_either_extreme_without_saturating():
+    w = torch.tensor([[-8.0, 1.0, 3.0, 0.5], [-2.0, 7.0, 0.0, 1.0], [8.0, -1.0, 0.0, 2.0]])
+    p = int4.quantize(w, 4, symmetric=True)
+    # a negative extreme takes code -8 (step 1 instead of 8 / 7); a positive one, code 7
+    torch.testing.assert_close(p.scale[:, 0], torch.tensor([1.0, 1.0, 8 / 7]))
+    deq = p.dequantize()
+    assert deq[0, 0] == -8.0 and deq[1, 1] == 7.0 and torch.isclose(deq[2, 0], torch.tensor(8.0))
+    assert (deq - w).abs().max() <= p.scale.max() / 2 + 1e-6  # nothing saturates
 
 
 def test_exact_zeros_stay_zero_asymmetric():

@@ -67,7 +67,8 @@ def test_awq_scales_of_one_reproduce_rtn_exactly():
     w, x = torch.randn(32, 64), correlated_inputs(128, 64)
     for gs, sym in ((32, True), (16, False)):
         ones = torch.ones(64)
-        assert awq.output_error([w], x, ones, gs, sym) == awq.output_error([w], x, None, gs, sym)
+        h = x.t() @ x
+        assert awq.output_error([w], h, ones, gs, sym) == awq.output_error([w], h, None, gs, sym)
         assert torch.equal(int4.quantize(w * ones, gs, sym).packed, int4.quantize(w, gs, sym).packed)
 
 
@@ -76,7 +77,7 @@ def test_awq_is_never_worse_than_rtn_and_helps_outlier_channels(symmetric):
     torch.manual_seed(1)
     ws = [torch.randn(40, 96) * 0.05, torch.randn(24, 96) * 0.05]
     x = correlated_inputs(512, 96)
-    packed, s, a = awq.awq(ws, x, x, x.abs().mean(0), 32, symmetric, grid=10, clip=True)
+    packed, s, a = awq.awq(ws, x.t() @ x, x.abs().mean(0), 32, symmetric, grid=10, clip=True)
     assert s.shape == (96,) and (s > 0).all()
     for w, p in zip(ws, packed):
         e_awq = out_err(x, w, p.dequantize() / s)
@@ -87,8 +88,32 @@ def test_awq_is_never_worse_than_rtn_and_helps_outlier_channels(symmetric):
 
 def test_clip_search_keeps_ratio_one_when_nothing_is_gained():
     w = torch.tensor([[1.0, -1.0] * 8])  # two values: any clipping only adds error
-    ratio = awq.search_clip(w, torch.randn(64, 16), 16, True, 10)
+    x = torch.randn(64, 16)
+    ratio = awq.search_clip(w, x.t() @ x, 16, True, 10)
     assert torch.equal(ratio, torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_objectives_equal_the_output_error_on_the_rows(symmetric):
+    """The Gram-matrix objectives are the squared output errors on the rows behind them: the
+    scale search's relative error, and per (row, group) the clip search's pick is the grid ratio
+    whose group error on the rows is smallest."""
+    torch.manual_seed(3)
+    w, x = torch.randn(6, 48) * 0.1, correlated_inputs(200, 48).double()
+    h = x.t() @ x
+    s = torch.rand(48) + 0.5
+    deq = int4.fake_quantize(w * s, 16, symmetric) / s
+    rows = ((x @ (deq - w).t().double()).pow(2).sum() / (x @ w.t().double()).pow(2).sum()).item()
+    assert abs(awq.output_error([w], h.float(), s, 16, symmetric) - rows) < 1e-4 * rows
+    grid = 8
+    ratio = awq.search_clip(w, h.float(), 16, symmetric, grid)
+    ratios = [1.0 - awq.MAX_SHRINK * i / grid for i in range(grid)]
+    for n in range(6):
+        for g in range(3):
+            cols = slice(16 * g, 16 * g + 16)
+            errs = [(x[:, cols] @ (int4.fake_quantize(w[n:n + 1, cols], 16, symmetric, r) - w[n:n + 1, cols])
+                     .t().double()).pow(2).sum().item() for r in ratios]
+            assert errs[ratios.index(float(ratio[n, g]))] <= min(errs) * (1 + 1e-4) + 1e-12
 
 
 def test_find_blocks_prefers_the_layer_list():
@@ -221,15 +246,3 @@ def test_hessian_weights_each_sequences_first_token(weight):
 def test_first_token_weight_below_one_is_refused():
     with pytest.raises(ValueError, match="first_token_weight must be >= 1"):
         qcompiler.get_recipe("w4a16-gptq").replace(first_token_weight=0.5)
-
-
-@pytest.mark.parametrize("weight", [1.0, 64.0])
-def test_search_rows_weigh_first_tokens_as_the_hessian_does(weight):
-    from qcompiler.blockwise import InputStats
-
-    x = torch.randn(3, 7, 16)
-    stats = InputStats(16, True, 64, "l", first_token_weight=weight)  # room for every row: no sampling
-    stats.update(x)
-    rows = stats.objective_rows(64)
-    assert rows.shape[0] == 21 + (3 if weight != 1.0 else 0)
-    torch.testing.assert_close(rows.double().t() @ rows.double(), stats.xtx, rtol=1e-5, atol=1e-4)
