@@ -70,7 +70,8 @@ def scale_zero(w: Tensor, group_size: int, symmetric: bool,
     wmax, wmin = g.amax(dim=-1).clamp_min(0) * clip, g.amin(dim=-1).clamp_max(0) * clip
     if symmetric:
         # the smallest step whose grid [-8, 7] * scale covers the group: a group whose extreme is
-        # negative reaches it with code -8 (SmolLM2 sym g64 RTN: +36% perplexity, +50% at amax / 7)
+        # negative reaches it with code -8 (SmolLM2 sym g64 RTN: +36% perplexity,
+        # +50% at amax / 7; benchmarks/accuracy.py)
         return torch.maximum(wmax / SYMMETRIC_QMAX, -wmin / SYMMETRIC_ZERO).clamp_min(_MIN_SCALE), None
     scale = ((wmax - wmin) / UMAX).clamp_min(_MIN_SCALE)
     zero = torch.clamp(torch.round(-wmin / scale), 0, UMAX)
