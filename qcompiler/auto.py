@@ -102,14 +102,13 @@ def _formats(recipe) -> list:
 
 
 def _rounded(li, r, weight) -> _Candidate:
-    from qcompiler.weight_rounding import ALGORITHMS, weight_key
+    from qcompiler.weight_rounding import round_block, weight_key
 
     if r.weight_bits == 4:
         if r.algorithm == "rtn":
             packed = int4.quantize(weight, r.group_size, r.symmetric)
             return _Candidate(r, weight, PreparedWeight(r, weight_key(r), packed))
-        fn, _ = ALGORITHMS[r.algorithm]
-        prepared, _ = fn([li], lambda _li: r)[li.module]
+        prepared, _ = round_block([li], lambda _li: r)[li.module]
         return _Candidate(r, weight, prepared)
     return _Candidate(r, weight)
 

@@ -45,8 +45,13 @@ class Recipe:
             aware scales and clipping), "gptq" (Hessian-based error feedback) or "awq-gptq" (AWQ's
             scales, then GPTQ's rounding); all but "rtn" need
             ``qcompiler.calibrate(model, data, recipe=...)``, which runs them block by block.
-        awq_grid: AWQ scale-exponent candidates (and clip ratios) searched per layer group.
-        awq_clip: also search a per-group weight clip ratio (AWQ).
+        awq_grid: AWQ scale-exponent candidates searched per layer group.
+        weight_clip: before rounding, search a clip ratio per (output row, group) of the INT4
+            weights against the layer's output error (``qcompiler.clip_search``); every algorithm
+            (AWQ on its scaled weights, GPTQ before its error feedback). SmolLM2-135M sym g64,
+            benchmarks/int4_eager.py (16 calibration, 16 test windows): GPTQ 22.49 perplexity with
+            it against 23.12 without.
+        weight_clip_grid: clip ratios tried, evenly from 1 down to 0.5.
         gptq_damp: GPTQ dampening, as a fraction of the Hessian's mean diagonal.
         gptq_block: GPTQ lazy-update block width (columns).
         first_token_weight: weight of each calibration sequence's first token in the rounding
@@ -56,15 +61,13 @@ class Recipe:
             Hessian counts it once per sequence and GPTQ trades its accuracy away
             (SmolLM2-135M layer 18 ``v_proj``: +4.4% perplexity alone, RTN +0.2%; weight 64: 0.0%).
             The GPTQ recipes default to 64: on SmolLM2's 16 test windows, sym g64, +19.9% perplexity
-            against +32.1% unweighted (benchmarks/accuracy.py). AWQ's searches do not move with it
-            (4 test windows: 17.544 at 64, benchmarks/int4_eager.py; 17.539 at 1,
-            benchmarks/int4_recipe_sensitivity.py; both with the row-sampled searches AWQ used then),
-            so AWQ keeps 1.
+            against +32.1% unweighted (benchmarks/accuracy.py). AWQ keeps 1: with 64 its searches
+            do worse (benchmarks/int4_eager.py, 16 / 16 windows: 23.17 against 22.90, scale refit on).
         refit_scales: after AWQ / GPTQ chose the codes, refit each row's group scales by least
             squares against the layer's output on the calibration data (``qcompiler.scale_refit``).
-            On by default for GPTQ (SmolLM2 sym g64, 4 test windows: perplexity 18.13 vs 19.27
-            without; the 16 test windows of benchmarks/accuracy.py: +19.76% vs +19.92%, within noise);
-            off for AWQ, whose clip search already fits its grids to the outputs (17.62 vs 17.54).
+            On by default for every algorithm recipe (benchmarks/int4_eager.py, 16 / 16 windows, sym
+            g64: AWQ 22.90 perplexity against 23.30 without, AWQ+GPTQ 22.86 against 22.87; GPTQ,
+            4 test windows: 18.13 against 19.27). It never raises the calibration error.
         act_order: GPTQ processes columns by decreasing Hessian diagonal (groups stay static).
         activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
         observer: how a static activation scale is chosen from calibration data
@@ -104,7 +107,8 @@ class Recipe:
     symmetric: bool = True
     algorithm: str = "rtn"
     awq_grid: int = 20
-    awq_clip: bool = True
+    weight_clip: bool = True
+    weight_clip_grid: int = 20
     gptq_damp: float = 0.01
     gptq_block: int = 128
     act_order: bool = False
@@ -152,8 +156,10 @@ class Recipe:
         if not self.first_token_weight >= 1.0:
             raise ValueError(f"recipe {self.name!r}: first_token_weight must be >= 1 (1 = every token "
                              f"alike), got {self.first_token_weight!r}")
-        if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block < 1 or self.awq_grid < 1:
-            raise ValueError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block and awq_grid >= 1")
+        if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block < 1 or self.awq_grid < 1 or \
+                self.weight_clip_grid < 1:
+            raise ValueError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block, awq_grid and "
+                             f"weight_clip_grid >= 1")
         if not 0.0 < self.budget:
             raise ValueError(f"recipe {self.name!r}: budget must be > 0 (0.01 = 1% perplexity), got {self.budget!r}")
         if self.activation not in ACTIVATION_SCHEMES:
@@ -266,12 +272,13 @@ register_recipe(Recipe("fp8-static", number_format="fp8", activation="static",
 # many of them in floating point (the user asked for 4 bits; ``auto`` is the way to mix).
 _INT4 = dict(weight_bits=4, activation=None, group_size=128, symmetric=True, min_sqnr_db=None)
 register_recipe(Recipe("w4a16", **_INT4, description="INT4 weight-only in groups, round to nearest"))
-register_recipe(Recipe("w4a16-awq", **_INT4, algorithm="awq",
+register_recipe(Recipe("w4a16-awq", **_INT4, algorithm="awq", refit_scales=True,
                        description="INT4 weight-only in groups, AWQ scales and clipping (calibrated)"))
 register_recipe(Recipe("w4a16-gptq", **_INT4, algorithm="gptq", act_order=True, first_token_weight=64.0,
                        refit_scales=True,
                        description="INT4 weight-only in groups, GPTQ rounding (calibrated)"))
 register_recipe(Recipe("w4a16-awq-gptq", **_INT4, algorithm="awq-gptq", act_order=True, first_token_weight=64.0,
+                       refit_scales=True,
                        description="INT4 weight-only in groups, AWQ scales then GPTQ rounding (calibrated)"))
 register_recipe(Recipe("auto", mixed_precision=True, activation=None, weight_bits=None,
                        description="per-layer choice of FP / w8a8 / w8a16 / w4a16 under a perplexity budget"))

@@ -2,7 +2,7 @@
 
 ``qcompiler.calibrate(model, data, recipe=...)`` calls ``prepare`` for recipes whose weights need
 an algorithm; it runs the model block by block (``qcompiler.blockwise``), hands each block's
-statistics to the recipe's algorithm (``ALGORITHMS``: name -> function over one block's linears)
+statistics to the recipe's algorithm (``ALGORITHMS``: name -> AWQ scales or not, and a rounding)
 and stores a ``PreparedWeight`` per linear, which the quantize pass turns into graph constants.
 The next block sees the previous blocks as quantized.
 """
@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from qcompiler import awq, blockwise, gptq, scale_refit
+from qcompiler import awq, blockwise, clip_search, gptq, int4, scale_refit
 from qcompiler.calibration import PreparedWeight, store_prepared
 
 # the recipe fields a prepared INT4 weight depends on: compiling with other values must not reuse it
-KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "awq_clip",
+KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "weight_clip", "weight_clip_grid",
               "gptq_damp", "gptq_block", "act_order", "first_token_weight",
               "refit_scales")
 LAST_RUN: dict = {}  # what the last prepare() did: algorithm, layers, seconds (benchmarks print it)
@@ -36,28 +37,57 @@ def tied_weights(model: nn.Module) -> set:
             for p in m.parameters(recurse=False) if id(p) in linear}
 
 
-def _refit(r, packed, weight, inputs, s=None):
-    """The recipe's scale refit (``qcompiler.scale_refit``) of ``weight`` (``W s``) against the
-    Hessian of its input (``x / s``)."""
-    if not r.refit_scales:
-        return packed
-    h = inputs.hessian if s is None else inputs.hessian / s[:, None] / s[None, :]
-    return scale_refit.refit(packed, weight, h)
-
-
 def _weight(li) -> torch.Tensor:
     return li.module.weight.detach().to(torch.float32)
 
 
-def _gptq_block(linears: list, recipe_of: Callable) -> dict:
-    out = {}
-    for li in linears:
-        r = recipe_of(li)
-        w = _weight(li)
-        packed = gptq.gptq(w, li.inputs.hessian, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order)
-        packed = _refit(r, packed, w, li.inputs)
-        out[li.module] = (PreparedWeight(r, weight_key(r), packed), packed.dequantize())
-    return out
+def _rtn(w, h, r, clip) -> int4.PackedInt4:
+    return int4.quantize(w, r.group_size, r.symmetric, clip)
+
+
+def _gptq(w, h, r, clip) -> int4.PackedInt4:
+    return gptq.gptq(w, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order, clip)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One INT4 weight algorithm: whether AWQ's input-channel scales come first, and the rounding
+    ``(weight, hessian, recipe, clip ratios) -> PackedInt4`` of the (scaled) weight. The clip
+    search and the scale refit are recipe switches common to all."""
+
+    awq_scales: bool
+    rounding: Callable
+    label: str
+
+
+# recipe.algorithm -> Algorithm; every algorithm needs the Hessians of its linears' inputs
+ALGORITHMS = {
+    "awq": Algorithm(True, _rtn, "round to nearest"),
+    "gptq": Algorithm(False, _gptq, "GPTQ rounding"),
+    "awq-gptq": Algorithm(True, _gptq, "GPTQ rounding"),
+}
+
+
+def round_weights(weights: list, hessian: torch.Tensor, mean_abs: torch.Tensor, recipe) -> tuple:
+    """``([PackedInt4], s or None, reason)`` for linears that read one input (Gram matrix
+    ``hessian`` [K, K], mean magnitude ``mean_abs`` [K]) under ``recipe``'s algorithm: AWQ scales
+    ``s`` (the packed weights are of ``W s``; the input must be divided by ``s``), clip search,
+    rounding, scale refit."""
+    algo = ALGORITHMS[recipe.algorithm]
+    h, s, reasons = hessian.to(torch.float32), None, []
+    if algo.awq_scales:
+        s, a = awq.search_scale(weights, h, mean_abs, recipe.group_size, recipe.symmetric, recipe.awq_grid)
+        reasons.append("AWQ scales: none (plain rounding won)" if a is None else f"AWQ exponent {a:.2f}")
+        h = h / s[:, None] / s[None, :]
+    reasons.append(algo.label)
+    packed = []
+    for w in weights:
+        ws = w if s is None else w * s
+        clip = clip_search.search(ws, h, recipe.group_size, recipe.symmetric, recipe.weight_clip_grid) \
+            if recipe.weight_clip else 1.0
+        p = algo.rounding(ws, h, recipe, clip)
+        packed.append(scale_refit.refit(p, ws, h) if recipe.refit_scales else p)
+    return packed, s, ", ".join(reasons)
 
 
 def _input_groups(linears: list, recipe_of: Callable) -> list:
@@ -68,41 +98,17 @@ def _input_groups(linears: list, recipe_of: Callable) -> list:
     return [(r, members) for (_, r), members in groups.items()]
 
 
-def _awq_block(linears: list, recipe_of: Callable) -> dict:
+def round_block(linears: list, recipe_of: Callable) -> dict:
+    """``{module: (PreparedWeight, effective float weight)}`` for one block's linears."""
     out = {}
     for r, members in _input_groups(linears, recipe_of):
         inputs = members[0].inputs
         weights = [_weight(li) for li in members]
-        packed, s, a = awq.awq(weights, inputs.hessian, inputs.mean_abs, r.group_size, r.symmetric,
-                               r.awq_grid, r.awq_clip)
-        reason = "scales from plain rounding (no exponent beat it)" if a is None else f"AWQ exponent {a:.2f}"
-        for li, w, p in zip(members, weights, packed):
-            p = _refit(r, p, w * s, inputs, s)
-            out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason), p.dequantize() / s)
+        packed, s, reason = round_weights(weights, inputs.hessian, inputs.mean_abs, r)
+        for li, p in zip(members, packed):
+            out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason),
+                              p.dequantize() if s is None else p.dequantize() / s)
     return out
-
-
-def _awq_gptq_block(linears: list, recipe_of: Callable) -> dict:
-    """AWQ's activation-aware scales (and clip ratios), then GPTQ rounding of ``W s`` against the
-    Hessian of ``x / s`` on the clipped group grids."""
-    out = {}
-    for r, members in _input_groups(linears, recipe_of):
-        inputs = members[0].inputs
-        weights = [_weight(li) for li in members]
-        s, a = awq.search_scale(weights, inputs.hessian, inputs.mean_abs, r.group_size, r.symmetric, r.awq_grid)
-        h = inputs.hessian / s[:, None] / s[None, :]
-        reason = "AWQ scales: none (plain rounding won)" if a is None else f"AWQ exponent {a:.2f}"
-        for li, w in zip(members, weights):
-            ws = w * s
-            ratio = awq.search_clip(ws, h, r.group_size, r.symmetric, r.awq_grid) if r.awq_clip else 1.0
-            p = gptq.gptq(ws, h, r.group_size, r.symmetric, r.gptq_damp, r.gptq_block, r.act_order, ratio)
-            p = _refit(r, p, ws, inputs, s)
-            out[li.module] = (PreparedWeight(r, weight_key(r), p, s, reason + ", GPTQ rounding"), p.dequantize() / s)
-    return out
-
-
-# recipe.algorithm -> (function over one block's linears, whether it needs Hessians)
-ALGORITHMS = {"gptq": (_gptq_block, True), "awq": (_awq_block, True), "awq-gptq": (_awq_gptq_block, True)}
 
 
 def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: int = 1024,
@@ -112,8 +118,6 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
         from qcompiler import auto
 
         return auto.choose(model, batches, recipe, loss_fn=loss_fn, max_rows=max_rows, progress=progress)
-    algorithm, need_hessian = ALGORITHMS[recipe.algorithm]
-    need_hessian = need_hessian or recipe.refit_scales
     tied = set() if recipe.quantize_tied else tied_weights(model)
     prepared = {}
 
@@ -123,7 +127,7 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
 
     def handle(block_name, linears):
         chosen = [li for li in linears if recipe_of(li) is not None and id(li.module.weight) not in tied]
-        result = algorithm(chosen, recipe_of)
+        result = round_block(chosen, recipe_of)
         for li in chosen:
             prepared[li.module.weight] = result[li.module][0]
         return {mod: eff for mod, (_, eff) in result.items()}
@@ -131,7 +135,7 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
     start = time.perf_counter()
     ignore = {m for n, m in model.named_modules() if isinstance(m, nn.Linear)
               and (id(m.weight) in tied or recipe.for_module(n) is None)}
-    stats = blockwise.run(model, batches, handle, need_hessian=need_hessian, max_rows=max_rows,
+    stats = blockwise.run(model, batches, handle, need_hessian=True, max_rows=max_rows,
                           progress=progress, on_outside=lambda linears: handle("", linears), ignore=ignore,
                           first_token_weight=recipe.first_token_weight)
     store_prepared(prepared, stats)

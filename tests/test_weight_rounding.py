@@ -8,7 +8,7 @@ import qcompiler
 import qcompiler.weight_rounding
 from conftest import rel_err
 from models import Stack, with_outlier_channels
-from qcompiler import awq, blockwise, gptq, int4
+from qcompiler import awq, blockwise, clip_search, gptq, int4
 from qcompiler.passes.quantize import sqnr_db
 
 
@@ -77,19 +77,21 @@ def test_awq_is_never_worse_than_rtn_and_helps_outlier_channels(symmetric):
     torch.manual_seed(1)
     ws = [torch.randn(40, 96) * 0.05, torch.randn(24, 96) * 0.05]
     x = correlated_inputs(512, 96)
-    packed, s, a = awq.awq(ws, x.t() @ x, x.abs().mean(0), 32, symmetric, grid=10, clip=True)
+    r = qcompiler.get_recipe("w4a16-awq").replace(group_size=32, symmetric=symmetric, awq_grid=10,
+                                                   weight_clip_grid=10, refit_scales=False)
+    packed, s, reason = qcompiler.weight_rounding.round_weights(ws, x.t() @ x, x.abs().mean(0), r)
     assert s.shape == (96,) and (s > 0).all()
     for w, p in zip(ws, packed):
         e_awq = out_err(x, w, p.dequantize() / s)
         e_rtn = out_err(x, w, int4.quantize(w, 32, symmetric).dequantize())
         assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
-    assert a is not None and s[:3].mean() > s[3:].mean()  # large channels get larger scales
+    assert "AWQ exponent" in reason and s[:3].mean() > s[3:].mean()  # large channels get larger scales
 
 
 def test_clip_search_keeps_ratio_one_when_nothing_is_gained():
     w = torch.tensor([[1.0, -1.0] * 8])  # two values: any clipping only adds error
     x = torch.randn(64, 16)
-    ratio = awq.search_clip(w, x.t() @ x, 16, True, 10)
+    ratio = clip_search.search(w, x.t() @ x, 16, True, 10)
     assert torch.equal(ratio, torch.ones(1, 1))
 
 
@@ -106,8 +108,8 @@ def test_awq_objectives_equal_the_output_error_on_the_rows(symmetric):
     rows = ((x @ (deq - w).t().double()).pow(2).sum() / (x @ w.t().double()).pow(2).sum()).item()
     assert abs(awq.output_error([w], h.float(), s, 16, symmetric) - rows) < 1e-4 * rows
     grid = 8
-    ratio = awq.search_clip(w, h.float(), 16, symmetric, grid)
-    ratios = [1.0 - awq.MAX_SHRINK * i / grid for i in range(grid)]
+    ratio = clip_search.search(w, h.float(), 16, symmetric, grid)
+    ratios = clip_search.ratios(grid)
     for n in range(6):
         for g in range(3):
             cols = slice(16 * g, 16 * g + 16)
@@ -246,3 +248,41 @@ def test_hessian_weights_each_sequences_first_token(weight):
 def test_first_token_weight_below_one_is_refused():
     with pytest.raises(ValueError, match="first_token_weight must be >= 1"):
         qcompiler.get_recipe("w4a16-gptq").replace(first_token_weight=0.5)
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "gptq", "awq-gptq"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_algorithm_rounds_on_the_searched_clip_grid(algorithm, symmetric):
+    # a diagonal Hessian: no channel predicts another, so GPTQ's feedback has nothing to correct
+    # and every algorithm is round-to-nearest of W s (s = 1 without AWQ) on the clip search's ratios
+    torch.manual_seed(4)
+    w = torch.randn(24, 64)
+    w[:, 5] *= 6   # outliers make clipping worth it for some groups
+    h = torch.diag(torch.rand(64) + 0.5)
+    r = qcompiler.get_recipe(f"w4a16-{algorithm}").replace(group_size=32, symmetric=symmetric, refit_scales=False,
+                                                          gptq_damp=1e-6, weight_clip_grid=10)
+    (p,), s, _ = qcompiler.weight_rounding.round_weights([w], h, torch.rand(64) + 0.5, r)
+    s = torch.ones(64) if s is None else s
+    ratio = clip_search.search(w * s, h / s[:, None] / s[None, :], 32, symmetric, 10)
+    assert (ratio < 1).any()
+    expected = int4.quantize(w * s, 32, symmetric, ratio)
+    assert torch.equal(p.packed, expected.packed) and torch.allclose(p.scale, expected.scale, rtol=1e-6)
+    (p_off,), s_off, _ = qcompiler.weight_rounding.round_weights([w], h, torch.rand(64) + 0.5,
+                                                                 r.replace(weight_clip=False))
+    assert torch.equal(p_off.packed, int4.quantize(w if s_off is None else w * s_off, 32, symmetric).packed)
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "gptq", "awq-gptq"])
+def test_scale_refit_never_raises_the_calibration_error_of_any_algorithm(algorithm):
+    torch.manual_seed(5)
+    ws = [torch.randn(32, 96) * 0.05, torch.randn(16, 96) * 0.05]
+    x = correlated_inputs(384, 96)
+    r = qcompiler.get_recipe(f"w4a16-{algorithm}").replace(group_size=32, awq_grid=8, weight_clip_grid=8)
+    errs = {}
+    for refit in (False, True):
+        packed, s, _ = qcompiler.weight_rounding.round_weights(ws, x.t() @ x, x.abs().mean(0),
+                                                               r.replace(refit_scales=refit))
+        errs[refit] = [out_err(x, w, p.dequantize() if s is None else p.dequantize() / s)
+                       for w, p in zip(ws, packed)]
+    assert all(on <= off * (1 + 1e-5) for on, off in zip(errs[True], errs[False])), errs
+    assert sum(errs[True]) < sum(errs[False]), errs
