@@ -8,7 +8,7 @@ block of the input's Gram matrix (the Hessian GPTQ accumulates, first-token weig
 every calibration token counts, at the cost of one ``[G, gs, gs]`` contraction per candidate.
 
 AWQ's reference implementation searches this after its scales (on sampled rows); every INT4
-algorithm here runs it before rounding (``Recipe.clip_search``): the ratios fix the group grids
+algorithm here runs it before rounding (``Recipe.weight_clip``): the ratios fix the group grids
 that AWQ's rounding or GPTQ's error feedback then fill (on SmolLM2 sym g64, GPTQ 23.12 -> 22.49
 perplexity with it, ``benchmarks/int4_eager.py``).
 """

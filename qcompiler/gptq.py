@@ -33,7 +33,8 @@ def gptq(weight: Tensor, hessian: Tensor, group_size: int, symmetric: bool, damp
     """GPTQ-rounded INT4 of ``weight`` [N, K] given ``hessian`` [K, K] (= 2/n X^T X).
 
     ``clip`` (a number or [N, G] ratios, as ``int4.scale_zero`` takes) shrinks each group's range
-    before rounding: AWQ's clip search result, when GPTQ rounds AWQ-scaled weights.
+    before rounding: the clip search's result (``qcompiler.clip_search``), which fixes the grids
+    that the error feedback then fills.
     """
     w = weight.detach().to(torch.float32).clone()
     n, k = w.shape
