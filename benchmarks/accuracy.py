@@ -54,6 +54,9 @@ LLM_RECIPES = [  # (label, options)
                                                                 "first_token_weight": 1.0}),
     ("w4a16-gptq sym g64, no act order", {"recipe": "w4a16-gptq", "group_size": 64, "act_order": False}),
     ("w4a16-awq-gptq sym g64", {"recipe": "w4a16-awq-gptq", "group_size": 64}),
+    ("w4a16-awq sym g64 + scale tuning x4", {"recipe": "w4a16-awq", "group_size": 64, "tune_epochs": 4}),
+    ("w4a16-gptq sym g64 (act order) + scale tuning x4", {"recipe": "w4a16-gptq", "group_size": 64,
+                                                          "tune_epochs": 4}),
     ("auto, budget 2%", {"recipe": "auto", "budget": 0.02}),
 ]
 NOTES = []  # calibration set sizes and times, printed under the table
@@ -116,6 +119,9 @@ def run_llm(args, rows):
         run = dict(qcompiler.weight_rounding.LAST_RUN)
         NOTES.append(f"SmolLM2-135M {label}: calibration ({run.get('algorithm')}, block by block, "
                      f"{len(cal_int4)} windows x {args.window} tokens) took {time.perf_counter() - t:.0f}s"
+                     + (f" ({run['rounding_seconds']:.0f}s rounding, then scale tuning: calibration loss "
+                        f"{run['tuning_loss'][0]:.4f} in the first epoch, {run['tuning_loss'][1]:.4f} in the last)"
+                        if run.get("tuning_loss") else "")
                      + (f"; chose {run['formats']}, held-out calibration ppl x{run['ppl_ratio']:.4f} in "
                         f"{run['evaluations']} evaluations" if run.get("algorithm") == "auto" else ""))
         print(NOTES[-1], file=sys.stderr)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from qcompiler import blockwise, int4, ops
-from qcompiler.calibration import CalibrationError, PreparedWeight, store_prepared
+from qcompiler.calibration import CalibrationError, PreparedWeight, call_model_with, store_prepared
 from qcompiler.recipes import FLOAT, get_recipe
 
 SENSITIVITY_ROWS = 512
@@ -170,7 +170,7 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
         try:
             with torch.no_grad():
                 for batch in held:
-                    losses.append(float(loss_fn(_functional(model, params, batch), batch)))
+                    losses.append(float(loss_fn(call_model_with(model, params, batch), batch)))
         finally:
             for h in hooks:
                 h.remove()
@@ -262,9 +262,3 @@ def search(errors: dict, loss: Callable[[dict], object], within: Callable[[objec
     best, speed_loss = largest_within(by_speed, faster, sized)
     return best, (speed_loss if speed_loss is not None else size_loss), evals
 
-
-def _functional(model, params, batch):
-    if isinstance(batch, dict):
-        return torch.func.functional_call(model, params, (), batch, strict=False)
-    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    return torch.func.functional_call(model, params, args, strict=False)

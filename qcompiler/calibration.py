@@ -274,3 +274,11 @@ def call_model(model, batch):
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def call_model_with(model, params: dict, batch):
+    """``call_model`` with some of the model's tensors replaced (name -> tensor) for this call."""
+    if isinstance(batch, dict):
+        return torch.func.functional_call(model, params, (), batch, strict=False)
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    return torch.func.functional_call(model, params, args, strict=False)

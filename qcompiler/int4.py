@@ -94,6 +94,14 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero: Optional[Tensor], group_siz
     return w.reshape(n, -1)[:, :k]
 
 
+def centred_codes(p: PackedInt4, dtype=torch.float32) -> Tensor:
+    """``u - zero`` of a packed weight, ``[N, G, group_size]`` (zero on the padding): the weight is
+    this times ``scale[..., None]``, which is what the scale refit and the scale tuning solve for."""
+    n, g = p.scale.shape
+    u = unpack(p.packed).to(dtype).reshape(n, g, p.group_size)
+    return u - (SYMMETRIC_ZERO if p.zero is None else p.zero.to(dtype)[..., None])
+
+
 def pack(q: Tensor) -> Tensor:
     """uint8 codes ``[N, 2M]`` -> bytes ``[N, M]``, even index in the low nibble."""
     return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)

@@ -24,14 +24,6 @@ from qcompiler import int4
 _RIDGE = 1e-6   # relative to the mean diagonal of M: keeps groups of all-zero codes solvable
 
 
-def _centred_codes(p: int4.PackedInt4) -> Tensor:
-    """float64 ``[N, G, group_size]`` of ``u - zero`` (zero on the padding)."""
-    n, g = p.scale.shape
-    u = int4.unpack(p.packed).to(torch.float64).reshape(n, g, p.group_size)
-    z = int4.SYMMETRIC_ZERO if p.zero is None else p.zero.to(torch.float64)[..., None]
-    return u - z
-
-
 def _row_error(s: Tensor, m: Tensor, b: Tensor) -> Tensor:
     """``s^T M s - 2 b^T s`` per row: the output error up to a constant that the scales do not move."""
     return torch.einsum("ng,ngh,nh->n", s, m, s) - 2 * (b * s).sum(-1)
@@ -44,7 +36,7 @@ def refit(p: int4.PackedInt4, weight: Tensor, hessian: Tensor, chunk: int = 256)
     pad = g * gs - k
     h = torch.nn.functional.pad(hessian.to(torch.float64), (0, pad, 0, pad))
     h4 = h.reshape(g, gs, g, gs)
-    c_all = _centred_codes(p)                                                        # [N, G, gs]
+    c_all = int4.centred_codes(p, torch.float64)                                    # [N, G, gs]
     wh_all = torch.nn.functional.pad(weight.detach().to(torch.float64), (0, pad)) @ h  # H w_n, [N, G*gs]
     scale = p.scale.clone()
     for r0 in range(0, n, chunk):   # [rows, G, gs, G] intermediates stay bounded

@@ -4,7 +4,9 @@
 an algorithm; it runs the model block by block (``qcompiler.blockwise``), hands each block's
 statistics to the recipe's algorithm (``ALGORITHMS``: name -> AWQ scales or not, and a rounding)
 and stores a ``PreparedWeight`` per linear, which the quantize pass turns into graph constants.
-The next block sees the previous blocks as quantized.
+The next block sees the previous blocks as quantized. With ``tune_epochs`` set, the INT4 group
+scales are then trained end to end against the float model (``qcompiler.scale_tuning``), the one
+step that holds the whole model's activations.
 """
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from qcompiler import awq, blockwise, clip_search, gptq, int4, scale_refit
+from qcompiler import awq, blockwise, clip_search, gptq, int4, scale_refit, scale_tuning
 from qcompiler.calibration import PreparedWeight, store_prepared
 
 # the recipe fields a prepared INT4 weight depends on: compiling with other values must not reuse it
 KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "weight_clip", "weight_clip_grid",
               "gptq_damp", "gptq_block", "act_order", "first_token_weight",
-              "refit_scales")
-LAST_RUN: dict = {}  # what the last prepare() did: algorithm, layers, seconds (benchmarks print it)
+              "refit_scales", "tune_epochs", "tune_lr")
+# what the last prepare() did: algorithm, layers, seconds, rounding_seconds, tuning_loss (first and
+# last epoch's mean calibration loss, None without tuning); benchmarks print it
+LAST_RUN: dict = {}
 
 
 def weight_key(recipe) -> tuple:
@@ -138,7 +142,13 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
     stats = blockwise.run(model, batches, handle, need_hessian=True, max_rows=max_rows,
                           progress=progress, on_outside=lambda linears: handle("", linears), ignore=ignore,
                           first_token_weight=recipe.first_token_weight)
+    rounded = time.perf_counter()
+    tuning = None
+    if recipe.tune_epochs:
+        prepared, tuning = scale_tuning.tune(model, batches, prepared, recipe.tune_epochs, recipe.tune_lr,
+                                             progress=progress)
     store_prepared(prepared, stats)
     LAST_RUN.clear()
-    LAST_RUN.update(algorithm=recipe.algorithm, layers=len(prepared), seconds=time.perf_counter() - start)
+    LAST_RUN.update(algorithm=recipe.algorithm, layers=len(prepared), seconds=time.perf_counter() - start,
+                    rounding_seconds=rounded - start, tuning_loss=tuning)
     return prepared

@@ -111,3 +111,11 @@ def test_opcheck_w4a16(symmetric):
     args = (torch.randn(2, 3, 40), p.packed, p.scale, p.zero, torch.rand(40) + 0.5, 16, torch.randn(7))
     torch.library.opcheck(qops.linear_w4a16, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_centred_codes_times_scales_is_the_dequantized_weight():
+    torch.manual_seed(0)
+    for symmetric in (True, False):
+        p = int4.quantize(torch.randn(8, 100), 32, symmetric)
+        w = (int4.centred_codes(p) * p.scale[..., None]).reshape(8, -1)[:, :100]
+        assert torch.equal(w, p.dequantize())

@@ -154,3 +154,24 @@ def test_smollm2_int4_fp8_auto_acceptance(smollm2):
     # the same size and less accurate; INT4 is far outside 2% on this model)
     assert gap["w8a16"] <= 0.02, gap
     assert gap["auto"] <= 0.02 and auto_bytes[1] < w8a16_bytes[1], (gap, auto_bytes, w8a16_bytes)
+
+
+@pytest.mark.slow
+def test_smollm2_int4_scale_tuning_acceptance(smollm2):
+    """Issue 5's INT4 bars for AWQ and GPTQ with end-to-end scale tuning (``tune_epochs``), on the
+    full split with 32 calibration windows (benchmarks/accuracy.py's "+ scale tuning" rows)."""
+    model, tok = smollm2
+    ids = zoo.wiki_token_ids(tok, "smollm2")
+    cal32, held = zoo.lm_windows(ids, 512, 32, 16)
+    base = zoo.perplexity(model, held)
+    gap = {}
+    for recipe in ("w4a16", "w4a16-awq", "w4a16-gptq"):
+        options = {"recipe": recipe, "group_size": 64, **({"tune_epochs": 4} if recipe != "w4a16" else {})}
+        if recipe != "w4a16":
+            qcompiler.calibrate(model, cal32.split(1), recipe=options, progress=False)
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
+        gap[recipe] = zoo.perplexity(fast, held) / base - 1
+    qcompiler.calibration.forget(model)
+    assert gap["w4a16-awq"] <= gap["w4a16"] / 2 and gap["w4a16-gptq"] <= gap["w4a16"] / 2, gap
+    assert min(gap["w4a16-awq"], gap["w4a16-gptq"]) <= 0.10, gap

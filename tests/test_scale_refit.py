@@ -9,7 +9,7 @@ from test_weight_rounding import correlated_inputs, out_err
 def explicit_refit(p, w, x):
     """Each row's best scales by ``torch.linalg.lstsq`` on the rows themselves (float64)."""
     n, g = p.scale.shape
-    c = scale_refit._centred_codes(p)                                              # [N, G, gs]
+    c = int4.centred_codes(p, torch.float64)                                              # [N, G, gs]
     xg = torch.nn.functional.pad(x.double(), (0, g * p.group_size - x.shape[1])).reshape(len(x), g, -1)
     y = x.double() @ w.double().t()
     out = torch.empty(n, g, dtype=torch.float64)
