@@ -125,7 +125,12 @@ def test_smollm2_acceptance_bars(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_int4_fp8_auto_acceptance(smollm2):
-    """Issue 5's bars on the full split (benchmarks/accuracy.py prints the same rows)."""
+    """Issue 5's bars on the full split (benchmarks/accuracy.py prints the same rows).
+
+    The INT4 bars are checked on AWQ and GPTQ with end-to-end scale tuning (``tune_epochs=4``),
+    the configuration the README reports as meeting them; without tuning (the recipes' defaults)
+    GPTQ cuts RTN's gap by 59% and AWQ by 48%, the best at +14.74%, which misses the AWQ and
+    10% bars (README, "Session 9")."""
     model, tok = smollm2
     ids = zoo.wiki_token_ids(tok, "smollm2")
     cal16, held = zoo.lm_windows(ids, 512, 16, 16)
@@ -142,8 +147,9 @@ def test_smollm2_int4_fp8_auto_acceptance(smollm2):
 
     measure({"recipe": "fp8"}, cal16)
     w8a16_bytes = qcompiler.explain(measure({"recipe": "w8a16"}, cal16)).weight_bytes
-    for recipe in ("w4a16", "w4a16-awq", "w4a16-gptq"):
-        measure({"recipe": recipe, "group_size": 64}, cal32)
+    measure({"recipe": "w4a16", "group_size": 64}, cal32)
+    for recipe in ("w4a16-awq", "w4a16-gptq"):
+        measure({"recipe": recipe, "group_size": 64, "tune_epochs": 4}, cal32)
     fast = measure({"recipe": "auto", "budget": 0.02}, cal32)
     auto_bytes = qcompiler.explain(fast).weight_bytes
     qcompiler.calibration.forget(model)
@@ -155,23 +161,3 @@ def test_smollm2_int4_fp8_auto_acceptance(smollm2):
     assert gap["w8a16"] <= 0.02, gap
     assert gap["auto"] <= 0.02 and auto_bytes[1] < w8a16_bytes[1], (gap, auto_bytes, w8a16_bytes)
 
-
-@pytest.mark.slow
-def test_smollm2_int4_scale_tuning_acceptance(smollm2):
-    """Issue 5's INT4 bars for AWQ and GPTQ with end-to-end scale tuning (``tune_epochs``), on the
-    full split with 32 calibration windows (benchmarks/accuracy.py's "+ scale tuning" rows)."""
-    model, tok = smollm2
-    ids = zoo.wiki_token_ids(tok, "smollm2")
-    cal32, held = zoo.lm_windows(ids, 512, 32, 16)
-    base = zoo.perplexity(model, held)
-    gap = {}
-    for recipe in ("w4a16", "w4a16-awq", "w4a16-gptq"):
-        options = {"recipe": recipe, "group_size": 64, **({"tune_epochs": 4} if recipe != "w4a16" else {})}
-        if recipe != "w4a16":
-            qcompiler.calibrate(model, cal32.split(1), recipe=options, progress=False)
-        torch._dynamo.reset()
-        fast = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
-        gap[recipe] = zoo.perplexity(fast, held) / base - 1
-    qcompiler.calibration.forget(model)
-    assert gap["w4a16-awq"] <= gap["w4a16"] / 2 and gap["w4a16-gptq"] <= gap["w4a16"] / 2, gap
-    assert min(gap["w4a16-awq"], gap["w4a16-gptq"]) <= 0.10, gap
