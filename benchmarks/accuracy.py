@@ -26,7 +26,7 @@ import time
 import torch
 
 import qcompiler
-import qcompiler.weight_rounding
+import qcompiler.state
 from qcompiler import zoo
 
 LLM_RECIPES = [  # (label, options)
@@ -116,7 +116,7 @@ def run_llm(args, rows):
     for label, options in algorithmic:
         t = time.perf_counter()
         qcompiler.calibrate(model, cal_int4.split(1), recipe=options, progress=False)
-        run = dict(qcompiler.weight_rounding.LAST_RUN)
+        run = dict(qcompiler.state.state_of(model).last_run)
         NOTES.append(f"SmolLM2-135M {label}: calibration ({run.get('algorithm')}, block by block, "
                      f"{len(cal_int4)} windows x {args.window} tokens) took {time.perf_counter() - t:.0f}s"
                      + (f" ({run['rounding_seconds']:.0f}s rounding, then scale tuning: calibration loss "

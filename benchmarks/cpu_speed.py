@@ -34,7 +34,7 @@ import torch
 
 import qcompiler
 from qcompiler import zoo
-from qcompiler.backend import LIVE_GRAPHS
+from qcompiler.backend import compiled_graphs
 
 CONFIGS = [  # label, backend, options
     ("eager fp32", None, None),
@@ -79,8 +79,8 @@ def peer_session(session, **quantize_options):
         return OrtSession(onnx.load(dst))
 
 
-def ort_graphs(fn_graphs_before):
-    return [g for g in LIVE_GRAPHS if g not in fn_graphs_before and g.target == "ort"]
+def ort_graphs(fn):
+    return [g for g in compiled_graphs(fn) if g.running_target == "ort"]
 
 
 def workloads(quick: bool, pattern: str):
@@ -166,13 +166,12 @@ def main(argv=None):
         for label, backend, options in configs:
             if options and not re.search(options.get("_workloads", "."), wname):
                 continue
-            before = set(LIVE_GRAPHS)
             fn = build(model, backend, options)
             call = make_call(fn)
             with torch.no_grad():
                 t = time.perf_counter()
                 call()
-                graphs = ort_graphs(before)
+                graphs = ort_graphs(fn)
                 if options and "_peer" in options:
                     for g in graphs:  # a graph that fell back to Inductor has no session to replace
                         if g.fn.session is not None:

@@ -23,7 +23,7 @@ import torch
 
 import qcompiler
 from qcompiler import zoo
-from qcompiler.backend import LIVE_GRAPHS
+from qcompiler.backend import compiled_graphs
 from qcompiler.runtimes.ort_session import session_options
 
 
@@ -86,13 +86,12 @@ def decode(recipes, runs: int, d: str):
     nxt = held_w[1:2, :1]
     for recipe in recipes:
         options = {"recipe": "w8a8", "skip": ["*"]} if recipe == "fp32" else {"recipe": recipe}
-        before = set(LIVE_GRAPHS)
         fn = torch.compile(lm, backend="qcompile", options={**options, "target": "ort"})
         with torch.no_grad():
             for _ in range(2):  # the second call may recompile (Dynamo guards on the cache's state)
                 fn(input_ids=nxt, past_key_values=past, use_cache=True)
                 past.crop(-1)
-            graphs = [g for g in LIVE_GRAPHS if g not in before and getattr(g.fn, "session", None) is not None]
+            graphs = [g for g in compiled_graphs(fn) if g.running_target == "ort"]
             for i, g in enumerate(graphs):  # the same model, now profiled
                 g.fn.session.session = profiled_session(g.fn.session.model.SerializeToString(),
                                                         os.path.join(d, f"{recipe}-{i}"))

@@ -13,64 +13,124 @@ from typing import Callable
 import torch
 
 from qcompiler.lowering import inductor, reference
+from qcompiler.runtimes.triton_support import TritonUnavailable, require
 
 
-def _ort_build(gm, example_inputs):
+class TargetUnavailable(RuntimeError):
+    """A target the user named explicitly cannot run this graph; the message says why and the fix."""
+
+
+def _ort_build(gm, example_inputs, strict: bool = False):
     from qcompiler.lowering import ort  # onnx / onnxruntime are optional: import on use
 
-    return ort.build(gm, example_inputs)
+    return ort.build(gm, example_inputs, strict=strict)
 
 
-def _triton_build(gm, example_inputs, cuda_graphs: bool = False):
+def _triton_build(gm, example_inputs, strict: bool = False, cuda_graphs: bool = False):
     from qcompiler.lowering import triton  # triton is optional (the 'gpu' extra): import on use
 
     return triton.build(gm, example_inputs, cuda_graphs=cuda_graphs)
 
 
-def _installed(*modules: str) -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in modules)
+def _any_target(build):
+    """A build() that has no fallback of its own, so ``strict`` changes nothing."""
+    return lambda gm, example_inputs, strict=False, **options: build(gm, example_inputs, **options)
 
 
-def _ort_supports(example_inputs) -> bool:
+def _missing(*modules: str) -> list:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def _device(example_inputs) -> torch.device:
+    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+
+def _always(example_inputs) -> tuple:
+    return True, ""
+
+
+def _ort_can_run(example_inputs) -> tuple:
+    missing = _missing("onnx", "onnxruntime", "onnxscript")
+    if missing:
+        return False, f"{', '.join(missing)} not installed: pip install 'qcompiler[onnx]'"
+    if _device(example_inputs).type != "cpu":
+        return False, (f"the model is on {_device(example_inputs).type!r}; qcompile's ONNX Runtime sessions run "
+                       "on the CPU: move the model to the CPU, or pick target='inductor' / 'triton'")
+    return True, ""
+
+
+def _ort_preferred(example_inputs) -> tuple:
     # measured (and ONNX Runtime's CPU kernels fast) for float32 models only
-    floats = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
-    return _installed("onnx", "onnxruntime", "onnxscript") and all(x.dtype == torch.float32 for x in floats)
+    floats = {x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    if floats - {torch.float32}:
+        return False, f"'ort' is measured on float32 models; this graph has {sorted(map(str, floats))}"
+    return _ort_can_run(example_inputs)
+
+
+def _triton_can_run(example_inputs) -> tuple:
+    try:
+        require(_device(example_inputs))
+    except TritonUnavailable as exc:
+        return False, str(exc)
+    return True, ""
 
 
 @dataclass(frozen=True)
 class Lowering:
+    """One target: how to build a graph's callable, and whether (and why not) it can run here."""
+
     name: str
-    build: Callable            # (gm, example_inputs, **options) -> callable(*args)
+    build: Callable            # (gm, example_inputs, strict=False, **options) -> callable(*args)
     description: str
-    # whether target="auto" may pick it for these graph inputs (dependencies installed, dtypes)
-    supports: Callable[[list], bool] = lambda example_inputs: True
+    # (ok, reason): whether the target can run these graph inputs at all (dependencies, device)
+    can_run: Callable[[list], tuple] = _always
+    # (ok, reason): whether target="auto" should pick it for these inputs (measured faster)
+    preferred: Callable[[list], tuple] = None
     # whether build() takes cuda_graphs=True (Inductor's CUDA graph trees around the compiled graph)
     cuda_graphs: bool = False
 
+    def check(self, example_inputs) -> None:
+        """Raise ``TargetUnavailable`` naming the reason and the fix when the target cannot run."""
+        ok, reason = self.can_run(list(example_inputs))
+        if not ok:
+            raise TargetUnavailable(f"target {self.name!r} cannot run here: {reason}")
+
 
 LOWERINGS = {
-    "reference": Lowering("reference", reference.build, "q-ops run their plain-torch reference kernels"),
-    "inductor": Lowering("inductor", inductor.build,
+    "reference": Lowering("reference", _any_target(reference.build),
+                          "q-ops run their plain-torch reference kernels"),
+    "inductor": Lowering("inductor", _any_target(inductor.build),
                          "the q-op graph, q-ops inlined as torch code, compiled by Inductor", cuda_graphs=True),
     "ort": Lowering("ort", _ort_build,
                     "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session",
-                    _ort_supports),
+                    _ort_can_run, _ort_preferred),
     "triton": Lowering("triton", _triton_build,
                        "q-ops run as qcompile's Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1), "
-                       "the rest of the graph through Inductor", lambda example_inputs: _installed("triton"),
-                       cuda_graphs=True),
+                       "the rest of the graph through Inductor", _triton_can_run, cuda_graphs=True),
 }
-# What target="auto" means on each device type: the first target of the list that supports the
-# graph (``Lowering.supports``), the list ordered by measurement. CPU: 'ort' was faster than
-# 'inductor' on every row of benchmarks/cpu_speed.py (README, "ONNX"); 'cuda' stays on Inductor
-# until benchmarks/gpu_e2e.py has measured the triton target faster.
+# What target="auto" means on each device type: the first target of the list that is preferred
+# for the graph (``Lowering.preferred``, else ``can_run``), the list ordered by measurement. CPU:
+# 'ort' was faster than 'inductor' on every row of benchmarks/cpu_speed.py; 'cuda' stays on
+# Inductor until benchmarks/gpu_e2e.py has measured the triton target faster.
 AUTO = {"cpu": ("ort", "inductor"), "cuda": ("inductor",)}
 
 
+def auto_choice(device_type: str, example_inputs=()) -> tuple:
+    """``(target, reason)``: what ``target="auto"`` picks for a graph on ``device_type``, and why
+    each target listed before it was passed over (``reference`` on devices not listed)."""
+    passed = []
+    for name in AUTO.get(device_type, ()):
+        low = LOWERINGS[name]
+        ok, reason = (low.preferred or low.can_run)(list(example_inputs))
+        if ok:
+            return name, "; ".join(passed)
+        passed.append(f"{name}: {reason}")
+    return "reference", "; ".join(passed) or f"no compiled target is listed for {device_type!r} devices"
+
+
 def auto_target(device_type: str, example_inputs=()) -> str:
-    """The target ``target="auto"`` picks for a graph on ``device_type`` (``reference`` on devices
-    not listed)."""
-    return next((t for t in AUTO.get(device_type, ()) if LOWERINGS[t].supports(list(example_inputs))), "reference")
+    """The target ``target="auto"`` picks for a graph on ``device_type``."""
+    return auto_choice(device_type, example_inputs)[0]
 
 
 def get_lowering(name: str) -> Lowering:

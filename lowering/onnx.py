@@ -25,7 +25,11 @@ __all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_in
 
 
 def _symbol(value) -> Optional[str]:
-    return str(value.node.expr) if isinstance(value, torch.SymInt) else None
+    """The symbol of a dynamic size; None for a static one, including a SymInt that Dynamo's
+    shape environment has pinned to a number (a feature size the weights fix)."""
+    if not isinstance(value, torch.SymInt) or value.node.maybe_as_int() is not None:
+        return None
+    return str(value.node.expr)
 
 
 def runtime_inputs(gm: fx.GraphModule, example_inputs) -> list:
@@ -147,7 +151,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
             program = torch.onnx.export(
                 module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSETS[form],
                 custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes,
-                input_names=list(input_names) if input_names else None, optimize=True, verbose=False,
+                input_names=list(input_names) if input_names else None, optimize=False, verbose=False,
                 report=False)
         except Exception as exc:  # the exporter wraps our translation errors: surface the message
             cause = exc
@@ -156,7 +160,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
             if cause is not None:
                 raise UnsupportedForm(str(cause)) from None
             raise
-    onnx_fusions.fuse(program.model, form)
+    onnx_fusions.optimize(program.model, form)
     return fold_constants(program.model_proto)
 
 

@@ -1,7 +1,11 @@
 """Rewrites of an exported ONNX graph into ops the target's runtime runs faster, per form.
 
-``lowering.onnx.to_onnx`` applies ``FUSIONS[form]`` to the exporter's graph before it stores
-constants. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
+``lowering.onnx.to_onnx`` runs ``optimize``: onnxscript's graph optimizer (constant folding,
+dead code), then ``FUSIONS[form]``, before it stores constants. The exporter's own
+``optimize=True`` would also apply onnxscript's opset-23 fusions, among them ``RotaryEmbedding``,
+whose cos/sin caches keep the batch size 1 of ``position_ids``: ONNX Runtime 1.32 rejects the
+fused node for any batch above 1 (tests/test_architectures.py). Only its RMSNormalization fusion
+is kept here. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
 the same values, so none changes what the model computes: a table entry is a speed decision.
 
 * ``Attention3D`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
@@ -12,8 +16,10 @@ the same values, so none changes what the model computes: a table entry is a spe
 """
 from __future__ import annotations
 
+import onnxscript.optimizer
 from onnxscript import ir
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.fusion import _rms_normalization
 
 _HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
 
@@ -63,9 +69,20 @@ FUSIONS = {
     "ort": [Attention3D.rule()],
     "tensorrt": [],  # opset 21 has no Attention op; TensorRT does its own fusions
 }
+# onnxscript's own fusions applied per form (opset 23 only: the ort form)
+LIBRARY_FUSIONS = {
+    "ort": [_rms_normalization.fuse_rms_normalization],
+    "tensorrt": [],
+}
 
 
 def fuse(model: ir.Model, form: str) -> int:
     """Apply ``FUSIONS[form]`` to ``model`` in place; returns how many rewrites it made."""
     rules = FUSIONS[form]
     return pattern.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
+
+
+def optimize(model: ir.Model, form: str) -> int:
+    """onnxscript's optimizer, then the form's library fusions and ``fuse``; returns the rewrite count."""
+    onnxscript.optimizer.optimize_ir(model)
+    return sum(f(model) for f in LIBRARY_FUSIONS[form]) + fuse(model, form)

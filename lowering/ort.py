@@ -1,14 +1,21 @@
 """The ``ort`` lowering: the q-op graph, exported in the ORT form, run by an ONNX Runtime session.
 
-The graph is frozen and exported once (``lowering.onnx``). A graph Dynamo captured with
-symbolic sizes exports with dynamic batch and sequence dimensions, and its session is cached:
-a later capture of the same model with the same inputs (a new shape Dynamo recompiles for)
-reuses it without exporting again. A graph the exporter cannot take runs through Inductor
-instead, with a warning that says why.
+The graph is frozen and exported once, when it is compiled. A graph Dynamo captured with symbolic
+sizes exports with those dimensions dynamic (the feature sizes are the weights', so they are
+static), and its session is cached by everything that shapes the exported file: the graph's code,
+the inputs' ranks and dtypes, the dynamic dimensions and the bytes of every constant (quantized
+weights, scales). A later capture of the same quantized model (a new shape Dynamo recompiles
+for) reuses it without exporting again; another recipe or other weights never do. The cache
+holds nothing that cannot be rebuilt: dropping it costs an export.
+
+A graph the exporter cannot take is an error when the user asked for ``target="ort"``; under
+``target="auto"`` it is compiled by Inductor instead, in the backend call, so it stays as
+dynamic as Dynamo's graph, and ``fallback_reason`` says why.
 """
 from __future__ import annotations
 
-import re
+import hashlib
+import threading
 import warnings
 import weakref
 
@@ -19,19 +26,24 @@ from qcompiler.lowering import inductor
 from qcompiler.lowering.onnx import fed_inputs, freeze, runtime_inputs, symbolic_shapes, to_onnx
 from qcompiler.runtimes.ort_session import OrtSession
 
-# structural key -> (weakrefs to the parameters, session)
+# content key -> session; entries leave with the model's parameters (safe to drop at any time)
 _SESSIONS: dict = {}
-LAST_FALLBACK = {"reason": None}
 
 
-def _key(gm: fx.GraphModule, example_inputs) -> tuple:
-    params = [v for v in example_inputs if isinstance(v, nn.Parameter)]
-    inputs = [(v.dim(), v.dtype) for i, v in enumerate(example_inputs) if i in set(runtime_inputs(gm, example_inputs))]
-    n_out = len(_output_layout(gm))
-    # the q-op constants tie the key to this quantization (other recipe, other constants)
-    consts = tuple(sorted((re.sub(r"_\d+$", "", n.target), tuple(getattr(gm, n.target).shape))
-                          for n in gm.graph.nodes if n.op == "get_attr" and hasattr(gm, n.target)))
-    return tuple(id(p) for p in params), tuple(inputs), n_out, consts, params
+class OrtExportError(RuntimeError):
+    """``target="ort"`` was asked for and this graph cannot be exported to ONNX Runtime."""
+
+
+def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
+    """A digest of everything that changes the exported file."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(frozen.code.encode())
+    digest.update(repr([(x.dim(), x.dtype) for x in feeds]).encode())
+    digest.update(repr(None if shapes is None else [sorted(s or {}) for s in shapes]).encode())
+    for name, value in sorted(frozen.state_dict(keep_vars=False).items()):
+        digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _output_layout(gm: fx.GraphModule) -> list:
@@ -41,54 +53,82 @@ def _output_layout(gm: fx.GraphModule) -> list:
     return [isinstance(v, fx.Node) for v in values]
 
 
-class OrtGraph:
-    """Runs a graph's ONNX session; the export happens on the first call, outside Dynamo's
-    compilation (exporting while Dynamo builds its guards corrupts them)."""
+def _root_message(exc: BaseException) -> str:
+    while exc.__cause__ is not None:  # the exporter wraps the error that says what went wrong
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
-        self.gm, self.example_inputs = gm, list(example_inputs)
-        self.layout = _output_layout(gm)
-        self.session, self.inputs, self.fallback = None, None, None
 
-    def _build(self):
-        gm, example_inputs = self.gm, self.example_inputs
-        ids, inputs, n_out, consts, params = _key(gm, example_inputs)
-        shapes = symbolic_shapes(gm, fed_inputs(gm, example_inputs))
-        # a session serves graphs whose dynamic dimensions are the ones it was exported with
-        dynamic_dims = None if shapes is None else tuple(tuple(sorted(s or {})) for s in shapes)
-        key = (ids, inputs, n_out, consts, dynamic_dims)
-        cached = _SESSIONS.get(key)
-        if cached is not None and all(r() is p for r, p in zip(cached[0], params)):
-            self.session, self.inputs = cached[1], fed_inputs(gm, example_inputs)
-            return
+def _isolated(fn):
+    """Run ``fn`` in a fresh thread: the exporter traces with Dynamo, whose tracing state is per
+    thread, so exporting from inside the backend call leaves the outer compile's guards alone."""
+    result = {}
+
+    def target():
         try:
-            frozen, feeds, fed = freeze(gm, example_inputs)
-            self.session = OrtSession(to_onnx(frozen, feeds, "ort", dynamic=shapes is not None,
-                                              dynamic_shapes=shapes))
-            self.inputs = fed
-        except Exception as exc:  # never an error: the graph still runs, through Inductor
-            root = exc
-            while root.__cause__ is not None:  # the exporter wraps the error that says what went wrong
-                root = root.__cause__
-            LAST_FALLBACK["reason"] = f"{type(root).__name__}: {str(root).strip().splitlines()[0][:300]}"
-            warnings.warn(f"qcompile target 'ort' could not export this graph ({LAST_FALLBACK['reason']}); "
-                          f"it runs through Inductor instead", stacklevel=3)
-            self.fallback = inductor.build(gm, example_inputs)
-            return
-        if shapes is not None:
-            _SESSIONS[key] = ([weakref.ref(p) for p in params], self.session)
-            if params:  # the session holds the weights: drop it with the model
-                weakref.finalize(params[0], _SESSIONS.pop, key, None)
-        self.example_inputs = None  # the parameters stay alive through the model, not through us
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+    worker = threading.Thread(target=target, name="qcompile-onnx-export")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _session(gm: fx.GraphModule, example_inputs):
+    """(session, fed input indices) for ``gm``: from the cache, or exported now."""
+    params = [v for v in example_inputs if isinstance(v, nn.Parameter)]
+    fed = fed_inputs(gm, example_inputs)
+    shapes = symbolic_shapes(gm, fed)
+    frozen, feeds, fed = freeze(gm, example_inputs)
+    key = _content_key(frozen, feeds, shapes)
+    if key in _SESSIONS:
+        return _SESSIONS[key], fed
+    session = OrtSession(_isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None,
+                                                   dynamic_shapes=shapes)))
+    _SESSIONS[key] = session
+    if params:  # the session holds the weights: drop it with the model
+        weakref.finalize(params[0], _SESSIONS.pop, key, None)
+    return session, fed
+
+
+class OrtGraph:
+    """Runs a graph's ONNX Runtime session: torch tensors in, torch tensors out."""
+
+    running_target = "ort"
+    fallback_reason = None
+
+    def __init__(self, session: OrtSession, inputs: list, layout: list):
+        self.session, self.inputs, self.layout = session, inputs, layout
 
     def __call__(self, *args):
-        if self.session is None and self.fallback is None:
-            self._build()
-        if self.fallback is not None:
-            return self.fallback(*args)
         outs = iter(self.session(*(args[i] for i in self.inputs)))
         return tuple(next(outs) if is_tensor else None for is_tensor in self.layout)
 
 
-def build(gm: fx.GraphModule, example_inputs):
-    return OrtGraph(gm, example_inputs)
+class Fallback:
+    """The graph compiled by Inductor because the ONNX export failed (``target="auto"`` only)."""
+
+    running_target = "inductor"
+
+    def __init__(self, fn, reason: str):
+        self.fn, self.fallback_reason = fn, reason
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def build(gm: fx.GraphModule, example_inputs, strict: bool = False):
+    try:
+        session, fed = _session(gm, list(example_inputs))
+    except Exception as exc:
+        reason = f"the ONNX export failed ({_root_message(exc)})"
+        if strict:
+            raise OrtExportError(f"target 'ort' cannot run this graph: {reason}. Use target='inductor', or "
+                                 f"target='auto' to let qcompile fall back") from exc
+        fallback = Fallback(inductor.build(gm, example_inputs), f"ort: {reason}; compiled by Inductor instead")
+        warnings.warn(f"qcompile target 'auto': {fallback.fallback_reason}", stacklevel=2)
+        return fallback
+    return OrtGraph(session, fed, _output_layout(gm))

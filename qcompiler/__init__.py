@@ -12,9 +12,11 @@ from qcompiler import ops  # noqa: F401  (registers the q-op IR)
 from qcompiler.backend import qcompile_backend
 from qcompiler.calibration import CalibrationError, calibrate
 from qcompiler.explain import Report, explain
-from qcompiler.export import export_onnx
+from qcompiler.export import ExportError, export_onnx
+from qcompiler.lowering import TargetUnavailable
 from qcompiler.recipes import Recipe, get_recipe, list_recipes, register_recipe
+from qcompiler.state import QuantState, state_of
 
-__all__ = ["qcompile_backend", "calibrate", "CalibrationError", "explain", "Report", "export_onnx",
-           "Recipe", "get_recipe", "list_recipes", "register_recipe"]
+__all__ = ["qcompile_backend", "calibrate", "CalibrationError", "explain", "Report", "export_onnx", "ExportError",
+           "TargetUnavailable", "QuantState", "state_of", "Recipe", "get_recipe", "list_recipes", "register_recipe"]
 __version__ = "0.1.0"

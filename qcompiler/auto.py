@@ -121,7 +121,7 @@ def _sensitivity(c: _Candidate, x: Tensor, w: Tensor) -> float:
 
 def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: int = 1024,
            progress: bool = True) -> dict:
-    from qcompiler.weight_rounding import LAST_RUN, tied_weights
+    from qcompiler.weight_rounding import tied_weights
 
     if len(batches) < 2:
         raise CalibrationError("recipe 'auto' needs at least 2 calibration batches: the last quarter is held "
@@ -188,6 +188,9 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
     best, best_losses, evals = search(errors, loss, within)
     best_loss = float((base_losses if best_losses is None else best_losses).mean())
     base = float(base_losses.mean())
+    # the held-out estimate of the perplexity increase and its standard error (paired per batch)
+    diff = (base_losses if best_losses is None else best_losses) - base_losses
+    diff_se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     evals += 1
 
     prepared = {}
@@ -206,12 +209,13 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
     for mod in ignore:  # tied or skipped: floating point, and compiling says why
         prepared[mod.weight] = PreparedWeight(None, (), reason="auto: not a candidate (weight tied to a "
                                               "non-linear use, or kept by a skip/override pattern)")
-    store_prepared(prepared, stats)
-    LAST_RUN.clear()
-    LAST_RUN.update(algorithm="auto", layers=len(prepared), evaluations=evals, seconds=time.perf_counter() - start,
-                    loss_fp=base, loss_auto=best_loss, ppl_ratio=math.exp(best_loss - base),
-                    formats={(formats[i].name if i is not None and formats[i] else FLOAT):
-                             sum(1 for v in best.values() if v == i) for i in set(best.values())})
+    store_prepared(model, prepared, stats, last_run=dict(
+        algorithm="auto", layers=len(prepared), evaluations=evals, seconds=time.perf_counter() - start,
+        loss_fp=base, loss_auto=best_loss, ppl_ratio=math.exp(best_loss - base),
+        held_out_batches=len(held), ppl_increase=math.exp(float(diff.mean())) - 1,
+        ppl_increase_se=math.exp(float(diff.mean())) * diff_se, budget=recipe.budget, margin_se=MARGIN_SE,
+        formats={(formats[i].name if i is not None and formats[i] else FLOAT):
+                 sum(1 for v in best.values() if v == i) for i in set(best.values())}))
     return prepared
 
 

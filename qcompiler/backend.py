@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
+import time
 import weakref
 from typing import Mapping, Optional
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from qcompiler import calibration, recipes
-from qcompiler.lowering import auto_target, get_lowering
+from qcompiler import recipes, state
+from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.passes.match import match
 from qcompiler.passes.quantize import quantize
 from qcompiler.passes.smooth import smooth
 
 BACKEND_OPTIONS = ("recipe", "target", "cuda_graphs")
-# every CompiledGraph alive, so explain() can find the decisions for a model's parameters
-LIVE_GRAPHS: "weakref.WeakSet[CompiledGraph]" = weakref.WeakSet()
+# the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
+GRAPHS = "_qcompile_graphs"
 
 
 def split_options(options: Optional[Mapping]) -> tuple:
@@ -99,39 +101,137 @@ def _lowering_options(lowering, cuda_graphs, device_type: str) -> dict:
     return {"cuda_graphs": True}
 
 
-class CompiledGraph:
-    """One Dynamo graph, quantized and lowered; rebuilt when calibration statistics change."""
+class _Watch:
+    """What a build read from the quantization state, to tell cheaply when a rebuild is due."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs, recipe, target: str, cuda_graphs: bool = False):
+    def __init__(self, params):
+        self.used = [(p, state.stats_for(p), state.prepared_for(p)) for p in params]
+        linked = [state.linked_state(p)[0] for p in params]
+        self.states = {id(s): (s, s.generation) for s in linked if s is not None}
+        # calibrating links every linear of the model at once: one unlinked weight tells
+        self.unlinked = [p for p, s in zip(params, linked) if s is None][:1]
+
+    def stale(self) -> bool:
+        moved = any(s.generation != g for s, g in self.states.values()) or \
+            any(state.linked_state(p)[0] is not None for p in self.unlinked)
+        if not moved:
+            return False
+        fresh = _Watch([p for p, _, _ in self.used])
+        changed = any(state.stats_for(p) is not st or state.prepared_for(p) is not pr for p, st, pr in self.used)
+        self.__dict__.update(fresh.__dict__)
+        return changed
+
+
+def _calling_compile():
+    """The ``torch.compile`` call this backend call serves (its ``_TorchCompileWrapper``), or None.
+
+    Dynamo hands the backend a graph, not the compiled object; the wrapper that ``torch.compile``
+    made calls the backend as ``self.compiler_fn(...)``, so it is in a calling frame. Graphs are
+    registered under it, and ``explain(compiled)`` finds them there.
+    """
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch._TorchCompileWrapper):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def compile_of(compiled) -> Optional[object]:
+    """The ``_TorchCompileWrapper`` behind what ``torch.compile`` returned (a module or a function),
+    or None: the key its graphs were registered under (``_calling_compile``)."""
+    roots = [getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)]
+    roots += [c.cell_contents for c in (getattr(compiled, "__closure__", None) or ()) if _has_cell(c)]
+    seen, todo = set(), [(r, 0) for r in roots if r is not None]
+    while todo:  # the wrapper sits a few attributes deep in Dynamo's callback chain
+        obj, depth = todo.pop()
+        if isinstance(obj, torch._TorchCompileWrapper):
+            return obj
+        if id(obj) in seen or depth > 5 or not hasattr(obj, "__dict__") or isinstance(obj, (nn.Module, type)):
+            continue
+        seen.add(id(obj))
+        todo += [(v, depth + 1) for k, v in vars(obj).items() if not k.startswith("__") or k == "__wrapped__"]
+    return None
+
+
+def _has_cell(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def compiled_graphs(model) -> list:
+    """The ``CompiledGraph``s of one compile of ``model``, oldest first: of that compile when
+    ``model`` is what ``torch.compile`` returned, else of the model's most recent compile."""
+    found = {}
+    for p in state.unwrap(model).parameters():
+        for ref in p.__dict__.get(GRAPHS, ()):
+            graph = ref()
+            if graph is not None:
+                found[id(graph)] = graph
+    graphs = sorted(found.values(), key=lambda g: g.created)
+    key = compile_of(model)
+    if key is None and graphs:
+        key = graphs[-1].compile_key  # a plain module: its latest compile
+    return [g for g in graphs if g.compile_key is key]
+
+
+class CompiledGraph:
+    """One Dynamo graph, quantized and lowered; rebuilt when calibration statistics change.
+
+    ``requested`` is the target the options named, ``target`` the one chosen for it (``auto``
+    resolved, ``auto_reason`` saying what it passed over), ``running_target`` the one whose code
+    runs and ``fallback_reason`` why, when the chosen one fell back (``target="auto"`` only: an
+    explicit target that cannot run is an error).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, recipe, target: str, cuda_graphs: bool = False,
+                 compile_key=None):
         self.original = gm
         self.example_inputs = list(example_inputs)
         self.recipe = recipe
-        self.target = auto_target(_device_type(example_inputs), example_inputs) if target == "auto" else target
+        self.requested = target
+        self.target, self.auto_reason = (auto_choice(_device_type(example_inputs), example_inputs)
+                                         if target == "auto" else (target, ""))
         lowering = get_lowering(self.target)  # unknown target: fail now, with the list of valid ones
+        if target != "auto":
+            lowering.check(example_inputs)   # an explicit target is a contract: raise with the reason
         self.lowering_options = _lowering_options(lowering, cuda_graphs, _device_type(example_inputs))
+        self.compile_key = compile_key
+        self.created = time.monotonic_ns()
         self._build()
-        LIVE_GRAPHS.add(self)
+
+    @property
+    def fallback_reason(self):
+        return getattr(self.fn, "fallback_reason", None)
+
+    @property
+    def running_target(self) -> str:
+        """The target whose code runs now (the one picked, or what it fell back to)."""
+        return getattr(self.fn, "running_target", None) or self.target
 
     def _build(self):
-        self.generation = calibration.generation()
         gm = _copy_dynamo_graph(self.original)
         matches = match(gm, self.example_inputs, self.recipe)
-        # the statistics this build used: only a change to these makes a rebuild worthwhile
-        self.stats_used = [(m.param, calibration.stats_for(m.param)) for _, m, _ in matches]
+        params = [m.param for _, m, _ in matches]
+        self.watch = _Watch(params)
         plans = smooth(gm, self.example_inputs, matches)
         self.decisions = quantize(gm, matches, plans)
         _register_new_sources(gm)
         self.graph_module = gm
-        self.fn = get_lowering(self.target).build(gm, self.example_inputs, **self.lowering_options)
-
-    def _stale(self) -> bool:
-        if self.generation == calibration.generation():
-            return False
-        self.generation = calibration.generation()
-        return any(calibration.stats_for(p) is not used for p, used in self.stats_used)
+        self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
+                                                  **self.lowering_options)
+        for p in params:  # explain(model) finds a model's compiled graphs through its weights
+            graphs = p.__dict__.setdefault(GRAPHS, [])
+            graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
 
     def __call__(self, *args):
-        if self._stale():
+        if self.watch.stale():
             self._build()
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
@@ -157,4 +257,5 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mappi
     if mode not in (None, "default"):
         raise ValueError(f"backend 'qcompile' takes no mode (got {mode!r}); pass options={{'target': ...}}")
     recipe, target = split_options(options)
-    return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False))
+    return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),
+                         compile_key=_calling_compile())

@@ -5,7 +5,8 @@ layer (a Hessian, an input mean, the group of layers sharing one input) and want
 inputs to come from the blocks before it *as quantized*. Running the whole model at once would
 hold every layer's statistics in memory together; here only one block's are alive:
 
-1. the model runs once in floating point; a hook on the first block keeps its inputs;
+1. the model runs once in floating point (without a KV cache); hooks keep the first block's
+   hidden-state input and every block's own other arguments (masks, position embeddings);
 2. each block runs over those inputs with hooks on its linears (statistics per input tensor, so
    q/k/v reading one activation share one accumulator), ``handle`` turns the statistics into
    the block's rounded weights, and the block runs again with those weights
@@ -19,6 +20,7 @@ output head) get their statistics from the floating-point pass of step 1.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -148,6 +150,63 @@ def _strip_cache(kwargs: dict) -> dict:
     return {k: (False if k == "use_cache" else None) if k in _CACHE_KWARGS else v for k, v in kwargs.items()}
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_without_cache(model: nn.Module, batch):
+    """``call_model`` with ``use_cache=False`` when the model takes it: the blocks are replayed
+    without a cache, so the masks the model builds must be the ones for no cache (a cache-sized
+    sliding-window mask does not fit the replayed sequence)."""
+    if not _takes_use_cache(model):
+        return call_model(model, batch)
+    if isinstance(batch, dict):
+        return model(**{**batch, "use_cache": False})
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    return model(*args, use_cache=False)
+
+
+def _primary(args: tuple, kwargs: dict):
+    """Where a block's hidden-state input is: its first positional argument, else ``hidden_states``
+    or the first tensor among its keyword arguments."""
+    if args:
+        return 0
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        return "hidden_states"
+    return next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+
+
+def _with_input(args: tuple, kwargs: dict, where, x: Tensor) -> tuple:
+    """The block's call with its hidden-state input (at ``where``) set to ``x``."""
+    if isinstance(where, int):
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, where: x}
+
+
+def _hidden_output(out):
+    """The hidden states a block returns: a tensor, the first item of a tuple / list / ModelOutput,
+    or the first value of a dict."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0]
+
+
+@dataclass
+class _BlockCall:
+    """One batch's call of one block, as the floating-point pass made it, less its hidden-state
+    input: each block keeps its own masks and position arguments (a model whose layers mix
+    sliding-window and full attention hands them different masks)."""
+
+    args: tuple
+    kwargs: dict
+    where: object      # position or keyword of the hidden-state input
+
+
 def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool, max_rows: int,
         progress: bool = True, on_outside: Optional[Callable] = None, ignore: set = frozenset(),
         first_token_weight: float = 1.0) -> dict:
@@ -157,7 +216,7 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
     block after its statistics are complete; the returned weights (what the quantized layer
     computes, as a float matrix) feed the next block. ``on_outside([LinearInput])`` receives
     the linears outside the blocks (except those in ``ignore``), with statistics from a
-    floating-point pass of the whole model; when there are none, that pass stops at the first
+    floating-point pass of the whole model; when there are none, that pass stops at the last
     block. The returned statistics (every linear that ran) are what ``calibrate`` records.
     """
     from tqdm.auto import tqdm
@@ -167,37 +226,51 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
     for prefix, block in blocks:
         in_blocks.update(_linears(block, prefix))
     outside = {m: n for m, n in _linears(model, "").items() if m not in in_blocks and m not in ignore}
-    cached = []
-
-    def keep(module, args, kwargs):
-        cached.append((args, _strip_cache(kwargs)))
-        if whole_model or not outside:
-            raise _Stop
-
     whole_model = blocks[0][1] is model
-    first = blocks[0][1]
-    handle_ = first.register_forward_pre_hook(keep, with_kwargs=True)
+    calls = [[] for _ in blocks]    # per block, per batch: _BlockCall
+    inputs = []                     # per batch: the first block's hidden-state input
+
+    def keeper(i):
+        def keep(module, args, kwargs):
+            where = _primary(args, kwargs)
+            if where is None:
+                raise CalibrationError(f"block {blocks[i][0] or type(model).__name__!r} was called without a "
+                                       "tensor input; block-wise calibration replays blocks on hidden states")
+            if i == 0:
+                inputs.append(args[where] if isinstance(where, int) else kwargs[where])
+            rest = (None, *args[1:]) if isinstance(where, int) else args
+            calls[i].append(_BlockCall(rest, _strip_cache({k: v for k, v in kwargs.items() if k != where}), where))
+            if whole_model or (i == len(blocks) - 1 and not outside):
+                raise _Stop
+        return keep
+
+    handles = [block.register_forward_pre_hook(keeper(i), with_kwargs=True) for i, (_, block) in enumerate(blocks)]
     outside_rec = _Recorder(outside, need_hessian, max_rows, first_token_weight)
     try:
         with outside_rec, torch.no_grad():
             for batch in batches:
                 outside_rec.new_call()
                 try:
-                    call_model(model, batch)
+                    (call_model if whole_model else call_without_cache)(model, batch)
                 except _Stop:
                     pass
     finally:
-        handle_.remove()
-    if not cached:
+        for h in handles:
+            h.remove()
+    if not inputs:
         raise CalibrationError("calibration saw no data: pass a non-empty list of batches as `data`")
+    if any(len(c) != len(inputs) for c in calls):
+        raise CalibrationError("the model did not call each of its blocks once per batch; block-wise calibration "
+                               f"replays the blocks of {type(model).__name__} in order and needs that")
 
     seen = {}
     bar = tqdm(blocks, desc="qcompile block-wise calibration", unit="block", disable=not progress, leave=False)
-    for prefix, block in bar:
+    for i, (prefix, block) in enumerate(bar):
         rec = _Recorder(_linears(block, prefix), need_hessian, max_rows, first_token_weight)
         with rec, torch.no_grad():
-            for args, kwargs in cached:
+            for x, call in zip(inputs, calls[i]):
                 rec.new_call()
+                args, kwargs = _with_input(call.args, call.kwargs, call.where, x)
                 block(*args, **kwargs)
         seen.update({li.module.weight: dataclasses.replace(li.inputs.rows, module=li.name)
                      for li in rec.found.values()})
@@ -210,11 +283,10 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
                 params[f"{name}.weight" if name else "weight"] = new_weights[mod].to(mod.weight.dtype)
         nxt = []
         with torch.no_grad():
-            for args, kwargs in cached:
-                out = torch.func.functional_call(block, params, args, kwargs, strict=False)
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                nxt.append(((out, *args[1:]), kwargs))
-        cached = nxt
+            for x, call in zip(inputs, calls[i]):
+                args, kwargs = _with_input(call.args, call.kwargs, call.where, x)
+                nxt.append(_hidden_output(torch.func.functional_call(block, params, args, kwargs, strict=False)))
+        inputs = nxt
     bar.close()
     seen.update({li.module.weight: dataclasses.replace(li.inputs.rows, module=li.name)
                  for li in outside_rec.found.values()})

@@ -3,14 +3,15 @@
 ``with qcompiler.calibrate(model): model(batch) ...`` hooks every ``nn.Linear`` of the model and
 records, for the layer's input activation: the per-input-channel absolute maximum (SmoothQuant,
 min/max scales) and a bounded random sample of rows (percentile/MSE observers, the alpha search,
-the SQNR that ``explain`` reports). Statistics are keyed by the layer's weight ``Parameter``, which
-is exactly what Dynamo hands the backend, so a later ``torch.compile`` finds them without needing
-the model object. Calibrating an already compiled model runs it eagerly for the duration and makes
+the SQNR that ``explain`` reports). Statistics go into the model's own ``QuantState``
+(``qcompiler.state``), whose link on each weight ``Parameter`` is how a later ``torch.compile``
+finds them (Dynamo hands the backend parameters, not the model). The model runs in ``eval()``
+mode while calibrating (dropout would skew the statistics); its mode is restored after. Calibrating an already compiled model runs it eagerly for the duration and makes
 its compiled graphs rebuild with the new statistics on their next call.
 
 Recipes whose weights come from an algorithm (AWQ, GPTQ, ``auto``) are prepared here too:
 ``qcompiler.calibrate(model, data, recipe="w4a16-gptq")`` runs the algorithm block by block over
-``data`` and keeps one ``PreparedWeight`` per linear, again keyed by its weight ``Parameter``.
+``data`` and keeps one ``PreparedWeight`` per linear in the same state.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
+
+from qcompiler.state import linear_layers, prepared_for, state_of, stats_for, unwrap  # noqa: F401  (re-exported)
 
 DEFAULT_ROWS = 1024
 
@@ -70,16 +72,6 @@ class ActivationStats:
         self.tokens += n
 
 
-# weight Parameter -> ActivationStats of that layer's input
-_STATS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# bumped whenever a calibration ends; compiled graphs rebuild when it moved
-_generation = [0]
-
-
-def stats_for(weight: Tensor) -> Optional[ActivationStats]:
-    return _STATS.get(weight)
-
-
 @dataclass(frozen=True)
 class PreparedWeight:
     """A linear's weight as a calibration-time algorithm left it for the quantize pass.
@@ -98,37 +90,16 @@ class PreparedWeight:
     sensitivity: dict = field(default_factory=dict)    # format -> relative output error
 
 
-# weight Parameter -> PreparedWeight
-_PREPARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def prepared_for(weight: Tensor) -> Optional[PreparedWeight]:
-    return _PREPARED.get(weight)
-
-
-def store_prepared(prepared: dict, stats: Optional[dict] = None) -> None:
-    """Keep prepared weights (and the activation statistics the same run recorded)."""
-    for param, p in prepared.items():
-        _PREPARED[param] = p
-    for param, st in (stats or {}).items():
-        _STATS[param] = st
-    _generation[0] += 1
+def store_prepared(model: nn.Module, prepared: dict, stats: Optional[dict] = None,
+                   last_run: Optional[dict] = None) -> None:
+    """Keep prepared weights (and the activation statistics the same run recorded) in the
+    model's quantization state; keys are the model's linear weights."""
+    state_of(model).update(stats=stats, prepared=prepared, last_run=last_run)
 
 
 def forget(model: nn.Module) -> None:
-    """Drop the calibration statistics of ``model``'s parameters (compiled graphs rebuild)."""
-    for p in _unwrap(model).parameters():
-        _STATS.pop(p, None)
-        _PREPARED.pop(p, None)
-    _generation[0] += 1
-
-
-def generation() -> int:
-    return _generation[0]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    """Drop the calibration statistics and prepared weights of ``model`` (compiled graphs rebuild)."""
+    state_of(model).clear()
 
 
 class _Session:
@@ -136,7 +107,7 @@ class _Session:
         from tqdm.auto import tqdm
 
         self.allow_empty = allow_empty
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.max_rows = max_rows
         self.batches = 0
         self.bar = tqdm(desc="qcompile calibration", unit="batch", disable=not progress, leave=False)
@@ -160,10 +131,9 @@ class _Session:
         self.bar.update(1)
 
     def __enter__(self):
-        for name, mod in self.model.named_modules():
-            if isinstance(mod, nn.Linear):
-                hook = lambda m, a, _n=name, _w=mod.weight: self.observe(_n, _w, m, a)
-                self.handles.append(mod.register_forward_pre_hook(hook))
+        for name, mod in linear_layers(self.model):
+            hook = lambda m, a, _n=name, _w=mod.weight: self.observe(_n, _w, m, a)
+            self.handles.append(mod.register_forward_pre_hook(hook))
         self.handles.append(self.model.register_forward_hook(self.count))
         return self
 
@@ -179,10 +149,20 @@ class _Session:
             raise CalibrationError(
                 "calibration saw no data: call the model on representative batches inside "
                 "`with qcompiler.calibrate(model): ...` (no linear layer received an input)")
-        for weight, stats in self.new.items():
-            _STATS[weight] = stats
-        _generation[0] += 1
+        state_of(self.model).update(stats=self.new)
         return False
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` (and every submodule) in ``eval()`` for the block; each module's mode restored after."""
+    modes = [(m, m.training) for m in unwrap(model).modules()]
+    unwrap(model).eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class Calibration:
@@ -206,6 +186,7 @@ class Calibration:
         self._stance = contextlib.ExitStack()
         self._stance.enter_context(torch.compiler.set_stance("force_eager"))
         self._stance.enter_context(torch.no_grad())
+        self._stance.enter_context(eval_mode(self.model))
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -258,8 +239,8 @@ def calibrate(model: nn.Module, data: Optional[Iterable] = None, *, recipe=None,
             from qcompiler.blockwise import materialize
 
             data = materialize(data)
-            with torch.compiler.set_stance("force_eager"):
-                weight_rounding.prepare(_unwrap(model), data, resolved, loss_fn=loss_fn,
+            with torch.compiler.set_stance("force_eager"), eval_mode(model):
+                weight_rounding.prepare(unwrap(model), data, resolved, loss_fn=loss_fn,
                                         max_rows=max_rows, progress=progress)
             session.ran = True  # the block-wise run recorded the statistics too
             return session

@@ -1,7 +1,8 @@
 """Explain: what the compiler did to each linear / attention op of a model, and how well.
 
-``qcompiler.explain(model)`` reads back the ``Decision`` records the passes left on every graph
-compiled from ``model`` (found through the model's parameters) and lists the model's linear
+``qcompiler.explain(compiled)`` reads back the ``Decision`` records the passes left on the graphs
+of that compile (``explain(model)`` on the module itself: its most recent compile), says per graph
+which target runs it and why when that is not the one asked for, and lists the model's linear
 layers that no graph has reached yet (not compiled: the model was not called since compiling).
 """
 from __future__ import annotations
@@ -13,13 +14,25 @@ from typing import Optional
 from torch import nn
 
 from qcompiler.passes.meta import FLOATING_POINT, Decision
+from qcompiler.state import linear_layers, state_of
 
 NOT_COMPILED = "not compiled"
+
+
+@dataclass(frozen=True)
+class GraphTarget:
+    """Which target runs one compiled graph, and why (the fallback or the ``auto`` choice)."""
+
+    requested: str
+    running: str
+    reason: str = ""
 
 
 @dataclass
 class Report:
     records: list = field(default_factory=list)
+    graphs: list = field(default_factory=list)       # GraphTarget per compiled graph
+    notes: list = field(default_factory=list)        # what the model's last calibration run estimated
 
     def __iter__(self):
         return iter(self.records)
@@ -56,6 +69,13 @@ class Report:
                                  ("all linear weights", self.weight_bytes)):
             if fp32:
                 lines.append(f"{label}: {fp32 / 2**20:.1f} MiB FP32 -> {q / 2**20:.1f} MiB ({100 * q / fp32:.1f}%)")
+        if self.records and not self.quantized_weight_bytes[0]:
+            lines.append("nothing was quantized: " + ("no linear layer was found" if not any(
+                r.op == "linear" for r in self.records) else "every linear stays in floating point (reasons above)"))
+        lines += self.notes
+        for i, g in enumerate(self.graphs):
+            asked = f" (asked: {g.requested})" if g.requested != g.running else ""
+            lines.append(f"graph {i}: runs on {g.running}{asked}" + (f"; {g.reason}" if g.reason else ""))
         return "\n".join(lines)
 
 
@@ -63,29 +83,43 @@ def explain(model: nn.Module) -> Report:
     """One record per linear / attention op of ``model`` (compiled or not).
 
     Args:
-        model: the module given to ``torch.compile`` or the compiled module it returned.
+        model: what ``torch.compile`` returned (that compile is described), or the module given to
+            it (its most recent compile).
 
     Example:
         >>> fast = torch.compile(model, backend="qcompile"); fast(x)
         >>> print(qcompiler.explain(fast))
     """
-    from qcompiler.backend import LIVE_GRAPHS
+    from qcompiler.backend import compiled_graphs
 
+    graphs = compiled_graphs(model)
     model = getattr(model, "_orig_mod", model)
-    param_ids = {id(p) for p in model.parameters()}
     records, seen = [], set()
-    for graph in list(LIVE_GRAPHS):
-        if not any(d.param_id in param_ids for d in graph.decisions):
-            continue
+    for graph in graphs:
         for node in graph.graph_module.graph.nodes:
             d = node.meta.get("qcompile")
             if isinstance(d, Decision) and (d.module, d.op, d.param_id) not in seen:
                 seen.add((d.module, d.op, d.param_id))
                 records.append(d)
     reached = {d.param_id for d in records}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and id(mod.weight) not in reached:
+    for name, mod in linear_layers(model):
+        if id(mod.weight) not in reached:
             n, k = mod.weight.shape
-            records.append(Decision(name, "linear", NOT_COMPILED, "no compiled graph has reached it yet",
+            records.append(Decision(name, "linear", NOT_COMPILED, "no compiled graph has reached it: not called since compiling, or run eagerly by Dynamo (e.g. next to a graph break)",
                                     weight_bytes_fp32=n * k * 4, param_id=id(mod.weight)))
-    return Report(records)
+    targets = [GraphTarget(g.requested, g.running_target,
+                           "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}")
+                                     if r)) for g in graphs]
+    return Report(records, targets, _run_notes(state_of(model).last_run))
+
+
+def _run_notes(run: dict) -> list:
+    """The ``auto`` search's own estimate, with its uncertainty: it is measured on the held-out
+    calibration batches, so text unlike them can land outside it."""
+    if run.get("algorithm") != "auto" or "ppl_increase" not in run:
+        return []
+    se = run["ppl_increase_se"]
+    se = "unknown with one batch" if math.isnan(se) else f"{100 * se:.2f}%"
+    return [f"auto: estimated perplexity increase {100 * run['ppl_increase']:+.2f}% "
+            f"(standard error {se}, {run['held_out_batches']} held-out calibration "
+            f"batches; budget {100 * run['budget']:.1f}% at the estimate + {run['margin_se']:g} standard errors)"]

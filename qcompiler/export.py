@@ -87,9 +87,11 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     import onnx
 
     resolved = recipes.resolve({**dict(options or {}), "recipe": recipe})
+    _check_float32(model)
     if calibration is not None:
         calibrate(model, calibration, recipe=resolved if resolved.rounds_weights or resolved.mixed_precision else None)
     args, kwargs = _split(example_inputs)
+    kwargs = _without_cache(model, kwargs)
     if dynamic_shapes is None:
         pos, kw = _auto_dims(args, kwargs)
         dynamic_shapes = kw if kw else pos
@@ -111,4 +113,46 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save_model(proto, path, save_as_external_data=large, location=os.path.basename(path) + ".data" if large else None)
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if large else 0)
+    _validate(path)
     return ExportResult(path, form, decisions, violations, size)
+
+
+def _without_cache(model: nn.Module, kwargs: dict) -> dict:
+    """A decoder is exported without its KV cache (``use_cache=False``) unless the example says
+    otherwise: a cache object is not a tensor output ONNX can carry."""
+    import inspect
+
+    try:
+        takes = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {**kwargs, "use_cache": False} if takes and "use_cache" not in kwargs else kwargs
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked, or the file written is not a valid ONNX model."""
+
+
+def _check_float32(model: nn.Module) -> None:
+    """The exported graphs keep float32 scales beside the activations: a float16 / bfloat16 model
+    would make a file ONNX's checker and ONNX Runtime reject, so it is refused here."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:
+        raise ExportError(f"export_onnx takes a float32 model; this one has {', '.join(dtypes)} parameters. "
+                          "Export `model.float()` (the quantized weights and scales are the same) and choose "
+                          "the deployment precision in the runtime (e.g. TensorRT's --fp16 / --bf16 flags)")
+
+
+def _validate(path: str) -> None:
+    """The full ONNX check (types and shapes inferred) and an ONNX Runtime session load: a file that
+    fails either is an error, not a result."""
+    import onnx
+
+    from qcompiler.runtimes.ort_session import OrtSession
+
+    try:
+        onnx.checker.check_model(path, full_check=True)
+        OrtSession(path)
+    except Exception as exc:
+        raise ExportError(f"the exported file {path} is not a valid ONNX model ({type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0][:300]}); please report it with the model") from exc

@@ -146,7 +146,14 @@ def linear_w8a8_ref(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
     return y.to(out_dtype)
 
 
+def _feature_size_is_weights(x, k: int) -> None:
+    """The activation's feature size is the weight's: a graph traced with every size symbolic
+    (``dynamic=True``) learns it here, so exports and compiles see a static K."""
+    torch._check(x.shape[-1] == k, lambda: f"activation feature size {x.shape[-1]} != the weight's {k}")
+
+
 def _linear_w8a8_fake(xq, x_scale, wq, w_scale, bias, out_dtype):
+    _feature_size_is_weights(xq, wq.shape[1])
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
 
@@ -157,6 +164,7 @@ def linear_w8a16_ref(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tens
 
 
 def _linear_w8a16_fake(x, wq, w_scale, bias):
+    _feature_size_is_weights(x, wq.shape[1])
     return x.new_empty((*x.shape[:-1], wq.shape[0]))
 
 

@@ -25,9 +25,6 @@ from qcompiler.calibration import PreparedWeight, store_prepared
 KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "weight_clip", "weight_clip_grid",
               "gptq_damp", "gptq_block", "act_order", "first_token_weight",
               "refit_scales", "tune_epochs", "tune_lr")
-# what the last prepare() did: algorithm, layers, seconds, rounding_seconds, tuning_loss (first and
-# last epoch's mean calibration loss, None without tuning); benchmarks print it
-LAST_RUN: dict = {}
 
 
 def weight_key(recipe) -> tuple:
@@ -147,8 +144,9 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
     if recipe.tune_epochs:
         prepared, tuning = scale_tuning.tune(model, batches, prepared, recipe.tune_epochs, recipe.tune_lr,
                                              progress=progress)
-    store_prepared(prepared, stats)
-    LAST_RUN.clear()
-    LAST_RUN.update(algorithm=recipe.algorithm, layers=len(prepared), seconds=time.perf_counter() - start,
-                    rounding_seconds=rounded - start, tuning_loss=tuning)
+    # what this run did (the model's state keeps it as ``last_run``; benchmarks print it):
+    # tuning_loss is the first and last epoch's mean calibration loss, None without tuning
+    store_prepared(model, prepared, stats, last_run=dict(
+        algorithm=recipe.algorithm, layers=len(prepared), seconds=time.perf_counter() - start,
+        rounding_seconds=rounded - start, tuning_loss=tuning))
     return prepared

@@ -221,6 +221,55 @@ def test_checker_catches_runtime_scales_lone_q_and_integer_ops():
     assert {"op", "placement", "zero-point-type"} <= _rules(model)
 
 
+def _weight_through(layout: str, w_axis: int, unsigned: bool = False):
+    """x (Q/DQ) @ a [N, K] int8 weight's DequantizeLinear read through ``layout``:
+    "transpose" (Transpose to [K, N]) or "reshape" (Reshape to [K, N]); the activation scale is a
+    ``Constant`` node in its ``value_float`` form."""
+    w = np.random.default_rng(0).integers(-127, 128, (4, 8)).astype(np.uint8 if unsigned else np.int8)
+    inits = [nh.from_array(w, "w"), nh.from_array(np.full(w.shape[w_axis], 0.01, np.float32), "ws"),
+             nh.from_array(np.int8(0), "xz"), nh.from_array(np.int64([8, 4]), "shape")]
+    nodes = [h.make_node("Constant", [], ["xs"], value_float=0.1, name="xs_const"),
+             h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+             h.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=w_axis, name="wdq"),
+             h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0], name="t") if layout == "transpose" else
+             h.make_node("Reshape", ["wd", "shape"], ["wt"], name="r"),
+             h.make_node("MatMul", ["xd", "wt"], ["y"], name="mm")]
+    return _model(nodes, inits)
+
+
+def test_checker_reads_constant_nodes_and_follows_a_transpose_to_the_consumer():
+    # [N, K] weight per channel on axis 0, transposed to [K, N]: MatMul reads N on axis 1 -> valid
+    assert onnx_check.check(_weight_through("transpose", w_axis=0)) == []
+
+
+@pytest.mark.parametrize("model,rule", [
+    (lambda: _weight_through("transpose", w_axis=1), "weight-axis"),        # scales per K, not per N
+    (lambda: _weight_through("reshape", w_axis=0), "weight-layout"),        # axis unverifiable
+    (lambda: _weight_through("transpose", w_axis=0, unsigned=True), "zero-point-type"),  # uint8, no zp
+])
+def test_checker_catches_weights_read_through_layout_ops_and_unsigned_weights(model, rule):
+    assert rule in _rules(model())
+
+
+def test_checker_walks_subgraphs_and_functions():
+    lone_q = h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="lone_q_in_branch")
+    branch = h.make_graph([lone_q, h.make_node("Identity", ["x"], ["y_b"])], "branch", [],
+                          [h.make_tensor_value_info("y_b", T.FLOAT, None)])
+    cond = h.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if")
+    func = h.make_function("local", "f", ["a", "b"], ["o"], [h.make_node("MatMulInteger", ["a", "b"], ["o"])],
+                           [h.make_opsetid("", 21)])
+    call = h.make_node("f", ["x", "x"], ["unused"], domain="local", name="call_f")
+    model = h.make_model(h.make_graph([cond, call], "g", [h.make_tensor_value_info("x", T.FLOAT, None),
+                                                        h.make_tensor_value_info("c", T.BOOL, [])],
+                                      [h.make_tensor_value_info("y", T.FLOAT, None)],
+                                      [nh.from_array(np.float32(0.1), "s"), nh.from_array(np.int8(0), "z")]),
+                         opset_imports=[h.make_opsetid("", 21), h.make_opsetid("local", 1)], functions=[func])
+    found = {(v.rule, v.node) for v in onnx_check.check(model)}
+    assert ("placement", "lone_q_in_branch") in found   # inside the If's bodies
+    assert ("op", "MatMulInteger") in found               # inside the function
+
+
 def test_cli_check_reports_findings_and_exit_codes(tmp_path, capsys):
     from qcompiler.cli import main
 
@@ -238,19 +287,39 @@ def test_cli_check_reports_findings_and_exit_codes(tmp_path, capsys):
 def test_ort_target_exports_once_for_dynamic_shapes(monkeypatch):
     from qcompiler.lowering import ort
 
-    # this test's graph must export; an earlier test's graph may have fallen back (3-D attention)
-    monkeypatch.setitem(ort.LAST_FALLBACK, "reason", None)
+    exports = []
+    real = ort.to_onnx
+    monkeypatch.setattr(ort, "to_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = Stack().eval()
     fast = torch.compile(model, backend="qcompile", options={"target": "ort"})
-    before = len(ort._SESSIONS)
     # the 2nd shape recompiles dynamic; then no export (a size-1 dimension would be a new graph:
     # Dynamo specializes sizes 0 and 1)
     for b, t in [(2, 8), (3, 17), (5, 4), (4, 33)]:
         x = torch.randn(b, t, 48)
         assert sqnr_db(model(x), fast(x)) > 30
-    assert len(ort._SESSIONS) == before + 1
-    assert ort.LAST_FALLBACK["reason"] is None
+    assert len(exports) == 2  # the static first graph, then the dynamic one
+    assert {g.running for g in qcompiler.explain(fast).graphs} == {"ort"}
+
+
+def test_ort_target_sessions_are_not_shared_between_recipes():
+    """Two recipes of one model in one process give exactly what each gives in a process of its own
+    (a session cache keyed by anything less than the exported graph's content returned the first
+    recipe's session for the second)."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x = torch.randn(2, 8, 48)
+    outs = {}
+    for recipe in ("w8a8", "w8a16", "w8a8"):
+        fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "ort"})
+        outs.setdefault(recipe, []).append(fast(x))
+        torch._dynamo.reset()
+    reference = {r: torch.compile(model, backend="qcompile", options={"recipe": r, "target": "reference"})(x)
+                 for r in ("w8a8", "w8a16")}
+    assert not torch.equal(outs["w8a8"][0], outs["w8a16"][0])
+    assert torch.equal(outs["w8a8"][0], outs["w8a8"][1])
+    for r in ("w8a8", "w8a16"):
+        assert sqnr_db(reference[r], outs[r][0]) > 40, r
 
 
 def _graph_with_size_inputs(read_other: bool):
@@ -347,7 +416,8 @@ def test_ort_sessions_do_not_busy_wait_between_runs():
     assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
 
 
-def test_ort_target_falls_back_to_inductor_with_a_reason_when_export_fails(monkeypatch):
+@pytest.mark.parametrize("target", ["auto", "ort"])
+def test_ort_export_failure_falls_back_only_under_auto(monkeypatch, target):
     from qcompiler.lowering import ort
 
     def broken(*a, **k):
@@ -356,7 +426,14 @@ def test_ort_target_falls_back_to_inductor_with_a_reason_when_export_fails(monke
     torch.manual_seed(0)
     model = Stack().eval()
     x = torch.randn(2, 8, 48)
+    fast = torch.compile(model, backend="qcompile", options={"target": target})
+    if target == "ort":  # an explicit target is a contract: the error names why and the fix
+        with pytest.raises(Exception, match=r"target 'ort' cannot run this graph.*planted exporter failure"):
+            fast(x)
+        return
     with pytest.warns(UserWarning, match="planted exporter failure"):
-        out = torch.compile(model, backend="qcompile", options={"target": "ort"})(x)
+        out = fast(x)
     assert sqnr_db(model(x), out) > 30
-    monkeypatch.setitem(ort.LAST_FALLBACK, "reason", None)
+    (graph,) = qcompiler.explain(fast).graphs
+    assert (graph.requested, graph.running) == ("auto", "inductor")
+    assert "planted exporter failure" in graph.reason

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import qcompiler
+import qcompiler.state
 from models import Stack, with_outlier_channels
 from qcompiler import calibration, scale_tuning
 
@@ -73,7 +74,7 @@ def test_tuning_changes_only_the_scales_and_lowers_the_calibration_loss(output, 
     assert any(not torch.equal(p.weight.scale, before[n].weight.scale) for n, p in after.items())
     loss_before, loss_after = _loss(model, _weights(before), batches), _loss(model, _weights(after), batches)
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
-    first, last = qcompiler.weight_rounding.LAST_RUN["tuning_loss"]
+    first, last = qcompiler.state.state_of(model).last_run["tuning_loss"]
     assert last < first
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qcompiler
+import qcompiler.state
 import qcompiler.weight_rounding
 from conftest import rel_err
 from models import Stack, with_outlier_channels
@@ -208,8 +209,11 @@ def test_auto_keeps_a_tied_output_projection_in_floating_point_and_says_why():
     torch.compile(model, backend="qcompile", options={"recipe": "auto"})(batches[0])
     head = qcompiler.explain(model).by_module("body.lm_head")
     assert head.scheme == "floating point" and "tied" in head.reason
-    run = qcompiler.weight_rounding.LAST_RUN
+    run = qcompiler.state.state_of(model).last_run
     assert run["algorithm"] == "auto" and run["ppl_ratio"] <= 1.05
+    # explain states the search's own estimate and its uncertainty
+    assert not run["ppl_increase_se"] < 0 and "auto: estimated perplexity increase" in str(qcompiler.explain(model))
+    assert f"{100 * run['ppl_increase']:+.2f}%" in str(qcompiler.explain(model))
 
 
 def test_auto_search_spends_the_budget_on_size_before_speed():
