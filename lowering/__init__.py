@@ -12,12 +12,9 @@ from typing import Callable
 
 import torch
 
+from qcompiler.errors import OptionError, TargetUnavailable  # noqa: F401  (TargetUnavailable re-exported)
 from qcompiler.lowering import inductor, reference
 from qcompiler.runtimes.triton_support import TritonUnavailable, require
-
-
-class TargetUnavailable(RuntimeError):
-    """A target the user named explicitly cannot run this graph; the message says why and the fix."""
 
 
 def _ort_build(gm, example_inputs, strict: bool = False):
@@ -52,7 +49,7 @@ def _always(example_inputs) -> tuple:
 def _ort_can_run(example_inputs) -> tuple:
     missing = _missing("onnx", "onnxruntime", "onnxscript")
     if missing:
-        return False, f"{', '.join(missing)} not installed: pip install 'qcompiler[onnx]'"
+        return False, f"{', '.join(missing)} not installed: pip install onnx onnxruntime onnxscript (qcompiler's own dependencies)"
     if _device(example_inputs).type != "cpu":
         return False, (f"the model is on {_device(example_inputs).type!r}; qcompile's ONNX Runtime sessions run "
                        "on the CPU: move the model to the CPU, or pick target='inductor' / 'triton'")
@@ -137,4 +134,4 @@ def get_lowering(name: str) -> Lowering:
     try:
         return LOWERINGS[name]
     except KeyError:
-        raise ValueError(f"unknown target {name!r}; valid targets: {sorted(LOWERINGS) + ['auto']}") from None
+        raise OptionError(f"unknown target {name!r}; valid targets: {sorted(LOWERINGS) + ['auto']}") from None

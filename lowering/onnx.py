@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import fx, nn
 
+from qcompiler.errors import OptionError
 from qcompiler.lowering import onnx_fusions
 from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
 
@@ -138,7 +139,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
             input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None):
     """Export ``module`` (a q-op graph, or any module holding q-ops) to an ``onnx.ModelProto``."""
     if form not in FORMS:
-        raise ValueError(f"unknown ONNX form {form!r}; valid forms: {list(FORMS)}")
+        raise OptionError(f"unknown ONNX form {form!r}; valid forms: {list(FORMS)}")
     if dynamic_shapes is None and dynamic and not kwargs:
         dynamic_shapes = _dynamic_shapes(inputs)
     if dynamic_shapes is not None and _takes_varargs(module):  # Dynamo's graphs: forward(self, *args)

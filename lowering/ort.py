@@ -22,6 +22,7 @@ import weakref
 import torch
 from torch import fx, nn
 
+from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
 from qcompiler.lowering.onnx import fed_inputs, freeze, runtime_inputs, symbolic_shapes, to_onnx
 from qcompiler.runtimes.ort_session import OrtSession
@@ -30,7 +31,7 @@ from qcompiler.runtimes.ort_session import OrtSession
 _SESSIONS: dict = {}
 
 
-class OrtExportError(RuntimeError):
+class OrtExportError(TargetUnavailable):
     """``target="ort"`` was asked for and this graph cannot be exported to ONNX Runtime."""
 
 

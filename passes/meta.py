@@ -59,3 +59,16 @@ class Decision:
     weight_bytes_fp32: int = 0
     weight_bytes_quantized: int = 0
     param_id: Optional[int] = field(default=None, compare=False)
+    # static activation recipes: how much per-token SQNR (every token weighted alike) the static
+    # scale loses against per-token (dynamic) scales on the same rows and weights
+    static_loss_db: Optional[float] = None
+    fallback: Optional[str] = None    # the guard that kept a quantizable linear in FP (a FALLBACKS key)
+
+
+# the guards that keep a linear in floating point after measuring it: the recipe field, what it means
+FALLBACKS = {
+    "min_sqnr_db": "its output SQNR on the calibration data is below min_sqnr_db",
+    "max_static_loss_db": "its static activation scale loses more than max_static_loss_db against per-token "
+                          "scales (the dynamic recipe 'w8a8' quantizes it)",
+    "nan": "its quantized output on the calibration data is NaN",
+}

@@ -42,6 +42,18 @@ def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
+def token_sqnr_db(ref: Tensor, approx: Tensor) -> float:
+    """SQNR with every row (token) weighted alike: -10 log10 of the mean over rows of
+    |ref_r - approx_r|^2 / |ref_r|^2. Unlike ``sqnr_db`` it does not let a few large tokens hide
+    what happens to the others (the next LayerNorm gives every token the same weight)."""
+    ref, approx = ref.double().flatten(0, -2), approx.double().flatten(0, -2)
+    rel = (ref - approx).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-300)
+    mean = rel.mean().item()
+    if math.isnan(mean):
+        return float("nan")
+    return float("inf") if mean == 0 else -10 * math.log10(mean)
+
+
 def checked_static_scale(stats, smooth_inv: Optional[Tensor], recipe, module: str, clip: float) -> Tensor:
     if stats is None:
         raise CalibrationError(
@@ -151,6 +163,27 @@ def checked_prepared(m, recipe):
     return prepared
 
 
+def _kept_in_float(recipe, sqnr: Optional[float], static_loss: Optional[float]) -> tuple:
+    """(the ``FALLBACKS`` key, the reason) when a linear measured on the calibration rows stays in
+    floating point, else (None, ""): its SQNR is below ``min_sqnr_db``, or its static activation
+    scale loses more than ``max_static_loss_db`` of per-token SQNR against per-token scales (tokens
+    whose ranges differ by orders of magnitude, which one per-tensor scale cannot serve)."""
+    if sqnr is None:
+        return None, ""
+    if math.isnan(sqnr):
+        return "nan", f"{recipe.name}: the quantized output on the calibration data is NaN"
+    floor = recipe.min_sqnr_db
+    if floor is not None and sqnr < floor:
+        return "min_sqnr_db", (f"{recipe.name}: output SQNR {sqnr:.1f} dB on the calibration data is below "
+                               f"min_sqnr_db={floor:g}")
+    limit = recipe.max_static_loss_db
+    if limit is not None and static_loss is not None and static_loss > limit:
+        return "max_static_loss_db", (f"{recipe.name}: its static activation scale loses {static_loss:.1f} dB of "
+                                      f"per-token SQNR on the calibration data against per-token scales "
+                                      f"(max_static_loss_db={limit:g})")
+    return None, ""
+
+
 def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
     """Rewrite matched linears into q-ops; return one ``Decision`` per matched linear."""
     decisions = []
@@ -179,20 +212,23 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         in_graph_inv = None if not smoothed or plan.folded_into else smooth_inv
         out_dtype = node_value(node).dtype if node_value(node) is not None else m.weight.dtype
 
-        sqnr = None
+        sqnr = loss = None
         if stats is not None and stats.rows.shape[0]:
             rows = stats.rows[:SQNR_ROWS]
             b = None if bias is None else bias.detach().to(torch.float32)
             ref = torch.nn.functional.linear(rows, m.weight.detach().to(torch.float32), b)
-            sqnr = sqnr_db(ref, scheme.reference(rows, consts, b, smooth_inv, x_scale, recipe))
-        floor = recipe.min_sqnr_db
+            out = scheme.reference(rows, consts, b, smooth_inv, x_scale, recipe)
+            sqnr = sqnr_db(ref, out)
+            if recipe.activation == "static":  # against per-token scales on the same weights
+                per_token = SCHEMES[(8, "dynamic")].reference(rows, consts, b, smooth_inv, None, recipe)
+                loss = token_sqnr_db(ref, per_token) - token_sqnr_db(ref, out)
         g = gm.graph
         x = activation_of(node)
-        if sqnr is not None and floor is not None and sqnr < floor:
-            d = Decision(m.module, "linear", FLOATING_POINT,
-                         f"{recipe.name}: output SQNR {sqnr:.1f} dB on the calibration data is below "
-                         f"min_sqnr_db={floor:g}", sqnr, weight_bytes_fp32=fp32_bytes,
-                         weight_bytes_quantized=fp32_bytes, param_id=id(m.param))
+        fallback, why = _kept_in_float(recipe, sqnr, loss)
+        if fallback:
+            d = Decision(m.module, "linear", FLOATING_POINT, why, sqnr, weight_bytes_fp32=fp32_bytes,
+                         weight_bytes_quantized=fp32_bytes, param_id=id(m.param), static_loss_db=loss,
+                         fallback=fallback)
             if smoothed and plan.folded_into:
                 # its input arrives divided by s (folded into the shared producer): absorb s in FP
                 with g.inserting_before(node):
@@ -218,7 +254,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         d = Decision(m.module, "linear", recipe.name, text,
                      sqnr, None if plan is None else plan.alpha,
                      clip if recipe.activation == "static" else None, smoothing, fp32_bytes,
-                     sum(v.numel() * v.element_size() for v in consts.values()), id(m.param))
+                     sum(v.numel() * v.element_size() for v in consts.values()), id(m.param), loss)
         new.meta[META_KEY] = d
         decisions.append(d)
     g = gm.graph

@@ -6,17 +6,39 @@
         for batch in batches: fast(batch)
     print(qcompiler.explain(fast))
 
-Importing registers the ``qcompile::*`` ops; it changes no global torch configuration.
+The names below load on first use (``import qcompiler`` alone does not import torch, so the
+command line starts at once); using the backend registers the ``qcompile::*`` ops. Nothing here
+changes global torch configuration.
 """
-from qcompiler import ops  # noqa: F401  (registers the q-op IR)
-from qcompiler.backend import qcompile_backend
-from qcompiler.calibration import CalibrationError, calibrate
-from qcompiler.explain import Report, explain
-from qcompiler.export import ExportError, export_onnx
-from qcompiler.lowering import TargetUnavailable
-from qcompiler.recipes import Recipe, get_recipe, list_recipes, register_recipe
-from qcompiler.state import QuantState, state_of
+import importlib
 
-__all__ = ["qcompile_backend", "calibrate", "CalibrationError", "explain", "Report", "export_onnx", "ExportError",
-           "TargetUnavailable", "QuantState", "state_of", "Recipe", "get_recipe", "list_recipes", "register_recipe"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "qcompile_backend": "qcompiler.backend",
+    "calibrate": "qcompiler.calibration",
+    "explain": "qcompiler.report", "Report": "qcompiler.report",
+    "export_onnx": "qcompiler.export",
+    "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
+    "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
+    "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",
+    "QuantState": "qcompiler.state", "state_of": "qcompiler.state",
+    "Recipe": "qcompiler.recipes", "get_recipe": "qcompiler.recipes", "list_recipes": "qcompiler.recipes",
+    "register_recipe": "qcompiler.recipes",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    try:  # submodules as attributes (qcompiler.calibration, qcompiler.zoo, ...)
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+    raise AttributeError(f"module 'qcompiler' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from qcompiler import blockwise, int4, ops
+from qcompiler.errors import OptionError
 from qcompiler.calibration import CalibrationError, PreparedWeight, call_model_with, store_prepared
 from qcompiler.recipes import FLOAT, get_recipe
 
@@ -94,9 +95,9 @@ def _formats(recipe) -> list:
         r = get_recipe(name)
         if r.mixed_precision or r.smoothquant or (r.weight_bits == 4 and r.algorithm in ("awq", "awq-gptq")) or \
                 r.activation == "static":
-            raise ValueError(f"auto_formats: {name!r} cannot be mixed per layer (it needs scales shared by a "
-                             f"group of layers or static activation ranges); use e.g. w4a16-gptq, w4a16, "
-                             f"w8a8, w8a16, fp8 or 'fp'")
+            raise OptionError(f"auto_formats: {name!r} cannot be mixed per layer (it needs scales shared by a "
+                              f"group of layers or static activation ranges); use e.g. w4a16-gptq, w4a16, "
+                              f"w8a8, w8a16, fp8 or 'fp'")
         out.append(r)
     return out
 

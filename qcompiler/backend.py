@@ -9,7 +9,8 @@ chosen lowering. The returned ``CompiledGraph`` keeps the original graph so that
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
+import inspect
 import sys
 import time
 import weakref
@@ -19,27 +20,15 @@ import torch
 from torch import fx, nn
 
 from qcompiler import recipes, state
+from qcompiler.errors import OptionError, QcompileError
+from qcompiler.options import compile_of, split_options
 from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.passes.match import match
 from qcompiler.passes.quantize import quantize
 from qcompiler.passes.smooth import smooth
 
-BACKEND_OPTIONS = ("recipe", "target", "cuda_graphs")
 # the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
 GRAPHS = "_qcompile_graphs"
-
-
-def split_options(options: Optional[Mapping]) -> tuple:
-    """options -> (Recipe, target name); unknown keys are an error listing the valid ones."""
-    options = dict(options or {})
-    target = options.pop("target", "auto")
-    options.pop("cuda_graphs", None)  # a lowering option: qcompile_backend reads it
-    fields = {f.name for f in dataclasses.fields(recipes.Recipe)} - {"name", "description"}
-    unknown = sorted(set(options) - fields - {"recipe"})
-    if unknown:
-        raise ValueError(f"unknown qcompile option(s) {unknown}; valid options: "
-                         f"{sorted(BACKEND_OPTIONS)} and the recipe fields {sorted(fields)}")
-    return recipes.resolve(options), target
 
 
 def _device_type(example_inputs) -> str:
@@ -87,17 +76,17 @@ def _lowering_options(lowering, cuda_graphs, device_type: str) -> dict:
     """The options a lowering's build() takes, checked: ``cuda_graphs`` needs CUDA and a target that
     compiles through Inductor."""
     if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"option cuda_graphs must be True or False, got {cuda_graphs!r}")
+        raise OptionError(f"option cuda_graphs must be True or False, got {cuda_graphs!r}")
     if not cuda_graphs:
         return {}
     if device_type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the model and inputs on a CUDA device (they are on {device_type!r}); "
+        raise OptionError(f"cuda_graphs=True needs the model and inputs on a CUDA device (they are on {device_type!r}); "
                          "move them with .to('cuda') or drop the option")
     if not lowering.cuda_graphs:
         from qcompiler.lowering import LOWERINGS
 
         able = sorted(name for name, low in LOWERINGS.items() if low.cuda_graphs)
-        raise ValueError(f"cuda_graphs=True: target {lowering.name!r} cannot run in CUDA graphs; use one of {able}")
+        raise OptionError(f"cuda_graphs=True: target {lowering.name!r} cannot run in CUDA graphs; use one of {able}")
     return {"cuda_graphs": True}
 
 
@@ -138,31 +127,6 @@ def _calling_compile():
             return owner
         frame = frame.f_back
     return None
-
-
-def compile_of(compiled) -> Optional[object]:
-    """The ``_TorchCompileWrapper`` behind what ``torch.compile`` returned (a module or a function),
-    or None: the key its graphs were registered under (``_calling_compile``)."""
-    roots = [getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)]
-    roots += [c.cell_contents for c in (getattr(compiled, "__closure__", None) or ()) if _has_cell(c)]
-    seen, todo = set(), [(r, 0) for r in roots if r is not None]
-    while todo:  # the wrapper sits a few attributes deep in Dynamo's callback chain
-        obj, depth = todo.pop()
-        if isinstance(obj, torch._TorchCompileWrapper):
-            return obj
-        if id(obj) in seen or depth > 5 or not hasattr(obj, "__dict__") or isinstance(obj, (nn.Module, type)):
-            continue
-        seen.add(id(obj))
-        todo += [(v, depth + 1) for k, v in vars(obj).items() if not k.startswith("__") or k == "__wrapped__"]
-    return None
-
-
-def _has_cell(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # an empty cell
-        return False
-    return True
 
 
 def compiled_graphs(model) -> list:
@@ -254,8 +218,34 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mappi
     Example:
         >>> fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a16"})
     """
-    if mode not in (None, "default"):
-        raise ValueError(f"backend 'qcompile' takes no mode (got {mode!r}); pass options={{'target': ...}}")
-    recipe, target = split_options(options)
-    return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),
-                         compile_key=_calling_compile())
+    try:
+        if mode not in (None, "default"):
+            raise OptionError(f"backend 'qcompile' takes no mode (got {mode!r}); pass options={{'target': ...}}")
+        recipe, target = split_options(options)
+        return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),
+                             compile_key=_calling_compile())
+    except QcompileError as e:  # the user's mistake: show it, not the compiler stack around it
+        raise _through_dynamo(e, inspect.currentframe()) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _passing_dynamo(cls: type) -> type:
+    """``cls``, also a Dynamo ``ShortenTraceback``: Dynamo re-raises those as they are instead of
+    wrapping them in ``BackendCompilerFailed`` (with its report-a-bug footer), and cuts its own
+    frames from the traceback. Without that class (another torch) ``cls`` itself."""
+    shorten = getattr(torch._dynamo.exc, "ShortenTraceback", None)
+    if shorten is None:
+        return cls
+    # str() is the original message: Dynamo appends its "report a bug to PyTorch" footer to args
+    return type(cls.__name__, (shorten, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                               "__doc__": cls.__doc__, "__str__": lambda self: self.message})
+
+
+def _through_dynamo(e: QcompileError, frame) -> QcompileError:
+    """A copy of ``e`` that passes through Dynamo unwrapped, its traceback starting at ``frame``."""
+    cls = _passing_dynamo(type(e))
+    err = cls.__new__(cls, *e.args)
+    err.args = e.args
+    err.message = str(e)
+    err.first_useful_frame = frame
+    return err

@@ -23,13 +23,11 @@ from typing import Iterable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from qcompiler.errors import CalibrationError  # noqa: F401  (raised here, re-exported)
+from qcompiler.options import check_compile, split_options
 from qcompiler.state import linear_layers, prepared_for, state_of, stats_for, unwrap  # noqa: F401  (re-exported)
 
 DEFAULT_ROWS = 1024
-
-
-class CalibrationError(ValueError):
-    """Calibration data or calibration state that the compiler cannot use."""
 
 
 @dataclass
@@ -221,16 +219,14 @@ def calibrate(model: nn.Module, data: Optional[Iterable] = None, *, recipe=None,
         ...     for batch in batches:
         ...         fast(batch)
     """
-    session = Calibration(model, max_rows, progress)
+    check_compile(model)  # a compiled model's options: wrong ones fail now, not after calibrating
+    resolved = None
     if recipe is not None:
+        resolved, _ = split_options(recipe if isinstance(recipe, Mapping) else {"recipe": recipe})
+    session = Calibration(model, max_rows, progress)
+    if resolved is not None:
         from qcompiler import weight_rounding
-        from qcompiler.backend import split_options
 
-        if isinstance(recipe, str):
-            recipe = {"recipe": recipe}
-        if not isinstance(recipe, Mapping):
-            recipe = {"recipe": recipe}
-        resolved, _ = split_options(recipe)
         if resolved.rounds_weights:
             if data is None:
                 raise CalibrationError(

@@ -17,6 +17,8 @@ from torch import nn
 
 from qcompiler import recipes
 from qcompiler.calibration import calibrate
+from qcompiler.errors import ExportError
+from qcompiler.report import findings
 
 _TWO_GB = 2**31
 
@@ -33,6 +35,7 @@ class ExportResult:
         quantized = sum(1 for d in self.decisions if d.scheme != "floating point")
         lines = [f"wrote {self.path} ({self.file_bytes / 2**20:.1f} MiB, {self.form} form): "
                  f"{quantized} of {len(self.decisions)} linears quantized"]
+        lines += findings(self.decisions)
         if self.form == "tensorrt":
             lines.append("TensorRT explicit-quantization check: " +
                          ("clean" if not self.violations else f"{len(self.violations)} violation(s)"))
@@ -127,10 +130,6 @@ def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     except (TypeError, ValueError):
         takes = False
     return {**kwargs, "use_cache": False} if takes and "use_cache" not in kwargs else kwargs
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked, or the file written is not a valid ONNX model."""
 
 
 def _check_float32(model: nn.Module) -> None:

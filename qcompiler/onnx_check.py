@@ -20,10 +20,14 @@ checked too.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
+
+from qcompiler.errors import InvalidFile
+from qcompiler.runtimes.ort_session import require_onnx
 
 SIGNED = {"INT8", "FLOAT8E4M3FN", "INT4"}
 MIN_OPSET = {"INT8": 13, "FLOAT8E4M3FN": 19, "INT4": 21, "UINT4": 21}
@@ -44,9 +48,22 @@ class Violation:
 
 
 def _load(model):
-    import onnx
-
-    return onnx.load(model) if isinstance(model, str) else model
+    """A ModelProto from a path (``InvalidFile`` naming the problem if it cannot be one) or as given."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    onnx = require_onnx()
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise InvalidFile(f"{path}: no such file")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidFile(f"{path} is not an ONNX model (it does not parse as one: {type(e).__name__}); "
+                          f"give the .onnx file qcompile export or torch.onnx.export wrote") from None
+    if not proto.graph.node:
+        raise InvalidFile(f"{path} is not an ONNX model (it parses, but holds no graph); give the .onnx file "
+                          f"qcompile export or torch.onnx.export wrote")
+    return proto
 
 
 def _constant_tensor(node):

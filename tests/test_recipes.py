@@ -2,7 +2,7 @@
 import pytest
 
 from qcompiler import recipes
-from qcompiler.backend import split_options
+from qcompiler.options import split_options
 from qcompiler.recipes import Recipe, get_recipe, list_recipes, resolve
 
 REQUIRED = ["w8a8", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic", "w8a16"]
@@ -18,7 +18,7 @@ def test_recipe_semantics():
     assert get_recipe("w8a8").activation == "dynamic" and not get_recipe("w8a8").needs_calibration
     assert get_recipe("w8a8-static").activation == "static" and get_recipe("w8a8-static").needs_calibration
     sq = get_recipe("w8a8-smoothquant")
-    assert sq.smoothquant and sq.activation == "static" and sq.alpha == 0.5
+    assert sq.smoothquant and sq.activation == "static" and sq.alpha == 0.5 and sq.max_static_loss_db == 6.0
     assert get_recipe("w8a8-smoothquant-dynamic").activation == "dynamic"
     assert get_recipe("w8a16").activation is None
 
@@ -76,10 +76,10 @@ def test_override_to_unknown_recipe_is_an_error_when_used():
         r.for_module("x")
 
 
-def test_register_a_new_recipe_in_one_place():
+def test_register_a_new_recipe_in_one_place(monkeypatch):
+    monkeypatch.setattr(recipes, "_RECIPES", dict(recipes._RECIPES))  # the registry as it was, afterwards
     name = "w8a8-static-percentile-test"
-    if name not in list_recipes():
-        recipes.register_recipe(Recipe(name, activation="static", observer="percentile", percentile=99.9))
+    recipes.register_recipe(Recipe(name, activation="static", observer="percentile", percentile=99.9))
     assert get_recipe(name).observer == "percentile"
     with pytest.raises(ValueError, match="already registered"):
         recipes.register_recipe(Recipe(name))

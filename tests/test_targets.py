@@ -43,8 +43,8 @@ def _hide(monkeypatch, *modules):
 def test_explicit_ort_without_onnxruntime_is_an_error_naming_the_fix(monkeypatch):
     _hide(monkeypatch, "onnxruntime")
     model, x = nn.Linear(16, 16), torch.randn(2, 16)
-    with pytest.raises(Exception, match=r"target 'ort' cannot run here: onnxruntime not installed: "
-                                        r"pip install 'qcompiler\[onnx\]'"):
+    with pytest.raises(qcompiler.TargetUnavailable, match=r"target 'ort' cannot run here: onnxruntime not installed: "
+                                                          r"pip install onnx onnxruntime"):
         torch.compile(model, backend="qcompile", options={"target": "ort"})(x)
 
 

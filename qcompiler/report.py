@@ -1,4 +1,4 @@
-"""Explain: what the compiler did to each linear / attention op of a model, and how well.
+"""Report: what the compiler did to each linear / attention op of a model, and how well.
 
 ``qcompiler.explain(compiled)`` reads back the ``Decision`` records the passes left on the graphs
 of that compile (``explain(model)`` on the module itself: its most recent compile), says per graph
@@ -13,10 +13,36 @@ from typing import Optional
 
 from torch import nn
 
-from qcompiler.passes.meta import FLOATING_POINT, Decision
+from qcompiler.passes.meta import FALLBACKS, FLOATING_POINT, Decision
 from qcompiler.state import linear_layers, state_of
 
 NOT_COMPILED = "not compiled"
+# a quantized linear whose static activation scale loses more than this against per-token scales
+# (its guard ``max_static_loss_db`` switched off or set higher) is named in a warning
+WARN_STATIC_LOSS_DB = 10.0
+
+
+def findings(decisions) -> list:
+    """Lines naming the linears kept in floating point (grouped by why) and the quantized ones a
+    static activation scale serves far worse than per-token scales would."""
+    lines, kept = [], {}
+    for d in decisions:
+        if d.op == "linear" and d.scheme == FLOATING_POINT:
+            kept.setdefault(FALLBACKS.get(d.fallback, d.reason), []).append(d.module)
+    for kind, modules in kept.items():
+        lines.append(f"kept in floating point ({len(modules)}): {_names(modules)}: {kind}")
+    lossy = [d for d in decisions if d.scheme not in (FLOATING_POINT, NOT_COMPILED)
+             and d.static_loss_db is not None and d.static_loss_db > WARN_STATIC_LOSS_DB]
+    if lossy:
+        worst = max(lossy, key=lambda d: d.static_loss_db)
+        lines.append(f"warning: the static activation scales of {len(lossy)} linear(s) ({_names([d.module for d in lossy])}) "
+                     f"lose up to {worst.static_loss_db:.1f} dB against per-token scales on the calibration data: "
+                     f"set max_static_loss_db to keep them in floating point, or use the dynamic recipe 'w8a8'")
+    return lines
+
+
+def _names(modules: list, shown: int = 4) -> str:
+    return ", ".join(modules[:shown]) + (f" and {len(modules) - shown} more" if len(modules) > shown else "")
 
 
 @dataclass(frozen=True)
@@ -69,9 +95,13 @@ class Report:
                                  ("all linear weights", self.weight_bytes)):
             if fp32:
                 lines.append(f"{label}: {fp32 / 2**20:.1f} MiB FP32 -> {q / 2**20:.1f} MiB ({100 * q / fp32:.1f}%)")
-        if self.records and not self.quantized_weight_bytes[0]:
-            lines.append("nothing was quantized: " + ("no linear layer was found" if not any(
-                r.op == "linear" for r in self.records) else "every linear stays in floating point (reasons above)"))
+        lines += findings(self.records)
+        if not self.quantized_weight_bytes[0]:
+            linears = [r for r in self.records if r.op == "linear"]
+            lines.append("nothing was quantized: " + (
+                "no linear layer was found" if not linears else
+                "no compiled graph has run yet (call the compiled model)" if all(r.scheme == NOT_COMPILED for r in linears)
+                else "every linear stays in floating point (reasons above)"))
         lines += self.notes
         for i, g in enumerate(self.graphs):
             asked = f" (asked: {g.requested})" if g.requested != g.running else ""
