@@ -1,6 +1,6 @@
 """CPU speed of the ONNX Runtime path against every alternative we can run here, side by side.
 
-Rows (issue 3): all-MiniLM-L6-v2 (batch 8 x 128, batch 1 x 32) and SmolLM2-135M (prefill of 256
+Rows: all-MiniLM-L6-v2 (batch 8 x 128, batch 1 x 32) and SmolLM2-135M (prefill of 256
 tokens; one decode step with a 256-token KV cache), each as
   eager FP32 | torch.compile FP32 | ORT FP32 (the same graph exported, nothing quantized)
   | ORT quantize_dynamic (the peer: onnxruntime.quantization.quantize_dynamic, per-channel INT8,

@@ -1,6 +1,6 @@
 """GPTQ dampening (0.01/0.1/0.3) and act order on three SmolLM2 layers: output error on calibration vs held-out rows (32 calibration windows).
 
-A diagnostic kept because the README quotes its output (issue 5, GPTQ analysis).
+A diagnostic kept because the README quotes its output (GPTQ analysis).
 
     python benchmarks/gptq_damping.py
 """

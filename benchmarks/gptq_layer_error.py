@@ -1,6 +1,6 @@
 """Per-layer output error of GPTQ vs round-to-nearest on SmolLM2, on calibration and held-out rows (8 calibration windows).
 
-A diagnostic kept because the README quotes its output (issue 5, GPTQ analysis).
+A diagnostic kept because the README quotes its output (GPTQ analysis).
 
     python benchmarks/gptq_layer_error.py
 """

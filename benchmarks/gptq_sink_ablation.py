@@ -1,6 +1,6 @@
 """GPTQ with Hessians that leave out each window's first (attention-sink) token, and with act order (4 held-out windows).
 
-A diagnostic kept because the README quotes its output (issue 5, GPTQ analysis).
+A diagnostic kept because the README quotes its output (GPTQ analysis).
 
     python benchmarks/gptq_sink_ablation.py
 """

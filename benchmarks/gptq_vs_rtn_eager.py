@@ -1,6 +1,6 @@
 """Model perplexity with GPTQ weights from FP-input Hessians (damp 0.01, 0.1) vs RTN, and with the block-wise pipeline's GPTQ weights (4 held-out windows).
 
-A diagnostic kept because the README quotes its output (issue 5, GPTQ analysis).
+A diagnostic kept because the README quotes its output (GPTQ analysis).
 
     python benchmarks/gptq_vs_rtn_eager.py
 """

@@ -1,6 +1,6 @@
 """Each Triton kernel against bf16 ``F.linear`` (cuBLAS) in the same run, activation quantization included.
 
-Issue 4's table: (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)} at M in {1, 16, 128, 2048};
+The GEMM table: (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)} at M in {1, 16, 128, 2048};
 rows per shape
   bf16 F.linear (cuBLAS)             the baseline every ratio divides
   int8 torch._int_mm + epilogue      quantize (ours) + _int_mm + a separate scale/bias pass

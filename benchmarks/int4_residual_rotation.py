@@ -4,7 +4,7 @@ Folds every RMSNorm weight into the linears that read it (the output norm into a
 lm_head), multiplies the residual stream by a random orthogonal matrix (seeded) folded into the
 embedding, the readers (q/k/v/gate/up/lm_head) and the writers (o/down), checks FP32 perplexity is
 unchanged, then calibrates and measures each options set as ``benchmarks/int4_eager.py`` does
-(lm_head skipped). Measured in session 8: rotation makes RTN much worse (SmolLM2 weights sit on
+(lm_head skipped). Measured: rotation makes RTN much worse (SmolLM2 weights sit on
 GGUF Q4_1 grids that a rotation destroys) and GPTQ no better, so qcompile does not rotate.
 
     python benchmarks/int4_residual_rotation.py CALIB_WINDOWS '[OPTIONS, ...]' HELD_OUT_WINDOWS [rot|fold] [SEED]

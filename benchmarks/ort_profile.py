@@ -1,4 +1,4 @@
-"""Where ONNX Runtime spends its time: per-op-type totals of profiled sessions (issue 3's
+"""Where ONNX Runtime spends its time: per-op-type totals of profiled sessions (the
 "profile the session" step), with qcompile recipes in the ORT form and FP32 ("fp32": the same
 graph with nothing quantized).
 
