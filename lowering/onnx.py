@@ -15,6 +15,7 @@ import logging
 import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -162,7 +163,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
                 raise UnsupportedForm(str(cause)) from None
             raise
     onnx_fusions.optimize(program.model, form)
-    return fold_constants(program.model_proto)
+    return share_tied(fold_constants(program.model_proto))
 
 
 # ops whose all-constant results fold into stored initializers: the weight layout changes the
@@ -211,4 +212,104 @@ def fold_constants(model):
     graph.node.extend(keep)
     del graph.initializer[:]
     graph.initializer.extend(t for name, t in consts.items() if name in used)
+    return model
+
+
+# initializers smaller than this are not worth a hash (biases, scales, shape constants)
+_TIED_MIN_ELEMENTS = 4096
+
+
+def _fingerprint(array) -> tuple:
+    import hashlib
+
+    return array.dtype.str, array.shape, hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+
+
+def share_tied(model):
+    """Store a tied weight once: an initializer equal to an earlier one is dropped (its readers
+    read the earlier one), and one equal to an earlier one's transpose becomes a ``Transpose`` of it
+    (a language model's input embedding ``[V, D]`` and its tied output projection, which the
+    translations and the exporter's folding store as ``[D, V]``; the INT8 table of a quantized
+    embedding alike)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    seen, renames, transposes, kept = {}, {}, [], []
+    for t in graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n < _TIED_MIN_ELEMENTS or len(t.dims) != 2 or t.data_type in (16, 22, 23):  # bfloat16, int4, uint4
+            kept.append(t)
+            continue
+        array = numpy_helper.to_array(t)
+        key = _fingerprint(array)
+        if key in seen and seen[key][1] is False:
+            renames[t.name] = seen[key][0]
+            continue
+        if key in seen:
+            transposes.append(helper.make_node("Transpose", [seen[key][0]], [t.name], perm=[1, 0],
+                                               name=f"tied_{t.name}"))
+            continue
+        seen.setdefault(key, (t.name, False))
+        seen.setdefault(_fingerprint(array.T), (t.name, True))
+        kept.append(t)
+    if not renames and not transposes:
+        return model
+    _rename_inputs(graph.node, renames)
+    for out in graph.output:
+        if out.name in renames:  # a graph output that is a weight (rare): keep its name
+            transposes.append(helper.make_node("Identity", [renames[out.name]], [out.name]))
+    nodes = transposes + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
+
+
+def _rename_inputs(nodes, renames: dict) -> None:
+    """Rename node inputs, in ``If`` / ``Loop`` / ``Scan`` bodies too (they read outer names)."""
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _rename_inputs(sub.node, renames)
+
+
+_ONNX_FLOATS = {torch.float16: 10, torch.bfloat16: 16}
+
+
+def with_io_dtype(model, dtype: torch.dtype):
+    """A float32 graph whose float inputs and outputs become ``dtype`` (float16 / bfloat16), with a
+    ``Cast`` beside each: a half-precision model's interface, its math in float32 (the runtime, e.g.
+    TensorRT's precision flags, chooses what it computes in)."""
+    from onnx import helper
+
+    to = _ONNX_FLOATS[dtype]
+    graph = model.graph
+    casts, renames = [], {}
+    for value in graph.input:
+        if value.type.tensor_type.elem_type == 1:
+            inner = f"{value.name}_float32"
+            renames[value.name] = inner
+            casts.append(helper.make_node("Cast", [value.name], [inner], to=1, name=f"cast_{inner}"))
+            value.type.tensor_type.elem_type = to
+    _rename_inputs(graph.node, renames)
+    tail = []
+    for value in graph.output:
+        if value.type.tensor_type.elem_type == 1:
+            inner = f"{value.name}_float32"
+            for node in graph.node:
+                for i, name in enumerate(node.output):
+                    if name == value.name:
+                        node.output[i] = inner
+            _rename_inputs(graph.node, {value.name: inner})
+            tail.append(helper.make_node("Cast", [inner], [value.name], to=to, name=f"cast_{value.name}"))
+            value.type.tensor_type.elem_type = to
+    nodes = casts + list(graph.node) + tail
+    del graph.node[:]
+    graph.node.extend(nodes)
     return model

@@ -172,6 +172,12 @@ def trt_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
     return _bias(y, op.CastLike(bias, x) if bias is not None else None)
 
 
+def trt_embedding_int8(indices, wq, w_scale, out_dtype):
+    """The table dequantized per row (constant scales, as TensorRT takes them), then gathered."""
+    table = op.DequantizeLinear(wq, w_scale, _zero(ir.DataType.INT8, wq.shape[0]), axis=0)
+    return _out(op.Gather(table, indices, axis=0), out_dtype)
+
+
 def dequantize(q, scale):
     shifted = q.dtype == ir.DataType.UINT8  # the ort form's int8 + 128
     q = op.Cast(q, to=ir.DataType.FLOAT)
@@ -242,6 +248,12 @@ def ort_linear_w8a16(x, wq, w_scale, bias):
     return _bias(op.MatMul(x, op.CastLike(w, x)), op.CastLike(bias, x) if bias is not None else None)
 
 
+def ort_embedding_int8(indices, wq, w_scale, out_dtype):
+    """Only the gathered rows are dequantized, each by its own gathered scale."""
+    rows = op.Cast(op.Gather(wq, indices, axis=0), to=ir.DataType.FLOAT)
+    return _out(op.Mul(rows, op.Unsqueeze(op.Gather(w_scale, indices, axis=0), _const([-1], np.int64))), out_dtype)
+
+
 def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
     """ONNX Runtime's ``MatMulNBits``: it reads ``qcompiler.int4``'s packing as is."""
     n, k = packed.shape[0], x.shape[-1]
@@ -270,6 +282,7 @@ TRANSLATIONS = {
         qops.linear_w8a8.default: trt_linear_w8a8,
         qops.linear_w8a16.default: linear_w8a16,
         qops.linear_w4a16.default: trt_linear_w4a16,
+        qops.embedding_int8.default: trt_embedding_int8,
     },
     "ort": {
         qops.quantize_per_tensor.default: ort_quantize_per_tensor,
@@ -278,5 +291,6 @@ TRANSLATIONS = {
         qops.linear_w8a8.default: ort_linear_w8a8,
         qops.linear_w8a16.default: ort_linear_w8a16,
         qops.linear_w4a16.default: ort_linear_w4a16,
+        qops.embedding_int8.default: ort_embedding_int8,
     },
 }

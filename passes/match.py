@@ -20,6 +20,11 @@ from qcompiler.calibration import CalibrationError, prepared_for, stats_for
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch, node_value
 
 aten = torch.ops.aten
+# why a linear whose weight the graph also uses elsewhere stays in floating point (the embedding
+# pass gives it the embedding's INT8 table when the recipe quantizes embeddings)
+TIED = ("weight is tied to a non-linear use (e.g. the input embedding): an INT8 copy would sit beside the "
+        "FP32 tensor that use still needs; embedding='int8' stores the tied table once in INT8, "
+        "quantize_tied=True quantizes a separate copy")
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -210,9 +215,7 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         elif x_value is None or x_value.dim() < 1:
             layer_recipe, reason = None, "activation operand is not a tensor of known shape"
         elif not layer_recipe.quantize_tied and _used_outside_linears(param_node):
-            layer_recipe, reason = None, ("weight is tied to a non-linear use (e.g. the input embedding): "
-                                          "an INT8 copy would sit beside the FP32 tensor that use still "
-                                          "needs; quantize_tied=True quantizes it anyway")
+            layer_recipe, reason = None, TIED
         elif layer_recipe.weight_bits is None:
             layer_recipe, reason = None, f"recipe {layer_recipe.name!r} keeps weights in floating point"
         bias_t = params[bias][1] if isinstance(bias, fx.Node) and bias in params else None

@@ -62,10 +62,12 @@ class Decision:
     # static activation recipes: how much per-token SQNR (every token weighted alike) the static
     # scale loses against per-token (dynamic) scales on the same rows and weights
     static_loss_db: Optional[float] = None
-    fallback: Optional[str] = None    # the guard that kept a quantizable linear in FP (a FALLBACKS key)
+    fallback: Optional[str] = None    # the guard that kept its activations in FP (a FALLBACKS key)
+    weight_only: bool = False         # the guard's fallback kept the weights 8-bit (activations in FP)
 
 
-# the guards that keep a linear in floating point after measuring it: the recipe field, what it means
+# the guards that keep a linear's activations (weight-only INT8) or the whole linear in floating
+# point after measuring it: the recipe field, what it means
 FALLBACKS = {
     "min_sqnr_db": "its output SQNR on the calibration data is below min_sqnr_db",
     "max_static_loss_db": "its static activation scale loses more than max_static_loss_db against per-token "

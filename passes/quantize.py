@@ -29,6 +29,7 @@ from qcompiler.passes.match import activation_of
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 
 qops = torch.ops.qcompile
+WEIGHT_ONLY = "w8a16"  # what a layer whose activations failed a guard runs as, when its weights pass
 SQNR_ROWS = 256  # enough rows for a stable dB figure, few enough to keep compile time short
 
 
@@ -184,6 +185,27 @@ def _kept_in_float(recipe, sqnr: Optional[float], static_loss: Optional[float]) 
     return None, ""
 
 
+def _weight_only(m, recipe, plan, stats, bias, why: str):
+    """(constants, SQNR, text) of the linear with 8-bit weights and floating-point activations,
+    when activation quantization failed a guard; None when that too misses ``min_sqnr_db``.
+
+    A smoothing scale folded into the producer stays (the input arrives divided by s, the weight
+    is W * s); one that would be applied in the activation quantize step is dropped (raw W)."""
+    folded = plan is not None and plan.scale is not None and plan.folded_into
+    weight = m.weight.detach().to(torch.float32) * (plan.scale if folded else 1.0)
+    wq, wscale = ops.quantize_per_channel_ref(weight, torch.int8)  # INT8: every target's weight-only kernel
+    consts = {"wq": wq, "wscale": wscale}
+    rows = stats.rows[:SQNR_ROWS]
+    b = None if bias is None else bias.detach().to(torch.float32)
+    ref = torch.nn.functional.linear(rows, m.weight.detach().to(torch.float32), b)
+    x = rows / plan.scale if folded else rows
+    sqnr = sqnr_db(ref, ops.linear_w8a16_ref(x, consts["wq"], consts["wscale"], b))
+    if math.isnan(sqnr) or (recipe.min_sqnr_db is not None and sqnr < recipe.min_sqnr_db):
+        return None
+    text = "INT8 weights per channel, activations in floating point (weights only): " + why.split(": ", 1)[-1]
+    return consts, sqnr, text
+
+
 def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
     """Rewrite matched linears into q-ops; return one ``Decision`` per matched linear."""
     decisions = []
@@ -225,7 +247,11 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         g = gm.graph
         x = activation_of(node)
         fallback, why = _kept_in_float(recipe, sqnr, loss)
-        if fallback:
+        weight_only = None
+        if fallback and fallback != "nan" and recipe.activation is not None:
+            # the weights alone may still be 8-bit: activations stay in floating point
+            weight_only = _weight_only(m, recipe, plan, stats, bias, why)
+        if fallback and weight_only is None:
             d = Decision(m.module, "linear", FLOATING_POINT, why, sqnr, weight_bytes_fp32=fp32_bytes,
                          weight_bytes_quantized=fp32_bytes, param_id=id(m.param), static_loss_db=loss,
                          fallback=fallback)
@@ -238,6 +264,19 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
                 g.erase_node(node)
                 node = new
             node.meta[META_KEY] = d
+            decisions.append(d)
+            continue
+        if weight_only is not None:
+            consts, sqnr_wo, text = weight_only
+            with g.inserting_before(node):
+                c = {k: add_constant(gm, v, k) for k, v in consts.items()}
+                new = SCHEMES[(8, None)].emit(g, x, c, m.bias, None, None, recipe, out_dtype)
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+            d = Decision(m.module, "linear", WEIGHT_ONLY, text, sqnr_wo, weight_bytes_fp32=fp32_bytes,
+                         weight_bytes_quantized=sum(v.numel() * v.element_size() for v in consts.values()),
+                         param_id=id(m.param), static_loss_db=loss, fallback=fallback, weight_only=True)
+            new.meta[META_KEY] = d
             decisions.append(d)
             continue
         with g.inserting_before(node):

@@ -23,6 +23,7 @@ from qcompiler import recipes, state
 from qcompiler.errors import OptionError, QcompileError
 from qcompiler.options import compile_of, split_options
 from qcompiler.lowering import auto_choice, get_lowering
+from qcompiler.passes.embedding import embed
 from qcompiler.passes.match import match
 from qcompiler.passes.quantize import quantize
 from qcompiler.passes.smooth import smooth
@@ -166,8 +167,14 @@ class CompiledGraph:
         if target != "auto":
             lowering.check(example_inputs)   # an explicit target is a contract: raise with the reason
         self.lowering_options = _lowering_options(lowering, cuda_graphs, _device_type(example_inputs))
+        self.cuda_graphs = cuda_graphs
         self.compile_key = compile_key
         self.created = time.monotonic_ns()
+        # Dynamo may call one graph for several module instances of the same class (a graph break
+        # inside a repeated layer): parameters are graph inputs, but the quantized weights were
+        # made from these. Another instance's parameters get a graph of their own (``_variant``).
+        self.param_slots = [i for i, v in enumerate(self.example_inputs) if isinstance(v, nn.Parameter)]
+        self.variants = {}
         self._build()
 
     @property
@@ -185,7 +192,7 @@ class CompiledGraph:
         params = [m.param for _, m, _ in matches]
         self.watch = _Watch(params)
         plans = smooth(gm, self.example_inputs, matches)
-        self.decisions = quantize(gm, matches, plans)
+        self.decisions = embed(gm, self.example_inputs, self.recipe, quantize(gm, matches, plans))
         _register_new_sources(gm)
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
@@ -194,7 +201,24 @@ class CompiledGraph:
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
 
+    def _same_params(self, args) -> bool:
+        return all(args[i] is self.example_inputs[i] for i in self.param_slots)
+
+    def _variant(self, args) -> "CompiledGraph":
+        """This graph quantized and lowered for the parameters in ``args`` (made once per set)."""
+        key = tuple(id(args[i]) for i in self.param_slots)
+        graph = self.variants.get(key)
+        if graph is None or not graph._same_params(args):  # ids are reused after a module is freed
+            slots = set(self.param_slots)
+            example = [args[i] if i in slots else v for i, v in enumerate(self.example_inputs)]
+            graph = CompiledGraph(self.original, example, self.recipe, self.requested, self.cuda_graphs,
+                                  self.compile_key)
+            self.variants[key] = graph
+        return graph
+
     def __call__(self, *args):
+        if not self._same_params(args):
+            return self._variant(args)(*args)
         if self.watch.stale():
             self._build()
         with torch.no_grad():  # an inference compiler: q-ops have no gradients

@@ -48,8 +48,9 @@ def _bundled(name: str, calib: int, seq: int):
     if name == "smollm2":
         model, tok = zoo.load_smollm2()
         ids = zoo.wiki_token_ids(tok, "smollm2")
-        calib_w, _ = zoo.lm_windows(ids, seq, max(calib, 1), 0)
-        return model, {"input_ids": calib_w[:1]}, [{"input_ids": w[None]} for w in calib_w[:calib]] or None
+        calib_w, _ = zoo.lm_windows(ids, seq, max(calib, 2), 0)
+        # two rows: a batch of one would fix the batch dimension at 1 in the export
+        return model, {"input_ids": calib_w[:2]}, [{"input_ids": w[None]} for w in calib_w[:calib]] or None
     raise QcompileError(f"unknown bundled model {name!r}; use one of {', '.join(BUNDLED)} or module:function")
 
 
@@ -74,7 +75,7 @@ def cmd_export(args) -> int:
     _say(f"quantizing with {args.recipe}" + (f" (calibrating on {len(batches)} batches)" if batches else "")
          + f", exporting the {args.form} form to {args.out} ...")
     result = export_onnx(model, example, args.out, recipe=args.recipe, form=args.form,
-                         calibration=batches if batches else None)
+                         calibration=batches if batches else None, options={"embedding": args.embedding})
     print(result.summary())
     return 1 if result.violations else 0
 
@@ -113,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--form", default="tensorrt", choices=FORMS,
                    help="tensorrt: QDQ for TensorRT's explicit quantization; ort: ONNX Runtime's integer kernels")
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the .onnx file to write")
+    p.add_argument("--embedding", choices=["int8"], default=None,
+                   help="store embedding tables INT8 per row (a tied lm_head reads the same table)")
     p.add_argument("--calib", type=int, default=8, help="calibration batches (bundled models)")
     p.add_argument("--seq", type=int, default=128, help="calibration sequence length (bundled models)")
     p.set_defaults(fn=cmd_export)

@@ -8,6 +8,7 @@ compilation; nothing is re-derived here.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -18,6 +19,7 @@ from torch import nn
 from qcompiler import recipes
 from qcompiler.calibration import calibrate
 from qcompiler.errors import ExportError
+from qcompiler.passes.meta import FLOATING_POINT
 from qcompiler.report import findings
 
 _TWO_GB = 2**31
@@ -32,9 +34,12 @@ class ExportResult:
     file_bytes: int
 
     def summary(self) -> str:
-        quantized = sum(1 for d in self.decisions if d.scheme != "floating point")
+        linears = [d for d in self.decisions if d.op == "linear"]
+        quantized = sum(1 for d in linears if d.scheme != FLOATING_POINT)
+        tables = [d for d in self.decisions if d.op == "embedding" and d.scheme != FLOATING_POINT]
         lines = [f"wrote {self.path} ({self.file_bytes / 2**20:.1f} MiB, {self.form} form): "
-                 f"{quantized} of {len(self.decisions)} linears quantized"]
+                 f"{quantized} of {len(linears)} linears quantized"
+                 + (f", {len(tables)} embedding table(s) INT8" if tables else "")]
         lines += findings(self.decisions)
         if self.form == "tensorrt":
             lines.append("TensorRT explicit-quantization check: " +
@@ -44,11 +49,16 @@ class ExportResult:
 
 
 def _split(example_inputs) -> tuple:
+    """(args, kwargs), every tensor contiguous: a slice of a larger tensor (``ids[:2, :16]``) has
+    strides the sizes do not give, and export would carry them as symbols ONNX cannot express."""
+    def dense(v):
+        return v.contiguous() if isinstance(v, torch.Tensor) else v
+
     if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
+        return (), {k: dense(v) for k, v in example_inputs.items()}
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    return tuple(example_inputs), {}
+        return (dense(example_inputs),), {}
+    return tuple(dense(v) for v in example_inputs), {}
 
 
 def _auto_dims(args, kwargs):
@@ -64,7 +74,8 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     """Quantize ``model`` with ``recipe`` and write it to ``path`` as ONNX.
 
     Args:
-        model: the FP32 model (not modified).
+        model: the model (not modified), in float32, float16 or bfloat16; a half-precision model
+            is exported in float32 with its dtype at the file's inputs and outputs.
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
         path: the .onnx file (weights go to a side file ``<path>.data`` above 2 GB).
         recipe: a recipe name or ``Recipe``; static recipes need calibration (``calibration``
@@ -80,7 +91,8 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
         >>> qcompiler.export_onnx(model, batch, "model.onnx", recipe="w8a8-smoothquant", calibration=batches)
     """
     from qcompiler import onnx_check
-    from qcompiler.lowering.onnx import to_onnx
+    from qcompiler.lowering.onnx import to_onnx, with_io_dtype
+    from qcompiler.passes.embedding import embed
     from qcompiler.passes.match import match
     from qcompiler.passes.quantize import quantize
     from qcompiler.passes.smooth import smooth
@@ -90,10 +102,13 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     import onnx
 
     resolved = recipes.resolve({**dict(options or {}), "recipe": recipe})
-    _check_float32(model)
+    half = _half_dtype(model)
     if calibration is not None:
         calibrate(model, calibration, recipe=resolved if resolved.rounds_weights or resolved.mixed_precision else None)
     args, kwargs = _split(example_inputs)
+    if half is not None:  # exported in float32 (same quantized weights), its interface in `half`
+        model = copy.deepcopy(model).float()
+        args, kwargs = _as_float32(args), dict(zip(kwargs, _as_float32(kwargs.values())))
     kwargs = _without_cache(model, kwargs)
     if dynamic_shapes is None:
         pos, kw = _auto_dims(args, kwargs)
@@ -108,9 +123,11 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     gm = program.module()
     flat = list(args) + list(kwargs.values())
     matches = match(gm, flat, resolved)
-    decisions = quantize(gm, matches, smooth(gm, flat, matches))
+    decisions = embed(gm, flat, resolved, quantize(gm, matches, smooth(gm, flat, matches)))
     proto = to_onnx(gm, args, form, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                     input_names=list(kwargs) if kwargs else None)
+    if half is not None:
+        proto = with_io_dtype(proto, half)
     violations = onnx_check.check(proto) if form == "tensorrt" else []
     large = proto.ByteSize() >= _TWO_GB
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -132,14 +149,20 @@ def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     return {**kwargs, "use_cache": False} if takes and "use_cache" not in kwargs else kwargs
 
 
-def _check_float32(model: nn.Module) -> None:
-    """The exported graphs keep float32 scales beside the activations: a float16 / bfloat16 model
-    would make a file ONNX's checker and ONNX Runtime reject, so it is refused here."""
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32})
-    if dtypes:
-        raise ExportError(f"export_onnx takes a float32 model; this one has {', '.join(dtypes)} parameters. "
-                          "Export `model.float()` (the quantized weights and scales are the same) and choose "
-                          "the deployment precision in the runtime (e.g. TensorRT's --fp16 / --bf16 flags)")
+def _half_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """None for a float32 model; float16 / bfloat16 for a model in one of them (exported with that
+    interface); a model mixing float dtypes is refused, naming them."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return None
+    if len(dtypes) == 1 and next(iter(dtypes)) in (torch.float16, torch.bfloat16):
+        return next(iter(dtypes))
+    raise ExportError(f"export_onnx takes a model in one float dtype; this one mixes "
+                      f"{', '.join(sorted(str(d) for d in dtypes))}: convert it with `model.to(dtype)` first")
+
+
+def _as_float32(values) -> tuple:
+    return tuple(v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values)
 
 
 def _validate(path: str) -> None:

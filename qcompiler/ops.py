@@ -186,6 +186,20 @@ def _linear_w4a16_fake(x, packed, scale, zero, smooth_inv, group_size, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
+# ----------------------------------------------------------------------------- embedding op
+
+
+def embedding_int8_ref(indices: Tensor, wq: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Rows of an INT8 table ``[V, D]`` quantized per row (``w_scale`` ``[V]``, as
+    ``quantize_per_channel`` makes them), gathered, then dequantized: ``wq[i] * w_scale[i]``."""
+    rows = torch.nn.functional.embedding(indices, wq).to(torch.float32)
+    return (rows * torch.nn.functional.embedding(indices, w_scale[:, None])).to(out_dtype)
+
+
+def _embedding_int8_fake(indices, wq, w_scale, out_dtype):
+    return wq.new_empty((*indices.shape, wq.shape[1]), dtype=out_dtype)
+
+
 # q-op name -> its fake implementation (shapes and dtypes only); lowerings that wrap a q-op in an
 # op of their own (the Triton kernels) reuse it
 FAKES: dict = {}
@@ -205,6 +219,7 @@ dequantize = _define("dequantize", dequantize_ref, _dequantize_fake)
 linear_w8a8 = _define("linear_w8a8", linear_w8a8_ref, _linear_w8a8_fake)
 linear_w8a16 = _define("linear_w8a16", linear_w8a16_ref, _linear_w8a16_fake)
 linear_w4a16 = _define("linear_w4a16", linear_w4a16_ref, _linear_w4a16_fake)
+embedding_int8 = _define("embedding_int8", embedding_int8_ref, _embedding_int8_fake)
 
 # op overload (what appears in FX graphs) -> its plain-torch reference implementation
 REFERENCE = {
@@ -215,4 +230,5 @@ REFERENCE = {
     torch.ops.qcompile.linear_w8a8.default: linear_w8a8_ref,
     torch.ops.qcompile.linear_w8a16.default: linear_w8a16_ref,
     torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,
+    torch.ops.qcompile.embedding_int8.default: embedding_int8_ref,
 }

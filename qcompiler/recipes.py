@@ -25,6 +25,8 @@ ACTIVATION_SCHEMES = (None, "dynamic", "static")
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 NUMBER_FORMATS = ("int", "fp8")
+# how embedding tables are stored: None = floating point; "int8" = INT8 per row
+EMBEDDING_FORMATS = (None, "int8")
 # how 4-bit weights are rounded: plain round-to-nearest, or an algorithm that needs calibration
 ALGORITHMS = ("rtn", "awq", "gptq", "awq-gptq")
 # what "auto" may give a linear, smallest first (ties: faster first); "fp" keeps it in floating point
@@ -95,21 +97,25 @@ class Recipe:
             error on the calibration data (jointly with ``alpha="auto"``).
         clip_grid: candidates for ``clip="auto"``.
         min_sqnr_db: a linear whose quantized output SQNR against FP32 on the calibration data
-            falls below this stays in floating point (reported by ``explain``); None disables.
-            Needs calibration data; without it nothing is measured and nothing falls back.
+            falls below this keeps its activations in floating point: INT8 weights only when that
+            clears the floor, else the whole layer in floating point (reported by ``explain``);
+            None disables. Needs calibration data; without it nothing is measured or changed.
         max_static_loss_db: static activation recipes: a linear whose SQNR on the calibration
             data is more than this many dB below what per-token (dynamic) activation scales give
-            on the same rows (per-token SQNR, every token weighted alike) stays in floating point
-            (reported by ``explain``); None disables.
+            on the same rows (per-token SQNR, every token weighted alike) keeps its activations in
+            floating point, as above; None disables.
             One per-tensor scale cannot serve tokens whose ranges differ by orders of magnitude
             (a sentence encoder's special tokens): all-mpnet-base-v2's embeddings collapse without
-            it (``w8a8-static``: mean cosine 0.745 without, 0.9985 with; docs/results/encoder_accuracy.md).
+            it (docs/results/encoder_accuracy.md).
         skip: module-name patterns (fnmatch) kept in floating point.
         quantize_tied: also quantize a linear whose weight the graph uses elsewhere too (a
             language model's output projection tied to its input embedding). Off by default:
             the INT8 copy adds memory instead of saving it, and that projection is the most
             sensitive layer (SmolLM2-135M: +0.2 to +0.6 points of perplexity).
-        overrides: (pattern, recipe name or "fp") pairs; the first matching pattern wins.
+        embedding: None (embedding tables stay in floating point) or "int8": each embedding
+            table is stored INT8 per row and its rows dequantized as they are gathered; an output
+            projection tied to that table (a language model's lm_head) reads the same INT8 table
+            as a weight-only INT8 linear, so the tied weight is stored once, in 8 bits.
         mixed_precision: choose each linear's format from ``auto_formats`` at calibration
             (``qcompiler.calibrate(model, data, recipe="auto")``) so the model is as small as
             possible while its loss on held-out calibration data stays within ``budget``.
@@ -148,6 +154,7 @@ class Recipe:
     max_static_loss_db: Optional[float] = 6.0
     skip: tuple = ()
     quantize_tied: bool = False
+    embedding: Optional[str] = None
     overrides: tuple = ()
     mixed_precision: bool = False
     budget: float = 0.01
@@ -213,6 +220,8 @@ class Recipe:
         if self.clip != 1.0 and self.activation != "static":
             raise OptionError(f"recipe {self.name!r}: clip applies to static activation scales, but "
                               f"activation={self.activation!r}")
+        if self.embedding not in EMBEDDING_FORMATS:
+            raise OptionError(f"recipe {self.name!r}: embedding={self.embedding!r}; valid: {EMBEDDING_FORMATS}")
         if self.smoothquant and self.activation is None:
             raise OptionError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
         # normalise containers given as lists / dicts (e.g. from options) to hashable tuples

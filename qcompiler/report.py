@@ -25,12 +25,16 @@ WARN_STATIC_LOSS_DB = 10.0
 def findings(decisions) -> list:
     """Lines naming the linears kept in floating point (grouped by why) and the quantized ones a
     static activation scale serves far worse than per-token scales would."""
-    lines, kept = [], {}
+    lines, kept, weights_only = [], {}, {}
     for d in decisions:
         if d.op == "linear" and d.scheme == FLOATING_POINT:
             kept.setdefault(FALLBACKS.get(d.fallback, d.reason), []).append(d.module)
+        elif d.op == "linear" and d.weight_only:
+            weights_only.setdefault(FALLBACKS.get(d.fallback, d.reason), []).append(d.module)
     for kind, modules in kept.items():
         lines.append(f"kept in floating point ({len(modules)}): {_names(modules)}: {kind}")
+    for kind, modules in weights_only.items():
+        lines.append(f"INT8 weights, activations kept in floating point ({len(modules)}): {_names(modules)}: {kind}")
     lossy = [d for d in decisions if d.scheme not in (FLOATING_POINT, NOT_COMPILED)
              and d.static_loss_db is not None and d.static_loss_db > WARN_STATIC_LOSS_DB]
     if lossy:

@@ -5,6 +5,7 @@ without a copy on the CPU. Session options are the ones the ``ort`` target was m
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Optional, Sequence
 
@@ -13,6 +14,7 @@ import torch
 
 from qcompiler.errors import MissingDependency
 
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
           torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
 
@@ -69,6 +71,7 @@ class OrtSession:
         ort = require_onnxruntime()
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         self.model = model  # what runs, for sizes and for tools that rewrite it
+        self._ort = ort
         self.session = ort.InferenceSession(data, session_options(threads), providers=providers())
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -81,8 +84,22 @@ class OrtSession:
         for name, t in zip(self.input_names, tensors):
             t = t.detach().contiguous().cpu()
             keep.append(t)
-            binding.bind_input(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hand ORT the bits with their ONNX type
+                value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.int16).numpy(), _ONNX_BFLOAT16)
+                keep.append(value)
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_input(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return [torch.from_numpy(v.numpy()) for v in binding.get_outputs()]
+        return [_to_torch(v) for v in binding.get_outputs()]
+
+
+def _to_torch(value) -> torch.Tensor:
+    """An output OrtValue as a tensor (bfloat16 copied bit for bit: numpy cannot hold it)."""
+    if value.data_type() == "tensor(bfloat16)":
+        out = torch.empty(value.shape(), dtype=torch.bfloat16)
+        ctypes.memmove(out.data_ptr(), value.data_ptr(), value.tensor_size_in_bytes())
+        return out
+    return torch.from_numpy(value.numpy())

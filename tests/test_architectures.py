@@ -63,9 +63,9 @@ def test_generate_through_the_compiled_forward(arch):
     assert all(r.scheme != "not compiled" for r in qcompiler.explain(model) if r.op == "linear")
 
 
-@pytest.mark.parametrize("form", ["tensorrt", "ort"])
+@pytest.mark.parametrize("form,embedding", [("tensorrt", None), ("ort", None), ("tensorrt", "int8")])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_export_onnx_runs_in_onnx_runtime(arch, form, tmp_path):
+def test_export_onnx_runs_in_onnx_runtime(arch, form, embedding, tmp_path):
     from qcompiler.runtimes.ort_session import OrtSession
     import onnx
 
@@ -73,8 +73,11 @@ def test_export_onnx_runs_in_onnx_runtime(arch, form, tmp_path):
     example = token_batch(vocab, 2, 8)
     # a static recipe: TensorRT's explicit quantization takes constant activation scales only
     result = qcompiler.export_onnx(model, example, str(tmp_path / "m.onnx"), recipe="w8a8-smoothquant",
-                                   form=form, calibration=[token_batch(vocab, 2, 16, seed=s) for s in range(2)])
+                                   form=form, calibration=[token_batch(vocab, 2, 16, seed=s) for s in range(2)],
+                                   options={"embedding": embedding})
     assert result.violations == [], result.summary()
+    tables = [d for d in result.decisions if d.op == "embedding"]
+    assert bool(tables) == bool(embedding) and all(d.scheme != "floating point" for d in tables)
     session = OrtSession(onnx.load(str(tmp_path / "m.onnx")))
     batch = token_batch(vocab, 3, 11, seed=5)  # a shape the export did not see
     feeds = [batch[name] for name in session.input_names]

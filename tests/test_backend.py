@@ -125,6 +125,47 @@ def test_graph_breaks(target):
     assert {r.module: r.scheme for r in report} == {"a": "w8a8", "b": "w8a8", "c": "w8a8"}
 
 
+class BrokenLayer(nn.Module):
+    """A layer with a graph break inside: Dynamo compiles its forward once and calls that graph
+    for every instance, with each instance's parameters as inputs."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return x + self.b(x)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_one_graph_serving_several_layers_uses_each_layers_own_weights(target):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*(BrokenLayer(32) for _ in range(3))).eval(), torch.randn(4, 32)
+    fast = compile_q(model, target=target)
+    out = fast(x)
+    assert sqnr_db(model(x), out) > 30  # with the first layer's weights for all three: about 0 dB
+    assert rel_err(out, _w8a8_eager(model, x)) < 1e-4
+    report = qcompiler.explain(fast)
+    assert len({r.param_id for r in report if r.op == "linear" and r.scheme == "w8a8"}) == 6, str(report)
+
+
+def _w8a8_eager(model, x):
+    """``BrokenLayer``s through the reference q-ops, layer by layer, without Dynamo."""
+    from qcompiler import ops
+
+    def linear(lin, h):
+        wq, ws = ops.quantize_per_channel_ref(lin.weight.detach())
+        return ops.linear_w8a8_ref(*ops.quantize_per_token_ref(h), wq, ws, lin.bias.detach(), torch.float32)
+
+    with torch.no_grad():
+        for layer in model:
+            x = torch.relu(linear(layer.a, x))
+            x = x + linear(layer.b, x)
+    return x
+
+
 def test_the_users_model_is_never_modified():
     torch.manual_seed(0)
     model = Stack()

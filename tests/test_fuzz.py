@@ -1,6 +1,6 @@
 """Property-based fuzz: generated models mixing Linear, Conv1d/Conv2d, Embedding, LayerNorm/RMSNorm,
 SDPA and hand-written attention, graph breaks, float32/bfloat16/float16, static and dynamic shapes,
-through every recipe that needs no calibration and every CPU target. Property: the compiled model
+embedding tables in floating point or INT8, through every recipe that needs no calibration and every CPU target. Property: the compiled model
 runs, stays close to the float model (an SQNR floor per recipe), and every linear it did not
 quantize says why in ``explain``. CI runs a bounded, derandomized set; ``-m slow`` runs hundreds."""
 import pytest
@@ -111,6 +111,7 @@ def cases(draw):
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
         dynamic=draw(st.sampled_from([None, True])),
         recipe=draw(st.sampled_from(sorted(FLOOR_DB))),
+        embedding=draw(st.sampled_from([None, "int8"])),
         target=draw(st.sampled_from(["auto", "inductor", "reference"])),
         shapes=draw(st.lists(st.tuples(st.integers(2, 4), st.integers(2, 9)), min_size=2, max_size=3)),
         seed=draw(st.integers(0, 2**16)),
@@ -128,7 +129,7 @@ def check_case(case):
     torch._dynamo.reset()
     model = Generated(case["layers"], case["d"], case["heads"], case["causal"], case["vocab"])
     model = model.to(case["dtype"]).eval()
-    options = {"recipe": case["recipe"], "target": case["target"]}
+    options = {"recipe": case["recipe"], "target": case["target"], "embedding": case["embedding"]}
     if case["recipe"] == "w4a16":
         options["group_size"] = 16
     fast = torch.compile(model, backend="qcompile", dynamic=case["dynamic"], options=options)

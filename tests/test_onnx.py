@@ -167,6 +167,42 @@ def test_export_of_an_fp32_model_needs_no_checker_findings_and_keeps_sizes(tmp_p
     assert "clean" in w8.summary()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form,recipe", [("tensorrt", "w8a8-smoothquant"), ("ort", "w8a8"), ("ort", "w4a16")])
+def test_half_precision_models_export_with_their_dtype_at_the_interface(tmp_path, dtype, form, recipe):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96).eval().to(dtype)
+    batches = [with_outlier_channels(torch.randn(2, 16, 64)).to(dtype) for _ in range(2)]
+    x = with_outlier_channels(torch.randn(2, 9, 64)).to(dtype)
+    opts = {"group_size": 32} if recipe == "w4a16" else {}
+    result = qcompiler.export_onnx(model, (x,), str(tmp_path / "m.onnx"), recipe=recipe, form=form,
+                                   calibration=batches, options=opts)
+    assert not result.violations, [str(v) for v in result.violations]
+    assert next(p for p in model.parameters()).dtype == dtype  # the model is not modified
+    proto = onnx.load(result.path)
+    want = {torch.float16: T.FLOAT16, torch.bfloat16: T.BFLOAT16}[dtype]
+    assert [v.type.tensor_type.elem_type for v in proto.graph.input] == [want]
+    assert [v.type.tensor_type.elem_type for v in proto.graph.output] == [want]
+    for xi in (x, with_outlier_channels(torch.randn(3, 5, 64)).to(dtype)):
+        out = OrtSession(result.path)(xi)[0]
+        assert out.dtype == dtype
+        ref = copy_float(model)(xi.float())
+        assert sqnr_db(ref, out.float()) > MIN_SQNR.get(recipe, 15) - 3
+
+
+def copy_float(model):
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def test_a_model_mixing_float_dtypes_is_refused_naming_them(tmp_path):
+    model = Stack(d=64, h=96).eval()
+    model.lm_head.half()
+    with pytest.raises(qcompiler.ExportError, match="mixes torch.float16, torch.float32"):
+        qcompiler.export_onnx(model, (torch.randn(2, 9, 64),), str(tmp_path / "m.onnx"), recipe="w8a16")
+
+
 # ----------------------------------------------------------------------------- the checker
 
 

@@ -299,7 +299,7 @@ def with_massive_tokens(x, factor=300.0):
 
 
 @pytest.mark.parametrize("recipe", ["w8a8-static", "w8a8-smoothquant"])
-def test_a_static_scale_far_worse_than_per_token_keeps_the_layer_float(recipe):
+def test_a_static_scale_far_worse_than_per_token_keeps_the_activations_float(recipe):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 48)).eval()
     x = with_massive_tokens(torch.randn(4, 9, 48))
@@ -309,13 +309,22 @@ def test_a_static_scale_far_worse_than_per_token_keeps_the_layer_float(recipe):
     _, _, _, _, off = run_passes(model, x, get_recipe(recipe).replace(max_static_loss_db=None))
     losses = {d.module: d.static_loss_db for d in off}
     assert all(d.scheme == recipe for d in off) and max(losses.values()) > 6.0, losses
-    # the default: those layers stay in floating point, saying why; the others stay quantized
+    # the default: those layers keep INT8 weights and floating-point activations, saying why
     gm, ex, _, _, on = run_passes(model, x, get_recipe(recipe))
     for d in on:
         if losses[d.module] > 6.0:
-            assert d.scheme == FLOATING_POINT and "against per-token scales" in d.reason, d
+            assert d.scheme == "w8a16" and d.weight_only and d.fallback == "max_static_loss_db", d
+            assert "against per-token scales" in d.reason and d.sqnr_db > 35, d
         else:
-            assert d.scheme == recipe, d
+            assert d.scheme == recipe and not d.weight_only, d
+    counts = qop_counts(gm)
+    guarded = sum(losses[m] > 6.0 for m in losses)
+    assert counts["linear_w8a16"] == guarded and counts["linear_w8a8"] == len(losses) - guarded
+    assert any("INT8 weights, activations kept in floating point" in line
+               for line in qcompiler.report.findings(on))
+    # a floor no weight-only layer reaches either: the whole layer stays in floating point
+    *_, floor = run_passes(model, x, get_recipe(recipe).replace(min_sqnr_db=90.0))
+    assert all(d.scheme == FLOATING_POINT for d in floor)
     unguarded = run_passes(model, x, get_recipe(recipe).replace(max_static_loss_db=None))[0]
     assert token_sqnr_db(ref, gm(*ex)[0]) > token_sqnr_db(ref, unguarded(*ex)[0]) + 3.0
 
