@@ -83,8 +83,10 @@ def weight_ratios(model) -> tuple:
     report = qcompiler.explain(model)
     linears = [r for r in report if r.op == "linear"]
     kept = sum(r.scheme == "floating point" for r in linears)
+    weight_only = sum(r.weight_only for r in linears)
     return (*(q / fp32 if fp32 else float("nan")
-              for fp32, q in (report.quantized_weight_bytes, report.weight_bytes)), f"{kept}/{len(linears)}")
+              for fp32, q in (report.quantized_weight_bytes, report.weight_bytes)),
+            f"{kept}/{len(linears)}" + (f" +{weight_only}w" if weight_only else ""))
 
 
 def run_llm(args, rows):
@@ -190,8 +192,9 @@ HEADER = ("model", "recipe", "metric", "value", "vs fp32", "q-lin B", "all-lin B
 LEGEND = ("cosine rows: 'vs fp32' is the minimum over sentences. 'q-lin B': bytes of the quantized linear "
           "weights, scales included, over their FP32 bytes; 'all-lin B': every linear weight as compiled, "
           "including those kept in floating point such as a tied lm_head, over FP32; 'FP lin': linears "
-          "kept in floating point (tied weights, SQNR floor, static-scale guard) / all; 'compile s': first "
-          "call, Dynamo + passes + searches + lowering")
+          "kept in floating point (tied weights, SQNR floor, static-scale guard) / all, '+Nw': N more whose "
+          "activations a guard kept in floating point (INT8 weights); 'compile s': first call, Dynamo + "
+          "passes + searches + lowering")
 
 
 def cells(row) -> tuple:

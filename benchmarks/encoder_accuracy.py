@@ -79,7 +79,9 @@ def measure(name, model, cal, held, rows):
         report = qcompiler.explain(fast)
         linears = [r for r in report if r.op == "linear"]
         kept = sum(r.scheme == "floating point" for r in linears)
-        row = (name, label, f"{cos.mean():.4f}", f"{cos.min():.4f}", f"{kept}/{len(linears)}", f"{secs:.0f}")
+        weight_only = sum(r.weight_only for r in linears)
+        row = (name, label, f"{cos.mean():.4f}", f"{cos.min():.4f}", f"{kept}/{len(linears)}",
+               f"{weight_only}/{len(linears)}", f"{secs:.0f}")
         rows.append(row)
         print(" | ".join(row), flush=True)
 
@@ -115,14 +117,15 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from results_page import write_page
 
-        head = ("model", "recipe", "mean cosine", "min cosine", "FP linears", "seconds")
+        head = ("model", "recipe", "mean cosine", "min cosine", "FP linears", "weight-only", "seconds")
         table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
         write_page(args.markdown, "Sentence encoders: every INT8 / FP8 recipe, cosine to FP32",
                    __doc__.split("\n\n")[0] + "\n\n" + "\n".join(table) + "\n\n"
                    f"{args.sentences} calibration and {args.sentences} disjoint held-out sentences from the bundled "
                    "Wikipedia sample (max 128 tokens); every row through `torch.compile(..., backend=\"qcompile\")`, "
-                   "target `reference`. 'FP linears': linears kept in floating point (SQNR floor, static-scale "
-                   "guard) / all. 'seconds': compile + the held-out pass.\n")
+                   "target `reference`. 'FP linears': linears kept wholly in floating point / all; 'weight-only': "
+                   "linears whose activations a guard (SQNR floor, static-scale loss) kept in floating point, "
+                   "weights INT8 / all. 'seconds': compile + the held-out pass (the run may share the CPU).\n")
 
 
 if __name__ == "__main__":
