@@ -8,7 +8,7 @@ compiled (scales included) over FP32, and compile time (Dynamo + passes + search
 calibration time is measured once per model and printed above each table.
 
     python benchmarks/accuracy.py            # full: 16 held-out windows (8,192 tokens)
-    python benchmarks/accuracy.py --quick    # the README's main job: fewer rows and windows
+    python benchmarks/accuracy.py --quick    # the main job (scripts/main.sh): fewer rows and windows
     python benchmarks/accuracy.py --llm-only --rows '[{"recipe": "w8a8-smoothquant", "clip": "auto"}]'
                                              # ablations: SmolLM2 rows for any option sets
     python benchmarks/accuracy.py --llm-only --select '^w8a16$|fp8|w4a16|^auto'

@@ -36,6 +36,7 @@ def stamp() -> str:
 def write_page(path: str, title: str, body: str) -> None:
     """Write ``# title``, the stamp, then ``body`` (Markdown) to ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    line = stamp()  # before the file is opened: rewriting a page already in git would make it "dirty"
     with open(path, "w") as f:
-        f.write(f"# {title}\n\n{stamp()}\n\n{body.rstrip()}\n")
+        f.write(f"# {title}\n\n{line}\n\n{body.rstrip()}\n")
     print(f"wrote {path}", file=sys.stderr)

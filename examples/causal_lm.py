@@ -22,10 +22,11 @@ with qcompiler.calibrate(model):  # the compiled forward runs eagerly here and r
 
 print("generating 30 tokens (the first call compiles: quantization passes, then the ONNX Runtime session) ...",
       flush=True)
-prompt = tok("The history of the city of London", return_tensors="pt")
-with torch.no_grad():
-    out = model.generate(**prompt, max_new_tokens=30, do_sample=False)
-print(tok.decode(out[0], skip_special_tokens=True))
+for text in ("The history of the city of London", "In mathematics, a prime number is a natural number greater than"):
+    prompt = tok(text, return_tensors="pt")  # two prompt lengths: the compiled graphs take both
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=30, do_sample=False)
+    print(tok.decode(out[0], skip_special_tokens=True), flush=True)
 report = qcompiler.explain(model)
 print(report)
 assert all(r.scheme != "not compiled" for r in report if r.op == "linear")

@@ -4,7 +4,7 @@ Custom ops are opaque to Inductor, so the q-ops are swapped for torch implementa
 can fuse: the activation quantize step becomes one fused elementwise/reduction kernel around the
 GEMM. ``linear_w8a8`` runs its integer product as a float32 GEMM on the int8 values (exact while
 K <= 1024, within float32 rounding beyond), because this CPU has no exact fast INT8 GEMM
-(benchmarks/cpu_int8_kernels.py: ``torch._int_mm`` is an order of magnitude slower than float32
+(benchmarks/experiments/cpu_int8_kernels.py: ``torch._int_mm`` is an order of magnitude slower than float32
 at prefill, and oneDNN's u8s8 kernel is not exact on AVX2 without VNNI). Every implementation
 here is tested against the reference q-op.
 """

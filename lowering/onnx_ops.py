@@ -243,7 +243,7 @@ def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
 def ort_linear_w8a16(x, wq, w_scale, bias):
     """INT8 weights stored, dequantized once by ORT's constant folding when the session loads:
     on this CPU no ORT kernel multiplies INT8 weights by float activations both exactly and
-    faster than its float GEMM (benchmarks/cpu_speed.py; README "ONNX")."""
+    faster than its float GEMM (benchmarks/cpu_speed.py; docs/experiments.md, "ONNX export")."""
     w = op.Mul(op.Cast(op.Transpose(wq, perm=[1, 0]), to=ir.DataType.FLOAT), w_scale)
     return _bias(op.MatMul(x, op.CastLike(w, x)), op.CastLike(bias, x) if bias is not None else None)
 

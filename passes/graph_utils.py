@@ -1,17 +1,16 @@
 """Small FX helpers shared by the passes."""
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import fx
-
-_counter = itertools.count()
 
 
 def add_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.Node:
     """Register ``value`` as a buffer of ``gm`` and return a get_attr node for it (at the
     graph's current insertion point). Quantized weights and folded scales live here, made once."""
-    name = f"_qc_{prefix}_{next(_counter)}"
+    index = len(gm._buffers)  # a fresh name in this module: names are never reused or shared
+    while hasattr(gm, f"_qc_{prefix}_{index}"):
+        index += 1
+    name = f"_qc_{prefix}_{index}"
     gm.register_buffer(name, value.detach().contiguous())
     return gm.graph.get_attr(name)

@@ -13,7 +13,7 @@ The scale search scores candidates on the input's Gram matrix ``H = X^T X`` (the
 first-token weighting included), ``||D X^T||^2 = tr(D H D^T)``: every calibration token counts,
 where the reference implementation scores a sample of rows, and the search costs no more (on
 SmolLM2 sym g64: 97 s against 142 s with 1,024 / 512 sampled rows, perplexity 23.41 against 23.44,
-benchmarks/int4_eager.py with 16 calibration and 16 test windows).
+benchmarks/experiments/int4_eager.py with 16 calibration and 16 test windows).
 """
 from __future__ import annotations
 

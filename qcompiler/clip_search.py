@@ -10,7 +10,7 @@ every calibration token counts, at the cost of one ``[G, gs, gs]`` contraction p
 AWQ's reference implementation searches this after its scales (on sampled rows); every INT4
 algorithm here runs it before rounding (``Recipe.weight_clip``): the ratios fix the group grids
 that AWQ's rounding or GPTQ's error feedback then fill (on SmolLM2 sym g64, GPTQ 23.12 -> 22.49
-perplexity with it, ``benchmarks/int4_eager.py``).
+perplexity with it, ``benchmarks/experiments/int4_eager.py``).
 """
 from __future__ import annotations
 

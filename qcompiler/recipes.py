@@ -21,7 +21,7 @@ FLOAT = "fp"  # the override value that keeps a module in floating point
 ACTIVATION_SCHEMES = (None, "dynamic", "static")
 # Bounded at 0.8, SmoothQuant's own Llama setting: the per-layer output-error search picks the
 # largest alpha it is offered on nearly every SmolLM2 layer, while the model's perplexity gets
-# worse above 0.8 (benchmarks/accuracy.py; README "alpha='auto'").
+# worse above 0.8 (benchmarks/accuracy.py; docs/experiments.md, "alpha='auto'").
 DEFAULT_ALPHA_GRID = (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8)
 DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 NUMBER_FORMATS = ("int", "fp8")
@@ -54,7 +54,7 @@ class Recipe:
         weight_clip: before rounding, search a clip ratio per (output row, group) of the INT4
             weights against the layer's output error (``qcompiler.clip_search``); every algorithm
             (AWQ on its scaled weights, GPTQ before its error feedback). SmolLM2-135M sym g64,
-            benchmarks/int4_eager.py (16 calibration, 16 test windows): GPTQ 22.49 perplexity with
+            benchmarks/experiments/int4_eager.py (16 calibration, 16 test windows): GPTQ 22.49 perplexity with
             it against 23.12 without.
         weight_clip_grid: clip ratios tried, evenly from 1 down to 0.5.
         gptq_damp: GPTQ dampening, as a fraction of the Hessian's mean diagonal.
@@ -67,10 +67,10 @@ class Recipe:
             (SmolLM2-135M layer 18 ``v_proj``: +4.4% perplexity alone, RTN +0.2%; weight 64: 0.0%).
             The GPTQ recipes default to 64: on SmolLM2's 16 test windows, sym g64, +19.9% perplexity
             against +32.1% unweighted (benchmarks/accuracy.py). AWQ keeps 1: with 64 its searches
-            do worse (benchmarks/int4_eager.py, 16 / 16 windows: 23.17 against 22.90, scale refit on).
+            do worse (benchmarks/experiments/int4_eager.py, 16 / 16 windows: 23.17 against 22.90, scale refit on).
         refit_scales: after AWQ / GPTQ chose the codes, refit each row's group scales by least
             squares against the layer's output on the calibration data (``qcompiler.scale_refit``).
-            On by default for every algorithm recipe (benchmarks/int4_eager.py, 16 / 16 windows, sym
+            On by default for every algorithm recipe (benchmarks/experiments/int4_eager.py, 16 / 16 windows, sym
             g64: AWQ 22.90 perplexity against 23.30 without, AWQ+GPTQ 22.86 against 22.87; GPTQ,
             4 test windows: 18.13 against 19.27). It never raises the calibration error.
         tune_epochs: after the algorithm chose the codes, train every INT4 group scale end to end

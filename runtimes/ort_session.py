@@ -46,13 +46,13 @@ def session_options(threads: Optional[int] = None):
         so.intra_op_num_threads = threads
     # ORT's QDQ fusions re-quantize what our graphs keep exact: DequantizeLinear -> MatMul becomes
     # MatMulNBits at accuracy level 4 (activations re-quantized to int8) and Q/DQ -> MatMul
-    # becomes a u8 x s8 MatMulIntegerToFloat that saturates on CPUs without VNNI (README, "ONNX").
+    # becomes a u8 x s8 MatMulIntegerToFloat that saturates on CPUs without VNNI (docs/experiments.md, "ONNX export").
     # The ort form already states its integer kernels explicitly, so nothing is lost.
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     # ORT's worker threads busy-wait after each run by default. Ours share the cores with torch's
     # thread pool and with the other graphs' sessions, and the spinning starves them. SmolLM2
     # decode, 2 cores, spinning on -> off: FP32 session 40 -> 31 ms, w8a8 31 -> 23 ms, eager torch
-    # called in turn with them 166 -> 68 ms (benchmarks/ort_spinning.py).
+    # called in turn with them 166 -> 68 ms (benchmarks/experiments/ort_spinning.py).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 

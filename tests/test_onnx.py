@@ -445,7 +445,7 @@ def test_ort_form_feeds_attention_the_projections_without_transposes(heads, head
 
 
 def test_ort_sessions_do_not_busy_wait_between_runs():
-    # spinning workers starve torch's threads and the other graphs' sessions (README, "ONNX")
+    # spinning workers starve torch's threads and the other graphs' sessions (docs/experiments.md, "ONNX export")
     from qcompiler.runtimes.ort_session import session_options
 
     so = session_options()

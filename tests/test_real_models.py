@@ -126,9 +126,9 @@ def test_smollm2_int4_fp8_auto_acceptance(smollm2):
     """The INT4 accuracy bars on the full split (benchmarks/accuracy.py prints the same rows).
 
     The INT4 bars are checked on AWQ and GPTQ with end-to-end scale tuning (``tune_epochs=4``),
-    the configuration the README reports as meeting them; without tuning (the recipes' defaults)
+    the configuration docs/experiments.md reports as meeting them; without tuning (the recipes' defaults)
     GPTQ cuts RTN's gap by 59% and AWQ by 48%, the best at +14.74%, which misses the AWQ and
-    10% bars (README, INT4 section)."""
+    10% bars (docs/experiments.md, INT4 section)."""
     model, tok = smollm2
     ids = zoo.wiki_token_ids(tok, "smollm2")
     cal16, held = zoo.lm_windows(ids, 512, 16, 16)

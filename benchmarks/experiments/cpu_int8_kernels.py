@@ -5,7 +5,7 @@ side in one run (interleaved rounds, medians), FP32 ``F.linear`` vs ``torch._int
 oneDNN's ``qlinear_pointwise`` (u8 x s8, the x86 PT2E path) and ``aten._weight_int8pack_mm``
 (weight-only), and whether each integer kernel is exact on full-range int8 data.
 
-    python benchmarks/cpu_int8_kernels.py
+    python benchmarks/experiments/cpu_int8_kernels.py
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Perplexity on 4 held-out windows with only one type (or all but it) / one block quantized.
 Quoted in the issue-5 closing note (layer 29 alone +13%).
 
-    python benchmarks/int4_block_sensitivity.py
+    python benchmarks/experiments/int4_block_sensitivity.py
 """
 import torch, re
 from qcompiler import zoo, int4

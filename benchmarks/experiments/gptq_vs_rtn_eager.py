@@ -1,8 +1,8 @@
 """Model perplexity with GPTQ weights from FP-input Hessians (damp 0.01, 0.1) vs RTN, and with the block-wise pipeline's GPTQ weights (4 held-out windows).
 
-A diagnostic kept because the README quotes its output (GPTQ analysis).
+A diagnostic whose output docs/experiments.md quotes (GPTQ analysis).
 
-    python benchmarks/gptq_vs_rtn_eager.py
+    python benchmarks/experiments/gptq_vs_rtn_eager.py
 """
 import torch, time
 import qcompiler

@@ -4,11 +4,11 @@ After an algorithm has chosen every code (``qcompiler.calibrate``), the scales a
 Adam on the block's output error, codes fixed (scale = s0 * exp(theta), theta from 0), each
 block reading the outputs of the blocks before it as tuned. Target "fp": the float model's block
 output on float inputs (corrects error carried from earlier blocks); "self": the float block on
-the quantized inputs. Perplexity as ``benchmarks/int4_eager.py`` measures it. (Not kept: SmolLM2 GPTQ sym g64, 16 / 16
+the quantized inputs. Perplexity as ``benchmarks/experiments/int4_eager.py`` measures it. (Not kept: SmolLM2 GPTQ sym g64, 16 / 16
 windows, 22.49 -> 22.20-22.28 for every setting tried; end-to-end tuning, ``qcompiler.scale_tuning``,
 does better.)
 
-    python benchmarks/int4_block_tuning.py CALIB HELD '{OPTIONS}' EPOCHS LR TARGET [mse|rel]
+    python benchmarks/experiments/int4_block_tuning.py CALIB HELD '{OPTIONS}' EPOCHS LR TARGET [mse|rel]
 """
 import json
 import sys

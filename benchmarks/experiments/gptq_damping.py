@@ -1,16 +1,16 @@
-"""Per-layer output error of GPTQ vs round-to-nearest on SmolLM2, on calibration and held-out rows (8 calibration windows).
+"""GPTQ dampening (0.01/0.1/0.3) and act order on three SmolLM2 layers: output error on calibration vs held-out rows (32 calibration windows).
 
-A diagnostic kept because the README quotes its output (GPTQ analysis).
+A diagnostic whose output docs/experiments.md quotes (GPTQ analysis).
 
-    python benchmarks/gptq_layer_error.py
+    python benchmarks/experiments/gptq_damping.py
 """
 import torch
 from qcompiler import zoo, gptq, int4
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")
-cal, held = zoo.lm_windows(ids, 512, 8, 4)
-names = ["model.layers.0.self_attn.q_proj", "model.layers.5.mlp.down_proj", "model.layers.10.self_attn.o_proj", "model.layers.20.mlp.gate_proj"]
+cal, held = zoo.lm_windows(ids, 512, 32, 4)
+names = ["model.layers.5.mlp.down_proj", "model.layers.20.mlp.down_proj", "model.layers.10.self_attn.o_proj"]
 mods = dict(model.named_modules())
 def grab(data):
     xs = {}
@@ -25,8 +25,9 @@ for n in names:
     x = xc[n]; h = 2 * x.t() @ x / x.shape[0]
     def err(x, wh):
         y = x @ w.t(); return ((x @ wh.t() - y).pow(2).sum() / y.pow(2).sum()).item()
-    def err_nofirst(x, wh):
-        x = x.reshape(-1, 512, x.shape[-1])[:, 1:].reshape(-1, x.shape[-1]); return err(x, wh)
     r = int4.quantize(w, 64, True).dequantize()
-    g = gptq.gptq(w, h, 64, True).dequantize()
-    print(n, f"calib rtn {err(x, r):.2e} gptq {err(x, g):.2e} | held rtn {err(xh[n], r):.2e} gptq {err(xh[n], g):.2e} | held w/o pos0 rtn {err_nofirst(xh[n], r):.2e} gptq {err_nofirst(xh[n], g):.2e}")
+    print(n, f"rtn calib {err(x, r):.2e} held {err(xh[n], r):.2e}")
+    for damp in (0.01, 0.1, 0.3):
+        for ao in (False, True):
+            g = gptq.gptq(w, h, 64, True, damp=damp, act_order=ao).dequantize()
+            print(f"   damp {damp} ao {ao}: calib {err(x, g):.2e} held {err(xh[n], g):.2e}")

@@ -4,7 +4,7 @@ Perplexity on 4 held-out windows with one linear replaced: RTN, GPTQ on the plai
 each token's row clipped to the median norm, and without position 0 (act order off / on).
 Quoted in the issue-5 closing note (layer 29 down_proj: GPTQ +1.2%, RTN +7.3%).
 
-    python benchmarks/gptq_last_mlp.py
+    python benchmarks/experiments/gptq_last_mlp.py
 """
 import torch, sys
 from qcompiler import zoo, int4, gptq

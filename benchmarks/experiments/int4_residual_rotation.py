@@ -3,12 +3,12 @@
 Folds every RMSNorm weight into the linears that read it (the output norm into an untied
 lm_head), multiplies the residual stream by a random orthogonal matrix (seeded) folded into the
 embedding, the readers (q/k/v/gate/up/lm_head) and the writers (o/down), checks FP32 perplexity is
-unchanged, then calibrates and measures each options set as ``benchmarks/int4_eager.py`` does
+unchanged, then calibrates and measures each options set as ``benchmarks/experiments/int4_eager.py`` does
 (lm_head skipped). Measured: rotation makes RTN much worse (SmolLM2 weights sit on
 GGUF Q4_1 grids that a rotation destroys) and GPTQ no better, so qcompile does not rotate.
 
-    python benchmarks/int4_residual_rotation.py CALIB_WINDOWS '[OPTIONS, ...]' HELD_OUT_WINDOWS [rot|fold] [SEED]
-    python benchmarks/int4_residual_rotation.py 16 '[{"recipe": "w4a16", "group_size": 64}]' 16 rot
+    python benchmarks/experiments/int4_residual_rotation.py CALIB_WINDOWS '[OPTIONS, ...]' HELD_OUT_WINDOWS [rot|fold] [SEED]
+    python benchmarks/experiments/int4_residual_rotation.py 16 '[{"recipe": "w4a16", "group_size": 64}]' 16 rot
 """
 import json, sys, time
 import torch

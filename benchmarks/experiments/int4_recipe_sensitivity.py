@@ -4,7 +4,7 @@ Calibrates the options set as ``qcompiler.calibrate`` does, then measures perple
 512-token windows with every prepared weight applied, and with one linear type (or one block) put
 back in floating point ("all but"): the share of the gap each one carries.
 
-    python benchmarks/int4_recipe_sensitivity.py 16 '{"recipe": "w4a16-awq", "group_size": 64}'
+    python benchmarks/experiments/int4_recipe_sensitivity.py 16 '{"recipe": "w4a16-awq", "group_size": 64}'
 """
 import json
 import sys

@@ -7,10 +7,10 @@ isotropic) is ``sum_t ||g_t||^2 ((W - Q) x_t)^2``. This script measures that wei
 floating-point forward/backward per calibration window records ``||g_t||^2`` at every linear in
 the blocks, then GPTQ runs block by block (``qcompiler.calibrate``) with each linear's Hessian
 ``sum_t w_t x_t x_t^T``, ``w_t = (||g_t||^2 / mean)^power``, per linear (q/k/v no longer share
-one). Perplexity as ``benchmarks/int4_eager.py`` measures it.
+one). Perplexity as ``benchmarks/experiments/int4_eager.py`` measures it.
 
-    python benchmarks/int4_gradient_weights.py CALIB_WINDOWS HELD_OUT_WINDOWS '[OPTIONS, ...]' POWER [POWER ...]
-    python benchmarks/int4_gradient_weights.py 16 16 '[{"recipe": "w4a16-gptq", "group_size": 64}]' 0 0.5 1
+    python benchmarks/experiments/int4_gradient_weights.py CALIB_WINDOWS HELD_OUT_WINDOWS '[OPTIONS, ...]' POWER [POWER ...]
+    python benchmarks/experiments/int4_gradient_weights.py 16 16 '[{"recipe": "w4a16-gptq", "group_size": 64}]' 0 0.5 1
 
 Power 0 is the plain recipe (token weights of 1) through the same per-linear code path.
 """

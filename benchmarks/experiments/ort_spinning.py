@@ -6,7 +6,7 @@ three configurations: eager FP32, FP32 through the ``ort`` target, ``w8a8`` thro
 target. Timed two ways: each configuration's calls back to back, and one call of each in turn
 (as cpu_speed.py times them), medians in ms.
 
-    python benchmarks/ort_spinning.py [--calls 15]
+    python benchmarks/experiments/ort_spinning.py [--calls 15]
 """
 from __future__ import annotations
 

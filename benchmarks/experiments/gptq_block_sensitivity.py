@@ -3,7 +3,7 @@
 Perplexity on 4 held-out windows with only one block GPTQ-rounded, to compare with
 ``int4_block_sensitivity.py``; saves the rounded weights for ``gptq_linear_sensitivity.py``.
 
-    python benchmarks/gptq_block_sensitivity.py
+    python benchmarks/experiments/gptq_block_sensitivity.py
 """
 import torch, sys
 import os

@@ -2,9 +2,9 @@
 
 Perplexity (4 held-out windows) with one v_proj replaced: RTN sym g64, GPTQ (act order) at
 dampening 0.01 / 0.1 / 1.0, and GPTQ with each window's first token weighted x64 / x512 in the
-Hessian (32 calibration windows, FP inputs). The README quotes it (GPTQ analysis).
+Hessian (32 calibration windows, FP inputs). docs/experiments.md quotes it (GPTQ analysis).
 
-    python benchmarks/gptq_sink_vproj.py
+    python benchmarks/experiments/gptq_sink_vproj.py
 """
 import torch
 from qcompiler import zoo, int4, gptq

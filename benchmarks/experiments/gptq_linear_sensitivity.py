@@ -2,7 +2,7 @@
 
 Needs the weights saved by ``gptq_block_sensitivity.py``.
 
-    python benchmarks/gptq_linear_sensitivity.py
+    python benchmarks/experiments/gptq_linear_sensitivity.py
 """
 import torch
 import os

@@ -1,8 +1,8 @@
 """GPTQ with Hessians that leave out each window's first (attention-sink) token, and with act order (4 held-out windows).
 
-A diagnostic kept because the README quotes its output (GPTQ analysis).
+A diagnostic whose output docs/experiments.md quotes (GPTQ analysis).
 
-    python benchmarks/gptq_sink_ablation.py
+    python benchmarks/experiments/gptq_sink_ablation.py
 """
 import torch, time
 from qcompiler import zoo, gptq, int4

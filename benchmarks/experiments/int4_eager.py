@@ -5,8 +5,8 @@ block), then measures perplexity on 4 held-out 512-token windows with the prepar
 swapped in through ``torch.func.functional_call`` (no compile), so algorithms can be compared in
 minutes. ``benchmarks/accuracy.py`` measures the same recipes through the compiled path.
 
-    python benchmarks/int4_eager.py CALIB_WINDOWS '[OPTIONS, ...]' [HELD_OUT_WINDOWS]
-    python benchmarks/int4_eager.py 16 '[{"recipe": "w4a16-awq", "group_size": 64}]'
+    python benchmarks/experiments/int4_eager.py CALIB_WINDOWS '[OPTIONS, ...]' [HELD_OUT_WINDOWS]
+    python benchmarks/experiments/int4_eager.py 16 '[{"recipe": "w4a16-awq", "group_size": 64}]'
 """
 import json
 import sys

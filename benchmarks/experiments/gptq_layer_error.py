@@ -1,0 +1,32 @@
+"""Per-layer output error of GPTQ vs round-to-nearest on SmolLM2, on calibration and held-out rows (8 calibration windows).
+
+A diagnostic whose output docs/experiments.md quotes (GPTQ analysis).
+
+    python benchmarks/experiments/gptq_layer_error.py
+"""
+import torch
+from qcompiler import zoo, gptq, int4
+torch.set_num_threads(2)
+model, tok = zoo.load_smollm2()
+ids = zoo.wiki_token_ids(tok, "smollm2")
+cal, held = zoo.lm_windows(ids, 512, 8, 4)
+names = ["model.layers.0.self_attn.q_proj", "model.layers.5.mlp.down_proj", "model.layers.10.self_attn.o_proj", "model.layers.20.mlp.gate_proj"]
+mods = dict(model.named_modules())
+def grab(data):
+    xs = {}
+    hs = [mods[n].register_forward_pre_hook(lambda m, a, _n=n: xs.setdefault(_n, []).append(a[0].reshape(-1, a[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        for w in data.split(1): model(w, use_cache=False)
+    for h in hs: h.remove()
+    return {k: torch.cat(v) for k, v in xs.items()}
+xc, xh = grab(cal), grab(held)
+for n in names:
+    w = mods[n].weight.detach()
+    x = xc[n]; h = 2 * x.t() @ x / x.shape[0]
+    def err(x, wh):
+        y = x @ w.t(); return ((x @ wh.t() - y).pow(2).sum() / y.pow(2).sum()).item()
+    def err_nofirst(x, wh):
+        x = x.reshape(-1, 512, x.shape[-1])[:, 1:].reshape(-1, x.shape[-1]); return err(x, wh)
+    r = int4.quantize(w, 64, True).dequantize()
+    g = gptq.gptq(w, h, 64, True).dequantize()
+    print(n, f"calib rtn {err(x, r):.2e} gptq {err(x, g):.2e} | held rtn {err(xh[n], r):.2e} gptq {err(xh[n], g):.2e} | held w/o pos0 rtn {err_nofirst(xh[n], r):.2e} gptq {err_nofirst(xh[n], g):.2e}")
