@@ -50,9 +50,9 @@ def session_options(threads: Optional[int] = None):
     # The ort form already states its integer kernels explicitly, so nothing is lost.
     so.add_session_config_entry("session.disable_quant_qdq", "1")
     # ORT's worker threads busy-wait after each run by default. Ours share the cores with torch's
-    # thread pool and with the other graphs' sessions, and the spinning starves them. SmolLM2
-    # decode, 2 cores, spinning on -> off: FP32 session 40 -> 31 ms, w8a8 31 -> 23 ms, eager torch
-    # called in turn with them 166 -> 68 ms (benchmarks/experiments/ort_spinning.py).
+    # thread pool and with the other graphs' ONNX Runtime runs, and the spinning starves them
+    # (SmolLM2 decode on 2 cores, measured with benchmarks/experiments/ort_spinning.py: both the FP32
+    # and the w8a8 graph, and eager torch run in turn with them, are faster without it).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
