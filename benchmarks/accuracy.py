@@ -25,9 +25,9 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
 import qcompiler
-import qcompiler.state
-from qcompiler import zoo
+import qcompiler.calibration.state
 
 LLM_RECIPES = [  # (label, options)
     ("w8a16", {"recipe": "w8a16"}),
@@ -120,7 +120,7 @@ def run_llm(args, rows):
     for label, options in algorithmic:
         t = time.perf_counter()
         qcompiler.calibrate(model, cal_int4.split(1), recipe=options, progress=False)
-        run = dict(qcompiler.state.state_of(model).last_run)
+        run = dict(qcompiler.calibration.state.state_of(model).last_run)
         NOTES.append(f"SmolLM2-135M {label}: calibration ({run.get('algorithm')}, block by block, "
                      f"{len(cal_int4)} windows x {args.window} tokens) took {time.perf_counter() - t:.0f}s"
                      + (f" ({run['rounding_seconds']:.0f}s rounding, then scale tuning: calibration loss "
@@ -144,7 +144,7 @@ def llm_row(model, held, base, label, options, args, rows):
         fast(input_ids=held[:1], use_cache=False)
     compile_s = time.perf_counter() - t
     ppl = zoo.perplexity(fast, held)
-    cal = "calibrated" if qcompiler.calibration.stats_for(model.model.layers[0].mlp.down_proj.weight) else "no calibration"
+    cal = "calibrated" if qcompiler.calibration.state.stats_for(model.model.layers[0].mlp.down_proj.weight) else "no calibration"
     rows.append(("SmolLM2-135M", f"{label} [{cal}]", "ppl", ppl, 100 * (ppl / base - 1), weight_ratios(model), compile_s))
 
 

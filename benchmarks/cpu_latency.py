@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
 import qcompiler
-from qcompiler import zoo
 
 CONFIGS = [  # label, backend, options
     ("eager fp32", None, None),

@@ -17,6 +17,12 @@ rounds; each timed call preceded by ``--settle`` untimed calls of the same row a
 seconds idle): this machine is noisy, read the ratios.
 
     python benchmarks/cpu_speed.py [--rounds 7] [--quick] [--workload REGEX] [--settle 1] [--pause 0.05] [--reverse]
+                                   [--markdown docs/results/cpu_speed.md]
+
+How to read it: 'vs eager' is eager FP32's median time over this row's (above 1 is faster); 'first s'
+the first call including compilation (and, for the ORT rows, export and session creation);
+accuracy is against eager FP32 on held-out data, so a fast row with a large perplexity change is
+not a win.
 """
 from __future__ import annotations
 
@@ -32,9 +38,9 @@ import time
 
 import torch
 
+from qcompiler.api.backend import compiled_graphs
+from qcompiler.bundled import zoo
 import qcompiler
-from qcompiler import zoo
-from qcompiler.backend import compiled_graphs
 
 CONFIGS = [  # label, backend, options
     ("eager fp32", None, None),
@@ -152,7 +158,9 @@ def main(argv=None):
     p.add_argument("--pause", type=float, default=0.05, help="seconds idle before each timed call")
     p.add_argument("--reverse", action="store_true",
                    help="time the rows after eager in reverse order (does a row's place in the rotation matter?)")
+    p.add_argument("--markdown", help="also write the table as a stamped results page (docs/results/...)")
     args = p.parse_args(argv)
+    rows = []
     for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 256)
@@ -203,13 +211,25 @@ def main(argv=None):
                     acc = accuracy(fn)
             print(f"{wname:26} {label:34} {1e3 * t:10.2f} {eager / t:8.2f}x {onnx_bytes(graphs):>9} {warm:8.1f}  {acc}",
                   flush=True)
+            rows.append((wname, label, f"{1e3 * t:.2f}", f"{eager / t:.2f}x", onnx_bytes(graphs).strip(),
+                         f"{warm:.1f}", acc))
         # drop this workload's sessions and graphs before the next one: holding every row of
         # every workload at once went past this machine's 23 GB (killed in the decode rows)
         calls.clear()
         torch._dynamo.reset()
         gc.collect()
-    print("('vs eager': eager FP32 time / this time, >1 is faster; medians of interleaved rounds; "
-          "ONNX MiB: the serialized models the ORT rows run)")
+    legend = ("'vs eager': eager FP32 time / this time, >1 is faster; medians of interleaved rounds; "
+              "ONNX MiB: the serialized models the ORT rows run")
+    print(f"({legend})")
+    if args.markdown:
+        from results_page import write_page
+
+        header = ("workload", "configuration", "median ms", "vs eager", "ONNX MiB", "first s", "accuracy vs FP32")
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        cpu = f"threads={torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}"
+        write_page(args.markdown, "CPU speed: qcompile's targets against eager, Inductor and ONNX Runtime's quantizer",
+                   "\n".join(lines) + f"\n\n{legend}; {cpu}; {args.rounds} rounds.\n")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
 import qcompiler
-from qcompiler import zoo
 
 RECIPES = [  # (label, options)
     ("w8a8", {"recipe": "w8a8"}),

@@ -22,9 +22,9 @@ import time
 
 import torch
 
-import qcompiler
-from qcompiler import zoo
+from qcompiler.bundled import zoo
 from qcompiler.runtimes.ort_session import OrtSession
+import qcompiler
 
 CASES = [  # (form, recipe, options)
     ("tensorrt", "w8a8-smoothquant", {}),

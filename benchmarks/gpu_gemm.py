@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from qcompiler import int4, ops
+from qcompiler.ir import int4, ops
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 MS = [1, 16, 128, 2048]

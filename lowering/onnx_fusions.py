@@ -4,7 +4,7 @@
 dead code), then ``FUSIONS[form]``, before it stores constants. The exporter's own
 ``optimize=True`` would also apply onnxscript's opset-23 fusions, among them ``RotaryEmbedding``,
 whose cos/sin caches keep the batch size 1 of ``position_ids``: ONNX Runtime 1.32 rejects the
-fused node for any batch above 1 (tests/test_architectures.py). Only its RMSNormalization fusion
+fused node for any batch above 1 (tests/integration/test_architectures.py). Only its RMSNormalization fusion
 is kept here. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
 the same values, so none changes what the model computes: a table entry is a speed decision.
 

@@ -14,7 +14,7 @@ Two forms of the same integer math (``FORMS``):
   plain ONNX ops and multiplied with ``MatMulInteger``; INT4 weights run in ``MatMulNBits``.
 
 Every function receives the q-op's arguments as the exporter's symbolic values, in the q-op's
-own layout (``[N, K]`` weights, ``qcompiler.int4`` packing); layout changes are written as ONNX
+own layout (``[N, K]`` weights, ``qcompiler.ir.int4`` packing); layout changes are written as ONNX
 ops on the constants, which the exporter's constant folding turns into stored initializers,
 so the weights are never re-quantized and no scale is re-derived here.
 """
@@ -27,7 +27,7 @@ from onnxscript import ir
 from onnxscript import opset21 as op
 from onnxscript.values import Op, Opset
 
-from qcompiler import ops
+from qcompiler.ir import ops
 
 FORMS = ("tensorrt", "ort")
 # The default-domain opset each form exports at. TensorRT: 21, the lowest with blocked (INT4)
@@ -232,7 +232,7 @@ def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
         y = MatMulIntegerToFloat(xq, _u8_weight_kn(wq), x_scale, w_scale, zp, zp, *(() if bias is None else (bias,)))
         return _out(y, out_dtype)
     # per-token scales: MatMulIntegerToFloat takes only a scalar activation scale (ORT 1.32 returns
-    # wrong results when it is given, or fuses itself, a per-row one: tests/test_onnx.py), so it
+    # wrong results when it is given, or fuses itself, a per-row one: tests/unit/test_onnx.py), so it
     # applies the weight scales in its epilogue with an activation scale of 1, and one Mul applies
     # the token scales (one pass over the output where Cast, Mul, Mul took three)
     one = _const(1.0, np.float32)
@@ -255,7 +255,7 @@ def ort_embedding_int8(indices, wq, w_scale, out_dtype):
 
 
 def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
-    """ONNX Runtime's ``MatMulNBits``: it reads ``qcompiler.int4``'s packing as is."""
+    """ONNX Runtime's ``MatMulNBits``: it reads ``qcompiler.ir.int4``'s packing as is."""
     n, k = packed.shape[0], x.shape[-1]
     if not isinstance(k, int):
         raise UnsupportedForm("linear_w4a16 needs a static input feature size to export")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompiler import ops
+from qcompiler.ir import ops
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
 from qcompiler.runtimes import triton_quantize, triton_w8a8, triton_weight_only
 from qcompiler.runtimes.triton_support import require

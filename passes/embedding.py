@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qcompiler import ops
-from qcompiler.calibration import stats_for
+from qcompiler.calibration.state import stats_for
+from qcompiler.ir import ops
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import TIED, _pattern_of, graph_parameters, owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qcompiler.calibration import CalibrationError, prepared_for, stats_for
+from qcompiler.calibration.state import prepared_for, stats_for
+from qcompiler.errors import CalibrationError
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch, node_value
 
 aten = torch.ops.aten

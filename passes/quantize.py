@@ -7,7 +7,7 @@ Per recipe (``SCHEMES``: weight bits x activation scheme) the linear ``y = x W^T
   * INT4 weight-only: ``linear_w4a16(x, W4, s4, z4, 1/s, group, b)``
 with ``Wq, sw = quantize_per_channel(W * s)`` in INT8 or FP8 (``s = 1`` without SmoothQuant or AWQ;
 ``1/s`` omitted when the smooth pass folded it into the producer); INT4 weights come from
-round-to-nearest here or from AWQ / GPTQ at calibration (``qcompiler.weight_rounding``). Every rewritten node gets a ``Decision``
+round-to-nearest here or from AWQ / GPTQ at calibration (``qcompiler.algorithms.rounding``). Every rewritten node gets a ``Decision``
 with the layer's output SQNR against FP32 on the calibration rows, computed by the reference
 q-ops themselves.
 """
@@ -21,9 +21,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, fx
 
-from qcompiler import int4, ops
-from qcompiler.calibration import CalibrationError, stats_for
-from qcompiler.observers import static_scale
+from qcompiler.calibration.observers import static_scale
+from qcompiler.calibration.state import prepared_for, stats_for
+from qcompiler.errors import CalibrationError
+from qcompiler.ir import int4, ops
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import activation_of
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
@@ -147,10 +148,7 @@ def scheme_for(recipe) -> Scheme:
 
 def checked_prepared(m, recipe):
     """The calibration-time weight of an AWQ / GPTQ layer, checked against the recipe."""
-    from qcompiler.calibration import prepared_for
-    from qcompiler.weight_rounding import weight_key
-
-    if recipe.weight_bits != 4 or recipe.algorithm == "rtn":
+    if not recipe.calibrated_rounding:
         return None
     prepared = prepared_for(m.param)
     fix = (f"run `qcompiler.calibrate(model, batches, recipe={recipe.name!r})` (with the same recipe "
@@ -158,9 +156,9 @@ def checked_prepared(m, recipe):
     if prepared is None or prepared.weight is None:
         raise CalibrationError(f"recipe {recipe.name!r} rounds weights with {recipe.algorithm.upper()} on "
                                f"calibration data, but {m.module!r} has no prepared weight: {fix}")
-    if prepared.key != weight_key(recipe):
+    if prepared.key != recipe.prepared_key:
         raise CalibrationError(f"{m.module!r} was calibrated for a different INT4 setting {prepared.key} "
-                               f"than the recipe asks for {weight_key(recipe)}: {fix}")
+                               f"than the recipe asks for {recipe.prepared_key}: {fix}")
     return prepared
 
 

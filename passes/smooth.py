@@ -9,7 +9,7 @@ quantize pass. ``alpha="auto"`` / ``clip="auto"`` pick, per group, the alpha on 
 the static activation clip on ``recipe.clip_grid`` with the smallest output error of the
 group's quantized linears on the calibration rows.
 
-AWQ's scales are chosen at calibration (``qcompiler.awq``) and only folded here, the same way.
+AWQ's scales are chosen at calibration (``qcompiler.algorithms.awq``) and only folded here, the same way.
 
 The user's parameters are never touched: folded norm weights are new graph constants.
 """
@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from qcompiler.calibration import CalibrationError, stats_for
-from qcompiler.observers import static_scale
-from qcompiler.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref
+from qcompiler.calibration.observers import static_scale
+from qcompiler.calibration.state import stats_for
+from qcompiler.errors import CalibrationError
+from qcompiler.ir.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import graph_parameters, owning_module
 from qcompiler.passes.meta import ActivationPlan
@@ -164,7 +165,7 @@ def _needs_plan(recipe) -> bool:
 
 
 def _awq(recipe) -> bool:
-    return recipe.weight_bits == 4 and recipe.algorithm in ("awq", "awq-gptq")
+    return recipe.awq_scales
 
 
 def _awq_plans(gm, x, members, params) -> dict:

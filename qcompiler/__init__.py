@@ -14,14 +14,14 @@ import importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "qcompile_backend": "qcompiler.backend",
-    "calibrate": "qcompiler.calibration",
-    "explain": "qcompiler.report", "Report": "qcompiler.report",
-    "export_onnx": "qcompiler.export",
+    "qcompile_backend": "qcompiler.api.backend",
+    "calibrate": "qcompiler.api.calibrate", "Calibration": "qcompiler.api.calibrate",
+    "explain": "qcompiler.api.explain", "Report": "qcompiler.api.explain",
+    "export_onnx": "qcompiler.deploy.export_onnx",
     "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
     "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
     "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",
-    "QuantState": "qcompiler.state", "state_of": "qcompiler.state",
+    "QuantState": "qcompiler.calibration.state", "state_of": "qcompiler.calibration.state",
     "Recipe": "qcompiler.recipes", "get_recipe": "qcompiler.recipes", "list_recipes": "qcompiler.recipes",
     "register_recipe": "qcompiler.recipes",
 }
@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    try:  # submodules as attributes (qcompiler.calibration, qcompiler.zoo, ...)
+    try:  # submodules as attributes (qcompiler.api, qcompiler.passes, ...)
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":

@@ -3,7 +3,7 @@ message's first line.
 
 Plain Python (no torch import), so the command line and the recipe table can raise them without
 loading torch. Inside ``torch.compile`` the backend re-raises them through Dynamo unwrapped
-(``qcompiler.backend``), so the user sees this exception, not a compiler stack.
+(``qcompiler.api.backend``), so the user sees this exception, not a compiler stack.
 """
 from __future__ import annotations
 

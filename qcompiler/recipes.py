@@ -27,8 +27,30 @@ DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 NUMBER_FORMATS = ("int", "fp8")
 # how embedding tables are stored: None = floating point; "int8" = INT8 per row
 EMBEDDING_FORMATS = (None, "int8")
-# how 4-bit weights are rounded: plain round-to-nearest, or an algorithm that needs calibration
-ALGORITHMS = ("rtn", "awq", "gptq", "awq-gptq")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """How an INT4 recipe rounds its weights, as data: whether it runs on calibration data (block by
+    block, ``qcompiler.calibrate(model, data, recipe=...)``), whether AWQ's input-channel scales
+    come first, and the rounding that follows (a key of ``qcompiler.algorithms.rounding.ROUNDINGS``)."""
+
+    calibrated: bool
+    awq_scales: bool
+    rounding: str
+
+
+# recipe.algorithm -> what it needs; a new algorithm is one row here (and a rounding, if new)
+ALGORITHMS = {
+    "rtn": Algorithm(calibrated=False, awq_scales=False, rounding="nearest"),
+    "awq": Algorithm(calibrated=True, awq_scales=True, rounding="nearest"),
+    "gptq": Algorithm(calibrated=True, awq_scales=False, rounding="gptq"),
+    "awq-gptq": Algorithm(calibrated=True, awq_scales=True, rounding="gptq"),
+}
+# the recipe fields a prepared INT4 weight depends on: compiling with other values must not reuse it
+PREPARED_KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "weight_clip",
+                       "weight_clip_grid", "gptq_damp", "gptq_block", "act_order", "first_token_weight",
+                       "refit_scales", "tune_epochs", "tune_lr")
 # what "auto" may give a linear, smallest first (ties: faster first); "fp" keeps it in floating point
 # INT4 candidate: round to nearest. On SmolLM2-135M GPTQ lowers each layer's error on the
 # calibration rows yet raises perplexity (benchmarks/accuracy.py), which would mislead the search.
@@ -52,7 +74,7 @@ class Recipe:
             ``qcompiler.calibrate(model, data, recipe=...)``, which runs them block by block.
         awq_grid: AWQ scale-exponent candidates searched per layer group.
         weight_clip: before rounding, search a clip ratio per (output row, group) of the INT4
-            weights against the layer's output error (``qcompiler.clip_search``); every algorithm
+            weights against the layer's output error (``qcompiler.algorithms.clip_search``); every algorithm
             (AWQ on its scaled weights, GPTQ before its error feedback). SmolLM2-135M sym g64,
             benchmarks/experiments/int4_eager.py (16 calibration, 16 test windows): GPTQ 22.49 perplexity with
             it against 23.12 without.
@@ -69,13 +91,13 @@ class Recipe:
             against +32.1% unweighted (benchmarks/accuracy.py). AWQ keeps 1: with 64 its searches
             do worse (benchmarks/experiments/int4_eager.py, 16 / 16 windows: 23.17 against 22.90, scale refit on).
         refit_scales: after AWQ / GPTQ chose the codes, refit each row's group scales by least
-            squares against the layer's output on the calibration data (``qcompiler.scale_refit``).
+            squares against the layer's output on the calibration data (``qcompiler.algorithms.scale_refit``).
             On by default for every algorithm recipe (benchmarks/experiments/int4_eager.py, 16 / 16 windows, sym
             g64: AWQ 22.90 perplexity against 23.30 without, AWQ+GPTQ 22.86 against 22.87; GPTQ,
             4 test windows: 18.13 against 19.27). It never raises the calibration error.
         tune_epochs: after the algorithm chose the codes, train every INT4 group scale end to end
             for this many passes over the calibration data, codes fixed, so the quantized model's
-            output matches the float model's (``qcompiler.scale_tuning``; KL of the next-token
+            output matches the float model's (``qcompiler.algorithms.scale_tuning``; KL of the next-token
             distributions for a language model). 0 (default) skips it: each step holds the whole
             model's activations for one batch, and it costs a forward and backward pass per batch
             and epoch. SmolLM2-135M sym g64, 32 calibration windows of 512 tokens, 4 epochs
@@ -86,7 +108,7 @@ class Recipe:
         act_order: GPTQ processes columns by decreasing Hessian diagonal (groups stay static).
         activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
         observer: how a static activation scale is chosen from calibration data
-            (see ``qcompiler.observers.OBSERVERS``).
+            (see ``qcompiler.calibration.observers.OBSERVERS``).
         percentile: for the "percentile" observer.
         smoothquant: apply SmoothQuant scaling before activation quantization.
         alpha: SmoothQuant migration strength in [0, 1], or "auto" for a per-layer search over
@@ -162,10 +184,12 @@ class Recipe:
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
-        from qcompiler.observers import OBSERVERS
+        from qcompiler.calibration.observers import OBSERVERS
 
         if self.weight_bits not in (None, 8, 4):
             raise OptionError(f"recipe {self.name!r}: weight_bits={self.weight_bits!r}; supported: 8, 4 or None")
+        if self.algorithm not in ALGORITHMS:
+            raise OptionError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {sorted(ALGORITHMS)}")
         if self.number_format not in NUMBER_FORMATS:
             raise OptionError(f"recipe {self.name!r}: number_format={self.number_format!r}; valid: {NUMBER_FORMATS}")
         if self.number_format == "fp8" and self.weight_bits != 8:
@@ -178,11 +202,9 @@ class Recipe:
             if self.activation is not None:
                 raise OptionError(f"recipe {self.name!r}: INT4 is weight-only here; set activation=None "
                                   f"(got {self.activation!r})")
-        elif self.group_size is not None or self.algorithm != "rtn":
+        elif self.group_size is not None or ALGORITHMS[self.algorithm].calibrated:
             raise OptionError(f"recipe {self.name!r}: group_size and algorithm apply to 4-bit weights "
                               f"(weight_bits=4), got weight_bits={self.weight_bits!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise OptionError(f"recipe {self.name!r}: algorithm={self.algorithm!r}; valid: {ALGORITHMS}")
         if not self.first_token_weight >= 1.0:
             raise OptionError(f"recipe {self.name!r}: first_token_weight must be >= 1 (1 = every token "
                               f"alike), got {self.first_token_weight!r}")
@@ -193,7 +215,7 @@ class Recipe:
         if not (isinstance(self.tune_epochs, int) and self.tune_epochs >= 0) or not self.tune_lr > 0:
             raise OptionError(f"recipe {self.name!r}: tune_epochs must be an integer >= 0 and tune_lr > 0, "
                               f"got {self.tune_epochs!r}, {self.tune_lr!r}")
-        if self.tune_epochs and (self.weight_bits != 4 or self.algorithm == "rtn"):
+        if self.tune_epochs and not self.calibrated_rounding:
             raise OptionError(f"recipe {self.name!r}: tune_epochs trains the scales of calibrated INT4 weights; "
                               f"use it with an INT4 algorithm (w4a16-awq, w4a16-gptq, w4a16-awq-gptq), "
                               f"not weight_bits={self.weight_bits!r} / algorithm={self.algorithm!r}")
@@ -240,9 +262,24 @@ class Recipe:
         return torch.float8_e4m3fn if self.number_format == "fp8" else torch.int8
 
     @property
+    def calibrated_rounding(self) -> bool:
+        """INT4 weights whose rounding runs on calibration data (AWQ, GPTQ)."""
+        return self.weight_bits == 4 and ALGORITHMS[self.algorithm].calibrated
+
+    @property
+    def awq_scales(self) -> bool:
+        """INT4 weights scaled per input channel by AWQ before rounding (the input divided by the scale)."""
+        return self.weight_bits == 4 and ALGORITHMS[self.algorithm].awq_scales
+
+    @property
     def rounds_weights(self) -> bool:
         """Weights come from a calibration-time algorithm (AWQ, GPTQ, or the auto assignment)."""
-        return self.algorithm != "rtn" or self.mixed_precision
+        return self.calibrated_rounding or self.mixed_precision
+
+    @property
+    def prepared_key(self) -> tuple:
+        """The values of the fields a prepared INT4 weight was made for (``PREPARED_KEY_FIELDS``)."""
+        return tuple(getattr(self, f) for f in PREPARED_KEY_FIELDS)
 
     @property
     def needs_calibration(self) -> bool:

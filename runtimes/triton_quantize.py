@@ -3,7 +3,7 @@
 Eager torch spends five kernels on this (multiply, abs, amax, divide, round/clamp/cast); here each
 program reads a row once (twice when a row exceeds ``MAX_ONE_TILE`` elements, the second read
 from L2), writes the 8-bit row and its float32 scale. The arithmetic is the reference op's
-(``qcompiler.ops.quantize_per_token_ref`` / ``quantize_per_tensor_ref``) step for step: float32
+(``qcompiler.ir.ops.quantize_per_token_ref`` / ``quantize_per_tensor_ref``) step for step: float32
 smoothing, ``scale = max(amax, 1e-12) / qmax`` and ``x / scale`` with correctly rounded division
 (``div_rn``: Triton's default float32 ``/`` on the GPU is approximate), round half to even,
 so the codes are bit-identical to the reference's (tested).
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompiler import ops
+from qcompiler.ir import ops
 from qcompiler.runtimes.triton_common import as_bytes, rows_2d
 
 MAX_ONE_TILE = 16384  # row length kept in registers in a single tile (11008 for Llama's down_proj)

@@ -6,7 +6,7 @@ per-tensor) activation scale and per-channel weight scale are applied to the acc
 before its only store, so the int32 / float32 product never goes to memory (``torch._int_mm``
 writes it and needs a second pass). Weights stay ``[N, K]``, K-major, which is the layout Hopper's
 8-bit tensor-core instructions read both operands in. The reference is
-``qcompiler.ops.linear_w8a8_ref``; the INT8 product is exact (int32 accumulation), so results
+``qcompiler.ir.ops.linear_w8a8_ref``; the INT8 product is exact (int32 accumulation), so results
 differ from it only by the float32 epilogue's rounding.
 
 FP8 on a CUDA device with FP8 tensor cores goes to ``torch._scaled_mm`` (cuBLASLt, row-wise
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompiler import ops
+from qcompiler.ir import ops
 from qcompiler.runtimes import triton_tuning as tuning
 from qcompiler.runtimes.triton_common import as_bytes, rows_2d, store_rounded, tile_ids
 from qcompiler.runtimes.triton_support import interpreting

@@ -13,10 +13,10 @@ Three paths, picked per call by M (measured on the H100 with benchmarks/gpu_gemm
   the tile measured 0.09x bf16 cuBLAS at M=2048; this transient copy costs one weight's bytes).
 
 With ``SPLIT_K > 1`` the GEMVs' partial sums meet in a float32 buffer by atomic adds (the split is
-a named heuristic in ``triton_tuning``). INT4 uses ``qcompiler.int4``'s layout as is: codes two per
+a named heuristic in ``triton_tuning``). INT4 uses ``qcompiler.ir.int4``'s layout as is: codes two per
 byte (low nibble first), per-group scales ``[N, G]``, per-group zero points or the symmetric 8;
 groups (powers of two) need not divide K. AWQ's ``smooth_inv`` (when it was not folded upstream)
-multiplies the activation on load. The references are ``qcompiler.ops.linear_w8a16_ref`` and
+multiplies the activation on load. The references are ``qcompiler.ir.ops.linear_w8a16_ref`` and
 ``linear_w4a16_ref``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qcompiler import int4
+from qcompiler.ir import int4
 from qcompiler.runtimes import triton_tuning as tuning
 from qcompiler.runtimes.triton_common import cast_rounded, dot_acc, rows_2d, store_rounded, tile_ids
 from qcompiler.runtimes.triton_support import interpreting
@@ -327,7 +327,7 @@ def linear_w8a16(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor],
 
 def linear_w4a16(x: Tensor, packed: Tensor, scale: Tensor, zero: Optional[Tensor], smooth_inv: Optional[Tensor],
                  group_size: int, bias: Optional[Tensor], split_k: Optional[int] = None) -> Tensor:
-    """The ``linear_w4a16`` q-op on Triton, on ``qcompiler.int4``'s packed layout."""
+    """The ``linear_w4a16`` q-op on Triton, on ``qcompiler.ir.int4``'s packed layout."""
     _check_activation(x, "linear_w4a16")
     k = x.shape[-1]
     g = int4.groups(k, group_size)

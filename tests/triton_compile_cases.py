@@ -4,7 +4,7 @@
 ``triton.compile`` and the target named (no GPU needed). Run as a script, it compiles the cases
 and prints one JSON object, case id -> "ok" or the error. It must run without
 ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` gives Python functions that Triton's
-compiler cannot take), which is why tests/test_triton_compile.py runs it in a subprocess.
+compiler cannot take), which is why tests/unit/test_triton_compile.py runs it in a subprocess.
 """
 import itertools
 import json

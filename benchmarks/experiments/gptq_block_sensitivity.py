@@ -7,7 +7,9 @@ Perplexity on 4 held-out windows with only one block GPTQ-rounded, to compare wi
 """
 import torch, sys
 import os
-from qcompiler import zoo, int4, gptq
+from qcompiler.algorithms import gptq
+from qcompiler.bundled import zoo
+from qcompiler.ir import int4
 GPTQ_WEIGHTS = os.path.join(os.environ.get("QCOMPILE_CACHE", ".cache"), "bench", "gptq_block_weights.pt")
 torch.set_num_threads(1)
 model, tok = zoo.load_smollm2()

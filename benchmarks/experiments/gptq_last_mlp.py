@@ -7,7 +7,9 @@ Quoted in the issue-5 closing note (layer 29 down_proj: GPTQ +1.2%, RTN +7.3%).
     python benchmarks/experiments/gptq_last_mlp.py
 """
 import torch, sys
-from qcompiler import zoo, int4, gptq
+from qcompiler.algorithms import gptq
+from qcompiler.bundled import zoo
+from qcompiler.ir import int4
 torch.set_num_threads(1)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")

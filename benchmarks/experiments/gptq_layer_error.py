@@ -5,7 +5,9 @@ A diagnostic whose output docs/experiments.md quotes (GPTQ analysis).
     python benchmarks/experiments/gptq_layer_error.py
 """
 import torch
-from qcompiler import zoo, gptq, int4
+from qcompiler.algorithms import gptq
+from qcompiler.bundled import zoo
+from qcompiler.ir import int4
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")

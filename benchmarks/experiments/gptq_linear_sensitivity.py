@@ -6,7 +6,8 @@ Needs the weights saved by ``gptq_block_sensitivity.py``.
 """
 import torch
 import os
-from qcompiler import zoo, int4
+from qcompiler.bundled import zoo
+from qcompiler.ir import int4
 GPTQ_WEIGHTS = os.path.join(os.environ.get("QCOMPILE_CACHE", ".cache"), "bench", "gptq_block_weights.pt")
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()

@@ -7,7 +7,9 @@ Hessian (32 calibration windows, FP inputs). docs/experiments.md quotes it (GPTQ
     python benchmarks/experiments/gptq_sink_vproj.py
 """
 import torch
-from qcompiler import zoo, int4, gptq
+from qcompiler.algorithms import gptq
+from qcompiler.bundled import zoo
+from qcompiler.ir import int4
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")

@@ -5,8 +5,11 @@ A diagnostic whose output docs/experiments.md quotes (GPTQ analysis).
     python benchmarks/experiments/gptq_vs_rtn_eager.py
 """
 import torch, time
+from qcompiler.algorithms import gptq
+from qcompiler.bundled import zoo
+from qcompiler.calibration.state import prepared_for
+from qcompiler.ir import int4
 import qcompiler
-from qcompiler import zoo, gptq, int4, calibration
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")
@@ -35,4 +38,4 @@ for damp in (0.01, 0.1):
     params = {f"{n}.weight": gptq.gptq(m.weight.detach(), 2 * xtx[n][0] / xtx[n][1], 64, True, damp=damp).dequantize() for n, m in lin.items()}
     print("gptq fp-inputs damp", damp, ppl(params), time.time() - t)
 qcompiler.calibrate(model, cal.split(1), recipe={"recipe": "w4a16-gptq", "group_size": 64}, progress=False)
-print("gptq pipeline", ppl({f"{n}.weight": calibration.prepared_for(m.weight).weight.dequantize() for n, m in lin.items()}))
+print("gptq pipeline", ppl({f"{n}.weight": prepared_for(m.weight).weight.dequantize() for n, m in lin.items()}))

@@ -6,7 +6,8 @@ Quoted in the issue-5 closing note (layer 29 alone +13%).
     python benchmarks/experiments/int4_block_sensitivity.py
 """
 import torch, re
-from qcompiler import zoo, int4
+from qcompiler.bundled import zoo
+from qcompiler.ir import int4
 torch.set_num_threads(1)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")

@@ -5,7 +5,7 @@ Adam on the block's output error, codes fixed (scale = s0 * exp(theta), theta fr
 block reading the outputs of the blocks before it as tuned. Target "fp": the float model's block
 output on float inputs (corrects error carried from earlier blocks); "self": the float block on
 the quantized inputs. Perplexity as ``benchmarks/experiments/int4_eager.py`` measures it. (Not kept: SmolLM2 GPTQ sym g64, 16 / 16
-windows, 22.49 -> 22.20-22.28 for every setting tried; end-to-end tuning, ``qcompiler.scale_tuning``,
+windows, 22.49 -> 22.20-22.28 for every setting tried; end-to-end tuning, ``qcompiler.algorithms.scale_tuning``,
 does better.)
 
     python benchmarks/experiments/int4_block_tuning.py CALIB HELD '{OPTIONS}' EPOCHS LR TARGET [mse|rel]
@@ -16,8 +16,11 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
+from qcompiler.calibration import blockwise
+from qcompiler.calibration.state import prepared_for
+from qcompiler.ir import int4
 import qcompiler
-from qcompiler import blockwise, calibration, int4, zoo
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -38,7 +41,7 @@ print(f"calibration {time.time() - t0:.0f}s", flush=True)
 
 class Tuned:
     def __init__(self, name, m):
-        self.name, self.p = name, calibration.prepared_for(m.weight)
+        self.name, self.p = name, prepared_for(m.weight)
         self.c = int4.centred_codes(self.p.weight)
         self.theta = torch.zeros_like(self.p.weight.scale, requires_grad=True)
         self.k = self.p.weight.in_features
@@ -114,7 +117,7 @@ print(f"tuning {time.time() - t1:.0f}s", flush=True)
 lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 base = {}
 for n, m in lin.items():
-    p = calibration.prepared_for(m.weight)
+    p = prepared_for(m.weight)
     w = p.weight.dequantize()
     base[f"{n}.weight"] = w / p.smooth_scale if p.smooth_scale is not None else w
 print("fp32", zoo.perplexity(model, held))

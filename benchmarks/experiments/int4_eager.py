@@ -14,8 +14,10 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
+from qcompiler.calibration.state import prepared_for
+from qcompiler.ir import int4
 import qcompiler
-from qcompiler import zoo, int4, calibration
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")
@@ -34,7 +36,7 @@ for opts in json.loads(sys.argv[2]):
     ct = time.time() - t
     params = {}
     for n, m in lin.items():
-        p = calibration.prepared_for(m.weight)
+        p = prepared_for(m.weight)
         if p is None:  # round to nearest: nothing is prepared at calibration
             r = qcompiler.get_recipe(opts["recipe"]).replace(**{k: v for k, v in opts.items() if k != "recipe"})
             params[f"{n}.weight"] = int4.quantize(m.weight.detach(), r.group_size, r.symmetric).dequantize()

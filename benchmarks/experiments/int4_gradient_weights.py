@@ -20,8 +20,10 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
+from qcompiler.calibration import blockwise
+from qcompiler.calibration.state import prepared_for
 import qcompiler
-from qcompiler import blockwise, calibration, zoo
 
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
@@ -100,7 +102,7 @@ for opts in json.loads(sys.argv[3]):
         ct = time.time() - t
         params = {}
         for m, n in lin.items():
-            p = calibration.prepared_for(m.weight)
+            p = prepared_for(m.weight)
             w = p.weight.dequantize()
             params[f"{n}.weight"] = w / p.smooth_scale if p.smooth_scale is not None else w
         print(opts, "power", power, ppl(params), f"{ct:.0f}s", flush=True)

@@ -12,8 +12,10 @@ import time
 
 import torch
 
+from qcompiler.bundled import zoo
+from qcompiler.calibration.state import prepared_for
+from qcompiler.ir import int4
 import qcompiler
-from qcompiler import calibration, int4, zoo
 
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
@@ -28,7 +30,7 @@ def ppl(params):
 
 
 def effective(n, m):
-    p = calibration.prepared_for(m.weight)
+    p = prepared_for(m.weight)
     if p is None or p.weight is None:
         r = qcompiler.get_recipe(opts["recipe"]).replace(**{k: v for k, v in opts.items() if k != "recipe"})
         return int4.quantize(m.weight.detach(), r.group_size, r.symmetric).dequantize()

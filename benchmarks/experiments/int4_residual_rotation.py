@@ -12,8 +12,10 @@ GGUF Q4_1 grids that a rotation destroys) and GPTQ no better, so qcompile does n
 """
 import json, sys, time
 import torch
+from qcompiler.bundled import zoo
+from qcompiler.calibration.state import prepared_for
+from qcompiler.ir import int4
 import qcompiler
-from qcompiler import zoo, int4, calibration
 torch.set_num_threads(2)
 model, tok = zoo.load_smollm2()
 ids = zoo.wiki_token_ids(tok, "smollm2")
@@ -63,7 +65,7 @@ for opts in json.loads(sys.argv[2]):
     ct = time.time() - t
     params = {}
     for n, mm in lin.items():
-        p = None if opts["recipe"] == "w4a16" else calibration.prepared_for(mm.weight)  # RTN: nothing prepared
+        p = None if opts["recipe"] == "w4a16" else prepared_for(mm.weight)  # RTN: nothing prepared
         if p is None:
             r = qcompiler.get_recipe(opts["recipe"]).replace(**{k: v for k, v in opts.items() if k not in ("recipe", "skip")})
             params[f"{n}.weight"] = int4.quantize(mm.weight.detach(), r.group_size, r.symmetric).dequantize()

@@ -26,7 +26,7 @@ def child(spin: str, calls: int) -> dict:
     import torch
 
     import qcompiler
-    from qcompiler import zoo
+    from qcompiler.bundled import zoo
     from qcompiler.runtimes import ort_session
 
     made = ort_session.session_options

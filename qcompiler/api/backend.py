@@ -1,0 +1,276 @@
+"""The ``qcompile`` Dynamo backend: options -> recipe and target; passes; lowering.
+
+``torch.compile(model, backend="qcompile", options={...})`` calls ``qcompile_backend`` once per
+graph Dynamo captures (several with graph breaks, again on recompiles for new shapes). The
+backend copies the graph, runs ``match -> smooth -> quantize``, and hands the q-op graph to the
+chosen lowering. The returned ``CompiledGraph`` keeps the original graph so that a later
+``qcompiler.calibrate`` makes it rebuild with the new statistics on its next call.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import sys
+import time
+import weakref
+from typing import Mapping, Optional
+
+import torch
+from torch import fx, nn
+
+from qcompiler import recipes
+from qcompiler.api.options import compile_of, split_options
+from qcompiler.calibration import state
+from qcompiler.errors import OptionError, QcompileError
+from qcompiler.lowering import auto_choice, get_lowering
+from qcompiler.passes.embedding import embed
+from qcompiler.passes.match import match
+from qcompiler.passes.quantize import quantize
+from qcompiler.passes.smooth import smooth
+
+# the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
+GRAPHS = "_qcompile_graphs"
+
+
+def _device_type(example_inputs) -> str:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device.type
+    return "cpu"
+
+
+def _copy_dynamo_graph(original: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of Dynamo's graph that keeps what AOTAutograd reads to recognise a Dynamo graph.
+
+    ``copy.deepcopy`` drops ``_param_name_to_source`` and each placeholder's ``_dynamo_source``;
+    without them AOTAutograd does not know which inputs are parameters or static addresses
+    (a ``StaticCache``'s tensors), and Inductor's CUDA graphs refuse the graph ("skipping
+    cudagraphs due to mutated inputs", seen on the H100 with torch 2.11). The buffers our passes
+    add (quantized weights, scales) get a constant source of their own name, so they count as
+    static too.
+    """
+    gm = copy.deepcopy(original)
+    sources = getattr(original, "_param_name_to_source", None)
+    if sources is None:
+        return gm
+    old = [n for n in original.graph.nodes if n.op == "placeholder"]
+    new = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for a, b in zip(old, new):
+        if hasattr(a, "_dynamo_source"):
+            b._dynamo_source = a._dynamo_source
+    gm._param_name_to_source = dict(sources)
+    return gm
+
+
+def _register_new_sources(gm: fx.GraphModule) -> None:
+    """Give every parameter or buffer the passes added a source, as Dynamo gives its own."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        return
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        sources.setdefault(name, ConstantSource(f"qcompile_{name}"))
+
+
+def _lowering_options(lowering, cuda_graphs, device_type: str) -> dict:
+    """The options a lowering's build() takes, checked: ``cuda_graphs`` needs CUDA and a target that
+    compiles through Inductor."""
+    if not isinstance(cuda_graphs, bool):
+        raise OptionError(f"option cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if not cuda_graphs:
+        return {}
+    if device_type != "cuda":
+        raise OptionError(f"cuda_graphs=True needs the model and inputs on a CUDA device (they are on {device_type!r}); "
+                         "move them with .to('cuda') or drop the option")
+    if not lowering.cuda_graphs:
+        from qcompiler.lowering import LOWERINGS
+
+        able = sorted(name for name, low in LOWERINGS.items() if low.cuda_graphs)
+        raise OptionError(f"cuda_graphs=True: target {lowering.name!r} cannot run in CUDA graphs; use one of {able}")
+    return {"cuda_graphs": True}
+
+
+class _Watch:
+    """What a build read from the quantization state, to tell cheaply when a rebuild is due."""
+
+    def __init__(self, params):
+        self.used = [(p, state.stats_for(p), state.prepared_for(p)) for p in params]
+        linked = [state.linked_state(p)[0] for p in params]
+        self.states = {id(s): (s, s.generation) for s in linked if s is not None}
+        # calibrating links every linear of the model at once: one unlinked weight tells
+        self.unlinked = [p for p, s in zip(params, linked) if s is None][:1]
+
+    def stale(self) -> bool:
+        moved = any(s.generation != g for s, g in self.states.values()) or \
+            any(state.linked_state(p)[0] is not None for p in self.unlinked)
+        if not moved:
+            return False
+        fresh = _Watch([p for p, _, _ in self.used])
+        changed = any(state.stats_for(p) is not st or state.prepared_for(p) is not pr for p, st, pr in self.used)
+        self.__dict__.update(fresh.__dict__)
+        return changed
+
+
+def _calling_compile():
+    """The ``torch.compile`` call this backend call serves (its ``_TorchCompileWrapper``), or None.
+
+    Dynamo hands the backend a graph, not the compiled object; the wrapper that ``torch.compile``
+    made calls the backend as ``self.compiler_fn(...)``, so it is in a calling frame. Graphs are
+    registered under it, and ``explain(compiled)`` finds them there.
+    """
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch._TorchCompileWrapper):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def compiled_graphs(model) -> list:
+    """The ``CompiledGraph``s of one compile of ``model``, oldest first: of that compile when
+    ``model`` is what ``torch.compile`` returned, else of the model's most recent compile."""
+    found = {}
+    for p in state.unwrap(model).parameters():
+        for ref in p.__dict__.get(GRAPHS, ()):
+            graph = ref()
+            if graph is not None:
+                found[id(graph)] = graph
+    graphs = sorted(found.values(), key=lambda g: g.created)
+    key = compile_of(model)
+    if key is None and graphs:
+        key = graphs[-1].compile_key  # a plain module: its latest compile
+    return [g for g in graphs if g.compile_key is key]
+
+
+class CompiledGraph:
+    """One Dynamo graph, quantized and lowered; rebuilt when calibration statistics change.
+
+    ``requested`` is the target the options named, ``target`` the one chosen for it (``auto``
+    resolved, ``auto_reason`` saying what it passed over), ``running_target`` the one whose code
+    runs and ``fallback_reason`` why, when the chosen one fell back (``target="auto"`` only: an
+    explicit target that cannot run is an error).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, recipe, target: str, cuda_graphs: bool = False,
+                 compile_key=None):
+        self.original = gm
+        self.example_inputs = list(example_inputs)
+        self.recipe = recipe
+        self.requested = target
+        self.target, self.auto_reason = (auto_choice(_device_type(example_inputs), example_inputs)
+                                         if target == "auto" else (target, ""))
+        lowering = get_lowering(self.target)  # unknown target: fail now, with the list of valid ones
+        if target != "auto":
+            lowering.check(example_inputs)   # an explicit target is a contract: raise with the reason
+        self.lowering_options = _lowering_options(lowering, cuda_graphs, _device_type(example_inputs))
+        self.cuda_graphs = cuda_graphs
+        self.compile_key = compile_key
+        self.created = time.monotonic_ns()
+        # Dynamo may call one graph for several module instances of the same class (a graph break
+        # inside a repeated layer): parameters are graph inputs, but the quantized weights were
+        # made from these. Another instance's parameters get a graph of their own (``_variant``).
+        self.param_slots = [i for i, v in enumerate(self.example_inputs) if isinstance(v, nn.Parameter)]
+        self.variants = {}
+        self._build()
+
+    @property
+    def fallback_reason(self):
+        return getattr(self.fn, "fallback_reason", None)
+
+    @property
+    def running_target(self) -> str:
+        """The target whose code runs now (the one picked, or what it fell back to)."""
+        return getattr(self.fn, "running_target", None) or self.target
+
+    def _build(self):
+        gm = _copy_dynamo_graph(self.original)
+        matches = match(gm, self.example_inputs, self.recipe)
+        params = [m.param for _, m, _ in matches]
+        self.watch = _Watch(params)
+        plans = smooth(gm, self.example_inputs, matches)
+        self.decisions = embed(gm, self.example_inputs, self.recipe, quantize(gm, matches, plans))
+        _register_new_sources(gm)
+        self.graph_module = gm
+        self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
+                                                  **self.lowering_options)
+        for p in params:  # explain(model) finds a model's compiled graphs through its weights
+            graphs = p.__dict__.setdefault(GRAPHS, [])
+            graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
+
+    def _same_params(self, args) -> bool:
+        return all(args[i] is self.example_inputs[i] for i in self.param_slots)
+
+    def _variant(self, args) -> "CompiledGraph":
+        """This graph quantized and lowered for the parameters in ``args`` (made once per set)."""
+        key = tuple(id(args[i]) for i in self.param_slots)
+        graph = self.variants.get(key)
+        if graph is None or not graph._same_params(args):  # ids are reused after a module is freed
+            slots = set(self.param_slots)
+            example = [args[i] if i in slots else v for i, v in enumerate(self.example_inputs)]
+            graph = CompiledGraph(self.original, example, self.recipe, self.requested, self.cuda_graphs,
+                                  self.compile_key)
+            self.variants[key] = graph
+        return graph
+
+    def __call__(self, *args):
+        if not self._same_params(args):
+            return self._variant(args)(*args)
+        if self.watch.stale():
+            self._build()
+        with torch.no_grad():  # an inference compiler: q-ops have no gradients
+            return self.fn(*args)
+
+
+def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mapping] = None, mode=None):
+    """The Dynamo backend registered as ``qcompile`` (entry point ``torch_dynamo_backends``).
+
+    Args:
+        gm: the FX graph Dynamo captured (parameters arrive as inputs).
+        example_inputs: the graph's inputs; parameters among them are the model's own.
+        options: ``{"recipe": name, "target": "auto" | "reference" | "inductor" | "ort" | "triton",
+            "cuda_graphs": bool, <recipe field>: value}``
+            e.g. ``{"recipe": "w8a8-smoothquant", "alpha": 0.8, "skip": ["lm_head"]}``.
+            ``cuda_graphs=True`` (CUDA, targets inductor and triton) replays each compiled graph as
+            a CUDA graph, as torch.compile's mode="reduce-overhead" does for Inductor: what decode
+            with small batches needs, where kernel launches cost more than the kernels.
+        mode: not used; torch.compile's ``mode`` is for Inductor's own backend.
+
+    Example:
+        >>> fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a16"})
+    """
+    try:
+        if mode not in (None, "default"):
+            raise OptionError(f"backend 'qcompile' takes no mode (got {mode!r}); pass options={{'target': ...}}")
+        recipe, target = split_options(options)
+        return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),
+                             compile_key=_calling_compile())
+    except QcompileError as e:  # the user's mistake: show it, not the compiler stack around it
+        raise _through_dynamo(e, inspect.currentframe()) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _passing_dynamo(cls: type) -> type:
+    """``cls``, also a Dynamo ``ShortenTraceback``: Dynamo re-raises those as they are instead of
+    wrapping them in ``BackendCompilerFailed`` (with its report-a-bug footer), and cuts its own
+    frames from the traceback. Without that class (another torch) ``cls`` itself."""
+    shorten = getattr(torch._dynamo.exc, "ShortenTraceback", None)
+    if shorten is None:
+        return cls
+    # str() is the original message: Dynamo appends its "report a bug to PyTorch" footer to args
+    return type(cls.__name__, (shorten, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                               "__doc__": cls.__doc__, "__str__": lambda self: self.message})
+
+
+def _through_dynamo(e: QcompileError, frame) -> QcompileError:
+    """A copy of ``e`` that passes through Dynamo unwrapped, its traceback starting at ``frame``."""
+    cls = _passing_dynamo(type(e))
+    err = cls.__new__(cls, *e.args)
+    err.args = e.args
+    err.message = str(e)
+    err.first_useful_frame = frame
+    return err

@@ -1,0 +1,141 @@
+"""The qcompile command: export a model to ONNX, check an ONNX file, list recipes.
+
+  qcompile export --model minilm --recipe w8a8-smoothquant --out minilm.onnx
+  qcompile export --model smollm2 --recipe w4a16 --form ort --out smollm2-w4.onnx
+  qcompile export --model mypkg.models:build --recipe w8a8-static --out m.onnx
+  qcompile check model.onnx
+  qcompile recipes
+
+--model is a bundled model (minilm, smollm2) or module:function returning
+(model, example_inputs, calibration_batches_or_None).
+
+Help and argument errors load neither torch nor onnx; a mistake qcompile can name (an unknown
+recipe, a file that is not ONNX, a missing package) is one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qcompiler.errors import QcompileError
+from qcompiler.recipes import list_recipes
+
+BUNDLED = ("minilm", "smollm2")
+FORMS = ("tensorrt", "ort")  # qcompiler.lowering.onnx_ops.FORMS, without importing torch for --help
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _bundled(name: str, calib: int, seq: int):
+    import torch
+
+    from qcompiler.bundled import zoo
+
+    if name == "minilm":
+        model, tok = zoo.load_minilm()
+        calib_sents, _ = zoo.wiki_sentences(max(calib, 1) * 8, 0)
+        batches = [dict(tok(calib_sents[i:i + 8], padding="max_length", truncation=True, max_length=seq,
+                            return_tensors="pt")) for i in range(0, calib * 8, 8)]
+        # two rows: a batch of one would fix the batch dimension at 1 in the export
+        example = {k: v for k, v in (batches[0] if batches else dict(tok(
+            ["an example", "another example"], padding=True, return_tensors="pt"))).items()
+            if k in ("input_ids", "attention_mask")}
+        batches = [{k: b[k] for k in example} for b in batches]
+        return model, example, batches or None
+    if name == "smollm2":
+        model, tok = zoo.load_smollm2()
+        ids = zoo.wiki_token_ids(tok, "smollm2")
+        calib_w, _ = zoo.lm_windows(ids, seq, max(calib, 2), 0)
+        # two rows: a batch of one would fix the batch dimension at 1 in the export
+        return model, {"input_ids": calib_w[:2]}, [{"input_ids": w[None]} for w in calib_w[:calib]] or None
+    raise QcompileError(f"unknown bundled model {name!r}; use one of {', '.join(BUNDLED)} or module:function")
+
+
+def _load_model(spec: str, calib: int, seq: int):
+    if ":" not in spec:
+        return _bundled(spec, calib, seq)
+    module, fn = spec.split(":", 1)
+    try:
+        result = getattr(importlib.import_module(module), fn)()
+    except (ImportError, AttributeError) as e:
+        raise QcompileError(f"--model {spec}: cannot load {fn!r} from module {module!r} ({e})") from None
+    return (*result, None) if len(result) == 2 else result
+
+
+def cmd_export(args) -> int:
+    from qcompiler.deploy.export_onnx import export_onnx
+    from qcompiler.recipes import get_recipe
+
+    get_recipe(args.recipe)  # before minutes of loading and calibrating
+    _say(f"loading {args.model} ...")
+    model, example, batches = _load_model(args.model, args.calib, args.seq)
+    _say(f"quantizing with {args.recipe}" + (f" (calibrating on {len(batches)} batches)" if batches else "")
+         + f", exporting the {args.form} form to {args.out} ...")
+    result = export_onnx(model, example, args.out, recipe=args.recipe, form=args.form,
+                         calibration=batches if batches else None, options={"embedding": args.embedding})
+    print(result.summary())
+    return 1 if result.violations else 0
+
+
+def cmd_check(args) -> int:
+    from qcompiler.deploy import onnx_check
+
+    violations = onnx_check.check(args.path)
+    print(f"{args.path}: " + ("conforms to TensorRT explicit quantization" if not violations
+                              else f"{len(violations)} violation(s)"))
+    for v in violations:
+        print(f"  {v}")
+    return 1 if violations else 0
+
+
+def cmd_recipes(args) -> int:
+    from qcompiler.recipes import get_recipe
+
+    for name in list_recipes():
+        print(f"{name:28s} {get_recipe(name).description}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    top = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n\n")[0],
+                                  epilog="\n\n".join(__doc__.split("\n\n")[1:3]),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, metavar="{export,check,recipes}")
+    p = sub.add_parser("export", help="quantize a model and write it as ONNX", formatter_class=fmt,
+                       description="Quantize a model with a recipe and write it as one ONNX file (checked).")
+    p.add_argument("--model", required=True, metavar="MODEL", default=argparse.SUPPRESS,
+                   help=f"a bundled model ({', '.join(BUNDLED)}) or module:function")
+    p.add_argument("--recipe", default="w8a8-smoothquant", choices=list_recipes(), metavar="RECIPE",
+                   help="one of: " + ", ".join(list_recipes()))
+    p.add_argument("--form", default="tensorrt", choices=FORMS,
+                   help="tensorrt: QDQ for TensorRT's explicit quantization; ort: ONNX Runtime's integer kernels")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the .onnx file to write")
+    p.add_argument("--embedding", choices=["int8"], default=None,
+                   help="store embedding tables INT8 per row (a tied lm_head reads the same table)")
+    p.add_argument("--calib", type=int, default=8, help="calibration batches (bundled models)")
+    p.add_argument("--seq", type=int, default=128, help="calibration sequence length (bundled models)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("check", help="check an ONNX file against TensorRT's explicit-quantization rules",
+                       description="Check an ONNX file against TensorRT's explicit-quantization rules.")
+    p.add_argument("path", help="the .onnx file")
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("recipes", help="list the registered recipes", description="List the registered recipes.")
+    p.set_defaults(fn=cmd_recipes)
+    return top
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QcompileError as e:
+        _say(f"qcompile {args.command}: error: {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

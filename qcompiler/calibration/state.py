@@ -1,0 +1,126 @@
+"""The quantization state a model owns: what calibration recorded and what algorithms prepared.
+
+One ``QuantState`` per model, kept on the model itself (``model._qcompile_state``) and created on
+first use by ``state_of(model)``. It holds, per linear layer (by qualified module name):
+
+- ``stats``: the ``ActivationStats`` calibration recorded at the layer's input;
+- ``prepared``: the ``PreparedWeight`` an algorithm (AWQ, GPTQ, tuning, ``auto``) left for it;
+- ``last_run``: what the last weight-preparing run did (algorithm, seconds, losses);
+- ``generation``: bumped on every change, so compiled graphs know when to rebuild.
+
+The backend sees parameters, not the model, so each linear weight carries a link back
+(``weight._qcompile_link = (state, name)``). Two models, two compiles or a deep copy never share
+a state: ``copy.deepcopy(model)`` copies the state and links the copy's own parameters to it.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+from torch import Tensor, nn
+
+ATTRIBUTE = "_qcompile_state"
+LINK = "_qcompile_link"
+
+
+def linear_layers(model: nn.Module):
+    """``(name, module)`` for every linear layer: ``nn.Linear``, and transformers' ``Conv1D`` (GPT-2's
+    linear, ``x @ W + b`` with ``W`` stored ``[in, out]``), found by duck typing so that
+    transformers is not imported here."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) or (type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")):
+            yield name, mod
+
+
+@dataclass
+class QuantState:
+    """Everything quantization learned about one model; see the module docstring."""
+
+    weights: dict = field(default_factory=dict, repr=False)   # module name -> its weight Parameter
+    stats: dict = field(default_factory=dict)                 # module name -> ActivationStats
+    prepared: dict = field(default_factory=dict)              # module name -> PreparedWeight
+    last_run: dict = field(default_factory=dict)
+    generation: int = 0
+
+    def link(self, model: nn.Module) -> None:
+        """Point every linear weight of ``model`` at this state (names relative to ``model``)."""
+        for name, mod in linear_layers(model):
+            self.weights[name] = mod.weight
+            setattr(mod.weight, LINK, (self, name))
+
+    def name_of(self, weight: Tensor) -> Optional[str]:
+        link = weight.__dict__.get(LINK)
+        return link[1] if link is not None and link[0] is self else None
+
+    def update(self, *, stats: Optional[dict] = None, prepared: Optional[dict] = None,
+               last_run: Optional[dict] = None) -> None:
+        """Record new statistics / prepared weights, keyed by weight Parameter or module name."""
+        for source, target in ((stats, self.stats), (prepared, self.prepared)):
+            for key, value in (source or {}).items():
+                name = key if isinstance(key, str) else self.name_of(key)
+                if name is None:
+                    raise ValueError("a weight that is not one of this model's linear layers was given to "
+                                     "the quantization state")
+                target[name] = value
+        if last_run is not None:
+            self.last_run = dict(last_run)
+        self.generation += 1
+
+    def clear(self) -> None:
+        self.stats.clear()
+        self.prepared.clear()
+        self.last_run = {}
+        self.generation += 1
+
+    def __deepcopy__(self, memo):
+        new = QuantState.__new__(QuantState)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        for name, weight in new.weights.items():  # the copied model's own parameters (same memo)
+            setattr(weight, LINK, (new, name))
+        return new
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``OptimizedModule`` keeps it as ``_orig_mod``)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def state_of(model: nn.Module) -> QuantState:
+    """The model's quantization state, created (and its weights linked) on first use."""
+    model = unwrap(model)
+    state = model.__dict__.get(ATTRIBUTE)
+    if state is None:
+        state = QuantState()
+        object.__setattr__(model, ATTRIBUTE, state)
+    state.link(model)  # cheap, and covers linears added since the last call
+    return state
+
+
+def linked_state(weight: Tensor) -> tuple:
+    """``(QuantState, module name)`` of the model that owns ``weight``, or ``(None, None)``."""
+    return weight.__dict__.get(LINK) or (None, None)  # __dict__: no exception on the hot path
+
+
+def stats_for(weight: Tensor):
+    state, name = linked_state(weight)
+    return None if state is None else state.stats.get(name)
+
+
+def prepared_for(weight: Tensor):
+    state, name = linked_state(weight)
+    return None if state is None else state.prepared.get(name)
+
+
+def store_prepared(model: nn.Module, prepared: dict, stats: Optional[dict] = None,
+                   last_run: Optional[dict] = None) -> None:
+    """Keep prepared weights (and the activation statistics the same run recorded) in the
+    model's quantization state; keys are the model's linear weights."""
+    state_of(model).update(stats=stats, prepared=prepared, last_run=last_run)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the calibration statistics and prepared weights of ``model`` (compiled graphs rebuild)."""
+    state_of(model).clear()

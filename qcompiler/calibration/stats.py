@@ -1,0 +1,71 @@
+"""What calibration records at a linear's input (``ActivationStats``) and what a weight algorithm
+leaves for the quantize pass (``PreparedWeight``): the records a model's ``QuantState`` holds.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+DEFAULT_ROWS = 1024
+
+
+@dataclass
+class ActivationStats:
+    """What calibration saw at one linear layer's input."""
+
+    module: str
+    channel_absmax: Tensor                 # [K] float32, over every calibration token
+    rows: Tensor                           # [<=max_rows, K] float32, a uniform sample of tokens
+    tokens: int = 0
+    max_rows: int = DEFAULT_ROWS
+    _gen: torch.Generator = field(default=None, repr=False)
+    # results of searches over these statistics (e.g. SmoothQuant alpha), so recompiles for
+    # new shapes or grad modes do not search again; a new calibration brings new statistics
+    searches: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def empty(cls, module: str, k: int, max_rows: int) -> "ActivationStats":
+        gen = torch.Generator().manual_seed(0)
+        return cls(module, torch.zeros(k), torch.empty(0, k), 0, max_rows, gen)
+
+    def to(self, device) -> "ActivationStats":
+        """The same statistics with their tensors on ``device`` (searches stay shared)."""
+        return dataclasses.replace(self, channel_absmax=self.channel_absmax.to(device), rows=self.rows.to(device),
+                                   searches=self.searches)
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to("cpu", torch.float32)
+        self.channel_absmax = torch.maximum(self.channel_absmax, x.abs().amax(dim=0))
+        # reservoir sampling: every token seen so far is kept with equal probability
+        n = x.shape[0]
+        take = max(0, min(n, self.max_rows - self.rows.shape[0]))
+        if take:
+            self.rows = torch.cat([self.rows, x[:take]])
+        if take < n:
+            seen = self.tokens + take + torch.arange(n - take)
+            slot = (torch.rand(n - take, generator=self._gen) * (seen + 1)).long()
+            keep = slot < self.max_rows
+            self.rows[slot[keep]] = x[take:][keep]
+        self.tokens += n
+
+
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A linear's weight as a calibration-time algorithm left it for the quantize pass.
+
+    ``recipe`` is what the layer gets (None: floating point, with ``reason``); ``weight`` the
+    rounded weight in its packed form (None when the quantize pass rounds it itself);
+    ``smooth_scale`` the per-input-channel scale s that the weight absorbed (AWQ), so the
+    layer's input must be divided by it; ``key`` the recipe fields the weight was made for.
+    """
+
+    recipe: object
+    key: tuple
+    weight: object = None
+    smooth_scale: Optional[Tensor] = None
+    reason: str = ""
+    sensitivity: dict = field(default_factory=dict)    # format -> relative output error

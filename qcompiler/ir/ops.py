@@ -1,0 +1,234 @@
+"""The q-op IR: the few quantized operators every pass emits and every lowering consumes.
+
+Each op is a ``torch.library`` custom op under the ``qcompile`` namespace with
+
+* a reference implementation in plain torch (the numerical ground truth; any device), and
+* a fake implementation, so Dynamo, AOTAutograd, Inductor and ``torch.export`` can trace it.
+
+Conventions shared by every op (and by every lowering, ONNX included):
+
+* 8-bit values are INT8 (the default) or FP8 E4M3 (``qdtype=torch.float8_e4m3fn``), both
+  symmetric: INT8 ``q = clamp(round_half_even(x / scale), -128, 127)``; FP8
+  ``q = fp8(clamp(x / scale, -448, 448))`` (round to nearest even in the cast); ``x ~= q * scale``
+  and ``scale = amax / qmax`` (127 or 448). Scales are float32 and never zero (an all-zero row
+  gets a tiny scale, so it quantizes to zeros instead of NaN).
+* INT4 weights use the packed group-wise layout of ``qcompiler.ir.int4``.
+* Weights are ``[N, K]`` (as ``F.linear`` takes them), scales per output channel ``[N]``.
+* Activation scales are per token (shape ``x.shape[:-1] + (1,)``) or per tensor (0-d).
+* ``smooth_inv`` is the SmoothQuant reciprocal scale ``1/s`` over the last dimension, applied
+  inside the activation quantize step (never as a separate pass over the activation).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+QMIN, QMAX = -128, 127
+FP8 = torch.float8_e4m3fn
+# qdtype -> the largest magnitude it represents (the scale maps amax onto it)
+QMAXES = {torch.int8: float(QMAX), FP8: float(torch.finfo(FP8).max)}
+# Scales are amax / 127; keep them strictly positive so all-zero rows quantize to 0, not NaN.
+_MIN_AMAX = 1e-12
+# Integer products are at most 128 * 128; float32 represents every integer up to 2**24 exactly,
+# so an fp32 accumulation over K <= 1024 terms is exact integer arithmetic.
+_FP32_EXACT_K = 2**24 // (128 * 128)
+
+
+def _round_clamp(x: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
+    if qdtype == torch.int8:
+        return torch.clamp(torch.round(x), QMIN, QMAX).to(torch.int8)
+    if qdtype == FP8:
+        return torch.clamp(x, -QMAXES[FP8], QMAXES[FP8]).to(FP8)
+    raise ValueError(f"unsupported quantized dtype {qdtype}; supported: {list(QMAXES)}")
+
+
+def _apply_smooth(x: Tensor, smooth_inv: Optional[Tensor]) -> Tensor:
+    x = x.to(torch.float32)
+    return x if smooth_inv is None else x * smooth_inv
+
+
+def scale_from_amax(amax: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
+    """Symmetric scale mapping an absolute maximum onto ``qdtype``'s range (float32, never zero)."""
+    return (amax.to(torch.float32).clamp_min(_MIN_AMAX) / QMAXES[qdtype]).to(torch.float32)
+
+
+def int_matmul(xq: Tensor, wq: Tensor) -> Tensor:
+    """Exact ``xq @ wq.T`` of int8 operands, returned as float64 (the values are integers).
+
+    Plain-torch integer matmul is not implemented on every device, so K is split into chunks
+    of at most 1024, each an exact float32 product, and the chunks are summed in float64
+    (exact far beyond any int32 accumulator). Reduced-precision float32 matmul modes (TF32 on
+    GPUs, bf16 on CPUs) keep this exact: int8 values are representable in both, and they
+    still accumulate in float32.
+    """
+    k = xq.shape[-1]
+    out = None
+    for start in range(0, k, _FP32_EXACT_K):
+        part = torch.matmul(xq[..., start:start + _FP32_EXACT_K].to(torch.float32),
+                            wq[:, start:start + _FP32_EXACT_K].to(torch.float32).t()).to(torch.float64)
+        out = part if out is None else out + part
+    return out
+
+
+def exact_matmul(xq: Tensor, wq: Tensor) -> Tensor:
+    """Exact ``xq @ wq.T`` of two INT8 or two FP8 operands, as float64.
+
+    FP8 E4M3 values carry 4 significant bits and lie within [2**-9, 448]: each product fits in
+    8 significant bits between 2**-18 and 2**18, so float64 (53 bits) sums them exactly.
+    """
+    if xq.dtype == torch.int8 and wq.dtype == torch.int8:
+        return int_matmul(xq, wq)
+    if xq.dtype == FP8 and wq.dtype == FP8:
+        return torch.matmul(xq.to(torch.float64), wq.to(torch.float64).t())
+    raise ValueError(f"linear_w8a8 takes two int8 or two float8_e4m3fn operands, got {xq.dtype} x {wq.dtype}")
+
+
+# ----------------------------------------------------------------------------- quantize ops
+
+
+def quantize_per_channel_ref(w: Tensor, qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """Weight ``[N, K]`` -> (``qdtype`` ``[N, K]``, float32 scale ``[N]``), one scale per output row."""
+    amax = w.detach().to(torch.float32).abs().amax(dim=-1)
+    scale = scale_from_amax(amax, qdtype)
+    return _round_clamp(w.to(torch.float32) / scale[:, None], qdtype), scale
+
+
+def _quantize_per_channel_fake(w, qdtype=torch.int8):
+    return w.new_empty(w.shape, dtype=qdtype), w.new_empty(w.shape[:1], dtype=torch.float32)
+
+
+def quantize_per_token_ref(x: Tensor, smooth_inv: Optional[Tensor] = None,
+                           qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token: (``qdtype`` like x, float32 scale ``x.shape[:-1] + (1,)``)."""
+    xs = _apply_smooth(x, smooth_inv)
+    scale = scale_from_amax(xs.abs().amax(dim=-1, keepdim=True), qdtype)
+    return _round_clamp(xs / scale, qdtype), scale
+
+
+def _quantize_per_token_fake(x, smooth_inv=None, qdtype=torch.int8):
+    return (x.new_empty(x.shape, dtype=qdtype),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+
+
+def quantize_per_tensor_ref(x: Tensor, scale: Tensor, smooth_inv: Optional[Tensor] = None,
+                            qdtype: torch.dtype = torch.int8) -> Tensor:
+    """Static per-tensor with a calibrated 0-d ``scale``; values beyond it saturate."""
+    return _round_clamp(_apply_smooth(x, smooth_inv) / scale, qdtype)
+
+
+def _quantize_per_tensor_fake(x, scale, smooth_inv=None, qdtype=torch.int8):
+    return x.new_empty(x.shape, dtype=qdtype)
+
+
+def dequantize_ref(q: Tensor, scale: Tensor) -> Tensor:
+    """``q * scale`` in float32; ``scale`` broadcasts (per tensor, per token, or ``[N, 1]``)."""
+    return q.to(torch.float32) * scale
+
+
+def _dequantize_fake(q, scale):
+    return q.new_empty(torch.broadcast_shapes(q.shape, scale.shape), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- linear ops
+
+
+def linear_w8a8_ref(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
+                bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """8-bit x 8-bit linear (INT8 or FP8 operands) with the dequantization in the epilogue.
+
+    ``y = (xq @ wq.T) * x_scale * w_scale + bias``, the product of the 8-bit values exact.
+    """
+    y = exact_matmul(xq, wq) * x_scale.to(torch.float64) * w_scale.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
+def _feature_size_is_weights(x, k: int) -> None:
+    """The activation's feature size is the weight's: a graph traced with every size symbolic
+    (``dynamic=True``) learns it here, so exports and compiles see a static K."""
+    torch._check(x.shape[-1] == k, lambda: f"activation feature size {x.shape[-1]} != the weight's {k}")
+
+
+def _linear_w8a8_fake(xq, x_scale, wq, w_scale, bias, out_dtype):
+    _feature_size_is_weights(xq, wq.shape[1])
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+def linear_w8a16_ref(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """INT8 weight-only linear: ``y = x @ (wq * w_scale[:, None]).T + bias`` in x's dtype."""
+    w = (wq.to(torch.float32) * w_scale[:, None]).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _linear_w8a16_fake(x, wq, w_scale, bias):
+    _feature_size_is_weights(x, wq.shape[1])
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+
+
+def linear_w4a16_ref(x: Tensor, packed: Tensor, scale: Tensor, zero: Optional[Tensor],
+                     smooth_inv: Optional[Tensor], group_size: int, bias: Optional[Tensor]) -> Tensor:
+    """INT4 weight-only linear (``qcompiler.ir.int4`` layout): ``y = (x / s) @ W4.T + bias`` in x's dtype.
+
+    ``smooth_inv`` is AWQ's ``1/s`` when it could not be folded into the producer of ``x``.
+    """
+    from qcompiler.ir import int4
+
+    w = int4.dequantize(packed, scale, zero, group_size, x.shape[-1]).to(x.dtype)
+    if smooth_inv is not None:
+        x = x * smooth_inv.to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _linear_w4a16_fake(x, packed, scale, zero, smooth_inv, group_size, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# ----------------------------------------------------------------------------- embedding op
+
+
+def embedding_int8_ref(indices: Tensor, wq: Tensor, w_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Rows of an INT8 table ``[V, D]`` quantized per row (``w_scale`` ``[V]``, as
+    ``quantize_per_channel`` makes them), gathered, then dequantized: ``wq[i] * w_scale[i]``."""
+    rows = torch.nn.functional.embedding(indices, wq).to(torch.float32)
+    return (rows * torch.nn.functional.embedding(indices, w_scale[:, None])).to(out_dtype)
+
+
+def _embedding_int8_fake(indices, wq, w_scale, out_dtype):
+    return wq.new_empty((*indices.shape, wq.shape[1]), dtype=out_dtype)
+
+
+# q-op name -> its fake implementation (shapes and dtypes only); lowerings that wrap a q-op in an
+# op of their own (the Triton kernels) reuse it
+FAKES: dict = {}
+
+
+def _define(name: str, ref, fake):
+    op = torch.library.custom_op(f"qcompile::{name}", ref, mutates_args=())
+    op.register_fake(fake)
+    FAKES[name] = fake
+    return op
+
+
+quantize_per_channel = _define("quantize_per_channel", quantize_per_channel_ref, _quantize_per_channel_fake)
+quantize_per_token = _define("quantize_per_token", quantize_per_token_ref, _quantize_per_token_fake)
+quantize_per_tensor = _define("quantize_per_tensor", quantize_per_tensor_ref, _quantize_per_tensor_fake)
+dequantize = _define("dequantize", dequantize_ref, _dequantize_fake)
+linear_w8a8 = _define("linear_w8a8", linear_w8a8_ref, _linear_w8a8_fake)
+linear_w8a16 = _define("linear_w8a16", linear_w8a16_ref, _linear_w8a16_fake)
+linear_w4a16 = _define("linear_w4a16", linear_w4a16_ref, _linear_w4a16_fake)
+embedding_int8 = _define("embedding_int8", embedding_int8_ref, _embedding_int8_fake)
+
+# op overload (what appears in FX graphs) -> its plain-torch reference implementation
+REFERENCE = {
+    torch.ops.qcompile.quantize_per_channel.default: quantize_per_channel_ref,
+    torch.ops.qcompile.quantize_per_token.default: quantize_per_token_ref,
+    torch.ops.qcompile.quantize_per_tensor.default: quantize_per_tensor_ref,
+    torch.ops.qcompile.dequantize.default: dequantize_ref,
+    torch.ops.qcompile.linear_w8a8.default: linear_w8a8_ref,
+    torch.ops.qcompile.linear_w8a16.default: linear_w8a16_ref,
+    torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,
+    torch.ops.qcompile.embedding_int8.default: embedding_int8_ref,
+}

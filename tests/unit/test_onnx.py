@@ -1,0 +1,477 @@
+"""ONNX lowering, export, conformance checker and the ``ort`` target.
+
+Per q-op: ONNX Runtime runs each q-op's translation (both forms) on fresh random inputs and
+must give the reference q-op's result (the same integer math; only float32 rounding differs).
+Per recipe: the exported Stack model against the reference graph and against FP32.
+"""
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+from torch import nn
+
+import qcompiler
+from conftest import rel_err
+from models import Stack, with_outlier_channels
+from qcompiler.deploy import onnx_check
+from qcompiler.ir import int4, ops
+from qcompiler.lowering.onnx import UnsupportedForm, to_onnx
+from qcompiler.passes.quantize import sqnr_db
+from qcompiler.runtimes.ort_session import OrtSession
+
+qops = torch.ops.qcompile
+FP8 = ops.FP8
+
+
+class QOp(nn.Module):
+    """One linear q-op on stored quantized weights, its activation quantized as ``act`` says."""
+
+    def __init__(self, kind, n, k, qdtype=torch.int8, group=32, symmetric=True, smooth=False, bias=True):
+        super().__init__()
+        w = torch.randn(n, k)
+        self.kind, self.qdtype, self.group = kind, qdtype, group
+        self.bias = torch.randn(n) if bias else None
+        self.inv = (torch.rand(k) + 0.5) if smooth else None
+        if kind == "w4a16":
+            p = int4.quantize(w, group, symmetric)
+            self.w4, self.s4, self.z4 = p.packed, p.scale, p.zero
+        else:
+            self.wq, self.ws = ops.quantize_per_channel_ref(w, qdtype)
+        amax = torch.tensor(3.0)
+        self.xs = ops.scale_from_amax(amax, qdtype)
+
+    def forward(self, x):
+        if self.kind == "dynamic":
+            xq, sx = qops.quantize_per_token(x, self.inv, self.qdtype)
+            return qops.linear_w8a8(xq, sx, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "static":
+            xq = qops.quantize_per_tensor(x, self.xs, self.inv, self.qdtype)
+            return qops.linear_w8a8(xq, self.xs, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "w8a16":
+            return qops.linear_w8a16(x, self.wq, self.ws, self.bias)
+        return qops.linear_w4a16(x, self.w4, self.s4, self.z4, self.inv, self.group, self.bias)
+
+
+CASES = [  # (kind, qdtype, forms)
+    ("dynamic", torch.int8, ["ort"]),
+    ("dynamic", FP8, ["ort"]),
+    ("static", torch.int8, ["tensorrt", "ort"]),
+    ("static", FP8, ["tensorrt", "ort"]),
+    ("w8a16", torch.int8, ["tensorrt", "ort"]),
+    ("w4a16", None, ["tensorrt", "ort"]),
+]
+
+
+def _run(model, *xs):
+    return OrtSession(model)(*xs)[0]
+
+
+@pytest.mark.parametrize("kind,qdtype,forms", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("n,k", [(64, 32), (48, 100)])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_each_qop_translation_matches_the_reference(kind, qdtype, forms, n, k, smooth):
+    if smooth and kind not in ("dynamic", "static", "w4a16"):
+        pytest.skip("no smoothing input on this q-op")
+    torch.manual_seed(n + k)
+    for form in forms:
+        for symmetric in ([True, False] if kind == "w4a16" else [True]):
+            m = QOp(kind, n, k, qdtype or torch.int8, group=32, symmetric=symmetric, smooth=smooth)
+            x = torch.randn(3, 5, k)
+            proto = to_onnx(m, (x,), form)
+            x2 = torch.randn(2, 7, k)  # a new batch and sequence: dynamic dimensions
+            for xi in (x, x2):
+                ref, out = m(xi), _run(proto, xi)
+                exact = torch.float64  # error measured against a float64 view of the reference
+                assert out.shape == ref.shape
+                assert rel_err(out.to(exact), ref.to(exact)) < 2e-6, (form, symmetric)
+            if form == "tensorrt":
+                found = {v.rule for v in onnx_check.check(proto)}
+                # TensorRT's INT4 is symmetric: an asymmetric export runs, and is reported
+                assert found == (set() if symmetric else {"zero-point-type"}), (kind, qdtype)
+
+
+def test_ort_form_carries_int8_as_uint8_for_exact_u8u8_kernels():
+    m = QOp("dynamic", 64, 384)
+    proto = to_onnx(m, (torch.randn(2, 4, 384),), "ort")
+    ops_used = {n.op_type for n in proto.graph.node}
+    assert "MatMulIntegerToFloat" in ops_used and "MatMul" not in ops_used  # the integer GEMM
+    weights = [t for t in proto.graph.initializer if t.data_type == T.UINT8 and len(t.dims) == 2]
+    assert weights and list(weights[0].dims) == [384, 64]   # [K, N] as MatMul reads it
+    # full-range activations: a u8 x s8 kernel would saturate here; the u8 x u8 one must not
+    x = torch.randn(2, 16, 384) * 4
+    assert rel_err(_run(proto, x).double(), m(x).double()) < 2e-6
+
+
+def test_nan_input_never_passes_silently():
+    m = QOp("static", 32, 32)
+    proto = to_onnx(m, (torch.randn(2, 32),), "ort")
+    x = torch.randn(2, 32)
+    x[0, 3] = float("nan")
+    out = _run(proto, x)
+    # QuantizeLinear saturates NaN to a number; the reference does the same (clamp of NaN): equal rows
+    ref = m(x)
+    assert torch.equal(out[1:].isnan(), ref[1:].isnan())
+    with pytest.raises(AssertionError):
+        rel_err(torch.full((2,), float("nan")), torch.ones(2))
+
+
+def test_tensorrt_form_refuses_dynamic_activations_with_the_fix_in_the_message():
+    with pytest.raises(UnsupportedForm, match="static recipe"):
+        to_onnx(QOp("dynamic", 16, 16), (torch.randn(2, 16),), "tensorrt")
+
+
+# ----------------------------------------------------------------------------- whole models
+
+RECIPES = ["w8a8", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic", "w8a16", "fp8", "fp8-static",
+           "w4a16", "w4a16-awq", "w4a16-gptq"]
+STATIC = {"w8a8-static", "w8a8-smoothquant", "fp8-static", "w8a16", "w4a16", "w4a16-awq", "w4a16-gptq"}
+MIN_SQNR = {"w8a8": 30, "w8a8-static": 25, "w8a8-smoothquant": 25, "w8a8-smoothquant-dynamic": 30, "w8a16": 35,
+            "fp8": 25, "fp8-static": 22, "w4a16": 17, "w4a16-awq": 20, "w4a16-gptq": 20}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_exports_and_runs_in_onnx_runtime(recipe, tmp_path):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96).eval()
+    batches = [with_outlier_channels(torch.randn(2, 16, 64)) for _ in range(4)]
+    x = with_outlier_channels(torch.randn(2, 9, 64))
+    opts = {"group_size": 32} if recipe.startswith("w4a16") else {}
+    qcompiler.calibrate(model, batches, recipe={"recipe": recipe, **opts}, progress=False)
+    ref_q = torch.compile(model, backend="qcompile", options={"recipe": recipe, **opts, "target": "reference"})(x)
+    forms = ["ort"] + (["tensorrt"] if recipe in STATIC else [])
+    for form in forms:
+        result = qcompiler.export_onnx(model, (x,), str(tmp_path / f"{form}.onnx"), recipe=recipe, form=form,
+                                       options=opts)
+        assert result.violations == [], [str(v) for v in result.violations]
+        for xi in (x, with_outlier_channels(torch.randn(3, 5, 64))):
+            out = OrtSession(result.path)(xi)[0]
+            ref = ref_q if xi is x else torch.compile(model, backend="qcompile", options={
+                "recipe": recipe, **opts, "target": "reference"}, dynamic=True)(xi)
+            assert rel_err(out, ref) < 1e-5, form
+            assert sqnr_db(model(xi), out) > MIN_SQNR[recipe], form
+        quantized = sum(d.scheme != "floating point" for d in result.decisions)
+        assert quantized >= 8, f"{recipe}: only {quantized} linears quantized"
+
+
+def test_export_of_an_fp32_model_needs_no_checker_findings_and_keeps_sizes(tmp_path):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96).eval()
+    x = torch.randn(2, 9, 64)
+    w8 = qcompiler.export_onnx(model, (x,), str(tmp_path / "w8.onnx"), recipe="w8a16")
+    w4 = qcompiler.export_onnx(model, (x,), str(tmp_path / "w4.onnx"), recipe="w4a16", options={"group_size": 32})
+    assert w4.file_bytes < w8.file_bytes
+    assert "clean" in w8.summary()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("form,recipe", [("tensorrt", "w8a8-smoothquant"), ("ort", "w8a8"), ("ort", "w4a16")])
+def test_half_precision_models_export_with_their_dtype_at_the_interface(tmp_path, dtype, form, recipe):
+    torch.manual_seed(0)
+    model = Stack(d=64, h=96).eval().to(dtype)
+    batches = [with_outlier_channels(torch.randn(2, 16, 64)).to(dtype) for _ in range(2)]
+    x = with_outlier_channels(torch.randn(2, 9, 64)).to(dtype)
+    opts = {"group_size": 32} if recipe == "w4a16" else {}
+    result = qcompiler.export_onnx(model, (x,), str(tmp_path / "m.onnx"), recipe=recipe, form=form,
+                                   calibration=batches, options=opts)
+    assert not result.violations, [str(v) for v in result.violations]
+    assert next(p for p in model.parameters()).dtype == dtype  # the model is not modified
+    proto = onnx.load(result.path)
+    want = {torch.float16: T.FLOAT16, torch.bfloat16: T.BFLOAT16}[dtype]
+    assert [v.type.tensor_type.elem_type for v in proto.graph.input] == [want]
+    assert [v.type.tensor_type.elem_type for v in proto.graph.output] == [want]
+    for xi in (x, with_outlier_channels(torch.randn(3, 5, 64)).to(dtype)):
+        out = OrtSession(result.path)(xi)[0]
+        assert out.dtype == dtype
+        ref = copy_float(model)(xi.float())
+        assert sqnr_db(ref, out.float()) > MIN_SQNR.get(recipe, 15) - 3
+
+
+def copy_float(model):
+    import copy
+
+    return copy.deepcopy(model).float()
+
+
+def test_a_model_mixing_float_dtypes_is_refused_naming_them(tmp_path):
+    model = Stack(d=64, h=96).eval()
+    model.lm_head.half()
+    with pytest.raises(qcompiler.ExportError, match="mixes torch.float16, torch.float32"):
+        qcompiler.export_onnx(model, (torch.randn(2, 9, 64),), str(tmp_path / "m.onnx"), recipe="w8a16")
+
+
+# ----------------------------------------------------------------------------- the checker
+
+
+def _model(nodes, inits, opset=21, inputs=("x",)):
+    return h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info(i, T.FLOAT, None) for i in inputs],
+                                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits),
+                        opset_imports=[h.make_opsetid("", opset)])
+
+
+def _qdq_linear(zp_act=np.int8(0), act_scale=np.float32(0.1), w_axis=1, opset=21, w_zp=None):
+    w = np.random.default_rng(0).integers(-127, 128, (8, 4)).astype(np.int8)
+    inits = [nh.from_array(w, "w"), nh.from_array(np.full(4, 0.01, np.float32), "ws"),
+             nh.from_array(np.asarray(act_scale), "xs"), nh.from_array(np.asarray(zp_act), "xz"),
+             nh.from_array(np.zeros(4, np.int8) if w_zp is None else w_zp, "wz")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+             h.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=w_axis, name="wdq"),
+             h.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    return _model(nodes, inits, opset)
+
+
+def _rules(model):
+    return {v.rule for v in onnx_check.check(model)}
+
+
+def test_checker_accepts_the_explicit_quantization_form():
+    assert onnx_check.check(_qdq_linear()) == []
+
+
+@pytest.mark.parametrize("planted,rule", [
+    (dict(zp_act=np.uint8(128)), "zero-point-type"),
+    (dict(zp_act=np.int8(3)), "zero-point-value"),
+    (dict(act_scale=np.full(8, 0.1, np.float32)), "activation-per-tensor"),
+    (dict(act_scale=np.float32(-0.1)), "scale-value"),
+    (dict(w_axis=0, w_zp=np.zeros(8, np.int8)), "weight-axis"),
+    (dict(opset=10), "opset"),
+])
+def test_checker_catches_planted_violations(planted, rule):
+    model = _qdq_linear(**planted)
+    if rule == "weight-axis":  # scales sized for axis 0
+        for t in model.graph.initializer:
+            if t.name == "ws":
+                t.CopyFrom(nh.from_array(np.full(8, 0.01, np.float32), "ws"))
+    assert rule in _rules(model)
+
+
+def test_checker_catches_runtime_scales_lone_q_and_integer_ops():
+    nodes = [h.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"),
+             h.make_node("QuantizeLinear", ["x", "s"], ["q"], name="lone_q"),
+             h.make_node("MatMulInteger", ["xq", "w"], ["y"], name="mmi")]
+    model = _model(nodes, [nh.from_array(np.int8([[1]]), "w"), nh.from_array(np.float32(0.1), "s")])
+    assert {"op", "placement", "zero-point-type"} <= _rules(model)
+
+
+def _weight_through(layout: str, w_axis: int, unsigned: bool = False):
+    """x (Q/DQ) @ a [N, K] int8 weight's DequantizeLinear read through ``layout``:
+    "transpose" (Transpose to [K, N]) or "reshape" (Reshape to [K, N]); the activation scale is a
+    ``Constant`` node in its ``value_float`` form."""
+    w = np.random.default_rng(0).integers(-127, 128, (4, 8)).astype(np.uint8 if unsigned else np.int8)
+    inits = [nh.from_array(w, "w"), nh.from_array(np.full(w.shape[w_axis], 0.01, np.float32), "ws"),
+             nh.from_array(np.int8(0), "xz"), nh.from_array(np.int64([8, 4]), "shape")]
+    nodes = [h.make_node("Constant", [], ["xs"], value_float=0.1, name="xs_const"),
+             h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+             h.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=w_axis, name="wdq"),
+             h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0], name="t") if layout == "transpose" else
+             h.make_node("Reshape", ["wd", "shape"], ["wt"], name="r"),
+             h.make_node("MatMul", ["xd", "wt"], ["y"], name="mm")]
+    return _model(nodes, inits)
+
+
+def test_checker_reads_constant_nodes_and_follows_a_transpose_to_the_consumer():
+    # [N, K] weight per channel on axis 0, transposed to [K, N]: MatMul reads N on axis 1 -> valid
+    assert onnx_check.check(_weight_through("transpose", w_axis=0)) == []
+
+
+@pytest.mark.parametrize("model,rule", [
+    (lambda: _weight_through("transpose", w_axis=1), "weight-axis"),        # scales per K, not per N
+    (lambda: _weight_through("reshape", w_axis=0), "weight-layout"),        # axis unverifiable
+    (lambda: _weight_through("transpose", w_axis=0, unsigned=True), "zero-point-type"),  # uint8, no zp
+])
+def test_checker_catches_weights_read_through_layout_ops_and_unsigned_weights(model, rule):
+    assert rule in _rules(model())
+
+
+def test_checker_walks_subgraphs_and_functions():
+    lone_q = h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="lone_q_in_branch")
+    branch = h.make_graph([lone_q, h.make_node("Identity", ["x"], ["y_b"])], "branch", [],
+                          [h.make_tensor_value_info("y_b", T.FLOAT, None)])
+    cond = h.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if")
+    func = h.make_function("local", "f", ["a", "b"], ["o"], [h.make_node("MatMulInteger", ["a", "b"], ["o"])],
+                           [h.make_opsetid("", 21)])
+    call = h.make_node("f", ["x", "x"], ["unused"], domain="local", name="call_f")
+    model = h.make_model(h.make_graph([cond, call], "g", [h.make_tensor_value_info("x", T.FLOAT, None),
+                                                        h.make_tensor_value_info("c", T.BOOL, [])],
+                                      [h.make_tensor_value_info("y", T.FLOAT, None)],
+                                      [nh.from_array(np.float32(0.1), "s"), nh.from_array(np.int8(0), "z")]),
+                         opset_imports=[h.make_opsetid("", 21), h.make_opsetid("local", 1)], functions=[func])
+    found = {(v.rule, v.node) for v in onnx_check.check(model)}
+    assert ("placement", "lone_q_in_branch") in found   # inside the If's bodies
+    assert ("op", "MatMulInteger") in found               # inside the function
+
+
+def test_cli_check_reports_findings_and_exit_codes(tmp_path, capsys):
+    from qcompiler.api.cli import main
+
+    good, bad = tmp_path / "good.onnx", tmp_path / "bad.onnx"
+    onnx.save(_qdq_linear(), good)
+    onnx.save(_qdq_linear(zp_act=np.uint8(128)), bad)
+    assert main(["check", str(good)]) == 0
+    assert main(["check", str(bad)]) == 1
+    assert "zero-point-type" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- the ort target
+
+
+def test_ort_target_exports_once_for_dynamic_shapes(monkeypatch):
+    from qcompiler.lowering import ort
+
+    exports = []
+    real = ort.to_onnx
+    monkeypatch.setattr(ort, "to_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = Stack().eval()
+    fast = torch.compile(model, backend="qcompile", options={"target": "ort"})
+    # the 2nd shape recompiles dynamic; then no export (a size-1 dimension would be a new graph:
+    # Dynamo specializes sizes 0 and 1)
+    for b, t in [(2, 8), (3, 17), (5, 4), (4, 33)]:
+        x = torch.randn(b, t, 48)
+        assert sqnr_db(model(x), fast(x)) > 30
+    assert len(exports) == 2  # the static first graph, then the dynamic one
+    assert {g.running for g in qcompiler.explain(fast).graphs} == {"ort"}
+
+
+def test_ort_target_sessions_are_not_shared_between_recipes():
+    """Two recipes of one model in one process give exactly what each gives in a process of its own.
+    Each compile sees two shapes, so its second graph is the dynamic one whose session is cached
+    (a cache keyed by less than the exported graph's content handed w8a8's session to w8a16)."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    xs = [torch.randn(2, 8, 48), torch.randn(3, 17, 48), torch.randn(4, 5, 48)]
+    outs = {}
+    for recipe in ("w8a8", "w8a16", "w8a8"):
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "ort"})
+        outs.setdefault(recipe, []).append([fast(x) for x in xs])
+    torch._dynamo.reset()
+    for recipe in ("w8a8", "w8a16"):
+        reference = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "reference"})
+        for x, got in zip(xs, outs[recipe][0]):
+            assert sqnr_db(reference(x), got) > 40, recipe
+    assert not torch.equal(outs["w8a8"][0][2], outs["w8a16"][0][2])
+    assert all(torch.equal(a, b) for a, b in zip(outs["w8a8"][0], outs["w8a8"][1]))
+
+
+def _graph_with_size_inputs(read_other: bool):
+    """A Dynamo-shaped graph: SymInt placeholders ``length`` (x's dim 1) and ``other`` (no tensor
+    measures it), then x; returns ``x * length`` (+ ``other`` when ``read_other``)."""
+    from torch import fx
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    sym = lambda name, hint: env.create_symintnode(env.create_symbol(hint, ConstantSource(name)), hint=hint)
+    length, other = sym("length", 8), sym("other", 5)
+    with FakeTensorMode(shape_env=env):
+        fake = torch.empty(2, length)
+    g = fx.Graph()
+    nodes = [g.placeholder("s_other"), g.placeholder("s_len"), g.placeholder("x")]
+    for node, value in zip(nodes, [other, length, fake]):
+        node.meta["example_value"] = value
+    y = g.call_function(torch.mul, (nodes[2], nodes[1]))
+    if read_other:
+        y = g.call_function(torch.add, (y, nodes[0]))
+    g.output((y,))
+    return fx.GraphModule(nn.Module(), g), [5, 8, torch.randn(2, 8)]
+
+
+def test_freeze_recomputes_sizes_drops_unread_ones_and_names_the_rest():
+    from qcompiler.lowering.onnx import freeze
+
+    # a KV-cache decode step after a prefill: Dynamo passes a size the graph never reads
+    frozen, feeds, fed = freeze(*_graph_with_size_inputs(read_other=False))
+    assert fed == [2] and [n.op for n in frozen.graph.nodes].count("placeholder") == 1
+    x = torch.randn(2, 3)  # the size is re-measured on the new input, not frozen at 8
+    torch.testing.assert_close(frozen(x)[0], x * 3)
+    with pytest.raises(UnsupportedForm, match="s_other .* not a tensor size"):
+        freeze(*_graph_with_size_inputs(read_other=True))
+
+
+class _SelfAttention(nn.Module):
+    def forward(self, x):  # x: [B, H, T, D]
+        return nn.functional.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+def test_ort_form_runs_attention_as_one_fused_op():
+    x = torch.randn(2, 3, 5, 8)
+    proto = to_onnx(_SelfAttention(), (x,), "ort")
+    assert [n.op_type for n in proto.graph.node].count("Attention") == 1
+    assert not {"Softmax", "Where"} & {n.op_type for n in proto.graph.node}
+    torch.testing.assert_close(_run(proto, x), _SelfAttention()(x), rtol=1e-5, atol=1e-5)
+
+
+class _ProjectedAttention(nn.Module):
+    """Encoder-style attention: [B, S, E] projections split into heads, SDPA, heads merged."""
+
+    def __init__(self, heads: int, head_dim: int, split_last: bool = True):
+        super().__init__()
+        self.heads, self.head_dim, self.split_last = heads, head_dim, split_last
+        self.qkv = nn.ModuleList(nn.Linear(heads * head_dim, heads * head_dim) for _ in range(3))
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        if self.split_last:
+            q, k, v = (p(x).view(b, s, self.heads, self.head_dim).transpose(1, 2) for p in self.qkv)
+        else:  # heads interleaved along E: not a split of the last dimension into (heads, size)
+            q, k, v = (p(x).view(b, s, self.head_dim, self.heads).permute(0, 3, 1, 2) for p in self.qkv)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :].expand(b, 1, s, s))
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+@pytest.mark.parametrize("heads,head_dim", [(2, 8), (3, 4)])
+@pytest.mark.parametrize("split_last", [True, False])
+def test_ort_form_feeds_attention_the_projections_without_transposes(heads, head_dim, split_last):
+    torch.manual_seed(0)
+    model = _ProjectedAttention(heads, head_dim, split_last).eval()
+    x, mask = torch.randn(2, 5, heads * head_dim), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    proto = to_onnx(model, (x, mask), "ort")
+    attention = [n for n in proto.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 1
+    attrs = {a.name: a.i for a in attention[0].attribute}
+    transposes = [n.op_type for n in proto.graph.node].count("Transpose")
+    if split_last:  # the 3-D form: heads given as attributes, no layout ops left around it
+        assert (attrs.get("q_num_heads"), attrs.get("kv_num_heads"), transposes) == (heads, heads, 0)
+    else:  # a different layout: the rule must not fire
+        assert "q_num_heads" not in attrs and transposes >= 4
+    torch.testing.assert_close(_run(proto, x, mask), model(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_ort_sessions_do_not_busy_wait_between_runs():
+    # spinning workers starve torch's threads and the other graphs' sessions (docs/experiments.md, "ONNX export")
+    from qcompiler.runtimes.ort_session import session_options
+
+    so = session_options()
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
+
+
+@pytest.mark.parametrize("target", ["auto", "ort"])
+def test_ort_export_failure_falls_back_only_under_auto(monkeypatch, target):
+    from qcompiler.lowering import ort
+
+    def broken(*a, **k):
+        raise RuntimeError("planted exporter failure")
+    monkeypatch.setattr(ort, "to_onnx", broken)
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x = torch.randn(2, 8, 48)
+    fast = torch.compile(model, backend="qcompile", options={"target": target})
+    if target == "ort":  # an explicit target is a contract: the error names why and the fix
+        with pytest.raises(Exception, match=r"target 'ort' cannot run this graph.*planted exporter failure"):
+            fast(x)
+        return
+    with pytest.warns(UserWarning, match="planted exporter failure"):
+        out = fast(x)
+    assert sqnr_db(model(x), out) > 30
+    (graph,) = qcompiler.explain(fast).graphs
+    assert (graph.requested, graph.running) == ("auto", "inductor")
+    assert "planted exporter failure" in graph.reason
