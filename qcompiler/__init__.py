@@ -5,6 +5,7 @@
     with qcompiler.calibrate(fast):
         for batch in batches: fast(batch)
     print(qcompiler.explain(fast))
+    qcompiler.save(fast, "state/")        # later, in any process: qcompiler.load(model, "state/")
 
 The names below load on first use (``import qcompiler`` alone does not import torch, so the
 command line starts at once); using the backend registers the ``qcompile::*`` ops. Nothing here
@@ -18,6 +19,7 @@ _EXPORTS = {
     "calibrate": "qcompiler.api.calibrate", "Calibration": "qcompiler.api.calibrate",
     "explain": "qcompiler.api.explain", "Report": "qcompiler.api.explain",
     "export_onnx": "qcompiler.deploy.export_onnx",
+    "save": "qcompiler.deploy.artifacts", "load": "qcompiler.deploy.artifacts",
     "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
     "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
     "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",

@@ -1,5 +1,6 @@
-"""The qcompile command: export a model to ONNX, check an ONNX file, list recipes.
+"""The qcompile command: quantize and save, export to ONNX, check an ONNX file, list recipes.
 
+  qcompile quantize --model smollm2 --recipe w4a16-gptq --calib 32 --out smollm2-gptq/
   qcompile export --model minilm --recipe w8a8-smoothquant --out minilm.onnx
   qcompile export --model smollm2 --recipe w4a16 --form ort --out smollm2-w4.onnx
   qcompile export --model mypkg.models:build --recipe w8a8-static --out m.onnx
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 
 from qcompiler.errors import QcompileError
 from qcompiler.recipes import list_recipes
@@ -72,12 +74,39 @@ def cmd_export(args) -> int:
     get_recipe(args.recipe)  # before minutes of loading and calibrating
     _say(f"loading {args.model} ...")
     model, example, batches = _load_model(args.model, args.calib, args.seq)
+    if args.state:
+        from qcompiler.deploy.artifacts import load
+
+        load(model, args.state)  # the saved calibration replaces calibrating here
+        batches = None
     _say(f"quantizing with {args.recipe}" + (f" (calibrating on {len(batches)} batches)" if batches else "")
          + f", exporting the {args.form} form to {args.out} ...")
     result = export_onnx(model, example, args.out, recipe=args.recipe, form=args.form,
                          calibration=batches if batches else None, options={"embedding": args.embedding})
     print(result.summary())
     return 1 if result.violations else 0
+
+
+def cmd_quantize(args) -> int:
+    from qcompiler.api.calibrate import calibrate
+    from qcompiler.deploy.artifacts import save
+    from qcompiler.recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)  # before minutes of loading and calibrating
+    _say(f"loading {args.model} ...")
+    model, _example, batches = _load_model(args.model, args.calib, args.seq)
+    if not batches:
+        raise QcompileError(f"--model {args.model} gave no calibration batches: return (model, example_inputs, "
+                            f"batches) from the function, or use --calib >= 1 with a bundled model")
+    _say(f"calibrating {recipe.name} on {len(batches)} batches ...")
+    start = time.perf_counter()
+    calibrate(model, batches, recipe=recipe.name, progress=True)
+    seconds = time.perf_counter() - start
+    out = save(model, args.out, recipe=recipe.name)
+    print(f"{out}: quantization state of {args.model} for {recipe.name} ({len(batches)} batches, {seconds:.1f} s); "
+          f"use it with qcompiler.load(model, {str(out)!r}) before torch.compile(model, backend='qcompile', "
+          f"options={{'recipe': {recipe.name!r}}})")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -104,7 +133,19 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n\n")[0],
                                   epilog="\n\n".join(__doc__.split("\n\n")[1:3]),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True, metavar="{export,check,recipes}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{quantize,export,check,recipes}")
+    p = sub.add_parser("quantize", help="calibrate a model for a recipe and save its quantization state",
+                       formatter_class=fmt,
+                       description="Calibrate a model for a recipe (running its weight algorithm: AWQ, GPTQ, "
+                                   "auto) and save the quantization state to a folder, for qcompiler.load.")
+    p.add_argument("--model", required=True, metavar="MODEL", default=argparse.SUPPRESS,
+                   help=f"a bundled model ({', '.join(BUNDLED)}) or module:function")
+    p.add_argument("--recipe", default="w8a8-smoothquant", choices=list_recipes(), metavar="RECIPE",
+                   help="one of: " + ", ".join(list_recipes()))
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the folder to write")
+    p.add_argument("--calib", type=int, default=32, help="calibration batches (bundled models)")
+    p.add_argument("--seq", type=int, default=512, help="calibration sequence length (bundled models)")
+    p.set_defaults(fn=cmd_quantize)
     p = sub.add_parser("export", help="quantize a model and write it as ONNX", formatter_class=fmt,
                        description="Quantize a model with a recipe and write it as one ONNX file (checked).")
     p.add_argument("--model", required=True, metavar="MODEL", default=argparse.SUPPRESS,
@@ -116,6 +157,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the .onnx file to write")
     p.add_argument("--embedding", choices=["int8"], default=None,
                    help="store embedding tables INT8 per row (a tied lm_head reads the same table)")
+    p.add_argument("--state", help="a folder written by `qcompile quantize` / qcompiler.save: its calibration "
+                                   "is used instead of calibrating again")
     p.add_argument("--calib", type=int, default=8, help="calibration batches (bundled models)")
     p.add_argument("--seq", type=int, default=128, help="calibration sequence length (bundled models)")
     p.set_defaults(fn=cmd_export)
