@@ -29,6 +29,12 @@ def _triton_build(gm, example_inputs, strict: bool = False, cuda_graphs: bool = 
     return triton.build(gm, example_inputs, cuda_graphs=cuda_graphs)
 
 
+def _tensorrt_build(gm, example_inputs, strict: bool = False):
+    from qcompiler.lowering import tensorrt  # TensorRT is optional (the 'tensorrt' extra): import on use
+
+    return tensorrt.build(gm, example_inputs)
+
+
 def _any_target(build):
     """A build() that has no fallback of its own, so ``strict`` changes nothing."""
     return lambda gm, example_inputs, strict=False, **options: build(gm, example_inputs, **options)
@@ -62,6 +68,16 @@ def _ort_preferred(example_inputs) -> tuple:
     if floats - {torch.float32}:
         return False, f"'ort' is measured on float32 models; this graph has {sorted(map(str, floats))}"
     return _ort_can_run(example_inputs)
+
+
+def _tensorrt_can_run(example_inputs) -> tuple:
+    if _missing("tensorrt"):
+        return False, ("TensorRT is not installed: pip install 'qcompiler[tensorrt]' (TensorRT 10's wheels, "
+                       "served from NVIDIA's package index)")
+    if _device(example_inputs).type != "cuda":
+        return False, (f"TensorRT engines run on CUDA tensors; this graph's are on {_device(example_inputs).type!r}: "
+                       "move the model to 'cuda'")
+    return True, ""
 
 
 def _triton_can_run(example_inputs) -> tuple:
@@ -104,6 +120,9 @@ LOWERINGS = {
     "triton": Lowering("triton", _triton_build,
                        "q-ops run as qcompile's Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1), "
                        "the rest of the graph through Inductor", _triton_can_run, cuda_graphs=True),
+    "tensorrt": Lowering("tensorrt", _tensorrt_build,
+                         "the q-op graph exported to ONNX (TensorRT form) and built into a TensorRT engine, "
+                         "cached on disk", _tensorrt_can_run),
 }
 # What target="auto" means on each device type: the first target of the list that is preferred
 # for the graph (``Lowering.preferred``, else ``can_run``), the list ordered by measurement. CPU:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import io
 import logging
+import threading
 import warnings
 from typing import Optional, Sequence
 
@@ -313,3 +314,34 @@ def with_io_dtype(model, dtype: torch.dtype):
     del graph.node[:]
     graph.node.extend(nodes)
     return model
+
+
+def output_layout(gm: fx.GraphModule) -> list:
+    """For each graph output: True when it is a tensor the ONNX model returns, else its constant value."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    return [isinstance(v, fx.Node) for v in values]
+
+
+def root_message(exc: BaseException) -> str:
+    while exc.__cause__ is not None:  # the exporter wraps the error that says what went wrong
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+
+
+def isolated(fn):
+    """Run ``fn`` in a fresh thread: the exporter traces with Dynamo, whose tracing state is per
+    thread, so exporting from inside the backend call leaves the outer compile's guards alone."""
+    result = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+    worker = threading.Thread(target=target, name="qcompile-onnx-export")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

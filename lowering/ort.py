@@ -15,7 +15,6 @@ dynamic as Dynamo's graph, and ``fallback_reason`` says why.
 from __future__ import annotations
 
 import hashlib
-import threading
 import warnings
 import weakref
 
@@ -24,7 +23,7 @@ from torch import fx, nn
 
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
-from qcompiler.lowering.onnx import fed_inputs, freeze, runtime_inputs, symbolic_shapes, to_onnx
+from qcompiler.lowering.onnx import fed_inputs, freeze, isolated, output_layout, root_message, symbolic_shapes, to_onnx
 from qcompiler.runtimes.ort_session import OrtSession
 
 # content key -> session; entries leave with the model's parameters (safe to drop at any time)
@@ -47,37 +46,6 @@ def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
     return digest.hexdigest()
 
 
-def _output_layout(gm: fx.GraphModule) -> list:
-    """For each graph output: True when it is a tensor the ONNX model returns, else its constant value."""
-    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
-    return [isinstance(v, fx.Node) for v in values]
-
-
-def _root_message(exc: BaseException) -> str:
-    while exc.__cause__ is not None:  # the exporter wraps the error that says what went wrong
-        exc = exc.__cause__
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-
-
-def _isolated(fn):
-    """Run ``fn`` in a fresh thread: the exporter traces with Dynamo, whose tracing state is per
-    thread, so exporting from inside the backend call leaves the outer compile's guards alone."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # handed to the caller
-            result["error"] = exc
-    worker = threading.Thread(target=target, name="qcompile-onnx-export")
-    worker.start()
-    worker.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def _session(gm: fx.GraphModule, example_inputs):
     """(session, fed input indices) for ``gm``: from the cache, or exported now."""
     params = [v for v in example_inputs if isinstance(v, nn.Parameter)]
@@ -87,7 +55,7 @@ def _session(gm: fx.GraphModule, example_inputs):
     key = _content_key(frozen, feeds, shapes)
     if key in _SESSIONS:
         return _SESSIONS[key], fed
-    session = OrtSession(_isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None,
+    session = OrtSession(isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None,
                                                    dynamic_shapes=shapes)))
     _SESSIONS[key] = session
     if params:  # the session holds the weights: drop it with the model
@@ -125,11 +93,11 @@ def build(gm: fx.GraphModule, example_inputs, strict: bool = False):
     try:
         session, fed = _session(gm, list(example_inputs))
     except Exception as exc:
-        reason = f"the ONNX export failed ({_root_message(exc)})"
+        reason = f"the ONNX export failed ({root_message(exc)})"
         if strict:
             raise OrtExportError(f"target 'ort' cannot run this graph: {reason}. Use target='inductor', or "
                                  f"target='auto' to let qcompile fall back") from exc
         fallback = Fallback(inductor.build(gm, example_inputs), f"ort: {reason}; compiled by Inductor instead")
         warnings.warn(f"qcompile target 'auto': {fallback.fallback_reason}", stacklevel=2)
         return fallback
-    return OrtGraph(session, fed, _output_layout(gm))
+    return OrtGraph(session, fed, output_layout(gm))

@@ -20,6 +20,7 @@ _EXPORTS = {
     "explain": "qcompiler.api.explain", "Report": "qcompiler.api.explain",
     "export_onnx": "qcompiler.deploy.export_onnx",
     "save": "qcompiler.deploy.artifacts", "load": "qcompiler.deploy.artifacts",
+    "build_engine": "qcompiler.runtimes.tensorrt_engine",
     "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
     "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
     "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",

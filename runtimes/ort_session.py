@@ -6,7 +6,6 @@ without a copy on the CPU. Session options are the ones the ``ort`` target was m
 from __future__ import annotations
 
 import ctypes
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -57,11 +56,9 @@ def session_options(threads: Optional[int] = None):
     return so
 
 
-def providers() -> list:
-    ort = require_onnxruntime()
-    wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    available = set(ort.get_available_providers())
-    return [p for p in wanted if p in available] if os.environ.get("QCOMPILE_ORT_GPU") else ["CPUExecutionProvider"]
+# qcompile's sessions run on ONNX Runtime's CPU provider (the 'ort' target is the CPU target; on a
+# GPU qcompile runs 'triton', 'inductor' or, with TensorRT installed, 'tensorrt')
+PROVIDERS = ["CPUExecutionProvider"]
 
 
 class OrtSession:
@@ -72,7 +69,7 @@ class OrtSession:
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         self.model = model  # what runs, for sizes and for tools that rewrite it
         self._ort = ort
-        self.session = ort.InferenceSession(data, session_options(threads), providers=providers())
+        self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 

@@ -1,11 +1,13 @@
-"""The qcompile command: quantize and save, export to ONNX, check an ONNX file, list recipes.
+"""The qcompile command: quantize and save, export to ONNX, check an ONNX file, list recipes, doctor.
 
   qcompile quantize --model smollm2 --recipe w4a16-gptq --calib 32 --out smollm2-gptq/
   qcompile export --model minilm --recipe w8a8-smoothquant --out minilm.onnx
   qcompile export --model smollm2 --recipe w4a16 --form ort --out smollm2-w4.onnx
   qcompile export --model mypkg.models:build --recipe w8a8-static --out m.onnx
   qcompile check model.onnx
+  qcompile build-engine model.onnx --out model.engine --max-seq 2048
   qcompile recipes
+  qcompile doctor
 
 --model is a bundled model (minilm, smollm2) or module:function returning
 (model, example_inputs, calibration_batches_or_None).
@@ -128,12 +130,33 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_build_engine(args) -> int:
+    from qcompiler.runtimes.tensorrt_engine import build_engine, profile_shapes
+
+    profile = profile_shapes(args.path, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
+                             opt_seq=args.opt_seq)  # a bad file or profile fails before TensorRT is needed
+    _say(f"building a TensorRT engine from {args.path}; profile: " +
+         "; ".join(f"{n} {lo} .. {opt} .. {hi}" for n, (lo, opt, hi) in profile.items()))
+    out = build_engine(args.path, args.out, max_batch=args.max_batch, max_seq=args.max_seq,
+                       opt_batch=args.opt_batch, opt_seq=args.opt_seq, timing_cache=args.timing_cache,
+                       workspace_gib=args.workspace_gib)
+    print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from qcompiler.api.doctor import diagnose
+
+    print(diagnose())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     top = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n\n")[0],
                                   epilog="\n\n".join(__doc__.split("\n\n")[1:3]),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True, metavar="{quantize,export,check,recipes}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="{quantize,export,check,build-engine,recipes,doctor}")
     p = sub.add_parser("quantize", help="calibrate a model for a recipe and save its quantization state",
                        formatter_class=fmt,
                        description="Calibrate a model for a recipe (running its weight algorithm: AWQ, GPTQ, "
@@ -166,8 +189,27 @@ def parser() -> argparse.ArgumentParser:
                        description="Check an ONNX file against TensorRT's explicit-quantization rules.")
     p.add_argument("path", help="the .onnx file")
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("build-engine", help="build a TensorRT engine from a TensorRT-form ONNX file",
+                       formatter_class=fmt,
+                       description="Build a TensorRT engine (strongly typed: the file's Q/DQ fix every precision) "
+                                   "from an ONNX file written by `qcompile export` (TensorRT form). Needs TensorRT: "
+                                   "pip install 'qcompiler[tensorrt]'.")
+    p.add_argument("path", help="the .onnx file")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the engine file to write")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch the engine takes")
+    p.add_argument("--max-seq", type=int, default=1024, help="largest sequence length the engine takes")
+    p.add_argument("--opt-batch", type=int, default=1, help="batch the engine is tuned for")
+    p.add_argument("--opt-seq", type=int, default=128, help="sequence length the engine is tuned for")
+    p.add_argument("--timing-cache", help="a timing-cache file, read before and written after the build")
+    p.add_argument("--workspace-gib", type=float, help="cap on the builder's scratch memory")
+    p.set_defaults(fn=cmd_build_engine)
     p = sub.add_parser("recipes", help="list the registered recipes", description="List the registered recipes.")
     p.set_defaults(fn=cmd_recipes)
+    p = sub.add_parser("doctor", help="what this machine can run: CPU features, GPU, packages, targets",
+                       description="What this machine can run: CPU features, the GPU, the installed packages "
+                                   "and ONNX Runtime's providers, each target's availability, and what "
+                                   "target='auto' picks.")
+    p.set_defaults(fn=cmd_doctor)
     return top
 
 

@@ -31,7 +31,7 @@ HOLDOUT_FRACTION = 0.3  # the last 30% of the tokens are held out; calibration u
 def cache_dir() -> Path:
     """``$QCOMPILE_CACHE``; else, in a source checkout, its git-ignored ``.cache/`` (the one the
     scripts, tests and examples share); else ``~/.cache/qcompile``."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]  # qcompiler/bundled/zoo.py -> the checkout
     default = checkout / ".cache" if (checkout / "pyproject.toml").is_file() else Path.home() / ".cache" / "qcompile"
     path = Path(os.environ.get("QCOMPILE_CACHE") or default)
     path.mkdir(parents=True, exist_ok=True)
