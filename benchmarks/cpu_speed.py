@@ -86,6 +86,10 @@ def peer_session(session, **quantize_options):
 
 
 def ort_graphs(fn):
+    """The ONNX Runtime graphs of a compiled row (none for the eager model: ``compiled_graphs`` of a
+    plain module would describe its most recent compile, another row's)."""
+    if not hasattr(fn, "_orig_mod"):
+        return []
     return [g for g in compiled_graphs(fn) if g.running_target == "ort"]
 
 

@@ -21,6 +21,7 @@ _EXPORTS = {
     "export_onnx": "qcompiler.deploy.export_onnx",
     "save": "qcompiler.deploy.artifacts", "load": "qcompiler.deploy.artifacts",
     "build_engine": "qcompiler.runtimes.tensorrt_engine",
+    "export_checkpoint": "qcompiler.deploy.checkpoint",
     "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
     "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
     "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",
