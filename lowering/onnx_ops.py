@@ -278,7 +278,6 @@ TRANSLATIONS = {
     "tensorrt": {
         qops.quantize_per_tensor.default: trt_quantize_per_tensor,
         qops.quantize_per_token.default: trt_quantize_per_token,
-        qops.dequantize.default: dequantize,
         qops.linear_w8a8.default: trt_linear_w8a8,
         qops.linear_w8a16.default: linear_w8a16,
         qops.linear_w4a16.default: trt_linear_w4a16,
@@ -287,7 +286,6 @@ TRANSLATIONS = {
     "ort": {
         qops.quantize_per_tensor.default: ort_quantize_per_tensor,
         qops.quantize_per_token.default: ort_quantize_per_token,
-        qops.dequantize.default: dequantize,
         qops.linear_w8a8.default: ort_linear_w8a8,
         qops.linear_w8a16.default: ort_linear_w8a16,
         qops.linear_w4a16.default: ort_linear_w4a16,

@@ -43,7 +43,7 @@ TRITON_OPS = {getattr(qops, name).default: _register(name, launcher) for name, l
 
 
 def swap_qops(gm: fx.GraphModule) -> fx.GraphModule:
-    """q-op nodes -> their Triton custom ops (the dequantize q-op stays: Inductor fuses it)."""
+    """q-op nodes -> their Triton custom ops."""
     return retarget(gm, TRITON_OPS)
 
 

