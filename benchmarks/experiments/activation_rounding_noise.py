@@ -1,0 +1,49 @@
+"""How much does SmolLM2's perplexity under dynamic 8-bit activations move when the float arithmetic
+around the quantizers changes by one rounding?
+
+Every linear but the tied ``lm_head`` runs qcompile's reference q-ops eagerly (per-channel weights,
+per-token activations, INT8 or FP8); with ``--eps`` > 0 each linear's input is first multiplied by
+``1 + eps * N(0, 1)`` (eps = 3e-7: the relative difference between two correct implementations
+of the same layer, e.g. compressed-tensors' dequantize-then-matmul against qcompile's). The spread
+of the printed perplexities over seeds is the noise floor of comparing two implementations of a
+recipe by perplexity on these windows.
+
+    python benchmarks/experiments/activation_rounding_noise.py --recipe fp8 --eps 3e-7 --seeds 1 2
+"""
+import argparse
+
+import torch
+
+from qcompiler.bundled import zoo
+from qcompiler.ir import ops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", choices=["w8a8", "fp8"], default="fp8")
+    ap.add_argument("--eps", type=float, default=3e-7)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--windows", type=int, default=4, help="held-out 512-token windows")
+    args = ap.parse_args()
+    qdtype = ops.FP8 if args.recipe == "fp8" else torch.int8
+    model, tok = zoo.load_smollm2()
+    _, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 16, args.windows)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    weights = {n: ops.quantize_per_channel_ref(m.weight.detach().float(), qdtype) for n, m in linears}
+    for seed in [None] + args.seeds:
+        gen = torch.Generator().manual_seed(seed or 0)
+        for n, m in linears:
+            def forward(x, wq=weights[n][0], ws=weights[n][1], bias=m.bias, noisy=seed is not None):
+                if noisy:
+                    x = x * (1 + args.eps * torch.randn(x.shape, generator=gen))
+                xq, xs = ops.quantize_per_token_ref(x, None, qdtype)
+                return ops.linear_w8a8_ref(xq, xs, wq, ws, bias, torch.float32)
+            m.forward = forward
+        with torch.no_grad():
+            ppl = zoo.perplexity(model, held)
+        print(f"{args.recipe}: " + ("exact inputs" if seed is None else f"eps {args.eps:g}, seed {seed}")
+              + f": perplexity {ppl:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
