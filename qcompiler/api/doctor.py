@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qcompiler.lowering import LOWERINGS, auto_choice
+from qcompiler.recipes import get_recipe, list_recipes
 
 # the packages qcompile's paths use, and what each is for
 PACKAGES = {
@@ -74,6 +75,7 @@ class Diagnosis:
     providers: list = field(default_factory=list)     # ONNX Runtime's execution providers
     targets: dict = field(default_factory=dict)       # (target, device) -> (ok, reason)
     auto: dict = field(default_factory=dict)          # device -> (target, why others were passed over)
+    recipes: dict = field(default_factory=dict)       # recipe name -> what it needs before compiling
     notes: list = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -98,6 +100,8 @@ class Diagnosis:
         out += ["", 'target="auto" picks']
         for device, (name, passed) in self.auto.items():
             out.append(f"  on {device}: {name}" + (f" (passed over: {passed})" if passed else ""))
+        out += ["", "Recipes, and what each needs before compiling"]
+        out += [f"  {name:28} {need}" for name, need in self.recipes.items()]
         if self.notes:
             out += ["", "Notes"] + [f"  - {n}" for n in self.notes]
         return "\n".join(out)
@@ -124,6 +128,11 @@ def diagnose() -> Diagnosis:
         for name, low in LOWERINGS.items():
             d.targets[(name, device)] = low.can_run(example)
         d.auto[device] = auto_choice(device, example)
+    for name in list_recipes():
+        r = get_recipe(name)
+        d.recipes[name] = ("calibration data with the recipe (qcompiler.calibrate(model, batches, recipe=...))"
+                           if r.rounds_weights else "calibration data (qcompiler.calibrate)" if r.needs_calibration
+                           else "nothing: compiles as is")
     if not d.gpu:
         d.notes.append("no CUDA device: the Triton kernels run only in Triton's CPU interpreter "
                        "(TRITON_INTERPRET=1, slow; tests only)")

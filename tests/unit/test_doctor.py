@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+import qcompiler
 from qcompiler.api import doctor
 from qcompiler.lowering import LOWERINGS, auto_target
 
@@ -18,6 +19,13 @@ def test_targets_and_auto_are_the_compilers_own_answers():
     assert d.auto["cpu"][0] == auto_target("cpu", example)
     assert d.targets[("reference", "cpu")] == (True, "")
     assert ("cuda" in d.auto) == torch.cuda.is_available()
+
+
+def test_every_recipe_is_listed_with_what_it_needs():
+    d = doctor.diagnose()
+    assert set(d.recipes) == set(qcompiler.list_recipes())
+    assert d.recipes["w8a8"].startswith("nothing") and d.recipes["w8a8-smoothquant"].startswith("calibration data")
+    assert "recipe=" in d.recipes["w4a16-gptq"] and "\nRecipes, and what each needs before compiling\n" in str(d)
 
 
 def test_a_missing_package_and_missing_cpu_features_are_named(monkeypatch):
