@@ -14,6 +14,7 @@ import torch
 
 from qcompiler.errors import OptionError, TargetUnavailable  # noqa: F401  (TargetUnavailable re-exported)
 from qcompiler.lowering import inductor, reference
+from qcompiler.runtimes import tensorrt_engine  # imports no TensorRT until an engine is built
 from qcompiler.runtimes.triton_support import TritonUnavailable, require
 
 
@@ -71,13 +72,7 @@ def _ort_preferred(example_inputs) -> tuple:
 
 
 def _tensorrt_can_run(example_inputs) -> tuple:
-    if _missing("tensorrt"):
-        return False, ("TensorRT is not installed: pip install 'qcompiler[tensorrt]' (TensorRT 10's wheels, "
-                       "served from NVIDIA's package index)")
-    if _device(example_inputs).type != "cuda":
-        return False, (f"TensorRT engines run on CUDA tensors; this graph's are on {_device(example_inputs).type!r}: "
-                       "move the model to 'cuda'")
-    return True, ""
+    return tensorrt_engine.can_run(_device(example_inputs))
 
 
 def _triton_can_run(example_inputs) -> tuple:

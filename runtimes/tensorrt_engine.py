@@ -15,6 +15,7 @@ only ``onnx``; it is what decides the profile, and is tested without TensorRT.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pathlib
 from typing import Mapping, Optional, Sequence, Union
@@ -50,6 +51,12 @@ def _load_onnx(onnx_model):
                           f"qcompiler.export_onnx(..., form='tensorrt')") from None
 
 
+def _graph_inputs(model) -> list:
+    """The model's inputs a caller feeds (initializers listed as inputs are not)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
 def profile_shapes(onnx_model, shapes: Optional[Mapping] = None, *, max_batch: int = 8, max_seq: int = 1024,
                    opt_batch: int = 1, opt_seq: int = 128) -> dict:
     """``{input name: (min, opt, max)}`` shapes of the optimization profile for an ONNX model's inputs.
@@ -63,8 +70,7 @@ def profile_shapes(onnx_model, shapes: Optional[Mapping] = None, *, max_batch: i
     if not (1 <= opt_batch <= max_batch and 1 <= opt_seq <= max_seq):
         raise OptionError(f"need 1 <= opt_batch <= max_batch and 1 <= opt_seq <= max_seq; got opt_batch={opt_batch}, "
                           f"max_batch={max_batch}, opt_seq={opt_seq}, max_seq={max_seq}")
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = _graph_inputs(model)
     shapes = dict(shapes or {})
     unknown = sorted(set(shapes) - {i.name for i in inputs})
     if unknown:
@@ -240,18 +246,15 @@ def cached_engine(onnx_bytes: bytes, profile: Mapping, device: torch.device,
     return Engine.from_file(path)
 
 
-def is_available() -> tuple:
-    """``(ok, reason)``: whether TensorRT is installed and a CUDA device is present."""
-    import importlib.util
-
+def can_run(device: torch.device) -> tuple:
+    """``(ok, reason)``: whether an engine can run on ``device`` here (TensorRT installed, CUDA)."""
     if importlib.util.find_spec("tensorrt") is None:
         return False, f"TensorRT is not installed: {INSTALL}"
-    if not torch.cuda.is_available():
-        return False, "TensorRT engines run on a CUDA device and none is available"
+    if device.type != "cuda":
+        return False, (f"TensorRT engines run on CUDA tensors; these are on {device.type!r}: move the model "
+                       f"to 'cuda'")
     return True, ""
 
 
 def input_names(onnx_model) -> Sequence[str]:
-    model = _load_onnx(onnx_model)
-    initializers = {t.name for t in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in initializers]
+    return [i.name for i in _graph_inputs(_load_onnx(onnx_model))]

@@ -9,6 +9,10 @@ of the printed perplexities over seeds is the noise floor of comparing two imple
 recipe by perplexity on these windows.
 
     python benchmarks/experiments/activation_rounding_noise.py --recipe fp8 --eps 3e-7 --seeds 1 2
+
+``--layers`` measures the other half instead: SmolLM2 written by ``export_checkpoint`` and loaded by
+transformers, every linear's output in that model's forward against qcompile's reference q-ops on
+the same input (the largest relative difference over the 210 linears).
 """
 import argparse
 
@@ -24,7 +28,10 @@ def main():
     ap.add_argument("--eps", type=float, default=3e-7)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--windows", type=int, default=4, help="held-out 512-token windows")
+    ap.add_argument("--layers", action="store_true", help="per-layer agreement with transformers instead")
     args = ap.parse_args()
+    if args.layers:
+        return layer_agreement(args)
     qdtype = ops.FP8 if args.recipe == "fp8" else torch.int8
     model, tok = zoo.load_smollm2()
     _, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 16, args.windows)
@@ -43,6 +50,41 @@ def main():
             ppl = zoo.perplexity(model, held)
         print(f"{args.recipe}: " + ("exact inputs" if seed is None else f"eps {args.eps:g}, seed {seed}")
               + f": perplexity {ppl:.4f}", flush=True)
+
+
+def layer_agreement(args) -> None:
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.deploy.checkpoint import export_checkpoint
+
+    qdtype = ops.FP8 if args.recipe == "fp8" else torch.int8
+    model, tok = zoo.load_smollm2()
+    _, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 16, 1)
+    folder = tempfile.mkdtemp()
+    export_checkpoint(model, folder, recipe=args.recipe)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loaded(input_ids=held[:1, :8])  # the first call decompresses the weights
+    worst = []
+
+    def hook(name):
+        def compare(module, inputs, out):
+            wq, ws = ops.quantize_per_channel_ref(module.weight.detach().float(), qdtype)
+            xq, xs = ops.quantize_per_token_ref(inputs[0], None, qdtype)
+            ours = ops.linear_w8a8_ref(xq, xs, wq, ws, module.bias, torch.float32).double()
+            worst.append((((ours - out.double()).norm() / out.double().norm()).item(), name))
+        return compare
+
+    for name, m in loaded.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            m.register_forward_hook(hook(name))
+    with torch.no_grad():
+        loaded(input_ids=held[:1])
+    err, name = max(worst)
+    print(f"{args.recipe}: {len(worst)} linears; largest relative difference from qcompile's q-ops on the same "
+          f"input: {err:.2e} ({name})")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from qcompiler import __version__
 from qcompiler.calibration.state import linear_layers, state_of, unwrap
 from qcompiler.calibration.stats import ActivationStats, PreparedWeight
 from qcompiler.errors import CalibrationError, InvalidFile, MissingDependency, OptionError
@@ -107,14 +108,6 @@ def _json_safe(value):
     return value if value is None or isinstance(value, (bool, int, float, str)) else None
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("qcompiler")
-    except PackageNotFoundError:
-        return "unknown"
-
 
 def save(model: nn.Module, path: Union[str, os.PathLike], *, recipe=None) -> pathlib.Path:
     """Write ``model``'s quantization state to the folder ``path`` (created; its two files replaced).
@@ -154,7 +147,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, recipe=None) -> pat
                 "packed": tensors.put(w.packed), "scale": tensors.put(w.scale), "zero": tensors.put(w.zero),
                 "group_size": w.group_size, "in_features": w.in_features}}
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "qcompile_version": _version(),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "qcompile_version": __version__,
         "torch_version": torch.__version__, "recipe": _recipe_fields(recipe),
         "fingerprint": fingerprint(model), "parameters": parameters_of(model),
         "last_run": _json_safe(state.last_run), "layers": layers,
@@ -225,10 +218,13 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
     try:
         with st.safe_open(str(file), framework="pt") as f:
             available = set(f.keys())
+            read: dict = {}  # a tensor shared by several layers is read and hashed once
 
             def get(key: Optional[str]) -> Optional[Tensor]:
                 if key is None:
                     return None
+                if key in read:
+                    return read[key]
                 if key not in available:
                     raise InvalidFile(f"{file} lacks tensor {key[:12]}... that {MANIFEST} names: the two files "
                                       f"come from different saves; save the model's state again")
@@ -236,6 +232,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                 if _digest(t) != key:
                     raise InvalidFile(f"{file} is damaged (tensor {key[:12]}... does not match its hash): "
                                       f"save the model's state again")
+                read[key] = t
                 return t
 
             stats, prepared = {}, {}

@@ -86,8 +86,8 @@ def _weights(module: nn.Module, recipe: Recipe, name: str) -> tuple:
     """(float weight on the quantized grid, scale, zero point in the format's convention or None)."""
     w = module.weight.detach().to(torch.float32)
     if recipe.weight_bits == 4:
-        prepared = prepared_for(module.weight) if recipe.calibrated_rounding else None
         if recipe.calibrated_rounding:
+            prepared = prepared_for(module.weight)
             if prepared is None or prepared.weight is None or prepared.key != recipe.prepared_key:
                 raise OptionError(f"recipe {recipe.name!r} rounds weights on calibration data, and {name!r} has "
                                   f"none for it: run qcompiler.calibrate(model, batches, recipe={recipe.name!r}) first")
