@@ -22,6 +22,7 @@ _EXPORTS = {
     "save": "qcompiler.deploy.artifacts", "load": "qcompiler.deploy.artifacts",
     "build_engine": "qcompiler.runtimes.tensorrt_engine",
     "export_checkpoint": "qcompiler.deploy.checkpoint",
+    "QuantizedKVCache": "qcompiler.api.kv_cache",
     "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
     "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
     "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",

@@ -154,3 +154,33 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, params: Option
         nll += loss.item()
         count += ids[:, 1:].numel()
     return float(torch.exp(torch.tensor(nll / count)))
+
+
+@torch.no_grad()
+def chunked_nll(model, window: torch.Tensor, chunk: int, cache) -> tuple:
+    """(summed next-token NLL, count) of one ``[1, T]`` window fed through ``cache`` ``chunk`` tokens
+    at a time, every prediction of the window scored: each chunk attends over the cached keys and
+    values of all tokens before it (how a quantized KV cache is measured at long context)."""
+    nll, count, last = 0.0, 0, None  # the previous chunk's final logits predict this chunk's first token
+    for start in range(0, window.shape[1], chunk):
+        ids = window[:, start:start + chunk]
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits.float()
+        targets = ids if last is not None else ids[:, 1:]
+        if last is not None:
+            logits = torch.cat([last, logits], dim=1)
+        last = logits[:, -1:]
+        logits = logits[:, :-1]
+        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 reduction="sum").item()
+        count += targets.numel()
+    return nll, count
+
+
+def chunked_perplexity(model, windows: torch.Tensor, chunk: int, make_cache) -> float:
+    """exp(mean next-token NLL) over ``windows`` (``[n, T]``), each fed through a fresh
+    ``make_cache()`` in chunks (``chunked_nll``)."""
+    nll, count = 0.0, 0
+    for w in windows:
+        a, b = chunked_nll(model, w[None], chunk, make_cache())
+        nll, count = nll + a, count + b
+    return float(torch.exp(torch.tensor(nll / count)))

@@ -1,0 +1,162 @@
+"""Quantized KV caches (and quantized attention) on SmolLM2-135M at long context.
+
+Perplexity: each held-out window of the bundled Wikipedia text (``--context`` tokens, default
+2048) is fed through the cache in chunks of ``--chunk`` tokens, so every chunk after the first
+attends over the cached, quantized keys and values of all tokens before it; every next-token
+prediction of the window is scored. Rows: the floating-point cache, then each KV scheme, each
+compared with the floating-point cache of the same model ("vs FP cache"). Models: FP32 eager, and
+(``--recipe``, default w8a8-smoothquant-dynamic) compiled by qcompile after calibration on
+disjoint text.
+
+Memory: bytes per token of the quantized part (scales and offsets included) against a float32
+cache, and the whole cache (residual window included) at the context length.
+
+Decode latency: after a ``--context``-token prompt, the median time of ``--steps`` single-token
+steps with each cache, the caches stepping in turn (eager FP32 model; this CPU, its threads).
+
+    python benchmarks/attention_kv.py [--windows 4] [--context 2048] --markdown docs/results/attention_kv.md
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import DynamicCache
+
+import qcompiler
+from qcompiler.api.kv_cache import DEFAULT_GROUP, DEFAULT_RESIDUAL, float_bytes_per_token
+from qcompiler.bundled import zoo
+
+KV_SCHEMES = [  # (label, scheme, group size)
+    ("int8", "int8", DEFAULT_GROUP["int8"]),
+    ("fp8 (E4M3)", "fp8", DEFAULT_GROUP["fp8"]),
+    ("int4 (asymmetric)", "int4", DEFAULT_GROUP["int4"]),
+]
+
+
+def make_cache(config, scheme):
+    if scheme is None:
+        return DynamicCache(config=config)
+    return qcompiler.QuantizedKVCache(config, scheme[1], group_size=scheme[2], residual=DEFAULT_RESIDUAL)
+
+
+def perplexity(model, windows, chunk, scheme) -> tuple:
+    """(perplexity, the last window's cache) over every window, each through a fresh cache."""
+    caches = []
+
+    def fresh():
+        caches.append(make_cache(model.config, scheme))
+        return caches[-1]
+
+    return zoo.chunked_perplexity(model, windows, chunk, fresh), caches[-1]
+
+
+@torch.no_grad()
+def decode_ms(model, prompt: torch.Tensor, chunk: int, schemes: list, steps: int) -> list:
+    """``(median ms, median speed vs the first cache)`` of one decode step with each cache of
+    ``schemes`` after ``prompt`` went through it. The caches take their steps in turn (one step
+    each, round after round) and the speed is the median over rounds of the round's ratio, so a
+    machine getting slower or faster during the run moves every cache alike."""
+    caches, tokens = [], []
+    for scheme in schemes:
+        cache = make_cache(model.config, scheme)
+        for start in range(0, prompt.shape[1], chunk):
+            out = model(input_ids=prompt[:, start:start + chunk], cache=cache, use_cache=True)
+        caches.append(cache)
+        tokens.append(out.logits[:, -1:].argmax(-1))
+    times = [[] for _ in schemes]
+    for step in range(steps + 2):  # two warm-up rounds
+        for i, cache in enumerate(caches):
+            t = time.perf_counter()
+            out = model(input_ids=tokens[i], cache=cache, use_cache=True)
+            if step >= 2:
+                times[i].append(time.perf_counter() - t)
+            tokens[i] = out.logits[:, -1:].argmax(-1)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return [(1000 * median(t), median([a / b for a, b in zip(times[0], t)])) for t in times]
+
+
+def kv_rows(model, windows, chunk, context):
+    fp_ppl, fp_cache = perplexity(model, windows, chunk, None)
+    rows = [("floating point (DynamicCache)", fp_ppl, None, fp_cache)]
+    for scheme in KV_SCHEMES:
+        t = time.time()
+        ppl, cache = perplexity(model, windows, chunk, scheme)
+        print(f"  {scheme[0]}: {ppl:.4f} ({time.time() - t:.0f} s)", flush=True)
+        rows.append((scheme[0], ppl, 100 * (ppl / fp_ppl - 1), cache))
+    return rows
+
+
+def kv_table(rows, config, context) -> str:
+    fp32_token = float_bytes_per_token(config, torch.float32)
+    lines = ["| KV cache | perplexity | vs FP cache | quantized part, bytes/token | vs float32 | whole cache at "
+             f"{context} tokens |", "|---|---:|---:|---:|---:|---:|"]
+    for label, ppl, delta, cache in rows:
+        whole = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)) \
+            if not isinstance(cache, qcompiler.QuantizedKVCache) else cache.nbytes
+        if isinstance(cache, qcompiler.QuantizedKVCache):
+            per_token = cache.quantized_nbytes / cache.quantized_tokens() * len(cache.layers)
+            ratio = f"{per_token / fp32_token:.3f}x"
+            per_token = f"{per_token:,.0f}"
+        else:
+            per_token, ratio = f"{fp32_token:,} (float32)", "1x"
+        lines.append(f"| {label} | {ppl:.3f} | {'' if delta is None else f'{delta:+.2f}%'} | {per_token} | {ratio} "
+                     f"| {whole / 2**20:.1f} MiB |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=4, help="held-out windows of --context tokens")
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--chunk", type=int, default=256, help="tokens per forward through the cache")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per cache")
+    ap.add_argument("--calib", type=int, default=8, help="calibration windows of 512 tokens (--recipe)")
+    ap.add_argument("--recipe", default="w8a8-smoothquant-dynamic", help="the compiled model's recipe ('' skips it)")
+    ap.add_argument("--target", default="inductor")
+    ap.add_argument("--markdown", help="write the results page here")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    model, tok = zoo.load_smollm2()
+    ids = zoo.wiki_token_ids(tok, "smollm2")
+    _, held = zoo.lm_windows(ids, args.context, 0, args.windows)
+    sections = []
+
+    print(f"FP32 model, {args.windows} windows of {args.context} tokens, chunks of {args.chunk}", flush=True)
+    rows = kv_rows(model, held, args.chunk, args.context)
+    sections.append(("FP32 model (eager)", kv_table(rows, model.config, args.context)))
+
+    if args.recipe:
+        calib, _ = zoo.lm_windows(ids, 512, args.calib, 0)
+        qcompiler.calibrate(model, [{"input_ids": w[None]} for w in calib], progress=False)
+        model.forward = torch.compile(model.forward, backend="qcompile", dynamic=True,
+                                      options={"recipe": args.recipe, "target": args.target})
+        print(f"{args.recipe} ({args.target})", flush=True)
+        rows = kv_rows(model, held, args.chunk, args.context)
+        sections.append((f"{args.recipe}, compiled (target {args.target})",
+                         kv_table(rows, model.config, args.context)))
+        torch._dynamo.reset()
+        model, _ = zoo.load_smollm2()
+
+    lat = ["| KV cache | decode step at %d tokens | speed vs FP cache |" % args.context, "|---|---:|---:|"]
+    (base, _), *times = decode_ms(model, held[0][None], args.chunk, [None, *KV_SCHEMES], args.steps)
+    lat.append(f"| floating point (DynamicCache) | {base:.1f} ms | 1x |")
+    for scheme, (ms, speed) in zip(KV_SCHEMES, times):
+        lat.append(f"| {scheme[0]} | {ms:.1f} ms | {speed:.2f}x |")
+        print(f"  decode {scheme[0]}: {ms:.1f} ms vs {base:.1f} ms ({speed:.2f}x)", flush=True)
+    sections.append((f"Decode latency (FP32 eager model, batch 1, {torch.get_num_threads()} threads)",
+                     "\n".join(lat)))
+
+    body = "\n\n".join(f"## {title}\n\n{table}" for title, table in sections)
+    print(body)
+    if args.markdown:
+        from results_page import write_page
+
+        write_page(args.markdown, "Quantized KV cache: SmolLM2-135M at long context", __doc__.split("\n\n    python")[0]
+                   + "\n\n" + body)
+
+
+if __name__ == "__main__":
+    main()

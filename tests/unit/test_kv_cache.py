@@ -1,0 +1,176 @@
+"""The quantized KV cache: KIVI quantization against its float64 definition (fuzzed shapes and
+groups), the cache's residual window, memory accounting and errors, and the cache inside
+``forward`` and ``generate`` of tiny models of many architectures, eager and compiled."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import qcompiler
+from qcompiler.errors import OptionError
+from qcompiler.ir import kv
+
+transformers = pytest.importorskip("transformers")
+from qcompiler.api.kv_cache import QuantizedKVLayer, float_bytes_per_token  # noqa: E402
+from tiny_models import build, token_batch  # noqa: E402
+
+SCHEMES = list(kv.KV_FORMATS)
+
+
+def _error_bound(x: torch.Tensor, q: kv.QuantizedKV) -> torch.Tensor:
+    """Per element: how far a correct dequantization may be from ``x`` (float64)."""
+    # the scale broadcast to every element: the definition applied to codes of 1
+    unit = kv.QuantizedKV(torch.ones(x.shape, dtype=torch.int8), q.scale, None, kv.KV_FORMATS["int8"], q.per, q.group)
+    scale = kv.reference_dequantize(unit)
+    if q.fmt.name == "fp8":  # 3 mantissa bits: half an ulp relative, and subnormals of 2**-9 in scale units
+        return x.double().abs() * 2.0 ** -4 + scale * 2.0 ** -10
+    bound = 0.5 * scale * (1 + 1e-6)
+    if q.offset is not None:  # the float16 offset may sit above the group's minimum by its rounding
+        bound = bound + x.double().abs() * 2.0 ** -10
+    return bound
+
+
+@settings(max_examples=40, deadline=None)
+@given(scheme=st.sampled_from(SCHEMES), per=st.sampled_from(kv.PER), batch=st.integers(1, 2),
+       heads=st.integers(1, 3), blocks=st.integers(1, 3), group=st.sampled_from([4, 16, 32]),
+       head_dim=st.sampled_from([8, 16, 64, 80]), seed=st.integers(0, 2**16), outliers=st.booleans())
+def test_quantize_matches_its_definition(scheme, per, batch, heads, blocks, group, head_dim, seed, outliers):
+    g = torch.Generator().manual_seed(seed)
+    length = blocks * group
+    x = torch.randn(batch, heads, length, head_dim, generator=g)
+    if outliers:  # keys' outlier channels: a large offset and scale on a few channels
+        x[..., :2] = x[..., :2] * 20 + 50
+    q = kv.quantize(x, scheme, per, group)
+    ref = kv.reference_dequantize(q)
+    assert torch.isfinite(ref).all()
+    assert ((ref - x.double()).abs() <= _error_bound(x, q)).all()
+    # the fast dequantization is the definition, also written into a slice of a larger buffer
+    assert torch.equal(kv.dequantize(q).double(), ref)
+    buf = torch.full((batch, heads, length + 3, head_dim), float("nan"))
+    kv.dequantize(q, out=buf[..., 1:length + 1, :])
+    assert torch.equal(buf[..., 1:length + 1, :].double(), ref) and buf[..., 0, :].isnan().all()
+    assert q.nbytes == sum(t.numel() * t.element_size() for t in (q.codes, q.scale, q.offset) if t is not None)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("per", kv.PER)
+def test_nan_never_passes(scheme, per):
+    x = torch.randn(1, 2, 32, 16)
+    x[0, 1, 5, 3] = float("nan")
+    out = kv.dequantize(kv.quantize(x, scheme, per, 16))
+    assert out.isnan().any() and not out[0, 0].isnan().any()
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="whole blocks of 16 tokens"):
+        kv.quantize(torch.randn(1, 1, 20, 16), "int8", "channel", 16)
+    with pytest.raises(ValueError, match="unknown KV-cache scheme 'int2'"):
+        kv.quantize(torch.randn(1, 1, 16, 16), "int2", "token", 16)
+    with pytest.raises(ValueError, match="head size 15 is odd"):
+        kv.quantize(torch.randn(1, 1, 16, 15), "int4", "token", 16)
+    model, _ = build("llama")
+    with pytest.raises(OptionError, match="valid schemes"):
+        qcompiler.QuantizedKVCache(model.config, "int3")
+    with pytest.raises(OptionError, match="power of two"):
+        qcompiler.QuantizedKVCache(model.config, "int8", group_size=48)
+    with pytest.raises(OptionError, match="residual"):
+        qcompiler.QuantizedKVCache(model.config, "int8", residual=-1)
+
+
+@pytest.mark.parametrize("scheme,group,bar", [("int8", 64, 0.27), ("fp8", 64, 0.27), ("int4", 32, 0.16)])
+def test_memory_per_token_against_float32(scheme, group, bar):
+    """SmolLM2's geometry (head size 64): the quantized part, scales included, against float32."""
+    assert kv.bytes_per_token(scheme, 64, group) / (2 * 64 * 4) <= bar
+
+
+@pytest.mark.parametrize("residual,group", [(0, 8), (8, 16), (20, 4)])
+def test_residual_window_and_accounting(residual, group):
+    layer = QuantizedKVLayer("int4", group, residual)
+    seen = 0
+    for n in (13, 1, 1, 30, 1, 7):
+        k, v = torch.randn(2, 2, n, 16), torch.randn(2, 2, n, 16)
+        keys, values = layer.update(k, v)
+        seen += n
+        assert keys.shape == values.shape == (2, 2, seen, 16)
+        assert torch.equal(keys[..., -n:, :], k) and torch.equal(values[..., -n:, :], v)  # new tokens exact
+        tail = layer.keys.shape[-2]
+        assert layer.get_seq_length() == seen and layer.quantized_length % group == 0
+        assert tail >= min(residual, seen) and tail < residual + group
+    expect = sum(q.nbytes for q in (layer.qkeys, layer.qvalues)) + 2 * layer.keys.numel() * 4
+    assert layer.nbytes == expect
+    per_token = layer.quantized_nbytes / (2 * 2 * layer.quantized_length)  # batch 2, 2 heads
+    assert per_token == kv.bytes_per_token("int4", 16, group)
+
+
+def _chunked_logits(model, ids, cache, chunk):
+    out = [model(input_ids=ids[:, s:s + chunk], cache=cache, use_cache=True).logits for s in range(0, ids.shape[1], chunk)]
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3", "gpt2", "mistral"])
+@pytest.mark.parametrize("scheme,floor_db", [("int8", 35.0), ("fp8", 25.0), ("int4", 15.0)])
+def test_cache_in_forward_stays_close_to_the_float_cache(arch, scheme, floor_db):
+    from qcompiler.passes.quantize import sqnr_db
+
+    model, vocab = build(arch)
+    ids = token_batch(vocab, 2, 96, seed=5)["input_ids"]
+    with torch.no_grad():
+        ref = _chunked_logits(model, ids, transformers.DynamicCache(config=model.config), 16)
+        cache = qcompiler.QuantizedKVCache(model.config, scheme, group_size=16, residual=16)
+        got = _chunked_logits(model, ids, cache, 16)
+    assert sqnr_db(ref, got) > floor_db
+    quantized = [layer for layer in cache.layers if isinstance(layer, QuantizedKVLayer)]
+    if arch == "mistral":  # every layer has a sliding window: transformers' own float window
+        assert not quantized and cache.quantized_nbytes == 0
+    else:
+        assert quantized and all(layer.quantized_length == 80 for layer in quantized)
+        assert cache.nbytes < sum(2 * 2 * layer.get_seq_length() * layer.keys.shape[1] * layer.keys.shape[-1] * 4
+                                  for layer in cache.layers)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_generate_eager_greedy_and_beam_search(scheme):
+    model, vocab = build("llama")
+    prompt = token_batch(vocab, 2, 40, seed=3, padded=True)
+    with torch.no_grad():
+        for beams in (1, 2):
+            cache = qcompiler.QuantizedKVCache(model.config, scheme, group_size=16, residual=8)
+            out = model.generate(**prompt, max_new_tokens=24, do_sample=False, num_beams=beams, pad_token_id=0,
+                                 cache=cache)
+            assert out.shape == (2, 64)
+            assert cache.quantized_nbytes > 0
+
+
+def test_generate_compiled_matches_eager_with_the_same_cache():
+    """The compiled forward traces through the cache's update as one graph (no graph break) and
+    generates what the eager model generates with the same quantized cache."""
+    model, vocab = build("llama")
+    prompt = token_batch(vocab, 1, 40, seed=3)
+    recipe = {"recipe": "w8a16", "target": "inductor"}
+    with torch.no_grad():
+        cache = qcompiler.QuantizedKVCache(model.config, "int8", group_size=16, residual=8)
+        model(**prompt, cache=cache)
+        explained = torch._dynamo.explain(model)(input_ids=torch.tensor([[5]]), cache=cache)
+        assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+        torch._dynamo.reset()
+        fast = build("llama")[0]
+        fast.forward = torch.compile(fast.forward, backend="qcompile", options=recipe)
+        ref = torch.compile(model.forward, backend="qcompile", options=dict(recipe, target="reference"))
+        model.forward = ref
+        outs = []
+        for m in (model, fast):
+            cache = qcompiler.QuantizedKVCache(m.config, "int8", group_size=16, residual=8)
+            outs.append(m.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, cache=cache))
+            assert cache.quantized_nbytes > 0
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_float_bytes_per_token_reads_the_config():
+    model, _ = build("llama")  # 2 layers, 2 KV heads of 16
+    assert float_bytes_per_token(model.config) == 2 * 2 * 2 * 16 * 4
+
+
+def test_crop_is_refused_with_the_fix():
+    layer = QuantizedKVLayer("int8", 16, 8)
+    layer.update(torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16))
+    with pytest.raises(NotImplementedError, match="float cache"):
+        layer.crop(-3)
