@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx
 
+from qcompiler.ir import attention
 from qcompiler.ir.ops import REFERENCE
 
 qops = torch.ops.qcompile
@@ -29,7 +30,13 @@ def linear_w8a8_float_gemm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Ten
     return y.to(out_dtype)
 
 
-IMPLEMENTATIONS = {**REFERENCE, qops.linear_w8a8.default: linear_w8a8_float_gemm}
+def attention_q8_float_gemm(q, k, v, attn_mask, is_causal: bool, scale: Optional[float], qdtype) -> Tensor:
+    """``qcompile::attention_q8`` with float32 products of the 8-bit values."""
+    return attention.attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype, torch.float32)
+
+
+IMPLEMENTATIONS = {**REFERENCE, qops.linear_w8a8.default: linear_w8a8_float_gemm,
+                   qops.attention_q8.default: attention_q8_float_gemm}
 
 
 def retarget(gm: fx.GraphModule, table) -> fx.GraphModule:

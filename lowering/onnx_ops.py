@@ -274,6 +274,81 @@ def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
     return op.CastLike(_bias(y, bias), x)
 
 
+# ----------------------------------------------------------------------------- attention (both forms)
+
+
+def _static(value, what: str) -> int:
+    if not isinstance(value, int):
+        raise UnsupportedForm(f"attention_q8 needs a static {what} to export")
+    return value
+
+
+def _repeat_heads(t, like, heads: int):
+    """``[B, Hkv, L, D]`` -> ``[B, heads, L, D]``, each key/value head read by ``heads / Hkv`` query
+    heads (``like``: the graph input ``t`` was cast from, whose shape the exporter knows)."""
+    hkv, d = _static(like.shape[1], "number of key/value heads"), _static(like.shape[3], "head size")
+    if hkv == heads:
+        return t
+    shape = op.Shape(t)
+    target = op.Concat(op.Slice(shape, _const([0], np.int64), _const([2], np.int64)), _const([heads // hkv], np.int64),
+                       op.Slice(shape, _const([2], np.int64), _const([4], np.int64)), axis=0)
+    return op.Reshape(op.Expand(op.Unsqueeze(t, _const([2], np.int64)), target), _const([0, heads, -1, d], np.int64))
+
+
+def _codes(x, scale, qtype):
+    """``x / scale`` rounded to ``qtype``'s grid, carried as float32 (exact small integers, or FP8 values)."""
+    if _is_fp8(qtype):
+        limit = ops.QMAXES[ops.FP8]
+        y = op.Clip(op.Div(x, scale), _const(-limit, np.float32), _const(limit, np.float32))
+        return op.Cast(op.Cast(y, to=qtype), to=ir.DataType.FLOAT)
+    return op.Clip(op.Round(op.Div(x, scale)), _const(float(ops.QMIN), np.float32), _const(float(ops.QMAX), np.float32))
+
+
+def _amax_scale(x, axis: int, qmax: float):
+    amax = op.ReduceMax(op.Abs(x), _const([axis], np.int64), keepdims=1)
+    return op.Div(op.Max(amax, _const(ops._MIN_AMAX, np.float32)), _const(qmax, np.float32))
+
+
+def ort_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
+    """``qcompile::attention_q8`` as plain ONNX ops (``qcompiler.ir.attention``): the scales are
+    computed at run time, the two products are float MatMuls of the 8-bit values (exact for
+    Q K^T up to head size 1024; P V rounds only by float32 accumulation)."""
+    qtype = _qtype(qdtype)
+    qmax = ops.QMAXES[ops.FP8 if _is_fp8(qtype) else torch.int8]
+    heads, d = _static(q.shape[1], "number of query heads"), _static(q.shape[3], "head size")
+    scale = d ** -0.5 if scale is None else float(scale)
+    qf = op.Cast(q, to=ir.DataType.FLOAT)
+    kf = _repeat_heads(op.Cast(k, to=ir.DataType.FLOAT), k, heads)
+    vf = _repeat_heads(op.Cast(v, to=ir.DataType.FLOAT), v, heads)
+    kf = op.Sub(kf, op.ReduceMean(kf, _const([-2], np.int64), keepdims=1))     # K smoothing
+    sq, sk = _amax_scale(qf, -1, qmax), _amax_scale(kf, -1, qmax)              # per token
+    scores = op.MatMul(_codes(qf, sq, qtype), op.Transpose(_codes(kf, sk, qtype), perm=[0, 1, 3, 2]))
+    scores = op.Mul(op.Mul(scores, op.Mul(sq, _const(scale, np.float32))), op.Transpose(sk, perm=[0, 1, 3, 2]))
+    neg = _const(float("-inf"), np.float32)
+    if attn_mask is not None:
+        scores = (op.Add(scores, op.Where(attn_mask, _const(0.0, np.float32), neg)) if attn_mask.dtype == ir.DataType.BOOL
+                  else op.Add(scores, op.Cast(attn_mask, to=ir.DataType.FLOAT)))
+    if is_causal:
+        lengths = op.Slice(op.Shape(scores), _const([2], np.int64), _const([4], np.int64))
+        keep = op.Cast(op.Trilu(op.Expand(_const(1, np.int64), lengths), upper=0), to=ir.DataType.BOOL)
+        scores = op.Add(scores, op.Where(keep, _const(0.0, np.float32), neg))
+    m = op.ReduceMax(scores, _const([-1], np.int64), keepdims=1)
+    live = op.Not(op.IsInf(m, detect_positive=0))            # a row with every key masked gives zeros
+    p = op.Exp(op.Sub(scores, op.Where(live, m, _const(0.0, np.float32))))
+    total = op.ReduceSum(p, _const([-1], np.int64), keepdims=1)
+    sv = _amax_scale(vf, -2, qmax)                                             # V per channel
+    pq = _codes(p, _const(1.0 / qmax, np.float32), qtype)                      # P with a fixed scale
+    out = op.Div(op.Mul(op.MatMul(pq, _codes(vf, sv, qtype)), op.Div(sv, _const(qmax, np.float32))), total)
+    return op.CastLike(op.Where(live, out, _const(0.0, np.float32)), q)
+
+
+def trt_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
+    raise UnsupportedForm(
+        "8-bit attention computes its Q, K and V scales at run time, and TensorRT's explicit quantization "
+        "needs constant scales: export with attention=None for TensorRT (its fused attention runs in FP16/BF16), "
+        "or use form='ort' for ONNX Runtime")
+
+
 TRANSLATIONS = {
     "tensorrt": {
         qops.quantize_per_tensor.default: trt_quantize_per_tensor,
@@ -282,6 +357,7 @@ TRANSLATIONS = {
         qops.linear_w8a16.default: linear_w8a16,
         qops.linear_w4a16.default: trt_linear_w4a16,
         qops.embedding_int8.default: trt_embedding_int8,
+        qops.attention_q8.default: trt_attention_q8,
     },
     "ort": {
         qops.quantize_per_tensor.default: ort_quantize_per_tensor,
@@ -290,5 +366,6 @@ TRANSLATIONS = {
         qops.linear_w8a16.default: ort_linear_w8a16,
         qops.linear_w4a16.default: ort_linear_w4a16,
         qops.embedding_int8.default: ort_embedding_int8,
+        qops.attention_q8.default: ort_attention_q8,
     },
 }

@@ -1,4 +1,4 @@
-"""Match: find linear and attention ops in a Dynamo FX graph and decide what each becomes.
+"""Match: find linear ops in a Dynamo FX graph and decide what each becomes (attention: ``attention``).
 
 A linear op is ``F.linear`` / ``aten.linear`` / ``addmm`` / ``mm`` / ``matmul`` whose weight
 operand is a model parameter (directly, or through a 2-D transpose). Its owning module's name
@@ -133,8 +133,6 @@ LINEAR_PATTERNS = (
     LinearPattern("matmul", (torch.matmul, operator.matmul, torch.mm, aten.mm.default,
                              aten.matmul.default), lambda n: (n.args[0], n.args[1], None), False),
 )
-ATTENTION_TARGETS = (F.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu.default,
-                     aten.scaled_dot_product_attention.default)
 
 
 def _pattern_of(node: fx.Node) -> Optional[LinearPattern]:
@@ -179,14 +177,10 @@ def assigned_recipe(param, module: str, recipe) -> tuple:
 
 
 def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
-    """Annotate linear / attention nodes with ``LinearMatch`` / ``Decision``; return the matches."""
+    """Annotate linear nodes with ``LinearMatch`` / ``Decision``; return the matches."""
     params = graph_parameters(gm, example_inputs)
     matches = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in ATTENTION_TARGETS:
-            node.meta[META_KEY] = Decision(owning_module(node, node.name), "attention", FLOATING_POINT,
-                                           "attention stays in floating point (no attention recipe yet)")
-            continue
         pattern = _pattern_of(node)
         if pattern is None:
             continue

@@ -27,6 +27,10 @@ DEFAULT_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 NUMBER_FORMATS = ("int", "fp8")
 # how embedding tables are stored: None = floating point; "int8" = INT8 per row
 EMBEDDING_FORMATS = (None, "int8")
+# attention: None = floating point; "int8" / "fp8" = both products on 8-bit operands (qcompiler.ir.attention)
+ATTENTION_FORMATS = (None, "int8", "fp8")
+# the KV cache compiled generation uses: None = transformers' float cache; else a qcompiler.ir.kv scheme
+KV_CACHE_FORMATS = (None, "int8", "fp8", "int4")
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,14 @@ class Recipe:
             possible while its loss on held-out calibration data stays within ``budget``.
         budget: allowed relative perplexity increase for ``mixed_precision`` (0.01 = 1%).
         auto_formats: the recipe names (or "fp") ``mixed_precision`` may assign, smallest first.
+        attention: None (attention stays in floating point) or "int8" / "fp8": every
+            ``scaled_dot_product_attention`` runs as ``qcompile::attention_q8`` (K smoothed, Q and K
+            per token, softmax in float32, P with a fixed scale, V per channel; 8-bit products).
+        kv_cache: None, or "int8" / "fp8" / "int4": from the first decode step of ``generate()``
+            the model's key/value cache is a ``qcompiler.QuantizedKVCache`` of this scheme
+            (the prompt's own attention runs on floating-point keys and values, as in KIVI).
+        kv_group_size: the KV cache's group size (None: 64 for 8-bit, 32 for INT4).
+        kv_residual: how many of the most recent tokens the KV cache keeps in floating point.
 
     Example:
         >>> r = get_recipe("w8a8-smoothquant").replace(alpha=0.8, skip=("lm_head",))
@@ -181,6 +193,10 @@ class Recipe:
     mixed_precision: bool = False
     budget: float = 0.01
     auto_formats: tuple = DEFAULT_AUTO_FORMATS
+    attention: Optional[str] = None
+    kv_cache: Optional[str] = None
+    kv_group_size: Optional[int] = None
+    kv_residual: int = 128
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -244,6 +260,16 @@ class Recipe:
                               f"activation={self.activation!r}")
         if self.embedding not in EMBEDDING_FORMATS:
             raise OptionError(f"recipe {self.name!r}: embedding={self.embedding!r}; valid: {EMBEDDING_FORMATS}")
+        if self.attention not in ATTENTION_FORMATS:
+            raise OptionError(f"recipe {self.name!r}: attention={self.attention!r}; valid: {ATTENTION_FORMATS}")
+        if self.kv_cache not in KV_CACHE_FORMATS:
+            raise OptionError(f"recipe {self.name!r}: kv_cache={self.kv_cache!r}; valid: {KV_CACHE_FORMATS}")
+        gs = self.kv_group_size
+        if gs is not None and not (isinstance(gs, int) and gs >= 1 and gs & (gs - 1) == 0):
+            raise OptionError(f"recipe {self.name!r}: kv_group_size must be a power of two (e.g. 32, 64), got {gs!r}")
+        if not (isinstance(self.kv_residual, int) and self.kv_residual >= 0):
+            raise OptionError(f"recipe {self.name!r}: kv_residual must be a number of tokens >= 0, "
+                              f"got {self.kv_residual!r}")
         if self.smoothquant and self.activation is None:
             raise OptionError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
         # normalise containers given as lists / dicts (e.g. from options) to hashable tuples
@@ -253,6 +279,13 @@ class Recipe:
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
         object.__setattr__(self, "clip_grid", tuple(float(c) for c in self.clip_grid))
         object.__setattr__(self, "auto_formats", tuple(self.auto_formats))
+
+    @property
+    def attention_qdtype(self):
+        """The torch dtype of quantized attention's operands (None: attention stays in floating point)."""
+        import torch
+
+        return {None: None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[self.attention]
 
     @property
     def qdtype(self):

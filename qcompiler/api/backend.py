@@ -24,10 +24,7 @@ from qcompiler.api.options import compile_of, split_options
 from qcompiler.calibration import state
 from qcompiler.errors import OptionError, QcompileError
 from qcompiler.lowering import auto_choice, get_lowering
-from qcompiler.passes.embedding import embed
-from qcompiler.passes.match import match
-from qcompiler.passes.quantize import quantize
-from qcompiler.passes.smooth import smooth
+from qcompiler.passes.pipeline import run_passes
 
 # the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
 GRAPHS = "_qcompile_graphs"
@@ -189,11 +186,10 @@ class CompiledGraph:
 
     def _build(self):
         gm = _copy_dynamo_graph(self.original)
-        matches = match(gm, self.example_inputs, self.recipe)
-        params = [m.param for _, m, _ in matches]
+        rewritten = run_passes(gm, self.example_inputs, self.recipe)
+        params = rewritten.params
         self.watch = _Watch(params)
-        plans = smooth(gm, self.example_inputs, matches)
-        self.decisions = embed(gm, self.example_inputs, self.recipe, quantize(gm, matches, plans))
+        self.decisions = rewritten.decisions
         _register_new_sources(gm)
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",

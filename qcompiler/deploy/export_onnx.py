@@ -92,10 +92,7 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     """
     from qcompiler.deploy import onnx_check
     from qcompiler.lowering.onnx import to_onnx, with_io_dtype
-    from qcompiler.passes.embedding import embed
-    from qcompiler.passes.match import match
-    from qcompiler.passes.quantize import quantize
-    from qcompiler.passes.smooth import smooth
+    from qcompiler.passes.pipeline import run_passes
     from qcompiler.runtimes.ort_session import require_onnxruntime
 
     require_onnxruntime()
@@ -122,8 +119,7 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
         model.train(was_training)
     gm = program.module()
     flat = list(args) + list(kwargs.values())
-    matches = match(gm, flat, resolved)
-    decisions = embed(gm, flat, resolved, quantize(gm, matches, smooth(gm, flat, matches)))
+    decisions = run_passes(gm, flat, resolved).decisions
     proto = to_onnx(gm, args, form, kwargs=kwargs, dynamic_shapes=dynamic_shapes,
                     input_names=list(kwargs) if kwargs else None)
     if half is not None:

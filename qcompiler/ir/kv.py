@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompiler.ir.ops import FP8, QMAX, QMIN
+from qcompiler.ir.numerics import FP8, QMAX, QMIN
 
 SCALE_DTYPE = torch.float16
 # float16's smallest subnormal and largest finite value: a stored scale stays inside them

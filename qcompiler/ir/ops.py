@@ -27,33 +27,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-QMIN, QMAX = -128, 127
-FP8 = torch.float8_e4m3fn
-# qdtype -> the largest magnitude it represents (the scale maps amax onto it)
-QMAXES = {torch.int8: float(QMAX), FP8: float(torch.finfo(FP8).max)}
-# Scales are amax / 127; keep them strictly positive so all-zero rows quantize to 0, not NaN.
-_MIN_AMAX = 1e-12
+from qcompiler.ir import attention
+from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, round_clamp as _round_clamp
+from qcompiler.ir.numerics import scale_from_amax  # noqa: F401  (part of this module's interface)
+
 # Integer products are at most 128 * 128; float32 represents every integer up to 2**24 exactly,
 # so an fp32 accumulation over K <= 1024 terms is exact integer arithmetic.
 _FP32_EXACT_K = 2**24 // (128 * 128)
 
 
-def _round_clamp(x: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
-    if qdtype == torch.int8:
-        return torch.clamp(torch.round(x), QMIN, QMAX).to(torch.int8)
-    if qdtype == FP8:
-        return torch.clamp(x, -QMAXES[FP8], QMAXES[FP8]).to(FP8)
-    raise ValueError(f"unsupported quantized dtype {qdtype}; supported: {list(QMAXES)}")
-
-
 def _apply_smooth(x: Tensor, smooth_inv: Optional[Tensor]) -> Tensor:
     x = x.to(torch.float32)
     return x if smooth_inv is None else x * smooth_inv
-
-
-def scale_from_amax(amax: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
-    """Symmetric scale mapping an absolute maximum onto ``qdtype``'s range (float32, never zero)."""
-    return (amax.to(torch.float32).clamp_min(_MIN_AMAX) / QMAXES[qdtype]).to(torch.float32)
 
 
 def int_matmul(xq: Tensor, wq: Tensor) -> Tensor:
@@ -215,6 +200,17 @@ linear_w8a16 = _define("linear_w8a16", linear_w8a16_ref, _linear_w8a16_fake)
 linear_w4a16 = _define("linear_w4a16", linear_w4a16_ref, _linear_w4a16_fake)
 embedding_int8 = _define("embedding_int8", embedding_int8_ref, _embedding_int8_fake)
 
+
+
+
+def _attention_q8_fake(q, k, v, attn_mask, is_causal, scale, qdtype):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# 8-bit attention (qcompiler.ir.attention): smoothed K, Q and K per token, P with a fixed scale,
+# V per channel, INT8 or FP8 products, softmax in float32
+attention_q8 = _define("attention_q8", attention.attention_q8_ref, _attention_q8_fake)
+
 # op overload (what appears in FX graphs) -> its plain-torch reference implementation
 REFERENCE = {
     torch.ops.qcompile.quantize_per_token.default: quantize_per_token_ref,
@@ -223,4 +219,5 @@ REFERENCE = {
     torch.ops.qcompile.linear_w8a16.default: linear_w8a16_ref,
     torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,
     torch.ops.qcompile.embedding_int8.default: embedding_int8_ref,
+    torch.ops.qcompile.attention_q8.default: attention.attention_q8_ref,
 }

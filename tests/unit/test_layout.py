@@ -102,7 +102,7 @@ def _cycles(graph: dict) -> list:
 
 
 def test_the_graph_is_read():
-    assert len(MODULES) > 40 and GRAPH["qcompiler.api.backend"] >= {"qcompiler.passes.quantize",
+    assert len(MODULES) > 40 and GRAPH["qcompiler.api.backend"] >= {"qcompiler.passes.pipeline",
                                                                      "qcompiler.recipes"}
 
 

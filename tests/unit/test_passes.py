@@ -10,6 +10,8 @@ from torch import nn
 import qcompiler
 from conftest import rel_err
 from models import Block, Stack, capture, with_outlier_channels
+from qcompiler.api.explain import findings
+from qcompiler.passes.attention import quantize_attention
 from qcompiler.passes.match import match
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
 from qcompiler.passes.quantize import quantize, sqnr_db, token_sqnr_db
@@ -64,8 +66,11 @@ def test_match_finds_every_linear_form_and_records_the_rest():
     weights = {m.pattern + str(i): m.weight for i, (_, m, _) in enumerate(found)}
     assert any(w is not None and torch.equal(w, model.w_kn.t()) for w in weights.values())
     others = [n.meta[META_KEY] for n in gm.graph.nodes if isinstance(n.meta.get(META_KEY), Decision)]
-    assert Counter(d.op for d in others) == {"matmul": 2, "attention": 1}  # x @ x.t(), scores @ x; SDPA
+    assert Counter(d.op for d in others) == {"matmul": 2}  # x @ x.t(), scores @ x (SDPA: the attention pass)
     assert all(d.scheme == FLOATING_POINT and d.reason for d in others)
+    attention = quantize_attention(gm, ex, get_recipe("w8a8"))
+    assert [d.op for d in attention] == ["attention"] and attention[0].scheme == FLOATING_POINT
+    assert "attention=None" in attention[0].reason
 
 
 @pytest.mark.parametrize("recipe,expected", [
@@ -321,7 +326,7 @@ def test_a_static_scale_far_worse_than_per_token_keeps_the_activations_float(rec
     guarded = sum(losses[m] > 6.0 for m in losses)
     assert counts["linear_w8a16"] == guarded and counts["linear_w8a8"] == len(losses) - guarded
     assert any("INT8 weights, activations kept in floating point" in line
-               for line in qcompiler.api.explain.findings(on))
+               for line in findings(on))
     # a floor no weight-only layer reaches either: the whole layer stays in floating point
     *_, floor = run_passes(model, x, get_recipe(recipe).replace(min_sqnr_db=90.0))
     assert all(d.scheme == FLOATING_POINT for d in floor)

@@ -1,0 +1,122 @@
+"""Where 8-bit attention loses accuracy on SmolLM2-135M: each step of ``qcompile::attention_q8``
+alone (Q/K per token, P with a fixed scale, V per channel), and variants of the P step, on top of
+w8a8-smoothquant-dynamic (inductor target), perplexity on held-out 512-token windows.
+
+    python benchmarks/experiments/attention_error_sources.py [--windows 4] [--variants qk,p,v,all,p-qsum]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+import qcompiler
+from qcompiler.bundled import zoo
+from qcompiler.ir import attention
+
+
+@contextlib.contextmanager
+def patched(**functions):
+    saved = {name: getattr(attention, name) for name in functions}
+    for name, fn in functions.items():
+        setattr(attention, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(attention, name, fn)
+
+
+def _float_rows(x, qdtype):  # "quantize" that keeps the values: codes = x, scale = 1
+    x = x.to(torch.float32)
+    return x, torch.ones((*x.shape[:-1], 1))
+
+
+def _float_p(p, qdtype):
+    return p * attention.QMAXES[qdtype]
+
+
+def _float_v(v, qdtype):
+    return v, torch.ones((*v.shape[:-2], 1, v.shape[-1]))
+
+
+def _fake_groups(group):
+    """Q and K rows quantized in groups of ``group`` channels (codes returned dequantized, scale 1)."""
+    def rows(x, qdtype):
+        x = x.to(torch.float32)
+        g = x.reshape(*x.shape[:-1], -1, group)
+        codes, scale = _ROWS(g, qdtype)
+        return (codes.to(torch.float32) * scale).reshape(x.shape), torch.ones((*x.shape[:-1], 1))
+    return rows
+
+
+def _q_smoothed():
+    """Q minus its mean over tokens quantized, the mean's product with K added back exactly
+    (SageAttention2); K as the q-op has it. Calls alternate Q, K."""
+    calls = []
+
+    def rows(x, qdtype):
+        calls.append(1)
+        x = x.to(torch.float32)
+        if len(calls) % 2 == 1:  # Q
+            mean = x.mean(dim=-2, keepdim=True)
+            codes, scale = _ROWS(x - mean, qdtype)
+            return codes.to(torch.float32) * scale + mean, torch.ones((*x.shape[:-1], 1))
+        return _ROWS(x, qdtype)
+    return rows
+
+
+def _p_quantized_sum(p, qdtype):
+    """P codes rescaled so that the float32 normalizer equals the sum of the quantized P."""
+    codes = _P(p, qdtype).to(torch.float32)
+    total = p.sum(-1, keepdim=True) * attention.QMAXES[qdtype]
+    return codes * (total / codes.sum(-1, keepdim=True).clamp_min(1e-30))
+
+
+def _p_u8(p, qdtype):
+    """P on 256 levels (0..255: an unsigned 8-bit operand), returned on the q-op's 1/qmax scale."""
+    return torch.round(p * 255) / 255 * attention.QMAXES[qdtype]
+
+
+_ROWS, _P = attention.quantize_rows, attention.quantize_probabilities
+
+VARIANTS = {  # name -> what stays in floating point (patched to identity)
+    "all": {},
+    "qk": {"quantize_probabilities": _float_p, "quantize_values": _float_v},
+    "p": {"quantize_rows": _float_rows, "quantize_values": _float_v},
+    "v": {"quantize_rows": _float_rows, "quantize_probabilities": _float_p},
+    "qk-g32": {"quantize_probabilities": _float_p, "quantize_values": _float_v, "quantize_rows": _fake_groups(32)},
+    "qk-qsmooth": {"quantize_probabilities": _float_p, "quantize_values": _float_v, "quantize_rows": "q-smooth"},
+    "p-qsum": {"quantize_rows": _float_rows, "quantize_values": _float_v, "quantize_probabilities": _p_quantized_sum},
+    "p-u8": {"quantize_rows": _float_rows, "quantize_values": _float_v, "quantize_probabilities": _p_u8},
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--variants", default="qk,p,v,all")
+    ap.add_argument("--formats", default="int8,fp8")
+    args = ap.parse_args(argv)
+    model, tok = zoo.load_smollm2()
+    ids = zoo.wiki_token_ids(tok, "smollm2")
+    calib, held = zoo.lm_windows(ids, 512, 8, args.windows)
+    qcompiler.calibrate(model, [{"input_ids": w[None]} for w in calib], progress=False)
+    options = {"recipe": "w8a8-smoothquant-dynamic", "target": "inductor"}
+    base = zoo.perplexity(torch.compile(model, backend="qcompile", options=options), held)
+    print(f"w8a8-smoothquant-dynamic, attention in FP: {base:.4f}", flush=True)
+    for fmt in args.formats.split(","):
+        for name in args.variants.split(","):
+            torch._dynamo.reset()
+            t = time.time()
+            variant = {k: (_q_smoothed() if f == "q-smooth" else f) for k, f in VARIANTS[name].items()}
+            with patched(**variant):
+                fast = torch.compile(model, backend="qcompile", options=dict(options, attention=fmt))
+                ppl = zoo.perplexity(fast, held)
+            print(f"{fmt} {name} quantized: {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%) {time.time() - t:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Attention: describe every ``scaled_dot_product_attention`` and, where the recipe asks
+(``attention="int8" | "fp8"``), replace it by ``qcompile::attention_q8``.
+
+Each attention gets a ``Decision`` whose text gives its geometry (query heads, head size, the
+key/value heads before transformers' ``repeat_kv`` for GQA / MQA, the mask: causal, a boolean or
+additive mask, or none) and, when the graph's inputs are real tensors (the call being compiled),
+its output SQNR against floating-point attention on those inputs, computed by the reference q-op.
+Attention with dropout, or in a form the q-op does not take, stays in floating point with the
+reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qcompiler.ir.attention import attention_q8_ref
+from qcompiler.passes.match import owning_module
+from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
+from qcompiler.passes.quantize import sqnr_db
+
+aten = torch.ops.aten
+qops = torch.ops.qcompile
+# same signature: (query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+SDPA = (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default)
+# other attention forms a graph may carry: reported, left in floating point
+OTHER_ATTENTION = (aten._scaled_dot_product_flash_attention_for_cpu.default,)
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_REPEATS = {"expand", "reshape", "view", "contiguous", aten.expand.default, aten.view.default,
+            aten.reshape.default, aten.clone.default, torch.reshape, aten._unsafe_view.default}
+FLOAT_REASON = "attention stays in floating point (recipe field attention=None; 'int8' or 'fp8' quantizes it)"
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What ``explain`` says of one attention op."""
+
+    heads: int
+    head_dim: int
+    kv_heads: int
+    mask: str          # "causal", "boolean mask", "additive mask", "causal + ... mask" or "none"
+
+    def text(self) -> str:
+        kv = "" if self.kv_heads == self.heads else f", {self.kv_heads} KV heads"
+        return f"{self.heads} heads of {self.head_dim}{kv}, mask: {self.mask}"
+
+
+def sdpa_arguments(node: fx.Node) -> dict:
+    args = dict(SDPA_DEFAULTS)
+    args.update(zip(SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _kv_heads(key: fx.Node, heads: int) -> int:
+    """Key/value heads before ``repeat_kv`` (an ``expand`` of ``[B, Hkv, 1, L, D]`` reshaped to ``Hkv * n``)."""
+    node = key
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            break
+        if node.target in ("expand", aten.expand.default) and isinstance(node.args[0], fx.Node):
+            value = node_value(node.args[0])
+            if value is not None and value.dim() == 5:
+                return int(value.shape[1])
+        if node.target not in _REPEATS or not node.args:
+            break
+        node = node.args[0]
+    value = node_value(key)
+    return int(value.shape[1]) if value is not None and value.dim() == 4 else heads
+
+
+def describe(node: fx.Node) -> Optional[AttentionShape]:
+    a = sdpa_arguments(node)
+    q, k = node_value(a["query"]), node_value(a["key"])
+    if q is None or k is None or q.dim() != 4:
+        return None
+    heads = int(q.shape[1])
+    kv = int(k.shape[1]) if a["enable_gqa"] else _kv_heads(a["key"], heads)
+    mask = node_value(a["attn_mask"]) if isinstance(a["attn_mask"], fx.Node) else None
+    kinds = (["causal"] if a["is_causal"] else []) + (
+        [] if mask is None else ["boolean mask" if mask.dtype == torch.bool else "additive mask"])
+    return AttentionShape(heads, int(q.shape[-1]), kv, " + ".join(kinds) or "none")
+
+
+def _unsupported(a: dict) -> str:
+    if a["dropout_p"] not in (0, 0.0):
+        return f"dropout_p={a['dropout_p']} (training-time attention dropout)"
+    for name in ("query", "key", "value"):
+        v = node_value(a[name]) if isinstance(a[name], fx.Node) else None
+        if v is None or v.dim() != 4 or not v.is_floating_point():
+            return f"{name} is not a 4-D floating-point tensor of known shape"
+    q, k = node_value(a["query"]), node_value(a["key"])
+    if isinstance(q.shape[1], int) and isinstance(k.shape[1], int) and q.shape[1] % k.shape[1]:
+        return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads"
+    if a["attn_mask"] is not None and not isinstance(a["attn_mask"], fx.Node):
+        return "the mask is not a tensor"
+    return ""
+
+
+def _mutates(gm: fx.GraphModule) -> bool:
+    """Whether the graph writes in place (a static KV cache's ``index_copy_``): replaying it to
+    measure would apply the write twice, so such graphs are not replayed."""
+    for n in gm.graph.nodes:
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        in_place = name.split(".")[0].endswith("_") and not name.startswith("_")
+        if n.op in ("call_function", "call_method") and in_place and \
+                getattr(n.target, "__module__", None) != "_operator":  # operator.and_ is not in place
+            return True
+    return False
+
+
+def _sqnr_inputs(gm: fx.GraphModule, example_inputs, nodes: list) -> dict:
+    """node -> (q, k, v, mask, scale) on the call being compiled, when its inputs are real tensors."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not nodes or any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs) or _mutates(gm):
+        return {}
+    wanted, seen = set(nodes), {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                a = sdpa_arguments(n)
+                seen[n] = tuple(self.env.get(a[x], a[x]) if isinstance(a[x], fx.Node) else a[x]
+                                for x in ("query", "key", "value", "attn_mask", "scale"))
+            return out
+
+    try:
+        with torch.no_grad():
+            Recorder(gm).run(*example_inputs)
+    except Exception:  # a graph the interpreter cannot replay (symbolic sizes, ...): no SQNR, no error
+        return {}
+    return seen
+
+
+def _sqnr(values, a: dict, qdtype) -> Optional[float]:
+    q, k, v, mask, scale = values
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=a["is_causal"],
+                                         scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    got = attention_q8_ref(q, k, v, mask, a["is_causal"], scale, qdtype)
+    live = torch.isfinite(ref).all(dim=-1)  # rows with every key masked carry no meaning
+    return sqnr_db(ref[live], got.float()[live]) if live.any() else None
+
+
+def quantize_attention(gm: fx.GraphModule, example_inputs, recipe) -> list:
+    """Describe every attention op; rewrite the ones the recipe quantizes. Returns their Decisions."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA + OTHER_ATTENTION]
+    plan = []
+    for node in nodes:
+        module = owning_module(node, node.name)
+        layer = recipe.for_module(module)
+        shape = describe(node) if node.target in SDPA else None
+        geometry = f"{shape.text()}; " if shape else ""
+        if node.target not in SDPA:
+            why = "an attention form qcompile does not quantize (only scaled_dot_product_attention)"
+        elif layer is None:
+            why = "kept in floating point by a skip/override pattern"
+        elif layer.attention is None:
+            why = FLOAT_REASON
+        else:
+            why = _unsupported(sdpa_arguments(node))
+        plan.append((node, module, layer, geometry, why))
+    measured = _sqnr_inputs(gm, example_inputs, [n for n, _, _, _, why in plan if not why])
+    decisions = []
+    for node, module, layer, geometry, why in plan:
+        if why:
+            d = Decision(module, "attention", FLOATING_POINT, geometry + why)
+            node.meta[META_KEY] = d
+            decisions.append(d)
+            continue
+        a = sdpa_arguments(node)
+        qdtype = layer.attention_qdtype
+        sqnr = _sqnr(measured[node], a, qdtype) if node in measured else None
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(qops.attention_q8.default, (
+                a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"], qdtype))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        fmt = "INT8" if layer.attention == "int8" else "FP8"
+        text = f"{geometry}{fmt} Q and K per token (K smoothed), P fixed-scale, V per channel, softmax in FP32"
+        d = Decision(module, "attention", f"attention-{layer.attention}", text, sqnr)
+        new.meta[META_KEY] = d
+        decisions.append(d)
+    if any(d.scheme != FLOATING_POINT for d in decisions):
+        gm.graph.lint()
+        gm.recompile()
+    return decisions

@@ -1,0 +1,34 @@
+"""The passes in their order, as one call: what the backend and the ONNX exporter both run.
+
+``match`` -> ``smooth`` -> ``quantize`` (linears) -> ``embed`` (embedding tables) ->
+``quantize_attention``; each returns its ``Decision``s, collected here in that order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from qcompiler.passes.attention import quantize_attention
+from qcompiler.passes.embedding import embed
+from qcompiler.passes.match import match
+from qcompiler.passes.quantize import quantize
+from qcompiler.passes.smooth import smooth
+
+
+@dataclass
+class Rewritten:
+    """What the passes did to one graph: a decision per linear / embedding / attention op, and the
+    weight Parameters of the matched linears (whose calibration state the graph depends on)."""
+
+    decisions: list
+    params: list
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, recipe) -> Rewritten:
+    """Rewrite ``gm`` in place for ``recipe``."""
+    matches = match(gm, example_inputs, recipe)
+    plans = smooth(gm, example_inputs, matches)
+    decisions = embed(gm, example_inputs, recipe, quantize(gm, matches, plans))
+    decisions += quantize_attention(gm, example_inputs, recipe)
+    return Rewritten(decisions, [m.param for _, m, _ in matches])

@@ -1,0 +1,103 @@
+"""Quantized attention: the plain-torch reference of ``qcompile::attention_q8`` (INT8 or FP8 E4M3).
+
+``softmax(Q K^T * scale + mask) V`` with both products on 8-bit operands (SageAttention's recipe):
+
+1. **K smoothing**: K minus its mean over tokens, per (batch, head, channel). It shifts every
+   score of a query row by the same ``q . mean`` and so cancels in the softmax, while it removes
+   the channel offsets that would otherwise spend the key's 8-bit range.
+2. **Q and K per token**: one scale per row (per batch, head and token), ``amax / qmax``; the
+   product ``Qq Kq^T`` is exact (``qcompiler.ir.ops`` conventions), then scaled by
+   ``sq * sk * scale``.
+3. **Softmax in float32**: the mask (boolean, True = attend, or additive) and the causal mask
+   (top-left aligned, as ``scaled_dot_product_attention`` takes ``is_causal``) are applied; with
+   the row maximum ``m``, ``P = exp(S - m)`` lies in [0, 1] and ``l`` is its row sum.
+4. **P with a fixed scale** ``1 / qmax`` (no per-row amax: the maximum of ``P`` is 1 on every row)
+   and **V per channel** (one scale per batch, head and channel, over tokens).
+5. ``O = (Pq Vq) * (sv / qmax) / l``: the normalizer is the float32 ``l`` (what a fused kernel
+   accumulates). A row with no key to attend gets zeros.
+
+Query heads that outnumber key/value heads (GQA, MQA) read key/value head ``h // (Hq / Hkv)``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qcompiler.ir.numerics import FP8, QMAXES, quantize_rows
+
+
+def default_scale(head_dim: int) -> float:
+    return head_dim ** -0.5
+
+
+def _repeat_heads(t: Tensor, heads: int) -> Tensor:
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def smooth_keys(k: Tensor) -> Tensor:
+    return k - k.mean(dim=-2, keepdim=True)
+
+
+def quantize_values(v: Tensor, qdtype: torch.dtype) -> tuple:
+    """V ``[B, H, L, Dv]`` -> (codes, float32 scale ``[B, H, 1, Dv]``), per channel over tokens."""
+    q, s = quantize_rows(v.transpose(-1, -2), qdtype)
+    return q.transpose(-1, -2), s.transpose(-1, -2)
+
+
+def quantize_probabilities(p: Tensor, qdtype: torch.dtype) -> Tensor:
+    """``P`` in [0, 1] with the fixed scale ``1 / qmax``: codes in [0, qmax]."""
+    qmax = QMAXES[qdtype]
+    if qdtype == torch.int8:
+        return torch.round(p * qmax).to(torch.int8)
+    return (p * qmax).to(FP8)
+
+
+def score_mask(attn_mask: Optional[Tensor], is_causal: bool, lq: int, lk: int, device) -> Optional[Tensor]:
+    """An additive float32 mask (0 or -inf, or the user's values) broadcastable to the scores."""
+    mask = None
+    if attn_mask is not None:
+        mask = (torch.zeros(attn_mask.shape, dtype=torch.float32, device=device)
+                .masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                else attn_mask.to(torch.float32))
+    if is_causal:
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+        causal = torch.zeros(lq, lk, device=device).masked_fill(~causal, float("-inf"))
+        mask = causal if mask is None else mask + causal
+    return mask
+
+
+def attention_q8_ref(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                     scale: Optional[float], qdtype: torch.dtype) -> Tensor:
+    """The reference (see the module docstring): exact products (float64), float32 softmax; q's dtype out."""
+    return attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype, torch.float64)
+
+
+def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                 scale: Optional[float], qdtype: torch.dtype, product_dtype: torch.dtype) -> Tensor:
+    """The q-op's math with its two products in ``product_dtype``: float64 is exact (the reference);
+    float32 is exact for Q K^T up to head size 1024 and rounds P V over longer contexts only by
+    float32 accumulation (what compiled targets run). ``scale`` None: 1 / sqrt(head size)."""
+    pd = product_dtype
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    heads = q.shape[1]
+    k = smooth_keys(_repeat_heads(k, heads).to(torch.float32))
+    v = _repeat_heads(v, heads).to(torch.float32)
+    qq, sq = quantize_rows(q, qdtype)
+    kq, sk = quantize_rows(k, qdtype)
+    scores = torch.matmul(qq.to(pd), kq.to(pd).transpose(-1, -2))
+    scores = (scores * sq.to(pd) * sk.to(pd).transpose(-1, -2) * scale).to(torch.float32)
+    mask = score_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+    if mask is not None:
+        scores = scores + mask
+    m = scores.amax(dim=-1, keepdim=True)
+    live = torch.isfinite(m) | m.isnan()  # NaN rows stay NaN; rows with every key masked give zeros
+    p = torch.exp(scores - torch.where(live, m, torch.zeros_like(m)))
+    l = p.sum(dim=-1, keepdim=True)
+    vq, sv = quantize_values(v, qdtype)
+    pq = quantize_probabilities(p, qdtype)
+    out = torch.matmul(pq.to(pd), vq.to(pd)) * (sv.to(pd) / QMAXES[qdtype])
+    out = out / l.to(pd)
+    out = torch.where(live, out, torch.zeros_like(out))
+    return out.to(q.dtype)

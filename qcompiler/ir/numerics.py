@@ -1,0 +1,37 @@
+"""Number formats shared by every q-op: the 8-bit types, their ranges, and symmetric rounding.
+
+INT8 ``q = clamp(round_half_even(x / scale), -128, 127)``; FP8 E4M3 ``q = fp8(clamp(x / scale,
+-448, 448))``; ``scale = amax / qmax`` in float32, never zero (see ``qcompiler.ir.ops``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+QMIN, QMAX = -128, 127
+FP8 = torch.float8_e4m3fn
+# qdtype -> the largest magnitude it represents (the scale maps amax onto it)
+QMAXES = {torch.int8: float(QMAX), FP8: float(torch.finfo(FP8).max)}
+# Scales are amax / 127; keep them strictly positive so all-zero rows quantize to 0, not NaN.
+MIN_AMAX = 1e-12
+
+
+def round_clamp(x: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
+    """Scaled values -> ``qdtype`` codes (INT8 rounds half to even then clamps; FP8 clamps then casts)."""
+    if qdtype == torch.int8:
+        return torch.clamp(torch.round(x), QMIN, QMAX).to(torch.int8)
+    if qdtype == FP8:
+        return torch.clamp(x, -QMAXES[FP8], QMAXES[FP8]).to(FP8)
+    raise ValueError(f"unsupported quantized dtype {qdtype}; supported: {list(QMAXES)}")
+
+
+def scale_from_amax(amax: Tensor, qdtype: torch.dtype = torch.int8) -> Tensor:
+    """Symmetric scale mapping an absolute maximum onto ``qdtype``'s range (float32, never zero)."""
+    return (amax.to(torch.float32).clamp_min(MIN_AMAX) / QMAXES[qdtype]).to(torch.float32)
+
+
+def quantize_rows(x: Tensor, qdtype: torch.dtype = torch.int8) -> tuple:
+    """Each row (last dimension) with its own scale: (codes, float32 scale ``x.shape[:-1] + (1,)``)."""
+    x = x.to(torch.float32)
+    scale = scale_from_amax(x.abs().amax(dim=-1, keepdim=True), qdtype)
+    return round_clamp(x / scale, qdtype), scale
