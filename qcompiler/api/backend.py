@@ -222,6 +222,46 @@ class CompiledGraph:
             return self.fn(*args)
 
 
+def compiled_module(gm: fx.GraphModule) -> Optional[nn.Module]:
+    """The module whose code Dynamo is compiling into ``gm`` (the outermost module on the path
+    to any of its parameters, read from Dynamo's sources in the frame being traced), or None."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        names = {"L": tx.f_locals, "G": tx.f_globals}  # what a source's name refers to
+        scopes = (dict(tx.f_globals, **names), names)
+    except Exception:  # not inside a Dynamo trace, or a torch without these internals
+        return None
+    for node in gm.graph.nodes:
+        source, chain = getattr(node, "_dynamo_source", None), []
+        while source is not None:
+            chain.append(source)
+            source = getattr(source, "base", None)
+        for src in reversed(chain):  # the frame's local first
+            try:
+                value = src.get_value(*scopes, {})
+            except Exception:
+                continue
+            if isinstance(value, nn.Module):
+                return value
+    return None
+
+
+def _attach_kv_cache(gm: fx.GraphModule, recipe) -> None:
+    """Honour ``kv_cache=``: the compiled model's ``generate()`` gets a ``QuantizedKVCache``."""
+    from qcompiler.api import kv_cache
+
+    model = compiled_module(gm)
+    if model is None or not hasattr(model, "config"):
+        raise OptionError(
+            f"kv_cache={recipe.kv_cache!r} applies to a transformers model compiled as a whole "
+            f"(torch.compile(model.forward, ...) or torch.compile(model, ...)), and this graph's model "
+            f"could not be found: pass cache=qcompiler.QuantizedKVCache(model.config, {recipe.kv_cache!r}) "
+            f"to generate() instead")
+    kv_cache.attach(model, recipe.kv_cache, recipe.kv_group_size, recipe.kv_residual)
+
+
 def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mapping] = None, mode=None):
     """The Dynamo backend registered as ``qcompile`` (entry point ``torch_dynamo_backends``).
 
@@ -243,6 +283,8 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mappi
         if mode not in (None, "default"):
             raise OptionError(f"backend 'qcompile' takes no mode (got {mode!r}); pass options={{'target': ...}}")
         recipe, target = split_options(options)
+        if recipe.kv_cache is not None:
+            _attach_kv_cache(gm, recipe)
         return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),
                              compile_key=_calling_compile())
     except QcompileError as e:  # the user's mistake: show it, not the compiler stack around it

@@ -144,7 +144,18 @@ def explain(model: nn.Module) -> Report:
     targets = [GraphTarget(g.requested, g.running_target,
                            "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}")
                                      if r)) for g in graphs]
-    return Report(records, targets, _run_notes(state_of(model).last_run))
+    return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model))
+
+
+def _kv_notes(model) -> list:
+    from qcompiler.api.kv_cache import HOOK
+
+    current = getattr(model, "__dict__", {}).get(HOOK)
+    if current is None:
+        return []
+    scheme, group, residual = current[0]
+    return [f"KV cache: {scheme}, keys per channel and values per token in groups of {group}, the last "
+            f"{residual}+ tokens in floating point (generate()'s DynamicCache becomes a qcompiler.QuantizedKVCache)"]
 
 
 def _run_notes(run: dict) -> list:

@@ -210,6 +210,20 @@ class QuantizedKVCache(Cache if Cache is not None else object):
         """Bytes of the quantized part only (codes, scales and offsets)."""
         return sum(layer.quantized_nbytes for layer in self.layers if isinstance(layer, QuantizedKVLayer))
 
+    @classmethod
+    def from_cache(cls, cache, config, scheme: str = "int8", group_size: Optional[int] = None,
+                   residual: int = DEFAULT_RESIDUAL) -> "QuantizedKVCache":
+        """A quantized cache holding what ``cache`` (a transformers ``DynamicCache``) holds: its
+        full-attention layers' keys and values go through the quantized layers (all but the last
+        ``residual``-odd tokens quantized); sliding-window layers are taken over as they are."""
+        new = cls(config, scheme, group_size, residual)
+        for i, layer in enumerate(cache.layers[:len(new.layers)]):
+            if not isinstance(new.layers[i], QuantizedKVLayer):
+                new.layers[i] = layer
+            elif layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4 and layer.keys.numel():
+                new.layers[i].update(layer.keys, layer.values)
+        return new
+
     def quantized_tokens(self) -> int:
         """Tokens stored quantized, summed over layers and batch rows (for bytes per token)."""
         return sum(layer.qkeys.codes.shape[0] * layer.quantized_length for layer in self.layers
@@ -222,3 +236,40 @@ def float_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return 2 * text.num_hidden_layers * heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+HOOK = "_qcompile_kv_cache_hook"  # the model's attribute: (settings, the forward pre-hook's handle)
+
+
+def attach(model, scheme: str, group_size: Optional[int], residual: int) -> None:
+    """Make ``model`` (a transformers model) run with a ``QuantizedKVCache`` of this scheme: a
+    forward pre-hook turns the ``DynamicCache`` that ``generate()`` passes into a quantized one
+    (quantizing what it already holds) the first time it sees it; the model returns that cache,
+    and ``generate()`` passes it back on every later step. A cache the caller made (a
+    ``QuantizedKVCache``, a ``StaticCache``) is left as it is."""
+    _require_transformers()
+    from transformers import DynamicCache
+
+    group = check_options(scheme, group_size, residual)
+    settings = (scheme, group, residual)
+    current = model.__dict__.get(HOOK)
+    if current is not None and current[0] == settings:
+        return
+    if current is not None:
+        current[1].remove()
+
+    def quantize_cache(module, args, kwargs):
+        for key in ("cache", "past_key_values"):
+            cache = kwargs.get(key)
+            if type(cache) is DynamicCache:
+                kwargs[key] = QuantizedKVCache.from_cache(cache, module.config, *settings)
+        return args, kwargs
+
+    model.__dict__[HOOK] = (settings, model.register_forward_pre_hook(quantize_cache, with_kwargs=True))
+
+
+def attached(model) -> Optional[tuple]:
+    """``(scheme, group size, residual)`` of the KV cache ``attach`` gave ``model``, or None."""
+    current = getattr(model, "__dict__", {}).get(HOOK)
+    return None if current is None else current[0]
+

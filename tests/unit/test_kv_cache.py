@@ -174,3 +174,31 @@ def test_crop_is_refused_with_the_fix():
     layer.update(torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16))
     with pytest.raises(NotImplementedError, match="float cache"):
         layer.crop(-3)
+
+
+def test_recipe_option_kv_cache_quantizes_the_cache_of_compiled_generation():
+    """options={"kv_cache": ...}: generate() with the compiled forward ends with a quantized cache,
+    and generates what an explicit QuantizedKVCache of the same settings generates."""
+    model, vocab = build("llama")
+    prompt = token_batch(vocab, 1, 40, seed=4)
+    settings = {"recipe": "w8a16", "kv_cache": "int8", "kv_group_size": 16, "kv_residual": 8}
+    with torch.no_grad():
+        ref_model = build("llama")[0]
+        ref_model.forward = torch.compile(ref_model.forward, backend="qcompile",
+                                          options={"recipe": "w8a16", "target": "reference"})
+        cache = qcompiler.QuantizedKVCache(ref_model.config, "int8", group_size=16, residual=8)
+        ref = ref_model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, cache=cache)
+        model.forward = torch.compile(model.forward, backend="qcompile", options=dict(settings, target="inductor"))
+        out = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    final = out.cache if "cache" in out else out.past_key_values
+    assert isinstance(final, qcompiler.QuantizedKVCache) and final.quantized_nbytes > 0
+    assert torch.equal(out.sequences, ref)
+    assert any("KV cache: int8" in line for line in str(qcompiler.explain(model)).splitlines())
+
+
+def test_recipe_option_kv_cache_without_a_transformers_model_names_the_fix():
+    lin = torch.nn.Linear(8, 8)
+    fast = torch.compile(lin, backend="qcompile", options={"kv_cache": "int8"})
+    with pytest.raises(OptionError, match="QuantizedKVCache"):
+        fast(torch.randn(2, 8))
