@@ -2,7 +2,7 @@
 
 Each q-op is swapped for a ``qcompile_triton::`` custom op whose implementation is the kernel
 launcher in ``qcompiler.runtimes.triton_*`` and whose fake is the q-op's own, so Inductor compiles
-the graph around them (norms, attention, residuals) and calls the kernels as extern calls. Scales
+the graph around them (norms, floating-point attention, residuals) and calls the kernels as extern calls. Scales
 and packed weights arrive as graph constants; nothing here recomputes them. Which kernel runs
 (GEMV or GEMM, split-K, tile sizes) is decided per call from M by the launchers.
 
@@ -15,7 +15,7 @@ from torch import fx
 
 from qcompiler.ir import ops
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
-from qcompiler.runtimes import triton_quantize, triton_w8a8, triton_weight_only
+from qcompiler.runtimes import triton_attention, triton_quantize, triton_w8a8, triton_weight_only
 from qcompiler.runtimes.triton_support import require
 
 qops = torch.ops.qcompile
@@ -27,6 +27,7 @@ KERNELS = {
     "linear_w8a8": triton_w8a8.linear_w8a8,
     "linear_w8a16": triton_weight_only.linear_w8a16,
     "linear_w4a16": triton_weight_only.linear_w4a16,
+    "attention_q8": triton_attention.attention_q8,
 }
 
 

@@ -71,6 +71,13 @@ def _smoothed(x_row, smooth_ptr, cols, K, HAS_SMOOTH: tl.constexpr):
 
 
 @triton.jit
+def _nan_if(flag, scale):
+    """NaN for a row that holds a NaN, as the reference's amax gives (``maximum`` on the GPU drops
+    NaN operands, which would quantize the row to finite codes)."""
+    return tl.where(flag, float("nan"), scale)
+
+
+@triton.jit
 def _per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_x, stride_q, qmax,
                       HAS_SMOOTH: tl.constexpr, IS_FP8: tl.constexpr, BLOCK_K: tl.constexpr,
                       ONE_TILE: tl.constexpr):
@@ -81,12 +88,17 @@ def _per_token_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_x, stride_q
         cols = tl.arange(0, BLOCK_K)
         x = _smoothed(x_row, smooth_ptr, cols, K, HAS_SMOOTH)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), qmax)
+        scale = _nan_if(tl.sum((x != x).to(tl.int32), axis=0) > 0, scale)
         tl.store(q_row + cols, _to_code(tl.math.div_rn(x, scale), IS_FP8), mask=cols < K)
     else:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        nans = tl.zeros([BLOCK_K], dtype=tl.int32)
         for start in range(0, K, BLOCK_K):
-            amax = tl.maximum(amax, tl.abs(_smoothed(x_row, smooth_ptr, start + tl.arange(0, BLOCK_K), K, HAS_SMOOTH)))
+            x = _smoothed(x_row, smooth_ptr, start + tl.arange(0, BLOCK_K), K, HAS_SMOOTH)
+            amax = tl.maximum(amax, tl.abs(x))
+            nans += (x != x).to(tl.int32)
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), qmax)
+        scale = _nan_if(tl.sum(nans, axis=0) > 0, scale)
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             x = _smoothed(x_row, smooth_ptr, cols, K, HAS_SMOOTH)

@@ -95,6 +95,20 @@ def _weight_only(kernel: str, config, act, bits, has_zero, has_smooth, group=64,
     compile_for_h100(fn, {k: v for k, v in types.items() if k in names}, constexprs, config.num_warps, config.num_stages)
 
 
+def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
+    from qcompiler.runtimes import triton_attention as ta
+
+    byte = "*u8" if is_fp8 else "*i8"
+    types = {"q_ptr": byte, "k_ptr": byte, "v_ptr": byte, "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+             "mask_ptr": {ta.MASK_NONE: "*fp32", ta.MASK_BOOL: "*i8", ta.MASK_ADD: "*fp32"}[mask],
+             "o_ptr": ACT[out], "sm_scale": "fp32",
+             **_ints("LQ", "LK", "HQ", "HKV", "GROUP", "sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
+                     "svd", "smb", "smh", "smm", "smn", "sob", "soh", "som")}
+    compile_for_h100(ta._attention_kernel, types, {
+        "D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(16, 1 << (d - 1).bit_length()),
+        "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal})
+
+
 # activation dtype, bits, zero points, AWQ smoothing, group: the flag sets the launchers produce
 # (group 16 scales in the tile; 128 is longer than some BLOCK_K)
 WEIGHT_ONLY_VARIANTS = [("bf16", 4, False, False, 64), ("fp16", 4, True, True, 32), ("fp32", 4, True, False, 128),
@@ -128,6 +142,12 @@ def cases() -> dict:
             "gemv", tuning.ALL_WEIGHT_ONLY_GEMV[0], *a, 2)
         out[f"gemv1-{name}"] = lambda a=(act, bits, zero, smooth, group): _weight_only(
             "gemv1", tuning.ALL_WEIGHT_ONLY_GEMV1[0], *a, 2)
+    for is_fp8, mask, causal, (bm, bn), d in itertools.product(
+            [False, True], [0, 1, 2], [False, True], [(16, 32), (64, 64)], [64, 80]):
+        if causal and mask == 2:
+            continue  # the launcher's flag sets: a causal graph carries no additive mask in the cases here
+        out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask{mask}-{'causal' if causal else 'full'}-{bm}x{bn}-d{d}"] = (
+            lambda a=(is_fp8, mask, causal, bm, bn, d, "bf16"): _attention(*a))
     return out
 
 

@@ -1,0 +1,155 @@
+"""8-bit attention in Triton: ``qcompile::attention_q8`` as one fused flash-attention-style kernel.
+
+Before the kernel (three small passes): K minus its mean over tokens; Q and K quantized per token
+and V per channel by the activation-quantization kernel (``triton_quantize``, bit-identical to the
+reference's codes). The kernel then takes a tile of query rows and walks the keys in tiles: the
+8-bit product ``Qq Kq^T`` (int32 accumulator, or float32 for FP8), the scales, the masks (causal,
+boolean or additive, broadcast through zero strides), an online softmax in float32, ``P`` quantized
+with the fixed scale ``1 / qmax`` against the running row maximum, and the 8-bit product
+``Pq Vq`` accumulated in float32; V's per-channel scales and the normalizer are applied once at the
+end. Query head ``h`` reads key/value head ``h // (Hq / Hkv)`` (GQA, MQA): nothing is repeated in
+memory, and no float copy of K or V is made beyond the smoothing pass.
+
+The reference (``qcompiler.ir.attention``) quantizes ``P`` against the final row maximum; here a
+tile quantized before the maximum grew is rescaled afterwards (finer, not coarser), so results
+differ from the reference by a little rounding (tested against float64 and the reference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qcompiler.ir import attention, ops
+from qcompiler.runtimes import triton_quantize
+from qcompiler.runtimes.triton_common import as_bytes
+
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def _p_codes(p, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
+    """P in [0, 1] -> its 8-bit codes with the fixed scale 1 / QMAX (INT8 round half to even)."""
+    y = p * QMAX
+    if IS_FP8:
+        code = triton_quantize._round_to_e4m3(y).to(tl.float8e4nv)
+    else:
+        code = ((y + 12582912.0) - 12582912.0).to(tl.int8)
+    return code
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr,
+                      LQ, LK, HQ, HKV, GROUP, sm_scale,
+                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd,
+                      smb, smh, smm, smn, sob, soh, som,
+                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      IS_FP8: tl.constexpr, QMAX: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    q_ptrs = q_ptr + b.to(tl.int64) * sqb + h * sqh + rm[:, None].to(tl.int64) * sqm + rd[None, :]
+    qq = tl.load(q_ptrs, mask=(rm[:, None] < LQ) & (rd[None, :] < D), other=0)
+    if IS_FP8:
+        qq = qq.to(tl.float8e4nv, bitcast=True)
+    sq = tl.load(qs_ptr + (b * HQ + h).to(tl.int64) * LQ + rm, mask=rm < LQ, other=0.0) * sm_scale
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
+    for n0 in range(0, LK, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        kq = tl.load(k_base + rn[None, :].to(tl.int64) * skn + rd[:, None],
+                     mask=(rn[None, :] < LK) & (rd[:, None] < D), other=0)
+        sk = tl.load(ks_ptr + (b * HKV + hk).to(tl.int64) * LK + rn, mask=rn < LK, other=0.0)
+        if IS_FP8:
+            s = tl.dot(qq, kq.to(tl.float8e4nv, bitcast=True))
+        else:
+            s = tl.dot(qq, kq, out_dtype=tl.int32).to(tl.float32)
+        s = s * sq[:, None] * sk[None, :]
+        valid = (rn[None, :] < LK) & (rm[:, None] >= 0)
+        if CAUSAL:
+            valid = valid & (rn[None, :] <= rm[:, None])
+        m_ptrs = mask_ptr + b.to(tl.int64) * smb + h * smh + rm[:, None].to(tl.int64) * smm + rn[None, :] * smn
+        in_range = (rm[:, None] < LQ) & (rn[None, :] < LK)
+        if MASK == 1:
+            valid = valid & (tl.load(m_ptrs, mask=in_range, other=0) != 0)
+        if MASK == 2:
+            s += tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vq = tl.load(v_base + rn[:, None].to(tl.int64) * svn + rd[None, :] * svd,
+                     mask=(rn[:, None] < LK) & (rd[None, :] < D), other=0)
+        pq = _p_codes(p, IS_FP8, QMAX)
+        if IS_FP8:
+            pv = tl.dot(pq, vq.to(tl.float8e4nv, bitcast=True))
+        else:
+            pv = tl.dot(pq, vq, out_dtype=tl.int32).to(tl.float32)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    sv = tl.load(vs_ptr + (b * HKV + hk).to(tl.int64) * D + rd, mask=rd < D, other=0.0)
+    out = acc * (sv[None, :] / QMAX) / l_i[:, None]
+    out = tl.where((l_i > 0.0)[:, None] | (l_i != l_i)[:, None], out, 0.0)  # every key masked: zeros
+    o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rm[:, None].to(tl.int64) * som + rd[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < LQ) & (rd[None, :] < D))
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, qdtype) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention_q8 takes [B, H, L, D] query, key and value; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape != v.shape or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"attention_q8: query {tuple(q.shape)}, key {tuple(k.shape)} and value {tuple(v.shape)} "
+                         f"do not fit (one head size for all three)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention_q8: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads")
+    if qdtype not in ops.QMAXES:
+        raise ValueError(f"attention_q8 takes int8 or float8_e4m3fn, got {qdtype}")
+
+
+def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                 scale: Optional[float], qdtype: torch.dtype) -> Tensor:
+    """The ``attention_q8`` q-op on the GPU (or the interpreter): ``[B, Hq, Lq, D]`` out, q's dtype."""
+    _check(q, k, v, qdtype)
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    scale = attention.default_scale(d) if scale is None else scale
+    k32 = k.to(torch.float32)
+    qq, sq = triton_quantize.quantize_per_token(q.contiguous(), None, qdtype)
+    kq, sk = triton_quantize.quantize_per_token(attention.smooth_keys(k32).contiguous(), None, qdtype)
+    vq_t, sv = triton_quantize.quantize_per_token(v.transpose(-1, -2).contiguous(), None, qdtype)  # per channel
+    vq = vq_t.transpose(-1, -2)                                                                      # [B, Hkv, Lk, D] view
+    out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
+    if attn_mask is None:
+        kind, mask, strides = MASK_NONE, sq, (0, 0, 0, 0)
+    else:
+        mask = attn_mask.expand(b, hq, lq, lk)
+        if mask.dtype == torch.bool:
+            kind, mask = MASK_BOOL, mask.to(torch.int8)
+        else:
+            kind, mask = MASK_ADD, mask.to(torch.float32)
+        strides = mask.stride()
+    if out.numel():
+        block_m = 16 if lq <= 16 else 64
+        block_n = 64 if lk > 32 else 32
+        block_d = max(16, triton.next_power_of_2(d))
+        grid = (triton.cdiv(lq, block_m), b * hq)
+        _attention_kernel[grid](
+            as_bytes(qq), as_bytes(kq), as_bytes(vq), sq.contiguous(), sk.contiguous(), sv.contiguous(), mask, out,
+            lq, lk, hq, hkv, hq // hkv, float(scale),
+            qq.stride(0), qq.stride(1), qq.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
+            vq.stride(0), vq.stride(1), vq.stride(2), vq.stride(3), *strides, out.stride(0), out.stride(1), out.stride(2),
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IS_FP8=qdtype == ops.FP8,
+            QMAX=ops.QMAXES[qdtype], MASK=kind, CAUSAL=bool(is_causal))
+    return out
