@@ -27,7 +27,7 @@ from onnxscript import ir
 from onnxscript import opset21 as op
 from onnxscript.values import Op, Opset
 
-from qcompiler.ir import ops
+from qcompiler.ir import attention, ops
 
 FORMS = ("tensorrt", "ort")
 # The default-domain opset each form exports at. TensorRT: 21, the lowest with blocked (INT4)
@@ -337,8 +337,18 @@ def ort_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
     p = op.Exp(op.Sub(scores, op.Where(live, m, _const(0.0, np.float32))))
     total = op.ReduceSum(p, _const([-1], np.int64), keepdims=1)
     sv = _amax_scale(vf, -2, qmax)                                             # V per channel
-    pq = _codes(p, _const(1.0 / qmax, np.float32), qtype)                      # P with a fixed scale
-    out = op.Div(op.Mul(op.MatMul(pq, _codes(vf, sv, qtype)), op.Div(sv, _const(qmax, np.float32))), total)
+    block = attention.P_BLOCK                                                  # P per block of keys
+    lk = op.Slice(op.Shape(p), _const([3], np.int64), _const([4], np.int64))
+    pad = op.Mod(op.Sub(_const([block], np.int64), op.Mod(lk, _const([block], np.int64))), _const([block], np.int64))
+    zeros = _const([0, 0, 0, 0, 0, 0, 0], np.int64)
+    p_blocks = op.Reshape(op.Pad(p, op.Concat(zeros, pad, axis=0)), _const([0, 0, 0, -1, block], np.int64))
+    ps = op.Div(op.ReduceMax(p_blocks, _const([-1], np.int64), keepdims=1), _const(qmax, np.float32))
+    safe = op.Where(op.Greater(ps, _const(0.0, np.float32)), ps, _const(1.0, np.float32))
+    pq = op.Transpose(_codes(p_blocks, safe, qtype), perm=[0, 1, 3, 2, 4])    # [B, H, nb, Lq, block]
+    v_pad = op.Concat(_const([0, 0, 0, 0, 0, 0], np.int64), pad, _const([0], np.int64), axis=0)
+    v_blocks = op.Reshape(op.Pad(_codes(vf, sv, qtype), v_pad), _const([0, 0, -1, block, d], np.int64))
+    per_block = op.Mul(op.MatMul(pq, v_blocks), op.Transpose(ps, perm=[0, 1, 3, 2, 4]))
+    out = op.Div(op.Mul(op.ReduceSum(per_block, _const([2], np.int64), keepdims=0), sv), total)
     return op.CastLike(op.Where(live, out, _const(0.0, np.float32)), q)
 
 

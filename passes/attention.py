@@ -182,7 +182,7 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe) -> list:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         fmt = "INT8" if layer.attention == "int8" else "FP8"
-        text = f"{geometry}{fmt} Q and K per token (K smoothed), P fixed-scale, V per channel, softmax in FP32"
+        text = f"{geometry}{fmt} Q and K per token (K smoothed), P per 64-key block, V per channel, softmax in FP32"
         d = Decision(module, "attention", f"attention-{layer.attention}", text, sqnr)
         new.meta[META_KEY] = d
         decisions.append(d)

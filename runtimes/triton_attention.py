@@ -5,14 +5,14 @@ and V per channel by the activation-quantization kernel (``triton_quantize``, bi
 reference's codes). The kernel then takes a tile of query rows and walks the keys in tiles: the
 8-bit product ``Qq Kq^T`` (int32 accumulator, or float32 for FP8), the scales, the masks (causal,
 boolean or additive, broadcast through zero strides), an online softmax in float32, ``P`` quantized
-with the fixed scale ``1 / qmax`` against the running row maximum, and the 8-bit product
-``Pq Vq`` accumulated in float32; V's per-channel scales and the normalizer are applied once at the
-end. Query head ``h`` reads key/value head ``h // (Hq / Hkv)`` (GQA, MQA): nothing is repeated in
+with one scale per row of the key tile (the tile is the reference's block of ``P_BLOCK`` keys), and
+the 8-bit product ``Pq Vq`` scaled and accumulated in float32; V's per-channel scales and the
+normalizer are applied once at the end. Query head ``h`` reads key/value head ``h // (Hq / Hkv)`` (GQA, MQA): nothing is repeated in
 memory, and no float copy of K or V is made beyond the smoothing pass.
 
-The reference (``qcompiler.ir.attention``) quantizes ``P`` against the final row maximum; here a
-tile quantized before the maximum grew is rescaled afterwards (finer, not coarser), so results
-differ from the reference by a little rounding (tested against float64 and the reference).
+A block's codes ``P / max(P over the block)`` do not depend on the row maximum the softmax
+subtracts, so the kernel's codes are the reference's up to float32 rounding of ``exp``; results
+differ from the reference by that rounding (tested against float64 and the reference).
 """
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
 
 @triton.jit
-def _p_codes(p, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
-    """P in [0, 1] -> its 8-bit codes with the fixed scale 1 / QMAX (INT8 round half to even)."""
-    y = p * QMAX
+def _p_codes(y, IS_FP8: tl.constexpr):
+    """``P / scale`` in [0, QMAX] -> its 8-bit codes (INT8 rounds half to even)."""
     if IS_FP8:
         code = triton_quantize._round_to_e4m3(y).to(tl.float8e4nv)
     else:
@@ -92,15 +91,16 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
         l_i = l_i * alpha + tl.sum(p, 1)
         vq = tl.load(v_base + rn[:, None].to(tl.int64) * svn + rd[None, :] * svd,
                      mask=(rn[:, None] < LK) & (rd[None, :] < D), other=0)
-        pq = _p_codes(p, IS_FP8, QMAX)
+        ps = tl.max(p, 1) / QMAX  # P's scale for this row and block of keys (the tile is the block)
+        pq = _p_codes(tl.math.div_rn(p, tl.where(ps > 0.0, ps, 1.0)[:, None]), IS_FP8)
         if IS_FP8:
             pv = tl.dot(pq, vq.to(tl.float8e4nv, bitcast=True))
         else:
             pv = tl.dot(pq, vq, out_dtype=tl.int32).to(tl.float32)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + pv * ps[:, None]
         m_i = m_new
     sv = tl.load(vs_ptr + (b * HKV + hk).to(tl.int64) * D + rd, mask=rd < D, other=0.0)
-    out = acc * (sv[None, :] / QMAX) / l_i[:, None]
+    out = acc * sv[None, :] / l_i[:, None]
     out = tl.where((l_i > 0.0)[:, None] | (l_i != l_i)[:, None], out, 0.0)  # every key masked: zeros
     o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rm[:, None].to(tl.int64) * som + rd[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < LQ) & (rd[None, :] < D))
@@ -142,7 +142,7 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
         strides = mask.stride()
     if out.numel():
         block_m = 16 if lq <= 16 else 64
-        block_n = 64 if lk > 32 else 32
+        block_n = attention.P_BLOCK  # key tiles are P's scale blocks
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(lq, block_m), b * hq)
         _attention_kernel[grid](

@@ -143,7 +143,7 @@ def cases() -> dict:
         out[f"gemv1-{name}"] = lambda a=(act, bits, zero, smooth, group): _weight_only(
             "gemv1", tuning.ALL_WEIGHT_ONLY_GEMV1[0], *a, 2)
     for is_fp8, mask, causal, (bm, bn), d in itertools.product(
-            [False, True], [0, 1, 2], [False, True], [(16, 32), (64, 64)], [64, 80]):
+            [False, True], [0, 1, 2], [False, True], [(16, 64), (64, 64)], [64, 80]):
         if causal and mask == 2:
             continue  # the launcher's flag sets: a causal graph carries no additive mask in the cases here
         out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask{mask}-{'causal' if causal else 'full'}-{bm}x{bn}-d{d}"] = (

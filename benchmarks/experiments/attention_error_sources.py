@@ -2,7 +2,7 @@
 alone (Q/K per token, P with a fixed scale, V per channel), and variants of the P step, on top of
 w8a8-smoothquant-dynamic (inductor target), perplexity on held-out 512-token windows.
 
-    python benchmarks/experiments/attention_error_sources.py [--windows 4] [--variants qk,p,v,all,p-qsum]
+    python benchmarks/experiments/attention_error_sources.py [--windows 4] [--variants qk,p,v,all,qk-g32,p-u8]
 """
 from __future__ import annotations
 
@@ -80,16 +80,30 @@ def _p_u8(p, qdtype):
     return torch.round(p * 255) / 255 * attention.QMAXES[qdtype]
 
 
+def _p_block(block):
+    """P with one scale per (row, block of ``block`` keys): the block's maximum over qmax."""
+    def codes(p, qdtype):
+        qmax = attention.QMAXES[qdtype]
+        n = p.shape[-1]
+        padded = torch.nn.functional.pad(p, (0, -n % block)).reshape(*p.shape[:-1], -1, block)
+        top = padded.amax(-1, keepdim=True).clamp_min(1e-30)
+        q = torch.round(padded / top * qmax) * top  # dequantized codes, on the q-op's 1/qmax scale
+        return q.reshape(*p.shape[:-1], -1)[..., :n]
+    return codes
+
+
 _ROWS, _P = attention.quantize_rows, attention.quantize_probabilities
 
 VARIANTS = {  # name -> what stays in floating point (patched to identity)
     "all": {},
+    "none": {"quantize_rows": _float_rows, "quantize_values": _float_v, "quantize_probabilities": _float_p},
     "qk": {"quantize_probabilities": _float_p, "quantize_values": _float_v},
     "p": {"quantize_rows": _float_rows, "quantize_values": _float_v},
     "v": {"quantize_rows": _float_rows, "quantize_probabilities": _float_p},
     "qk-g32": {"quantize_probabilities": _float_p, "quantize_values": _float_v, "quantize_rows": _fake_groups(32)},
     "qk-qsmooth": {"quantize_probabilities": _float_p, "quantize_values": _float_v, "quantize_rows": "q-smooth"},
     "p-qsum": {"quantize_rows": _float_rows, "quantize_values": _float_v, "quantize_probabilities": _p_quantized_sum},
+    "p-block64": {"quantize_rows": _float_rows, "quantize_values": _float_v, "quantize_probabilities": _p_block(64)},
     "p-u8": {"quantize_rows": _float_rows, "quantize_values": _float_v, "quantize_probabilities": _p_u8},
 }
 
@@ -99,14 +113,17 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--variants", default="qk,p,v,all")
     ap.add_argument("--formats", default="int8,fp8")
+    ap.add_argument("--recipe", default="w8a8-smoothquant-dynamic",
+                    help="the linears' recipe (w8a16 has no activation rounding: the cleanest base)")
     args = ap.parse_args(argv)
     model, tok = zoo.load_smollm2()
     ids = zoo.wiki_token_ids(tok, "smollm2")
     calib, held = zoo.lm_windows(ids, 512, 8, args.windows)
     qcompiler.calibrate(model, [{"input_ids": w[None]} for w in calib], progress=False)
-    options = {"recipe": "w8a8-smoothquant-dynamic", "target": "inductor"}
-    base = zoo.perplexity(torch.compile(model, backend="qcompile", options=options), held)
-    print(f"w8a8-smoothquant-dynamic, attention in FP: {base:.4f}", flush=True)
+    options = {"recipe": args.recipe, "target": "inductor"}
+    base_model = torch.compile(model, backend="qcompile", options=options)
+    base, reference = zoo.perplexity(base_model, held), zoo.log_probs(base_model, held)
+    print(f"{args.recipe}, attention in FP: {base:.4f}", flush=True)
     for fmt in args.formats.split(","):
         for name in args.variants.split(","):
             torch._dynamo.reset()
@@ -115,7 +132,9 @@ def main(argv=None):
             with patched(**variant):
                 fast = torch.compile(model, backend="qcompile", options=dict(options, attention=fmt))
                 ppl = zoo.perplexity(fast, held)
-            print(f"{fmt} {name} quantized: {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%) {time.time() - t:.0f} s", flush=True)
+                kl = zoo.mean_kl(reference, fast, held)
+            print(f"{fmt} {name} quantized: {ppl:.4f} ({100 * (ppl / base - 1):+.2f}%), mean KL to the FP-attention "
+                  f"model {kl:.2e} nats/token, {time.time() - t:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,24 @@ def chunked_perplexity(model, windows: torch.Tensor, chunk: int, make_cache) -> 
         a, b = chunked_nll(model, w[None], chunk, make_cache())
         nll, count = nll + a, count + b
     return float(torch.exp(torch.tensor(nll / count)))
+
+
+@torch.no_grad()
+def log_probs(model, windows: torch.Tensor) -> list:
+    """Each window's next-token log-probabilities (float16, ``[T, vocab]``), for ``mean_kl``."""
+    return [torch.log_softmax(model(input_ids=w[None], use_cache=False).logits.float(), -1)[0].half()
+            for w in windows]
+
+
+@torch.no_grad()
+def mean_kl(reference: list, model, windows: torch.Tensor) -> float:
+    """Mean over tokens of KL(reference || model) between next-token distributions (``reference``:
+    ``log_probs`` of the reference model on the same windows): the distortion a change causes,
+    far less noisy than a perplexity difference."""
+    total, count = 0.0, 0
+    for ref, w in zip(reference, windows):
+        ref = ref.float()
+        out = torch.log_softmax(model(input_ids=w[None], use_cache=False).logits.float(), -1)[0]
+        total += (ref.exp() * (ref - out)).sum().item()
+        count += w.numel()
+    return total / count

@@ -207,7 +207,7 @@ def _attention_q8_fake(q, k, v, attn_mask, is_causal, scale, qdtype):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-# 8-bit attention (qcompiler.ir.attention): smoothed K, Q and K per token, P with a fixed scale,
+# 8-bit attention (qcompiler.ir.attention): smoothed K, Q and K per token, P per block of keys,
 # V per channel, INT8 or FP8 products, softmax in float32
 attention_q8 = _define("attention_q8", attention.attention_q8_ref, _attention_q8_fake)
 
