@@ -321,8 +321,9 @@ def ort_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
     kf = _repeat_heads(op.Cast(k, to=ir.DataType.FLOAT), k, heads)
     vf = _repeat_heads(op.Cast(v, to=ir.DataType.FLOAT), v, heads)
     kf = op.Sub(kf, op.ReduceMean(kf, _const([-2], np.int64), keepdims=1))     # K smoothing
-    sq, sk = _amax_scale(qf, -1, qmax), _amax_scale(kf, -1, qmax)              # per token
-    scores = op.MatMul(_codes(qf, sq, qtype), op.Transpose(_codes(kf, sk, qtype), perm=[0, 1, 3, 2]))
+    int8, qk_max = ir.DataType.INT8, ops.QMAXES[torch.int8]                   # Q and K: INT8 per token
+    sq, sk = _amax_scale(qf, -1, qk_max), _amax_scale(kf, -1, qk_max)
+    scores = op.MatMul(_codes(qf, sq, int8), op.Transpose(_codes(kf, sk, int8), perm=[0, 1, 3, 2]))
     scores = op.Mul(op.Mul(scores, op.Mul(sq, _const(scale, np.float32))), op.Transpose(sk, perm=[0, 1, 3, 2]))
     neg = _const(float("-inf"), np.float32)
     if attn_mask is not None:

@@ -181,8 +181,9 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe) -> list:
                 a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"], qdtype))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        fmt = "INT8" if layer.attention == "int8" else "FP8"
-        text = f"{geometry}{fmt} Q and K per token (K smoothed), P per 64-key block, V per channel, softmax in FP32"
+        pv = "INT8" if layer.attention == "int8" else "FP8"
+        text = (f"{geometry}INT8 Q and K per token (K smoothed), softmax in FP32, {pv} P (per 64-key block) "
+                f"and V (per channel)")
         d = Decision(module, "attention", f"attention-{layer.attention}", text, sqnr)
         new.meta[META_KEY] = d
         decisions.append(d)

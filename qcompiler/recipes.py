@@ -149,7 +149,8 @@ class Recipe:
         auto_formats: the recipe names (or "fp") ``mixed_precision`` may assign, smallest first.
         attention: None (attention stays in floating point) or "int8" / "fp8": every
             ``scaled_dot_product_attention`` runs as ``qcompile::attention_q8`` (K smoothed, Q and K
-            per token, softmax in float32, P per block of 64 keys, V per channel; 8-bit products).
+            per token in INT8, softmax in float32, P per block of 64 keys and V per channel in INT8
+            or FP8 E4M3).
         kv_cache: None, or "int8" / "fp8" / "int4": from the first decode step of ``generate()``
             the model's key/value cache is a ``qcompiler.QuantizedKVCache`` of this scheme
             (the prompt's own attention runs on floating-point keys and values, as in KIVI).

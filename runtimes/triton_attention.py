@@ -3,10 +3,10 @@
 Before the kernel (three small passes): K minus its mean over tokens; Q and K quantized per token
 and V per channel by the activation-quantization kernel (``triton_quantize``, bit-identical to the
 reference's codes). The kernel then takes a tile of query rows and walks the keys in tiles: the
-8-bit product ``Qq Kq^T`` (int32 accumulator, or float32 for FP8), the scales, the masks (causal,
+INT8 product ``Qq Kq^T`` (int32 accumulator; INT8 for both formats, as the reference), the scales, the masks (causal,
 boolean or additive, broadcast through zero strides), an online softmax in float32, ``P`` quantized
 with one scale per row of the key tile (the tile is the reference's block of ``P_BLOCK`` keys), and
-the 8-bit product ``Pq Vq`` scaled and accumulated in float32; V's per-channel scales and the
+the 8-bit product ``Pq Vq`` (INT8, or FP8 E4M3) scaled and accumulated in float32; V's per-channel scales and the
 normalizer are applied once at the end. Query head ``h`` reads key/value head ``h // (Hq / Hkv)`` (GQA, MQA): nothing is repeated in
 memory, and no float copy of K or V is made beyond the smoothing pass.
 
@@ -56,8 +56,6 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
     rd = tl.arange(0, BLOCK_D)
     q_ptrs = q_ptr + b.to(tl.int64) * sqb + h * sqh + rm[:, None].to(tl.int64) * sqm + rd[None, :]
     qq = tl.load(q_ptrs, mask=(rm[:, None] < LQ) & (rd[None, :] < D), other=0)
-    if IS_FP8:
-        qq = qq.to(tl.float8e4nv, bitcast=True)
     sq = tl.load(qs_ptr + (b * HQ + h).to(tl.int64) * LQ + rm, mask=rm < LQ, other=0.0) * sm_scale
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -69,11 +67,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
         kq = tl.load(k_base + rn[None, :].to(tl.int64) * skn + rd[:, None],
                      mask=(rn[None, :] < LK) & (rd[:, None] < D), other=0)
         sk = tl.load(ks_ptr + (b * HKV + hk).to(tl.int64) * LK + rn, mask=rn < LK, other=0.0)
-        if IS_FP8:
-            s = tl.dot(qq, kq.to(tl.float8e4nv, bitcast=True))
-        else:
-            s = tl.dot(qq, kq, out_dtype=tl.int32).to(tl.float32)
-        s = s * sq[:, None] * sk[None, :]
+        s = tl.dot(qq, kq, out_dtype=tl.int32).to(tl.float32) * sq[:, None] * sk[None, :]  # INT8 Q K^T
         valid = (rn[None, :] < LK) & (rm[:, None] >= 0)
         if CAUSAL:
             valid = valid & (rn[None, :] <= rm[:, None])
@@ -126,8 +120,8 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
     hkv, lk = k.shape[1], k.shape[2]
     scale = attention.default_scale(d) if scale is None else scale
     k32 = k.to(torch.float32)
-    qq, sq = triton_quantize.quantize_per_token(q.contiguous(), None, qdtype)
-    kq, sk = triton_quantize.quantize_per_token(attention.smooth_keys(k32).contiguous(), None, qdtype)
+    qq, sq = triton_quantize.quantize_per_token(q.contiguous(), None, attention.QK_DTYPE)
+    kq, sk = triton_quantize.quantize_per_token(attention.smooth_keys(k32).contiguous(), None, attention.QK_DTYPE)
     vq_t, sv = triton_quantize.quantize_per_token(v.transpose(-1, -2).contiguous(), None, qdtype)  # per channel
     vq = vq_t.transpose(-1, -2)                                                                      # [B, Hkv, Lk, D] view
     out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
@@ -146,7 +140,7 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(lq, block_m), b * hq)
         _attention_kernel[grid](
-            as_bytes(qq), as_bytes(kq), as_bytes(vq), sq.contiguous(), sk.contiguous(), sv.contiguous(), mask, out,
+            qq, kq, as_bytes(vq), sq.contiguous(), sk.contiguous(), sv.contiguous(), mask, out,
             lq, lk, hq, hkv, hq // hkv, float(scale),
             qq.stride(0), qq.stride(1), qq.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
             vq.stride(0), vq.stride(1), vq.stride(2), vq.stride(3), *strides, out.stride(0), out.stride(1), out.stride(2),

@@ -98,8 +98,7 @@ def _weight_only(kernel: str, config, act, bits, has_zero, has_smooth, group=64,
 def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
     from qcompiler.runtimes import triton_attention as ta
 
-    byte = "*u8" if is_fp8 else "*i8"
-    types = {"q_ptr": byte, "k_ptr": byte, "v_ptr": byte, "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+    types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*u8" if is_fp8 else "*i8", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
              "mask_ptr": {ta.MASK_NONE: "*fp32", ta.MASK_BOOL: "*i8", ta.MASK_ADD: "*fp32"}[mask],
              "o_ptr": ACT[out], "sm_scale": "fp32",
              **_ints("LQ", "LK", "HQ", "HKV", "GROUP", "sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",

@@ -1,13 +1,16 @@
-"""Quantized attention: the plain-torch reference of ``qcompile::attention_q8`` (INT8 or FP8 E4M3).
+"""Quantized attention: the plain-torch reference of ``qcompile::attention_q8`` (P V in INT8 or FP8 E4M3).
 
 ``softmax(Q K^T * scale + mask) V`` with both products on 8-bit operands (SageAttention's recipe):
 
 1. **K smoothing**: K minus its mean over tokens, per (batch, head, channel). It shifts every
    score of a query row by the same ``q . mean`` and so cancels in the softmax, while it removes
    the channel offsets that would otherwise spend the key's 8-bit range.
-2. **Q and K per token**: one scale per row (per batch, head and token), ``amax / qmax``; the
-   product ``Qq Kq^T`` is exact (``qcompiler.ir.ops`` conventions), then scaled by
-   ``sq * sk * scale``.
+2. **Q and K per token, in INT8 for both formats**: one scale per row (per batch, head and token),
+   ``amax / 127``; the product ``Qq Kq^T`` is exact (``qcompiler.ir.ops`` conventions), then
+   scaled by ``sq * sk * scale``. FP8's 3-bit mantissa on Q and K distorted SmolLM2's next-token
+   distributions 9x more than INT8 did (docs/experiments.md, "8-bit attention"), as SageAttention2
+   found: its FP8 attention keeps INT8 (or INT4) for Q K^T and FP8 for P V, which is what the
+   "fp8" format means here (Hopper runs both at the same rate).
 3. **Softmax in float32**: the mask (boolean, True = attend, or additive) and the causal mask
    (top-left aligned, as ``scaled_dot_product_attention`` takes ``is_causal``) are applied; with
    the row maximum ``m``, ``P = exp(S - m)`` lies in [0, 1] and ``l`` is its row sum.
@@ -51,6 +54,7 @@ def quantize_values(v: Tensor, qdtype: torch.dtype) -> tuple:
 
 
 P_BLOCK = 64  # keys per P scale (a fused kernel's key tile)
+QK_DTYPE = torch.int8  # Q and K's format whatever the P V format (module docstring, step 2)
 
 
 def quantize_probabilities(p: Tensor, qdtype: torch.dtype) -> tuple:
@@ -104,8 +108,8 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
     heads = q.shape[1]
     k = smooth_keys(_repeat_heads(k, heads).to(torch.float32))
     v = _repeat_heads(v, heads).to(torch.float32)
-    qq, sq = quantize_rows(q, qdtype)
-    kq, sk = quantize_rows(k, qdtype)
+    qq, sq = quantize_rows(q, QK_DTYPE)
+    kq, sk = quantize_rows(k, QK_DTYPE)
     scores = torch.matmul(qq.to(pd), kq.to(pd).transpose(-1, -2))
     scores = (scores * sq.to(pd) * sk.to(pd).transpose(-1, -2) * scale).to(torch.float32)
     mask = score_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
