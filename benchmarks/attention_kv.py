@@ -121,11 +121,11 @@ def kv_table(rows, config, context) -> str:
     return "\n".join(lines)
 
 
-def attention_table(model, windows, recipe: str, target: str) -> str:
+def attention_table(model, windows, recipe: str, target: str, formats=("int8", "fp8")) -> str:
     lines = ["| attention | perplexity | vs FP attention | mean KL to FP attention (nats/token) | attention SQNR "
              "(dB, min / median over layers) |", "|---|---:|---:|---:|---:|"]
     base = None
-    for fmt in (None, "int8", "fp8"):
+    for fmt in (None, *formats):
         torch._dynamo.reset()
         t = time.time()
         fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "attention": fmt, "target": target})

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx
 
-from qcompiler.ir import attention
+from qcompiler.ir import attention, attention_static
 from qcompiler.ir.ops import REFERENCE
 
 qops = torch.ops.qcompile
@@ -35,8 +35,15 @@ def attention_q8_float_gemm(q, k, v, attn_mask, is_causal: bool, scale: Optional
     return attention.attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype, torch.float32)
 
 
+def attention_q8_static_float_gemm(q, k, v, attn_mask, is_causal: bool, scale: Optional[float], *constants_and_qdtype):
+    """``qcompile::attention_q8_static`` with float32 products of the 8-bit values."""
+    return attention_static.attention_q8_static(q, k, v, attn_mask, is_causal, scale, *constants_and_qdtype,
+                                                torch.float32)
+
+
 IMPLEMENTATIONS = {**REFERENCE, qops.linear_w8a8.default: linear_w8a8_float_gemm,
-                   qops.attention_q8.default: attention_q8_float_gemm}
+                   qops.attention_q8.default: attention_q8_float_gemm,
+                   qops.attention_q8_static.default: attention_q8_static_float_gemm}
 
 
 def retarget(gm: fx.GraphModule, table) -> fx.GraphModule:

@@ -309,6 +309,19 @@ def _amax_scale(x, axis: int, qmax: float):
     return op.Div(op.Max(amax, _const(ops._MIN_AMAX, np.float32)), _const(qmax, np.float32))
 
 
+def _masked(scores, attn_mask, is_causal):
+    """Float32 scores plus the mask (boolean: True attends; or additive) and the causal mask."""
+    neg = _const(float("-inf"), np.float32)
+    if attn_mask is not None:
+        scores = (op.Add(scores, op.Where(attn_mask, _const(0.0, np.float32), neg)) if attn_mask.dtype == ir.DataType.BOOL
+                  else op.Add(scores, op.Cast(attn_mask, to=ir.DataType.FLOAT)))
+    if is_causal:
+        lengths = op.Slice(op.Shape(scores), _const([2], np.int64), _const([4], np.int64))
+        keep = op.Cast(op.Trilu(op.Expand(_const(1, np.int64), lengths), upper=0), to=ir.DataType.BOOL)
+        scores = op.Add(scores, op.Where(keep, _const(0.0, np.float32), neg))
+    return scores
+
+
 def ort_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
     """``qcompile::attention_q8`` as plain ONNX ops (``qcompiler.ir.attention``): the scales are
     computed at run time, the two products are float MatMuls of the 8-bit values (exact for
@@ -325,14 +338,7 @@ def ort_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
     sq, sk = _amax_scale(qf, -1, qk_max), _amax_scale(kf, -1, qk_max)
     scores = op.MatMul(_codes(qf, sq, int8), op.Transpose(_codes(kf, sk, int8), perm=[0, 1, 3, 2]))
     scores = op.Mul(op.Mul(scores, op.Mul(sq, _const(scale, np.float32))), op.Transpose(sk, perm=[0, 1, 3, 2]))
-    neg = _const(float("-inf"), np.float32)
-    if attn_mask is not None:
-        scores = (op.Add(scores, op.Where(attn_mask, _const(0.0, np.float32), neg)) if attn_mask.dtype == ir.DataType.BOOL
-                  else op.Add(scores, op.Cast(attn_mask, to=ir.DataType.FLOAT)))
-    if is_causal:
-        lengths = op.Slice(op.Shape(scores), _const([2], np.int64), _const([4], np.int64))
-        keep = op.Cast(op.Trilu(op.Expand(_const(1, np.int64), lengths), upper=0), to=ir.DataType.BOOL)
-        scores = op.Add(scores, op.Where(keep, _const(0.0, np.float32), neg))
+    scores = _masked(scores, attn_mask, is_causal)
     m = op.ReduceMax(scores, _const([-1], np.int64), keepdims=1)
     live = op.Not(op.IsInf(m, detect_positive=0))            # a row with every key masked gives zeros
     p = op.Exp(op.Sub(scores, op.Where(live, m, _const(0.0, np.float32))))
@@ -355,9 +361,63 @@ def ort_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
 
 def trt_attention_q8(q, k, v, attn_mask, is_causal, scale, qdtype):
     raise UnsupportedForm(
-        "8-bit attention computes its Q, K and V scales at run time, and TensorRT's explicit quantization "
-        "needs constant scales: export with attention=None for TensorRT (its fused attention runs in FP16/BF16), "
+        "8-bit attention on a dynamic-activation recipe computes its Q, K and V scales at run time, and "
+        "TensorRT's explicit quantization needs constant scales: export a static recipe (w8a8-smoothquant, "
+        "w8a8-static, fp8-static) with attention set, whose attention scales are calibrated constants, "
         "or use form='ort' for ONNX Runtime")
+
+
+def _qdq(x, scale, qtype):
+    """QuantizeLinear -> DequantizeLinear with a per-tensor scale: the explicit-quantization pair."""
+    zero = _zero(qtype)
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
+
+
+def _nan_carrier(a, b, b_axis: int):
+    """``qcompiler.ir.attention_static.nan_carrier``: zeros ``[.., M, 1] + [.., 1, N]``, NaN where
+    a row of ``a`` (over its last axis) or of ``b`` (over ``b_axis``) holds NaN."""
+    zero = _const(0.0, np.float32)
+    rows = op.Mul(op.ReduceSum(a, _const([-1], np.int64), keepdims=1), zero)
+    cols = op.Mul(op.ReduceSum(b, _const([b_axis], np.int64), keepdims=1), zero)
+    return op.Add(rows, cols if b_axis == -2 else op.Transpose(cols, perm=[0, 1, 3, 2]))
+
+
+def _attention_q8_static(q, k, v, attn_mask, is_causal, scale, q_mul, k_shift, k_mul, q_scale, k_scale, v_scale,
+                         p_scale, qdtype, carry_nan: bool):
+    """``qcompile::attention_q8_static`` (``qcompiler.ir.attention_static``): Q/DQ pairs with the
+    calibrated constant scales on the inputs of the two batched MatMuls, with the scale, the mask
+    and the softmax between them (the pattern TensorRT fuses into one attention kernel; ONNX
+    Runtime runs it as written). ``carry_nan``: the reference's NaN carrier on the scores (the
+    ORT form; TensorRT's form keeps the bare pattern)."""
+    qtype, int8 = _qtype(qdtype), ir.DataType.INT8
+    heads, d = _static(q.shape[1], "number of query heads"), _static(q.shape[3], "head size")
+    scale = d ** -0.5 if scale is None else float(scale)
+    qs = op.Mul(op.Cast(q, to=ir.DataType.FLOAT), q_mul)
+    ks = _repeat_heads(op.Mul(op.Sub(op.Cast(k, to=ir.DataType.FLOAT), k_shift), k_mul), k, heads)
+    vf = _repeat_heads(op.Cast(v, to=ir.DataType.FLOAT), v, heads)
+    scores = op.Mul(op.MatMul(_qdq(qs, q_scale, int8), op.Transpose(_qdq(ks, k_scale, int8), perm=[0, 1, 3, 2])),
+                    _const(scale, np.float32))
+    if carry_nan:
+        scores = op.Add(scores, _nan_carrier(qs, ks, -1))
+    scores = _masked(scores, attn_mask, is_causal)
+    p = op.Softmax(scores, axis=-1)
+    out = op.MatMul(_qdq(p, p_scale, qtype), _qdq(vf, v_scale, qtype))
+    if carry_nan:
+        out = op.Add(out, _nan_carrier(p, vf, -2))
+    if attn_mask is not None or is_causal:  # a row with every key masked gives zeros
+        live = op.Not(op.IsInf(op.ReduceMax(scores, _const([-1], np.int64), keepdims=1), detect_positive=0))
+        out = op.Where(live, out, _const(0.0, np.float32))
+    return op.CastLike(out, q)
+
+
+def trt_attention_q8_static(q, k, v, attn_mask, is_causal, scale, q_mul, k_shift, k_mul, q_scale, k_scale, v_scale, p_scale, qdtype):
+    return _attention_q8_static(q, k, v, attn_mask, is_causal, scale, q_mul, k_shift, k_mul, q_scale, k_scale, v_scale, p_scale,
+                                qdtype, carry_nan=False)
+
+
+def ort_attention_q8_static(q, k, v, attn_mask, is_causal, scale, q_mul, k_shift, k_mul, q_scale, k_scale, v_scale, p_scale, qdtype):
+    return _attention_q8_static(q, k, v, attn_mask, is_causal, scale, q_mul, k_shift, k_mul, q_scale, k_scale, v_scale, p_scale,
+                                qdtype, carry_nan=True)
 
 
 TRANSLATIONS = {
@@ -369,6 +429,7 @@ TRANSLATIONS = {
         qops.linear_w4a16.default: trt_linear_w4a16,
         qops.embedding_int8.default: trt_embedding_int8,
         qops.attention_q8.default: trt_attention_q8,
+        qops.attention_q8_static.default: trt_attention_q8_static,
     },
     "ort": {
         qops.quantize_per_tensor.default: ort_quantize_per_tensor,
@@ -378,5 +439,6 @@ TRANSLATIONS = {
         qops.linear_w4a16.default: ort_linear_w4a16,
         qops.embedding_int8.default: ort_embedding_int8,
         qops.attention_q8.default: ort_attention_q8,
+        qops.attention_q8_static.default: ort_attention_q8_static,
     },
 }

@@ -1,5 +1,7 @@
 """Attention: describe every ``scaled_dot_product_attention`` and, where the recipe asks
-(``attention="int8" | "fp8"``), replace it by ``qcompile::attention_q8``.
+(``attention="int8" | "fp8"``), replace it by ``qcompile::attention_q8`` (dynamic scales), or by
+``qcompile::attention_q8_static`` when the recipe's activations are static (calibrated constant
+scales, ``passes.attention_static``: the form TensorRT takes).
 
 Each attention gets a ``Decision`` whose text gives its geometry (query heads, head size, the
 key/value heads before transformers' ``repeat_kv`` for GQA / MQA, the mask: causal, a boolean or
@@ -17,7 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from qcompiler.errors import CalibrationError
 from qcompiler.ir.attention import attention_q8_ref
+from qcompiler.ir.attention_static import attention_q8_static_ref
+from qcompiler.passes import attention_static
+from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 from qcompiler.passes.quantize import sqnr_db
@@ -138,17 +144,41 @@ def _sqnr_inputs(gm: fx.GraphModule, example_inputs, nodes: list) -> dict:
     return seen
 
 
-def _sqnr(values, a: dict, qdtype) -> Optional[float]:
+def _sqnr(values, a: dict, qdtype, static: Optional[attention_static.StaticAttention]) -> Optional[float]:
     q, k, v, mask, scale = values
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=a["is_causal"],
                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    got = attention_q8_ref(q, k, v, mask, a["is_causal"], scale, qdtype)
+    if static is None:
+        got = attention_q8_ref(q, k, v, mask, a["is_causal"], scale, qdtype)
+    else:
+        got = attention_q8_static_ref(q, k, v, mask, a["is_causal"], scale, *static.tensors(), qdtype)
     live = torch.isfinite(ref).all(dim=-1)  # rows with every key masked carry no meaning
     return sqnr_db(ref[live], got.float()[live]) if live.any() else None
 
 
-def quantize_attention(gm: fx.GraphModule, example_inputs, recipe) -> list:
-    """Describe every attention op; rewrite the ones the recipe quantizes. Returns their Decisions."""
+def _static_constants(node: fx.Node, module: str, layer, state) -> attention_static.StaticAttention:
+    """The calibrated constants of a static attention, on its query's device."""
+    stats = attention_static.find_stats(state, module)
+    if stats is None:
+        raise CalibrationError(
+            f"recipe {layer.name!r} quantizes attention with static (calibrated) scales, but attention "
+            f"{module!r} has no calibration statistics: run `with qcompiler.calibrate(model): model(batch)` on "
+            f"representative batches before the first call (or load a state saved after calibrating)")
+    a = sdpa_arguments(node)
+    q, k, v = (node_value(a[x]) for x in ("query", "key", "value"))
+    if not attention_static.fits(stats, q, k, v):
+        raise CalibrationError(
+            f"attention {module!r} was calibrated on query/key/value heads and sizes "
+            f"{tuple(stats.q_absmax.shape)}/{tuple(stats.k_sum.shape)}/{tuple(stats.v_absmax.shape)}, but this "
+            f"graph has {(q.shape[1], q.shape[-1])}/{(k.shape[1], k.shape[-1])}/{(v.shape[1], v.shape[-1])}: "
+            f"calibrate this model again")
+    c = attention_static.constants(attention_static.regrouped(stats, k.shape[1]), layer.attention_qdtype)
+    return attention_static.StaticAttention(*(t.to(q.device) for t in c.tensors()))
+
+
+def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -> list:
+    """Describe every attention op; rewrite the ones the recipe quantizes (``state``: the model's
+    ``QuantState``, whose attention statistics static recipes need). Returns their Decisions."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA + OTHER_ATTENTION]
     plan = []
     for node in nodes:
@@ -175,16 +205,25 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe) -> list:
             continue
         a = sdpa_arguments(node)
         qdtype = layer.attention_qdtype
-        sqnr = _sqnr(measured[node], a, qdtype) if node in measured else None
+        static = _static_constants(node, module, layer, state) if layer.activation == "static" else None
+        sqnr = _sqnr(measured[node], a, qdtype, static) if node in measured else None
+        common = (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"])
+        pv = "INT8" if layer.attention == "int8" else "FP8"
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(qops.attention_q8.default, (
-                a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"], qdtype))
+            if static is None:
+                new = gm.graph.call_function(qops.attention_q8.default, (*common, qdtype))
+                text = (f"{geometry}INT8 Q and K per token (K smoothed), softmax in FP32, {pv} P (per 64-key "
+                        f"block) and V (per channel)")
+            else:
+                names = ("q_mul", "k_shift", "k_mul", "q_scale", "k_scale", "v_scale", "p_scale")
+                consts = tuple(add_constant(gm, t, f"attn_{n}") for n, t in zip(names, static.tensors()))
+                new = gm.graph.call_function(qops.attention_q8_static.default, (*common, *consts, qdtype))
+                text = (f"{geometry}static: INT8 Q and K per tensor (calibrated smoothing and K shift), softmax "
+                        f"in FP32, {pv} P (fixed scale) and V (per tensor)")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        pv = "INT8" if layer.attention == "int8" else "FP8"
-        text = (f"{geometry}INT8 Q and K per token (K smoothed), softmax in FP32, {pv} P (per 64-key block) "
-                f"and V (per channel)")
-        d = Decision(module, "attention", f"attention-{layer.attention}", text, sqnr)
+        scheme = f"attention-{layer.attention}" + ("-static" if static is not None else "")
+        d = Decision(module, "attention", scheme, text, sqnr)
         new.meta[META_KEY] = d
         decisions.append(d)
     if any(d.scheme != FLOATING_POINT for d in decisions):

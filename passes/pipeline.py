@@ -5,11 +5,13 @@
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-from torch import fx
+from torch import fx, nn
 
 from qcompiler.passes.attention import quantize_attention
+from qcompiler.passes.attention_static import model_state
 from qcompiler.passes.embedding import embed
 from qcompiler.passes.match import match
 from qcompiler.passes.quantize import quantize
@@ -30,5 +32,6 @@ def run_passes(gm: fx.GraphModule, example_inputs, recipe) -> Rewritten:
     matches = match(gm, example_inputs, recipe)
     plans = smooth(gm, example_inputs, matches)
     decisions = embed(gm, example_inputs, recipe, quantize(gm, matches, plans))
-    decisions += quantize_attention(gm, example_inputs, recipe)
+    params = itertools.chain((m.param for _, m, _ in matches), (x for x in example_inputs if isinstance(x, nn.Parameter)))
+    decisions += quantize_attention(gm, example_inputs, recipe, model_state(params))
     return Rewritten(decisions, [m.param for _, m, _ in matches])

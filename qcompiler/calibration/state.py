@@ -4,6 +4,8 @@ One ``QuantState`` per model, kept on the model itself (``model._qcompile_state`
 first use by ``state_of(model)``. It holds, per linear layer (by qualified module name):
 
 - ``stats``: the ``ActivationStats`` calibration recorded at the layer's input;
+- ``attention``: per module that calls ``scaled_dot_product_attention``, the ``AttentionStats`` of
+  its query, key and value;
 - ``prepared``: the ``PreparedWeight`` an algorithm (AWQ, GPTQ, tuning, ``auto``) left for it;
 - ``last_run``: what the last weight-preparing run did (algorithm, seconds, losses);
 - ``generation``: bumped on every change, so compiled graphs know when to rebuild.
@@ -39,6 +41,7 @@ class QuantState:
 
     weights: dict = field(default_factory=dict, repr=False)   # module name -> its weight Parameter
     stats: dict = field(default_factory=dict)                 # module name -> ActivationStats
+    attention: dict = field(default_factory=dict)             # module name -> AttentionStats
     prepared: dict = field(default_factory=dict)              # module name -> PreparedWeight
     last_run: dict = field(default_factory=dict)
     generation: int = 0
@@ -54,8 +57,10 @@ class QuantState:
         return link[1] if link is not None and link[0] is self else None
 
     def update(self, *, stats: Optional[dict] = None, prepared: Optional[dict] = None,
-               last_run: Optional[dict] = None) -> None:
-        """Record new statistics / prepared weights, keyed by weight Parameter or module name."""
+               last_run: Optional[dict] = None, attention: Optional[dict] = None) -> None:
+        """Record new statistics / prepared weights, keyed by weight Parameter or module name
+        (attention statistics by module name)."""
+        self.attention.update(attention or {})
         for source, target in ((stats, self.stats), (prepared, self.prepared)):
             for key, value in (source or {}).items():
                 name = key if isinstance(key, str) else self.name_of(key)
@@ -69,6 +74,7 @@ class QuantState:
 
     def clear(self) -> None:
         self.stats.clear()
+        self.attention.clear()
         self.prepared.clear()
         self.last_run = {}
         self.generation += 1

@@ -1,5 +1,6 @@
-"""What calibration records at a linear's input (``ActivationStats``) and what a weight algorithm
-leaves for the quantize pass (``PreparedWeight``): the records a model's ``QuantState`` holds.
+"""What calibration records at a linear's input (``ActivationStats``) and at an attention's
+inputs (``AttentionStats``), and what a weight algorithm leaves for the quantize pass
+(``PreparedWeight``): the records a model's ``QuantState`` holds.
 """
 from __future__ import annotations
 
@@ -51,6 +52,48 @@ class ActivationStats:
             keep = slot < self.max_rows
             self.rows[slot[keep]] = x[take:][keep]
         self.tokens += n
+
+
+@dataclass
+class AttentionStats:
+    """What calibration saw at the inputs of one module's ``scaled_dot_product_attention``
+    (``[B, H, L, D]`` query, key and value; statistics per head and channel, float32 except the
+    key sum, float64): what static 8-bit attention's constants are made from."""
+
+    module: str
+    q_absmax: Tensor                       # [Hq, D]
+    k_min: Tensor                          # [Hk, D]
+    k_max: Tensor                          # [Hk, D]
+    k_sum: Tensor                          # [Hk, D] float64
+    v_absmax: Tensor                       # [Hk, Dv]
+    tokens: int = 0                        # key rows summed per head
+
+    TENSORS = ("q_absmax", "k_min", "k_max", "k_sum", "v_absmax")
+
+    @classmethod
+    def empty(cls, module: str, q: Tensor, k: Tensor, v: Tensor) -> "AttentionStats":
+        hq, d, hk, dv = q.shape[1], q.shape[-1], k.shape[1], v.shape[-1]
+        return cls(module, torch.zeros(hq, d), torch.full((hk, d), float("inf")), torch.full((hk, d), -float("inf")),
+                   torch.zeros(hk, d, dtype=torch.float64), torch.zeros(hk, dv), 0)
+
+    def fits(self, q: Tensor, k: Tensor, v: Tensor) -> bool:
+        return (tuple(self.q_absmax.shape) == (q.shape[1], q.shape[-1]) and tuple(self.k_sum.shape) ==
+                (k.shape[1], k.shape[-1]) and tuple(self.v_absmax.shape) == (v.shape[1], v.shape[-1]))
+
+    def update(self, q: Tensor, k: Tensor, v: Tensor) -> None:
+        def per_head(x: Tensor) -> Tensor:  # [B, H, L, D] -> [H, B * L, D] float32 on the CPU
+            return x.detach().to("cpu", torch.float32).transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+
+        q, k, v = per_head(q), per_head(k), per_head(v)
+        self.q_absmax = torch.maximum(self.q_absmax, q.abs().amax(dim=1))
+        self.k_min = torch.minimum(self.k_min, k.amin(dim=1))
+        self.k_max = torch.maximum(self.k_max, k.amax(dim=1))
+        self.k_sum = self.k_sum + k.to(torch.float64).sum(dim=1)
+        self.v_absmax = torch.maximum(self.v_absmax, v.abs().amax(dim=1))
+        self.tokens += k.shape[1]
+
+    def tensors(self) -> dict:
+        return {name: getattr(self, name) for name in self.TENSORS}
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """Saved quantization state: calibrate once, compile in any later process without calibrating.
 
 ``save(model, path)`` writes what calibration and the weight algorithms left in the model's
-``QuantState`` (activation statistics and their row samples, AWQ / GPTQ / tuned INT4 codes and
-scales, AWQ input scales, ``auto``'s per-layer choices, the last run's record) to a folder:
+``QuantState`` (activation statistics and their row samples, attention statistics, AWQ / GPTQ /
+tuned INT4 codes and scales, AWQ input scales, ``auto``'s per-layer choices, the last run's
+record) to a folder:
 
 * ``state.safetensors``: every tensor, stored once per distinct content (linears that read one
   input record identical statistics) under the SHA-256 of its bytes;
 * ``manifest.json``: format and qcompile versions, the recipe the state was made for, per layer
-  the names of its tensors and its decision (recipe fields, reason, sensitivities), and a
-  fingerprint of the model (parameter names, shapes and dtypes).
+  the names of its tensors and its decision (recipe fields, reason, sensitivities), per attention
+  module the names of its statistics' tensors (format 2; format 1 had none), and a fingerprint
+  of the model (parameter names, shapes and dtypes).
 
 No pickle anywhere: JSON and safetensors only. ``load(model, path)`` checks the format version,
 the fingerprint against the model it is given and each tensor's hash, then replaces the model's
@@ -30,13 +32,13 @@ from torch import Tensor, nn
 
 from qcompiler import __version__
 from qcompiler.calibration.state import linear_layers, state_of, unwrap
-from qcompiler.calibration.stats import ActivationStats, PreparedWeight
+from qcompiler.calibration.stats import ActivationStats, AttentionStats, PreparedWeight
 from qcompiler.errors import CalibrationError, InvalidFile, MissingDependency, OptionError
 from qcompiler.ir.int4 import PackedInt4
 from qcompiler.recipes import Recipe, get_recipe, resolve
 
 FORMAT = "qcompile-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attention statistics
 MANIFEST = "manifest.json"
 TENSORS = "state.safetensors"
 
@@ -146,11 +148,13 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, recipe=None) -> pat
             "weight": None if w is None else {
                 "packed": tensors.put(w.packed), "scale": tensors.put(w.scale), "zero": tensors.put(w.zero),
                 "group_size": w.group_size, "in_features": w.in_features}}
+    attention = {name: {"module": a.module, "tokens": a.tokens,
+                        **{k: tensors.put(t) for k, t in a.tensors().items()}} for name, a in state.attention.items()}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "qcompile_version": __version__,
         "torch_version": torch.__version__, "recipe": _recipe_fields(recipe),
         "fingerprint": fingerprint(model), "parameters": parameters_of(model),
-        "last_run": _json_safe(state.last_run), "layers": layers,
+        "last_run": _json_safe(state.last_run), "layers": layers, "attention": attention,
     }
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +219,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
     if not file.is_file():
         raise InvalidFile(f"{folder} has a manifest but no {TENSORS}: save the model's state again")
     names = {name for name, _ in linear_layers(unwrap(model))}
+    modules = {name for name, _ in unwrap(model).named_modules()}
     try:
         with st.safe_open(str(file), framework="pt") as f:
             available = set(f.keys())
@@ -257,6 +262,12 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                     prepared[name] = PreparedWeight(_recipe_from(p["recipe"]), tuple(p["key"]), weight,
                                                     get(p["smooth_scale"]), p["reason"],
                                                     {k: v for k, v in p["sensitivity"]})
+            attention = {}
+            for name, entry in manifest.get("attention", {}).items():
+                if name not in modules:
+                    raise InvalidFile(f"{folder} has attention statistics for module {name!r}, which this model lacks")
+                attention[name] = AttentionStats(entry["module"], *(get(entry[k]) for k in AttentionStats.TENSORS),
+                                                 entry["tokens"])
     except InvalidFile:
         raise
     except Exception as e:  # safetensors' own errors: a truncated or garbled file
@@ -264,5 +275,5 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                           f"save the model's state again") from None
     state = state_of(model)
     state.clear()
-    state.update(stats=stats, prepared=prepared, last_run=manifest.get("last_run") or {})
+    state.update(stats=stats, prepared=prepared, last_run=manifest.get("last_run") or {}, attention=attention)
     return _recipe_from(manifest.get("recipe"))

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompiler.ir import attention
+from qcompiler.ir import attention, attention_static
 from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, round_clamp as _round_clamp
 from qcompiler.ir.numerics import scale_from_amax  # noqa: F401  (part of this module's interface)
 
@@ -211,6 +211,17 @@ def _attention_q8_fake(q, k, v, attn_mask, is_causal, scale, qdtype):
 # V per channel, INT8 or FP8 products, softmax in float32
 attention_q8 = _define("attention_q8", attention.attention_q8_ref, _attention_q8_fake)
 
+
+def _attention_q8_static_fake(q, k, v, attn_mask, is_causal, scale, q_mul, k_shift, k_mul, q_scale, k_scale,
+                              v_scale, p_scale, qdtype):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# static 8-bit attention (qcompiler.ir.attention_static): calibrated per-tensor scales, P with a
+# fixed scale; the form TensorRT's explicit quantization takes
+attention_q8_static = _define("attention_q8_static", attention_static.attention_q8_static_ref,
+                              _attention_q8_static_fake)
+
 # op overload (what appears in FX graphs) -> its plain-torch reference implementation
 REFERENCE = {
     torch.ops.qcompile.quantize_per_token.default: quantize_per_token_ref,
@@ -220,4 +231,5 @@ REFERENCE = {
     torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,
     torch.ops.qcompile.embedding_int8.default: embedding_int8_ref,
     torch.ops.qcompile.attention_q8.default: attention.attention_q8_ref,
+    torch.ops.qcompile.attention_q8_static.default: attention_static.attention_q8_static_ref,
 }

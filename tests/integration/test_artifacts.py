@@ -9,13 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 import qcompiler
-from artifact_roundtrip import BATCH, SEED, logits
+from artifact_roundtrip import BATCH, SEED, logits, parse
 from qcompiler.passes.meta import FLOATING_POINT
 from tiny_models import build, token_batch
 
 HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifact_roundtrip.py")
-# every registered recipe on the reference target; the CPU targets on one static recipe
-CASES = [f"{r}@reference" for r in qcompiler.list_recipes()] + ["w8a8-smoothquant@ort", "w8a8-smoothquant@inductor"]
+# every registered recipe on the reference target; the CPU targets on one static recipe, with
+# static attention (its calibrated constants) on two
+CASES = [f"{r}@reference" for r in qcompiler.list_recipes()] + [
+    "w8a8-smoothquant@ort", "w8a8-smoothquant@inductor", "w8a8-smoothquant:attention=int8@ort",
+    "fp8-static:attention=fp8@inductor"]
 
 
 def _calibrated(recipe: str):
@@ -29,9 +32,9 @@ def _calibrated(recipe: str):
 def test_every_recipe_round_trips_bit_identically_in_a_fresh_process(tmp_path):
     expected = {}
     for case in CASES:
-        recipe, target = case.split("@")
+        recipe, target, extra = parse(case)
         model = _calibrated(recipe)
-        expected[case] = logits(model, recipe, target)
+        expected[case] = logits(model, recipe, target, **extra)
         assert torch.isfinite(expected[case]).all()
         if not (tmp_path / recipe).exists():
             qcompiler.save(model, tmp_path / recipe, recipe=recipe)

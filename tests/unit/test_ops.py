@@ -115,6 +115,10 @@ OPCHECK_CASES = [
                                  torch.ones(2, 1, 5, 7, dtype=torch.bool), False, None, torch.int8)),
     (qops.attention_q8, lambda: (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8),
                                  None, True, 0.3, ops.FP8)),
+    (qops.attention_q8_static, lambda: (torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8),
+                                        torch.ones(2, 1, 5, 7, dtype=torch.bool), False, None, torch.rand(4, 1, 8) + 0.5,
+                                        torch.randn(2, 1, 8), torch.rand(2, 1, 8) + 0.5, *torch.rand(4) / 10 + 0.01,
+                                        ops.FP8)),
 ]
 
 
@@ -127,7 +131,7 @@ def test_opcheck_fake_and_schema(op, make):
 def test_reference_table_covers_every_op():
     assert set(ops.REFERENCE) == {getattr(qops, n).default for n in (
         "quantize_per_token", "quantize_per_tensor",
-        "linear_w8a8", "linear_w8a16", "linear_w4a16", "embedding_int8", "attention_q8")}
+        "linear_w8a8", "linear_w8a16", "linear_w4a16", "embedding_int8", "attention_q8", "attention_q8_static")}
 
 
 class QLinear(torch.nn.Module):
