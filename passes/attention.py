@@ -1,7 +1,9 @@
-"""Attention: describe every ``scaled_dot_product_attention`` and, where the recipe asks
-(``attention="int8" | "fp8"``), replace it by ``qcompile::attention_q8`` (dynamic scales), or by
-``qcompile::attention_q8_static`` when the recipe's activations are static (calibrated constant
-scales, ``passes.attention_static``: the form TensorRT takes).
+"""Attention: describe every ``scaled_dot_product_attention`` and every hand-written
+``matmul -> scale -> masks -> softmax -> matmul`` (``passes.attention_match``) and, where the recipe
+asks (``attention="int8" | "fp8"``), replace it by ``qcompile::attention_q8`` (dynamic scales), or
+by ``qcompile::attention_q8_static`` when the recipe's activations are static (calibrated constant
+scales, ``passes.attention_static``: the form TensorRT takes; calibration records them for
+``scaled_dot_product_attention`` calls, so hand-written attention stays in floating point there).
 
 Each attention gets a ``Decision`` whose text gives its geometry (query heads, head size, the
 key/value heads before transformers' ``repeat_kv`` for GQA / MQA, the mask: causal, a boolean or
@@ -12,6 +14,7 @@ reason.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +25,7 @@ from torch import fx
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.attention import attention_q8_ref
 from qcompiler.ir.attention_static import attention_q8_static_ref
-from qcompiler.passes import attention_static
+from qcompiler.passes import attention_match, attention_static
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
@@ -79,16 +82,26 @@ def _kv_heads(key: fx.Node, heads: int) -> int:
     return int(value.shape[1]) if value is not None and value.dim() == 4 else heads
 
 
-def describe(node: fx.Node) -> Optional[AttentionShape]:
-    a = sdpa_arguments(node)
+def handwritten_arguments(m: attention_match.HandWritten) -> dict:
+    """A hand-written attention's arguments in ``sdpa_arguments``' terms (the mask: its additive terms)."""
+    return dict(SDPA_DEFAULTS, query=m.query, key=m.key, value=m.value, attn_mask=m.mask_terms or None,
+                scale=m.scale)
+
+
+def describe(a: dict) -> Optional[AttentionShape]:
+    """The geometry of an attention with arguments ``a`` (``sdpa_arguments``' terms)."""
     q, k = node_value(a["query"]), node_value(a["key"])
     if q is None or k is None or q.dim() != 4:
         return None
     heads = int(q.shape[1])
     kv = int(k.shape[1]) if a["enable_gqa"] else _kv_heads(a["key"], heads)
-    mask = node_value(a["attn_mask"]) if isinstance(a["attn_mask"], fx.Node) else None
-    kinds = (["causal"] if a["is_causal"] else []) + (
-        [] if mask is None else ["boolean mask" if mask.dtype == torch.bool else "additive mask"])
+    mask = a["attn_mask"]
+    if isinstance(mask, list):
+        kinds = [f"additive mask ({len(mask)} terms)" if len(mask) > 1 else "additive mask"]
+    else:
+        mask = node_value(mask) if isinstance(mask, fx.Node) else None
+        kinds = [] if mask is None else ["boolean mask" if mask.dtype == torch.bool else "additive mask"]
+    kinds = (["causal"] if a["is_causal"] else []) + kinds
     return AttentionShape(heads, int(q.shape[-1]), kv, " + ".join(kinds) or "none")
 
 
@@ -102,7 +115,8 @@ def _unsupported(a: dict) -> str:
     q, k = node_value(a["query"]), node_value(a["key"])
     if isinstance(q.shape[1], int) and isinstance(k.shape[1], int) and q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key heads"
-    if a["attn_mask"] is not None and not isinstance(a["attn_mask"], fx.Node):
+    mask = a["attn_mask"]
+    if mask is not None and not (isinstance(mask, fx.Node) or isinstance(mask, list)):
         return "the mask is not a tensor"
     return ""
 
@@ -119,21 +133,30 @@ def _mutates(gm: fx.GraphModule) -> bool:
     return False
 
 
-def _sqnr_inputs(gm: fx.GraphModule, example_inputs, nodes: list) -> dict:
-    """node -> (q, k, v, mask, scale) on the call being compiled, when its inputs are real tensors."""
+def _sqnr_inputs(gm: fx.GraphModule, example_inputs, wanted: dict) -> dict:
+    """anchor node -> (q, k, v, mask, scale) on the call being compiled, when its inputs are real
+    tensors (``wanted``: anchor -> its arguments; a list of additive mask terms is summed)."""
     from torch._subclasses.fake_tensor import is_fake
 
-    if not nodes or any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs) or _mutates(gm):
+    if not wanted or any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs) or _mutates(gm):
         return {}
-    wanted, seen = set(nodes), {}
+    seen, kept = {}, {}
+    needed = {x for a in wanted.values() for name in ("query", "key", "value", "attn_mask")
+              for x in (a[name] if isinstance(a[name], list) else [a[name]]) if isinstance(x, fx.Node)}
 
     class Recorder(fx.Interpreter):
+        def value(self, x):  # the interpreter frees a value after its last use: read what was kept
+            if isinstance(x, list):
+                return sum(kept[t] for t in x)
+            return kept[x] if isinstance(x, fx.Node) else x
+
         def run_node(self, n):
+            if n in wanted:  # before the anchor runs: an in-place op there could not change its inputs
+                a = wanted[n]
+                seen[n] = tuple(self.value(a[x]) for x in ("query", "key", "value", "attn_mask", "scale"))
             out = super().run_node(n)
-            if n in wanted:
-                a = sdpa_arguments(n)
-                seen[n] = tuple(self.env.get(a[x], a[x]) if isinstance(a[x], fx.Node) else a[x]
-                                for x in ("query", "key", "value", "attn_mask", "scale"))
+            if n in needed:
+                kept[n] = out
             return out
 
     try:
@@ -156,15 +179,14 @@ def _sqnr(values, a: dict, qdtype, static: Optional[attention_static.StaticAtten
     return sqnr_db(ref[live], got.float()[live]) if live.any() else None
 
 
-def _static_constants(node: fx.Node, module: str, layer, state) -> attention_static.StaticAttention:
-    """The calibrated constants of a static attention, on its query's device."""
+def _static_constants(a: dict, module: str, layer, state) -> attention_static.StaticAttention:
+    """The calibrated constants of a static attention (arguments ``a``), on its query's device."""
     stats = attention_static.find_stats(state, module)
     if stats is None:
         raise CalibrationError(
             f"recipe {layer.name!r} quantizes attention with static (calibrated) scales, but attention "
             f"{module!r} has no calibration statistics: run `with qcompiler.calibrate(model): model(batch)` on "
             f"representative batches before the first call (or load a state saved after calibrating)")
-    a = sdpa_arguments(node)
     q, k, v = (node_value(a[x]) for x in ("query", "key", "value"))
     if not attention_static.fits(stats, q, k, v):
         raise CalibrationError(
@@ -176,40 +198,70 @@ def _static_constants(node: fx.Node, module: str, layer, state) -> attention_sta
     return attention_static.StaticAttention(*(t.to(q.device) for t in c.tensors()))
 
 
+STATIC_HANDWRITTEN = ("static attention's constants come from calibration, which records scaled_dot_product_attention "
+                      "calls only: load the model with attn_implementation='sdpa', or use a dynamic recipe")
+
+
+def _candidates(gm: fx.GraphModule) -> list:
+    """``(anchor node, arguments in sdpa_arguments' terms or None, hand-written match or None)``
+    for every attention of the graph, in graph order."""
+    handwritten = {m.output: m for m in attention_match.find_handwritten(gm)}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in SDPA:
+            out.append((node, sdpa_arguments(node), None))
+        elif node.op == "call_function" and node.target in OTHER_ATTENTION:
+            out.append((node, None, None))
+        elif node in handwritten:
+            out.append((node, handwritten_arguments(handwritten[node]), handwritten[node]))
+    return out
+
+
+def _combined_mask(gm: fx.GraphModule, mask):
+    """The mask argument of the q-op: a node, or the sum of a hand-written attention's terms."""
+    if not isinstance(mask, list):
+        return mask
+    total = mask[0]
+    for term in mask[1:]:
+        total = gm.graph.call_function(operator.add, (total, term))
+    return total
+
+
 def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -> list:
-    """Describe every attention op; rewrite the ones the recipe quantizes (``state``: the model's
+    """Describe every attention; rewrite the ones the recipe quantizes (``state``: the model's
     ``QuantState``, whose attention statistics static recipes need). Returns their Decisions."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA + OTHER_ATTENTION]
     plan = []
-    for node in nodes:
+    for node, a, hand in _candidates(gm):
         module = owning_module(node, node.name)
         layer = recipe.for_module(module)
-        shape = describe(node) if node.target in SDPA else None
-        geometry = f"{shape.text()}; " if shape else ""
-        if node.target not in SDPA:
+        shape = describe(a) if a is not None else None
+        geometry = ("hand-written; " if hand else "") + (f"{shape.text()}; " if shape else "")
+        if a is None:
             why = "an attention form qcompile does not quantize (only scaled_dot_product_attention)"
         elif layer is None:
             why = "kept in floating point by a skip/override pattern"
         elif layer.attention is None:
             why = FLOAT_REASON
         else:
-            why = _unsupported(sdpa_arguments(node))
-        plan.append((node, module, layer, geometry, why))
-    measured = _sqnr_inputs(gm, example_inputs, [n for n, _, _, _, why in plan if not why])
+            why = (hand.reason if hand else "") or _unsupported(a)
+            if not why and hand and layer.activation == "static":
+                why = STATIC_HANDWRITTEN
+        plan.append((node, a, hand, module, layer, geometry, why))
+    measured = _sqnr_inputs(gm, example_inputs, {n: a for n, a, _, _, _, _, why in plan if not why})
     decisions = []
-    for node, module, layer, geometry, why in plan:
+    for node, a, hand, module, layer, geometry, why in plan:
         if why:
             d = Decision(module, "attention", FLOATING_POINT, geometry + why)
             node.meta[META_KEY] = d
             decisions.append(d)
             continue
-        a = sdpa_arguments(node)
         qdtype = layer.attention_qdtype
-        static = _static_constants(node, module, layer, state) if layer.activation == "static" else None
+        static = _static_constants(a, module, layer, state) if layer.activation == "static" else None
         sqnr = _sqnr(measured[node], a, qdtype, static) if node in measured else None
-        common = (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]), a["scale"])
         pv = "INT8" if layer.attention == "int8" else "FP8"
         with gm.graph.inserting_before(node):
+            common = (a["query"], a["key"], a["value"], _combined_mask(gm, a["attn_mask"]), bool(a["is_causal"]),
+                      a["scale"])
             if static is None:
                 new = gm.graph.call_function(qops.attention_q8.default, (*common, qdtype))
                 text = (f"{geometry}INT8 Q and K per token (K smoothed), softmax in FP32, {pv} P (per 64-key "
@@ -222,6 +274,8 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
                         f"in FP32, {pv} P (fixed scale) and V (per tensor)")
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        if hand:
+            attention_match.remove_chain(gm, hand)
         scheme = f"attention-{layer.attention}" + ("-static" if static is not None else "")
         d = Decision(module, "attention", scheme, text, sqnr)
         new.meta[META_KEY] = d

@@ -29,13 +29,15 @@ DECODERS = [n for n, (_, dec, _) in ARCHITECTURES.items() if dec]
 ENCODERS = [n for n, (_, dec, _) in ARCHITECTURES.items() if not dec]
 
 
-def build(name: str, seed: int = 0, dtype=torch.float32):
-    """A tiny random-weight model of architecture ``name`` in eval mode, and its vocabulary size."""
+def build(name: str, seed: int = 0, dtype=torch.float32, attn_implementation=None):
+    """A tiny random-weight model of architecture ``name`` in eval mode, and its vocabulary size
+    (``attn_implementation="eager"``: transformers' hand-written attention instead of SDPA)."""
     model_type, decoder, overrides = ARCHITECTURES[name]
     config = AutoConfig.for_model(model_type, **overrides)
     torch.manual_seed(seed)
     cls = AutoModelForCausalLM if decoder else AutoModel
-    model = cls.from_config(config, dtype=dtype).eval()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = cls.from_config(config, dtype=dtype, **extra).eval()
     return model, config.vocab_size
 
 

@@ -148,12 +148,12 @@ def explain(model: nn.Module) -> Report:
 
 
 def _kv_notes(model) -> list:
-    from qcompiler.api.kv_cache import HOOK
+    from qcompiler.api.kv_cache import attached
 
-    current = getattr(model, "__dict__", {}).get(HOOK)
+    current = attached(model)
     if current is None:
         return []
-    scheme, group, residual = current[0]
+    scheme, group, residual = current
     return [f"KV cache: {scheme}, keys per channel and values per token in groups of {group}, the last "
             f"{residual}+ tokens in floating point (generate()'s DynamicCache becomes a qcompiler.QuantizedKVCache)"]
 

@@ -1,7 +1,7 @@
 """Quantized attention: the ``attention_q8`` reference against float64 attention (masks, causal,
 GQA / MQA, odd sizes, fresh random inputs), every fast implementation against the reference, NaN
-never passing, and the pass that describes and rewrites attention in tiny models of many
-architectures."""
+never passing, and the pass that describes and rewrites attention (scaled_dot_product_attention
+and hand-written matmul-softmax-matmul) in tiny models of many architectures."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,53 @@ def test_pass_quantizes_attention_of_many_architectures(arch, fmt, static):
     assert all((f"{kv} KV heads" in r.reason) == (kv != heads) for r in rows)
 
 
+@pytest.mark.parametrize("arch", ["mpnet", "llama", "qwen2", "gemma3", "phi3", "mistral", "gpt2", "bert"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_hand_written_attention_is_found_and_quantized(arch, fmt):
+    """MPNet writes attention out; transformers' "eager" attention does for every other model."""
+    from tiny_models import build, token_batch
+
+    model, vocab = build(arch, attn_implementation=None if arch == "mpnet" else "eager")
+    batch = token_batch(vocab, 2, 12, seed=2, padded=True)
+    fast = _compile(model, recipe="w8a16", attention=fmt, target="inductor")
+    with torch.no_grad():
+        ref, out = model(**batch), fast(**batch)
+    key = "logits" if hasattr(ref, "logits") else "last_hidden_state"
+    live = batch["attention_mask"].bool()
+    assert sqnr_db(ref[key][live], out[key][live]) > FLOORS[fmt] - 12
+    rows = [r for r in qcompiler.explain(fast) if r.op == "attention"]
+    layers = 4 if arch == "gemma3" else 2
+    assert len(rows) == layers and all(r.scheme == f"attention-{fmt}" and r.reason.startswith("hand-written")
+                                       for r in rows), rows
+    assert all(r.sqnr_db is not None and r.sqnr_db > FLOORS[fmt] - 6 for r in rows), [r.sqnr_db for r in rows]
+    gm = qcompiler.api.backend.compiled_graphs(fast)[0].graph_module
+    assert not [n for n in gm.graph.nodes if "softmax" in str(n.target)]  # the float attention is gone
+
+
+def test_hand_written_attention_whose_probabilities_are_returned_stays_in_floating_point():
+    from tiny_models import build, token_batch
+
+    model, vocab = build("llama", attn_implementation="eager")
+    fast = _compile(model, recipe="w8a16", attention="int8", target="inductor")
+    with torch.no_grad():
+        out = fast(**token_batch(vocab, 1, 8), output_attentions=True)
+    assert out.attentions is not None and len(out.attentions) == 2
+    rows = [r for r in qcompiler.explain(fast) if r.op == "attention"]
+    assert rows and all(r.scheme == "floating point" and "used outside the attention" in r.reason for r in rows)
+
+
+def test_hand_written_attention_on_a_static_recipe_stays_in_floating_point_with_the_fix():
+    from tiny_models import build, token_batch
+
+    model, vocab = build("mpnet")
+    qcompiler.calibrate(model, [token_batch(vocab, 2, 16, seed=s) for s in range(2)], progress=False)
+    fast = _compile(model, recipe="w8a8-smoothquant", attention="int8", target="reference")
+    with torch.no_grad():
+        fast(**token_batch(vocab, 2, 8))
+    rows = [r for r in qcompiler.explain(fast) if r.op == "attention"]
+    assert rows and all(r.scheme == "floating point" and "attn_implementation='sdpa'" in r.reason for r in rows)
+
+
 def test_attention_stays_in_floating_point_by_default_and_by_skip():
     from tiny_models import build, token_batch
 
@@ -217,7 +264,7 @@ def test_tensorrt_form_refuses_quantized_attention_with_the_fix():
         to_onnx(Attention(torch.int8, False, None), (q, k, v), "tensorrt", dynamic=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "mpnet"])
 def test_ort_target_and_export_carry_quantized_attention(arch, tmp_path):
     from tiny_models import build, token_batch
 
