@@ -1,9 +1,11 @@
 """Where static 8-bit attention (``qcompile::attention_q8_static``) loses accuracy on SmolLM2-135M:
-the SQNR of each layer's attention output against floating-point attention, on a held-out window,
-with every step quantized and with one step alone (Q/K, P, V), and without the calibrated Q/K
-smoothing; constants calibrated on disjoint windows.
+the SQNR of each layer's attention output against floating-point attention, on a held-out window
+of ``--context`` tokens, with every step quantized and with one step alone (Q/K, P, V), without
+the calibrated Q/K smoothing, and with one smoothing factor per channel instead of per rotary
+pair; constants calibrated on ``--calib`` disjoint windows of ``--calib-window`` tokens.
 
-    python benchmarks/experiments/static_attention_error_sources.py [--context 512] [--calib 4] [--formats int8,fp8] \
+    python benchmarks/experiments/static_attention_error_sources.py [--context 2048] [--calib 8] [--calib-window 512] \
+        [--formats int8,fp8] \
         [--markdown docs/results/static_attention_error_sources.md]
 """
 from __future__ import annotations
@@ -60,14 +62,15 @@ def run(q, k, v, causal, mask, scale, c, qdtype, quantize: set):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--calib", type=int, default=4)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--calib-window", type=int, default=512)
     ap.add_argument("--formats", default="int8,fp8")
     ap.add_argument("--markdown", help="write the results page here")
     args = ap.parse_args(argv)
     model, tok = zoo.load_smollm2()
     ids = zoo.wiki_token_ids(tok, "smollm2")
-    calib, _ = zoo.lm_windows(ids, 512, args.calib, 0)
+    calib, _ = zoo.lm_windows(ids, args.calib_window, args.calib, 0)
     _, held = zoo.lm_windows(ids, args.context, 0, 1)
     qcompiler.calibrate(model, [{"input_ids": w[None]} for w in calib], progress=False)
     stats = state_of(model).attention
@@ -75,7 +78,8 @@ def main(argv=None):
     with torch.no_grad(), cap:
         model(input_ids=held[:1])
     names = sorted(stats, key=lambda n: int(n.split(".")[2]))
-    tables = [table(names, stats, cap.calls, fmt, args.context) for fmt in args.formats.split(",")]
+    tables = [table(names, stats, cap.calls, fmt, f"{args.context} tokens, calibrated on {args.calib} x "
+                    f"{args.calib_window}") for fmt in args.formats.split(",")]
     body = "\n\n".join(tables)
     print(body)
     if args.markdown:
@@ -86,11 +90,11 @@ def main(argv=None):
                    __doc__.split("\n\n    python")[0] + "\n\n" + body)
 
 
-def table(names, stats, calls, fmt: str, context: int) -> str:
+def table(names, stats, calls, fmt: str, setting: str) -> str:
     """Per-layer attention output SQNR (dB) against floating-point attention, min / median / max."""
     qdtype = torch.int8 if fmt == "int8" else FP8
     rows = {"all": {"qk", "p", "v"}, "Q/K only": {"qk"}, "P only": {"p"}, "V only": {"v"}}
-    results = {r: [] for r in [*rows, "all, no Q/K smoothing"]}
+    results = {r: [] for r in [*rows, "all, no Q/K smoothing", "all, smoothing per channel"]}
     for name, (q, k, v, causal, mask, scale) in zip(names, calls):
         st = attention_static.regrouped(stats[name], k.shape[1])
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
@@ -101,7 +105,10 @@ def table(names, stats, calls, fmt: str, context: int) -> str:
         plain = attention_static.constants(st, qdtype, migration=0.0)
         results["all, no Q/K smoothing"].append(sqnr_db(ref, run(q, k, v, causal, mask, scale, plain, qdtype,
                                                                   rows["all"])))
-    lines = [f"| {fmt}, {context} tokens: quantized step | SQNR min | median | max |", "|---|---:|---:|---:|"]
+        per_channel = attention_static.constants(st, qdtype, rotary_pairs=False)
+        results["all, smoothing per channel"].append(sqnr_db(ref, run(q, k, v, causal, mask, scale, per_channel,
+                                                                       qdtype, rows["all"])))
+    lines = [f"| {fmt}, {setting}: quantized step | SQNR min | median | max |", "|---|---:|---:|---:|"]
     for label, values in results.items():
         lines.append(f"| {label} | {min(values):.1f} | {statistics.median(values):.1f} | {max(values):.1f} |")
     return "\n".join(lines)

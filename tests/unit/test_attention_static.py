@@ -24,7 +24,9 @@ QDTYPES = {"int8": torch.int8, "fp8": ops.FP8}
 def _inputs(seed, b=2, hq=4, hkv=2, lq=7, lk=13, d=24, mask=None):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
-    channel = torch.linspace(0.2, 4.0, d)  # outlier channels in Q and K, a per-channel offset in K
+    # outlier channels in Q and K, alike in channels i and i + d/2 (the pairs rotary embeddings
+    # rotate together), and a per-channel offset in K
+    channel = torch.linspace(0.2, 4.0, d // 2).repeat(2)
     q, k = q * channel, k * channel.flip(0) + 3.0 * torch.linspace(-1, 1, d)
     m = None
     if mask == "bool":
