@@ -264,22 +264,27 @@ def test_tensorrt_form_refuses_quantized_attention_with_the_fix():
         to_onnx(Attention(torch.int8, False, None), (q, k, v), "tensorrt", dynamic=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert", "mpnet"])
-def test_ort_target_and_export_carry_quantized_attention(arch, tmp_path):
-    from tiny_models import build, token_batch
-
-    model, vocab = build(arch)
-    batch = token_batch(vocab, 2, 12, padded=True)
+def assert_ort_matches_reference(model, batch, **options):
+    """The ``ort`` target runs the q-op graph to the reference target's output (over 60 dB)."""
     outs = {}
     for target in ("reference", "ort"):
         torch._dynamo.reset()
-        fast = _compile(model, recipe="w8a8", attention="int8", target=target)
+        fast = _compile(model, target=target, **options)
         with torch.no_grad():
             o = fast(**batch)
         outs[target] = o.logits if hasattr(o, "logits") else o.last_hidden_state
         assert qcompiler.api.backend.compiled_graphs(fast)[0].running_target == target
     live = batch["attention_mask"].bool()
     assert sqnr_db(outs["reference"][live], outs["ort"][live]) > 60
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "mpnet"])
+def test_ort_target_and_export_carry_quantized_attention(arch, tmp_path):
+    from tiny_models import build, token_batch
+
+    model, vocab = build(arch)
+    batch = token_batch(vocab, 2, 12, padded=True)
+    assert_ort_matches_reference(model, batch, recipe="w8a8", attention="int8")
     result = qcompiler.export_onnx(model, batch, str(tmp_path / "m.onnx"), recipe="w8a8", form="ort",
                                    options={"attention": "int8"})
     assert any(d.op == "attention" and d.scheme == "attention-int8" for d in result.decisions)

@@ -16,7 +16,7 @@ from qcompiler.ir import ops
 from qcompiler.lowering.inductor import attention_q8_static_float_gemm
 from qcompiler.passes import attention_static
 from qcompiler.passes.quantize import sqnr_db
-from test_attention import CASES, STATIC_FLOORS as FLOORS
+from test_attention import CASES, STATIC_FLOORS as FLOORS, assert_ort_matches_reference
 
 QDTYPES = {"int8": torch.int8, "fp8": ops.FP8}
 
@@ -197,16 +197,7 @@ def test_static_attention_exports_in_the_tensorrt_form_and_runs_on_ort(arch, fmt
     qcompiler.calibrate(model, calibration, progress=False)
     batch = token_batch(vocab, 2, 12, padded=True)
     recipe = "w8a8-smoothquant" if fmt == "int8" else "fp8-static"
-    outs = {}
-    for target in ("reference", "ort"):
-        torch._dynamo.reset()
-        fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "attention": fmt, "target": target})
-        with torch.no_grad():
-            o = fast(**batch)
-        outs[target] = o.logits if hasattr(o, "logits") else o.last_hidden_state
-        assert qcompiler.api.backend.compiled_graphs(fast)[0].running_target == target
-    live = batch["attention_mask"].bool()
-    assert sqnr_db(outs["reference"][live], outs["ort"][live]) > 60
+    assert_ort_matches_reference(model, batch, recipe=recipe, attention=fmt)
     path = str(tmp_path / "t.onnx")
     result = qcompiler.export_onnx(model, batch, path, recipe=recipe, form="tensorrt", options={"attention": fmt})
     assert any(d.op == "attention" and d.scheme == f"attention-{fmt}-static" for d in result.decisions)
