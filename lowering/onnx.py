@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from qcompiler.errors import OptionError
+from qcompiler.ir.ops import REFERENCE
 from qcompiler.lowering import onnx_fusions
 from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
 
@@ -137,11 +138,30 @@ def _takes_varargs(module: nn.Module) -> bool:
     return any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
+# q-ops with no ONNX translation of their own: exported as their plain-torch reference, which the
+# exporter turns into standard ONNX ops (a KV cache's dequantize-and-concatenate, then attention)
+INLINED = {op: REFERENCE[op] for op in (torch.ops.qcompile.kv_dequantize.default,
+                                        torch.ops.qcompile.attention_quantized_kv.default)}
+
+
+def _inline(module: nn.Module) -> nn.Module:
+    """``module``, or a copy of it whose ``INLINED`` q-ops are calls of their references."""
+    if not isinstance(module, fx.GraphModule) or not any(n.target in INLINED for n in module.graph.nodes):
+        return module
+    module = copy.deepcopy(module)
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in INLINED:
+            node.target = INLINED[node.target]
+    module.recompile()
+    return module
+
+
 def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwargs: Optional[dict] = None,
             input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None):
     """Export ``module`` (a q-op graph, or any module holding q-ops) to an ``onnx.ModelProto``."""
     if form not in FORMS:
         raise OptionError(f"unknown ONNX form {form!r}; valid forms: {list(FORMS)}")
+    module = _inline(module)
     if dynamic_shapes is None and dynamic and not kwargs:
         dynamic_shapes = _dynamic_shapes(inputs)
     if dynamic_shapes is not None and _takes_varargs(module):  # Dynamo's graphs: forward(self, *args)

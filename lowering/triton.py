@@ -15,7 +15,7 @@ from torch import fx
 
 from qcompiler.ir import ops
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
-from qcompiler.runtimes import triton_attention, triton_quantize, triton_w8a8, triton_weight_only
+from qcompiler.runtimes import triton_attention, triton_kv_attention, triton_quantize, triton_w8a8, triton_weight_only
 from qcompiler.runtimes.triton_support import require
 
 qops = torch.ops.qcompile
@@ -28,6 +28,7 @@ KERNELS = {
     "linear_w8a16": triton_weight_only.linear_w8a16,
     "linear_w4a16": triton_weight_only.linear_w4a16,
     "attention_q8": triton_attention.attention_q8,
+    "attention_quantized_kv": triton_kv_attention.attention_quantized_kv,
 }
 
 

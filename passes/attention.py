@@ -10,7 +10,9 @@ key/value heads before transformers' ``repeat_kv`` for GQA / MQA, the mask: caus
 additive mask, or none) and, when the graph's inputs are real tensors (the call being compiled),
 its output SQNR against floating-point attention on those inputs, computed by the reference q-op.
 Attention with dropout, or in a form the q-op does not take, stays in floating point with the
-reason.
+reason. Floating-point ``scaled_dot_product_attention`` whose keys and values are a quantized KV
+cache's read becomes ``qcompile::attention_quantized_kv`` (``passes.cache_read``), which takes the
+cache's codes.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import fx
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.attention import attention_q8_ref
 from qcompiler.ir.attention_static import attention_q8_static_ref
-from qcompiler.passes import attention_match, attention_static
+from qcompiler.passes import attention_match, attention_static, cache_read
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
@@ -42,6 +44,9 @@ SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale
 _REPEATS = {"expand", "reshape", "view", "contiguous", aten.expand.default, aten.view.default,
             aten.reshape.default, aten.clone.default, torch.reshape, aten._unsafe_view.default}
 FLOAT_REASON = "attention stays in floating point (recipe field attention=None; 'int8' or 'fp8' quantizes it)"
+SKIPPED_REASON = "kept in floating point by a skip/override pattern"
+FUSABLE = (FLOAT_REASON, SKIPPED_REASON)  # floating-point attention that may read a quantized KV cache in place
+READS_CACHE = "fused with the read of its {} KV cache (qcompile::attention_quantized_kv)"
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
         if a is None:
             why = "an attention form qcompile does not quantize (only scaled_dot_product_attention)"
         elif layer is None:
-            why = "kept in floating point by a skip/override pattern"
+            why = SKIPPED_REASON
         elif layer.attention is None:
             why = FLOAT_REASON
         else:
@@ -248,12 +253,17 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
                 why = STATIC_HANDWRITTEN
         plan.append((node, a, hand, module, layer, geometry, why))
     measured = _sqnr_inputs(gm, example_inputs, {n: a for n, a, _, _, _, _, why in plan if not why})
-    decisions = []
+    decisions, changed = [], False
     for node, a, hand, module, layer, geometry, why in plan:
         if why:
-            d = Decision(module, "attention", FLOATING_POINT, geometry + why)
-            node.meta[META_KEY] = d
+            fused = cache_read.fuse(gm, node, a) if a is not None and not hand and why in FUSABLE else None
+            text = geometry + why + (f"; {READS_CACHE.format(fused.args[12])}" if fused is not None else "")
+            d = Decision(module, "attention", FLOATING_POINT, text)
+            (fused or node).meta[META_KEY] = d
+            if fused is not None:
+                fused.meta[cache_read.META_KEY] = fused.args[12]  # the cache's scheme, for explain
             decisions.append(d)
+            changed |= fused is not None
             continue
         qdtype = layer.attention_qdtype
         static = _static_constants(a, module, layer, state) if layer.activation == "static" else None
@@ -280,7 +290,7 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
         d = Decision(module, "attention", scheme, text, sqnr)
         new.meta[META_KEY] = d
         decisions.append(d)
-    if any(d.scheme != FLOATING_POINT for d in decisions):
+    if changed or any(d.scheme != FLOATING_POINT for d in decisions):
         gm.graph.lint()
         gm.recompile()
     return decisions

@@ -41,6 +41,29 @@ def _p_codes(y, IS_FP8: tl.constexpr):
 
 
 @triton.jit
+def softmax_step(s, m_i, l_i, rm, rn, END, LQ, LK, m_base, smm, smn, MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    """One key tile of an online softmax: scores ``s`` of query rows ``rm`` (of ``LQ``) and keys
+    ``rn`` (of ``LK``; from ``END`` on, padding) masked (causal; ``MASK`` 1: boolean, 2: additive,
+    read at ``m_base``), then ``(p = exp(s - new maximum), alpha = the rescale of earlier tiles,
+    the new maximum, the new row sum)``."""
+    valid = (rn[None, :] < END) & (rm[:, None] >= 0)
+    if CAUSAL:
+        valid = valid & (rn[None, :] <= rm[:, None])
+    in_range = (rm[:, None] < LQ) & (rn[None, :] < LK)
+    m_ptrs = m_base + rm[:, None].to(tl.int64) * smm + rn[None, :] * smn
+    if MASK == 1:
+        valid = valid & (tl.load(m_ptrs, mask=in_range, other=0) != 0)
+    if MASK == 2:
+        s += tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr,
                       LQ, LK, HQ, HKV, GROUP, sm_scale,
                       sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd,
@@ -60,6 +83,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_base = mask_ptr + b.to(tl.int64) * smb + h * smh
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
     for n0 in range(0, LK, BLOCK_N):
@@ -68,21 +92,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
                      mask=(rn[None, :] < LK) & (rd[:, None] < D), other=0)
         sk = tl.load(ks_ptr + (b * HKV + hk).to(tl.int64) * LK + rn, mask=rn < LK, other=0.0)
         s = tl.dot(qq, kq, out_dtype=tl.int32).to(tl.float32) * sq[:, None] * sk[None, :]  # INT8 Q K^T
-        valid = (rn[None, :] < LK) & (rm[:, None] >= 0)
-        if CAUSAL:
-            valid = valid & (rn[None, :] <= rm[:, None])
-        m_ptrs = mask_ptr + b.to(tl.int64) * smb + h * smh + rm[:, None].to(tl.int64) * smm + rn[None, :] * smn
-        in_range = (rm[:, None] < LQ) & (rn[None, :] < LK)
-        if MASK == 1:
-            valid = valid & (tl.load(m_ptrs, mask=in_range, other=0) != 0)
-        if MASK == 2:
-            s += tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i, rm, rn, LK, LQ, LK, m_base, smm, smn, MASK, CAUSAL)
         vq = tl.load(v_base + rn[:, None].to(tl.int64) * svn + rd[None, :] * svd,
                      mask=(rn[:, None] < LK) & (rd[None, :] < D), other=0)
         ps = tl.max(p, 1) / QMAX  # P's scale for this row and block of keys (the tile is the block)

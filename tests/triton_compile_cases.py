@@ -108,6 +108,24 @@ def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
         "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal})
 
 
+def _kv_attention(fmt, act, mask, causal, block_m, d):
+    import triton.language as tl
+
+    from qcompiler.runtimes import triton_attention as ta, triton_kv_attention as tk
+
+    code = {"int8": "*i8", "fp8": "*u8", "int4": "*u8"}[fmt]
+    types = {"q_ptr": ACT[act], "kc_ptr": code, "ks_ptr": "*fp16", "ko_ptr": "*fp16", "kt_ptr": ACT[act],
+             "vc_ptr": code, "vs_ptr": "*fp16", "vo_ptr": "*fp16", "vt_ptr": ACT[act],
+             "mask_ptr": {ta.MASK_NONE: ACT[act], ta.MASK_BOOL: "*i8", ta.MASK_ADD: "*fp32"}[mask],
+             "o_ptr": ACT[act], "sm_scale": "fp32",
+             **_ints("LQ", "LC", "LT", "HQ", "HKV", "GROUP", "K_GROUP", "V_GROUP", "sqb", "sqh", "sqm", "sktb", "skth",
+                     "sktn", "svtb", "svth", "svtn", "smb", "smh", "smm", "smn", "sob", "soh", "som")}
+    compile_for_h100(tk._kv_attention_kernel, types, {
+        "D": d, "BLOCK_M": block_m, "BLOCK_N": 64 if d <= 64 else 32, "BLOCK_D": max(16, 1 << (d - 1).bit_length()),
+        "FMT": tk.FORMAT_CODES[fmt], "HAS_OFFSET": fmt == "int4", "MASK": mask, "CAUSAL": causal,
+        "DOT": {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[act]})
+
+
 # activation dtype, bits, zero points, AWQ smoothing, group: the flag sets the launchers produce
 # (group 16 scales in the tile; 128 is longer than some BLOCK_K)
 WEIGHT_ONLY_VARIANTS = [("bf16", 4, False, False, 64), ("fp16", 4, True, True, 32), ("fp32", 4, True, False, 128),
@@ -147,6 +165,11 @@ def cases() -> dict:
             continue  # the launcher's flag sets: a causal graph carries no additive mask in the cases here
         out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask{mask}-{'causal' if causal else 'full'}-{bm}x{bn}-d{d}"] = (
             lambda a=(is_fp8, mask, causal, bm, bn, d, "bf16"): _attention(*a))
+    for i, (fmt, act, (mask, causal)) in enumerate(itertools.product(
+            ["int8", "fp8", "int4"], ["bf16", "fp16", "fp32"], [(0, False), (1, False), (2, False), (0, True)])):
+        bm, d = ((16, 64), (64, 128))[i % 2]  # decode's and prefill's row tiles, over both key tile sizes
+        out[f"kv-attention-{fmt}-{act}-mask{mask}-{'causal' if causal else 'full'}-m{bm}-d{d}"] = (
+            lambda a=(fmt, act, mask, causal, bm, d): _kv_attention(*a))
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Optional
 from torch import nn
 
 from qcompiler.calibration.state import linear_layers, state_of
+from qcompiler.passes.cache_read import META_KEY as KV_READ
 from qcompiler.passes.meta import FALLBACKS, FLOATING_POINT, Decision
 
 NOT_COMPILED = "not compiled"
@@ -144,7 +145,7 @@ def explain(model: nn.Module) -> Report:
     targets = [GraphTarget(g.requested, g.running_target,
                            "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}")
                                      if r)) for g in graphs]
-    return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model))
+    return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model) + _cache_read_notes(graphs))
 
 
 def _kv_notes(model) -> list:
@@ -156,6 +157,17 @@ def _kv_notes(model) -> list:
     scheme, group, residual = current
     return [f"KV cache: {scheme}, keys per channel and values per token in groups of {group}, the last "
             f"{residual}+ tokens in floating point (generate()'s DynamicCache becomes a qcompiler.QuantizedKVCache)"]
+
+
+def _cache_read_notes(graphs) -> list:
+    """Which graphs' attention reads a quantized KV cache's codes in place (decode steps do; the
+    prefill, whose cache holds no codes yet, does not)."""
+    fused = {i: sum(KV_READ in n.meta for n in g.graph_module.graph.nodes) for i, g in enumerate(graphs)}
+    fused = {i: count for i, count in fused.items() if count}
+    if not fused:
+        return []
+    where = ", ".join(f"graph {i}: {count}" for i, count in fused.items())
+    return [f"attention fused with the read of its quantized KV cache (qcompile::attention_quantized_kv): {where}"]
 
 
 def _run_notes(run: dict) -> list:

@@ -11,12 +11,16 @@ whole blocks. New tokens are returned exactly to the step that computed them; la
 them quantized. Layers with a sliding window keep transformers' own floating-point window (its
 memory is bounded by the window).
 
-What attention reads: on every target that runs the model's own attention (the CPU targets,
-Inductor), each layer's update dequantizes its cache into one floating-point tensor for that
-layer's attention call only (the quantized codes are read once, written once in the model's
-dtype). In eager mode that tensor is a view of a workspace the cache's layers share (it holds one
-layer, and layer i's attention has read it before layer i + 1 updates), so a decode step
-allocates nothing that grows with the context; compiled, it is one fused dequantize-and-concatenate.
+What attention reads. In eager mode each layer's update dequantizes its cache into one
+floating-point tensor for that layer's attention call only (the codes are read once and written
+once in the model's dtype); that tensor is a view of a workspace the cache's layers share (it holds
+one layer, and layer i's attention has read it before layer i + 1 updates), so a decode step
+allocates nothing that grows with the context. Compiled, the read is a ``qcompile::kv_dequantize``
+q-op and a concatenation, which the attention pass fuses with the floating-point attention that
+reads them into ``qcompile::attention_quantized_kv``: the ``triton`` target runs it as one kernel
+that dequantizes the codes tile by tile (no floating-point copy of the layer's cache at all);
+Inductor and ONNX Runtime run it as a fused dequantize-and-concatenate (one layer's float copy)
+followed by their attention. Quantized attention (``attention="int8"``) reads that copy too.
 No float copy of the whole cache is ever kept.
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import Tensor
 
 from qcompiler.errors import MissingDependency, OptionError
-from qcompiler.ir import kv
+from qcompiler.ir import kv, ops  # noqa: F401  (ops defines torch.ops.qcompile)
 
 try:
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
@@ -110,8 +114,10 @@ class QuantizedKVLayer(_Base):
         a view of the shared workspace, valid until the next layer's update)."""
         if quantized is None:
             return tail
-        if torch.compiler.is_compiling():  # a compiler fuses the dequantization into the concatenation
-            return torch.cat([kv.dequantize(quantized, tail.dtype), tail], dim=-2)
+        if torch.compiler.is_compiling():  # one q-op the attention pass can fuse into the attention
+            codes = torch.ops.qcompile.kv_dequantize(quantized.codes, quantized.scale, quantized.offset,
+                                                     quantized.fmt.name, quantized.per, quantized.group, tail.dtype)
+            return torch.cat([codes, tail], dim=-2)
         b, h, n, d = tail.shape
         out = self.workspace.take(which, (b, h, quantized.length + n, d), tail)
         kv.dequantize(quantized, tail.dtype, out=out[..., :quantized.length, :])

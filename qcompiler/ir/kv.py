@@ -114,11 +114,14 @@ def _stored_scale(value: Tensor) -> Tensor:
 
 
 def _pack4(u: Tensor) -> Tensor:
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    # int32 arithmetic, not uint8 shifts: an ONNX export of the cache's compiled update stays in ops
+    # ONNX Runtime's CPU kernels take
+    return (u[..., 0::2].to(torch.int32) + u[..., 1::2].to(torch.int32) * 16).to(torch.uint8)
 
 
 def _unpack4(packed: Tensor) -> Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+    p = packed.to(torch.int32)
+    return torch.stack([p % 16, p // 16], dim=-1).flatten(-2).to(torch.uint8)
 
 
 def quantize(x: Tensor, scheme: str, per: str, group: int) -> QuantizedKV:
@@ -146,7 +149,7 @@ def quantize(x: Tensor, scheme: str, per: str, group: int) -> QuantizedKV:
         low, high = blocks.amin(dim=axis, keepdim=True), blocks.amax(dim=axis, keepdim=True)
         scale = _stored_scale((high - low) / fmt.qmax)
         offset = low.to(SCALE_DTYPE)
-        u = torch.round((blocks - offset.to(torch.float32)) / scale.to(torch.float32)).clamp(0, fmt.qmax)
+        u = torch.round((blocks - offset.to(torch.float32)) / scale.to(torch.float32)).clamp(0.0, fmt.qmax)
         codes = u.to(torch.uint8)
     codes = codes.reshape(b, h, length, d)
     if fmt.bits == 4:
@@ -155,24 +158,33 @@ def quantize(x: Tensor, scheme: str, per: str, group: int) -> QuantizedKV:
     return QuantizedKV(codes, squeeze(scale), squeeze(offset), fmt, per, group)
 
 
+def dequantize_codes(codes: Tensor, scale: Tensor, offset: Optional[Tensor], scheme: str, per: str, group: int,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """``QuantizedKV``'s fields -> ``[B, H, L, D]`` in ``dtype``, with no in-place write: the math
+    of the ``qcompile::kv_dequantize`` q-op, which compiled graphs trace."""
+    fmt = kv_format(scheme)
+    codes = _unpack4(codes) if fmt.bits == 4 else codes
+    b, h, length, d = codes.shape
+    axis = -2 if per == "channel" else -1
+    y = _grouped(codes, per, group).to(torch.float32) * scale.to(torch.float32).unsqueeze(axis)
+    if offset is not None:
+        y = y + offset.to(torch.float32).unsqueeze(axis)
+    return y.reshape(b, h, length, d).to(dtype).contiguous()  # a q-op's result is contiguous, as its fake
+
+
 def dequantize(q: QuantizedKV, dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None) -> Tensor:
     """``[B, H, L, D]`` in ``dtype``, written into ``out`` (a view of that shape) when given: the
     cache dequantizes straight into the tensor attention reads, without a float copy of its own."""
-    codes = _unpack4(q.codes) if q.fmt.bits == 4 else q.codes
-    b, h, length, d = codes.shape
-    axis = -2 if q.per == "channel" else -1
-    scale = q.scale.to(torch.float32).unsqueeze(axis)
-    blocks = _grouped(codes, q.per, q.group)
     if out is None:
-        out = torch.empty((b, h, length, d), dtype=dtype, device=codes.device)
+        out = torch.empty((*q.codes.shape[:-1], q.codes.shape[-1] * (2 if q.fmt.bits == 4 else 1)), dtype=dtype,
+                          device=q.codes.device)
     if q.fmt.code_dtype == torch.int8 and out.dtype == torch.float32 and not torch.compiler.is_compiling():
         # one pass, int8 codes in, float32 out (a slice of a larger buffer splits into blocks as a view)
+        blocks = _grouped(q.codes, q.per, q.group)
+        scale = q.scale.to(torch.float32).unsqueeze(-2 if q.per == "channel" else -1)
         torch.mul(blocks, scale, out=out.view(_block_shape(out.shape, q.per, q.group)))
         return out
-    y = blocks.to(torch.float32) * scale
-    if q.offset is not None:
-        y = y + q.offset.to(torch.float32).unsqueeze(axis)
-    out.copy_(y.reshape(b, h, length, d))
+    out.copy_(dequantize_codes(q.codes, q.scale, q.offset, q.fmt.name, q.per, q.group))
     return out
 
 

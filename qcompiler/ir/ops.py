@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from qcompiler.ir import attention, attention_static
+from qcompiler.ir import attention, attention_static, kv, kv_attention
 from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, round_clamp as _round_clamp
 from qcompiler.ir.numerics import scale_from_amax  # noqa: F401  (part of this module's interface)
 
@@ -222,6 +222,27 @@ def _attention_q8_static_fake(q, k, v, attn_mask, is_causal, scale, q_mul, k_shi
 attention_q8_static = _define("attention_q8_static", attention_static.attention_q8_static_ref,
                               _attention_q8_static_fake)
 
+
+
+def _kv_dequantize_fake(codes, scale, offset, scheme, per, group, dtype=torch.float32):
+    width = codes.shape[-1] * (2 if kv.kv_format(scheme).bits == 4 else 1)
+    return codes.new_empty((*codes.shape[:-1], width), dtype=dtype)
+
+
+# a quantized KV cache's codes -> floating point (qcompiler.ir.kv): what the cache's compiled read
+# emits, so that the attention pass can find a cache read and fuse it into the attention
+kv_dequantize = _define("kv_dequantize", kv.dequantize_codes, _kv_dequantize_fake)
+
+
+def _attention_quantized_kv_fake(q, k_codes, k_scale, k_offset, k_tail, v_codes, v_scale, v_offset, v_tail,
+                                 attn_mask, is_causal, scale, scheme, k_group, v_group):
+    return q.new_empty((*q.shape[:-1], v_tail.shape[-1]))
+
+
+# floating-point attention reading a quantized KV cache's codes and tails (qcompiler.ir.kv_attention)
+attention_quantized_kv = _define("attention_quantized_kv", kv_attention.attention_quantized_kv_ref,
+                                 _attention_quantized_kv_fake)
+
 # op overload (what appears in FX graphs) -> its plain-torch reference implementation
 REFERENCE = {
     torch.ops.qcompile.quantize_per_token.default: quantize_per_token_ref,
@@ -232,4 +253,6 @@ REFERENCE = {
     torch.ops.qcompile.embedding_int8.default: embedding_int8_ref,
     torch.ops.qcompile.attention_q8.default: attention.attention_q8_ref,
     torch.ops.qcompile.attention_q8_static.default: attention_static.attention_q8_static_ref,
+    torch.ops.qcompile.kv_dequantize.default: kv.dequantize_codes,
+    torch.ops.qcompile.attention_quantized_kv.default: kv_attention.attention_quantized_kv_ref,
 }

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from qcompiler.ir import ops
+from qcompiler.ir import kv, ops
 
 qops = torch.ops.qcompile
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -102,6 +102,11 @@ def test_linear_w8a16_matches_float64(dtype):
     assert rel_err(out, ref) < {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
 
 
+def _kv_fields(x, scheme, per, group) -> tuple:
+    q = kv.quantize(x, scheme, per, group)
+    return q.codes, q.scale, q.offset, scheme, per, q.group
+
+
 OPCHECK_CASES = [
     (qops.quantize_per_token, lambda: (torch.randn(2, 3, 12), torch.rand(12) + 0.5)),
     (qops.quantize_per_token, lambda: (torch.randn(3, 12), None)),
@@ -119,6 +124,12 @@ OPCHECK_CASES = [
                                         torch.ones(2, 1, 5, 7, dtype=torch.bool), False, None, torch.rand(4, 1, 8) + 0.5,
                                         torch.randn(2, 1, 8), torch.rand(2, 1, 8) + 0.5, *torch.rand(4) / 10 + 0.01,
                                         ops.FP8)),
+    (qops.kv_dequantize, lambda: (*_kv_fields(torch.randn(2, 2, 32, 8), "int4", "channel", 16), torch.float16)),
+    (qops.kv_dequantize, lambda: (*_kv_fields(torch.randn(1, 3, 5, 16), "int8", "token", 8), torch.float32)),
+    (qops.attention_quantized_kv, lambda: (
+        torch.randn(2, 4, 3, 8), *_kv_fields(torch.randn(2, 2, 32, 8), "int4", "channel", 16)[:3], torch.randn(2, 2, 5, 8),
+        *_kv_fields(torch.randn(2, 2, 32, 8), "int4", "token", 16)[:3], torch.randn(2, 2, 5, 8),
+        torch.ones(2, 1, 3, 37, dtype=torch.bool), False, None, "int4", 16, 8)),
 ]
 
 
@@ -131,7 +142,8 @@ def test_opcheck_fake_and_schema(op, make):
 def test_reference_table_covers_every_op():
     assert set(ops.REFERENCE) == {getattr(qops, n).default for n in (
         "quantize_per_token", "quantize_per_tensor",
-        "linear_w8a8", "linear_w8a16", "linear_w4a16", "embedding_int8", "attention_q8", "attention_q8_static")}
+        "linear_w8a8", "linear_w8a16", "linear_w4a16", "embedding_int8", "attention_q8", "attention_q8_static",
+        "kv_dequantize", "attention_quantized_kv")}
 
 
 class QLinear(torch.nn.Module):
