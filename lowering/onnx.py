@@ -24,6 +24,7 @@ from qcompiler.errors import OptionError
 from qcompiler.ir.ops import REFERENCE
 from qcompiler.lowering import onnx_fusions
 from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
+from qcompiler.lowering.scalars import freeze_scalars, item_only
 
 __all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_inputs"]
 
@@ -41,17 +42,12 @@ def runtime_inputs(gm: fx.GraphModule, example_inputs) -> list:
     return [i for i, v in enumerate(example_inputs) if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)]
 
 
-def _item_only(node: fx.Node, value) -> bool:
-    users = list(node.users)
-    return value.dim() == 0 and bool(users) and all(u.op == "call_method" and u.target == "item" for u in users)
-
-
 def fed_inputs(gm: fx.GraphModule, example_inputs) -> list:
     """Indices of the inputs an exported graph takes: ``runtime_inputs`` less the 0-d tensors
     Dynamo lifts from a module's float attributes (eps, dropout p) and reads with ``.item()``;
     they are constants of the model, and export cannot take a data-dependent value."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [i for i in runtime_inputs(gm, example_inputs) if not _item_only(placeholders[i], example_inputs[i])]
+    return [i for i in runtime_inputs(gm, example_inputs) if not item_only(placeholders[i], example_inputs[i])]
 
 
 def freeze(gm: fx.GraphModule, example_inputs) -> tuple:
@@ -62,10 +58,7 @@ def freeze(gm: fx.GraphModule, example_inputs) -> tuple:
     gm = copy.deepcopy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     keep = set(fed_inputs(gm, example_inputs))
-    for i in set(runtime_inputs(gm, example_inputs)) - keep:
-        for u in list(placeholders[i].users):
-            u.replace_all_uses_with(example_inputs[i].item())
-            gm.graph.erase_node(u)
+    freeze_scalars(gm, {i: example_inputs[i].item() for i in set(runtime_inputs(gm, example_inputs)) - keep})
     sizes = {}  # symbol -> (placeholder, dim) measuring it
     for i in sorted(keep):
         fake = placeholders[i].meta.get("example_value")

@@ -8,6 +8,7 @@ chosen lowering. The returned ``CompiledGraph`` keeps the original graph so that
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -24,6 +25,7 @@ from qcompiler.api.options import compile_of, split_options
 from qcompiler.calibration import state
 from qcompiler.errors import OptionError, QcompileError
 from qcompiler.lowering import auto_choice, get_lowering
+from qcompiler.lowering.scalars import freeze_scalars, item_only
 from qcompiler.passes.pipeline import run_passes
 
 # the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
@@ -154,8 +156,9 @@ class CompiledGraph:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs, recipe, target: str, cuda_graphs: bool = False,
-                 compile_key=None):
+                 compile_key=None, frozen_scalars: Optional[dict] = None):
         self.original = gm
+        self.frozen_scalars = frozen_scalars or {}
         self.example_inputs = list(example_inputs)
         self.recipe = recipe
         self.requested = target
@@ -172,7 +175,13 @@ class CompiledGraph:
         # inside a repeated layer): parameters are graph inputs, but the quantized weights were
         # made from these. Another instance's parameters get a graph of their own (``_variant``).
         self.param_slots = [i for i, v in enumerate(self.example_inputs) if isinstance(v, nn.Parameter)]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.scalar_slots = [i for i, (n, v) in enumerate(zip(placeholders, self.example_inputs)) if item_only(n, v)]
         self.variants = {}
+        # Dynamo's tracing context (its fake tensors, symbolic sizes and shape environment): a
+        # variant compiled later, outside Dynamo, compiles under it, so its sizes stay as dynamic as
+        # this graph's and a float Dynamo lifted to a tensor (dynamic=True) can still be read
+        self.tracing = torch._guards.TracingContext.try_get()
         self._build()
 
     @property
@@ -186,6 +195,7 @@ class CompiledGraph:
 
     def _build(self):
         gm = _copy_dynamo_graph(self.original)
+        freeze_scalars(gm, self.frozen_scalars)
         rewritten = run_passes(gm, self.example_inputs, self.recipe)
         params = rewritten.params
         self.watch = _Watch(params)
@@ -202,15 +212,37 @@ class CompiledGraph:
         return all(args[i] is self.example_inputs[i] for i in self.param_slots)
 
     def _variant(self, args) -> "CompiledGraph":
-        """This graph quantized and lowered for the parameters in ``args`` (made once per set)."""
-        key = tuple(id(args[i]) for i in self.param_slots)
+        """This graph quantized and lowered for the parameters in ``args`` (made once per set).
+
+        A variant is compiled outside Dynamo. It compiles under this graph's tracing context, so
+        its sizes stay as dynamic as this graph's. Where that cannot work (the graph reads a float
+        Dynamo lifted to a tensor, ``.item()`` of a 0-d input under ``dynamic=True``, such as a
+        module's ``eps``; or the frame's shape environment holds such floats, which only Dynamo
+        can specialize) the variant takes those values from ``args`` as constants and is compiled
+        for the sizes of ``args``; a call with other values or other sizes gets a variant of its own.
+        """
+        scalars = {i: args[i].item() for i in self.scalar_slots}
+        key = (tuple(id(args[i]) for i in self.param_slots), tuple(float(v).hex() for v in scalars.values()))
         graph = self.variants.get(key)
-        if graph is None or not graph._same_params(args):  # ids are reused after a module is freed
+        if graph is None and not scalars and self.tracing is not None:
             slots = set(self.param_slots)
             example = [args[i] if i in slots else v for i, v in enumerate(self.example_inputs)]
-            graph = CompiledGraph(self.original, example, self.recipe, self.requested, self.cuda_graphs,
-                                  self.compile_key)
-            self.variants[key] = graph
+            try:
+                with torch._guards.tracing(self.tracing):
+                    graph = CompiledGraph(self.original, example, self.recipe, self.requested, self.cuda_graphs,
+                                          self.compile_key)
+            except _DYNAMO_RESTART:  # it also noted floats to specialize for a restart that will not come
+                _forget_restart()
+                graph = None
+            if graph is not None:
+                self.variants[key] = graph
+        if graph is None or not graph._same_params(args):  # ids are reused after a module is freed
+            key = key + (tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args),)
+            graph = self.variants.get(key)
+            if graph is None or not graph._same_params(args):
+                graph = CompiledGraph(self.original, list(args), self.recipe, self.requested, self.cuda_graphs,
+                                      self.compile_key, frozen_scalars=scalars)
+                self.variants[key] = graph
         return graph
 
     def __call__(self, *args):
@@ -220,6 +252,16 @@ class CompiledGraph:
             self._build()
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
+
+
+# what Dynamo's float-tensorifying pass raises to restart Dynamo's analysis (torch >= 2.6)
+_DYNAMO_RESTART = getattr(torch._dynamo.exc, "TensorifyScalarRestartAnalysis", ())
+
+
+def _forget_restart() -> None:
+    state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+    if state is not None:
+        state.clear()
 
 
 def compiled_module(gm: fx.GraphModule) -> Optional[nn.Module]:

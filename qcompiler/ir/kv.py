@@ -18,7 +18,6 @@ rounded.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,8 +59,13 @@ def kv_format(name: str) -> KVFormat:
 
 def channel_group(head_dim: int, group: int) -> int:
     """The group along the head dimension (values): ``group``, or the largest divisor of
-    ``head_dim`` below it (head size 80 at group 32: 16)."""
-    return math.gcd(head_dim, group)
+    ``head_dim`` below it (head size 80 at group 32: 16). Euclid's steps written out, not
+    ``math.gcd``: a symbolic head size (``dynamic=True``) goes through them as guards, where
+    ``math.gcd`` would break the graph."""
+    a, b = group, head_dim
+    while b:
+        a, b = b, a % b
+    return a
 
 
 @dataclass(frozen=True)

@@ -162,8 +162,39 @@ def _w8a8_eager(model, x):
     with torch.no_grad():
         for layer in model:
             x = torch.relu(linear(layer.a, x))
+            if isinstance(layer, BrokenNormLayer):
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + layer.eps)
             x = x + linear(layer.b, x)
     return x
+
+
+class BrokenNormLayer(BrokenLayer):
+    """``BrokenLayer`` with a normalization after the break whose epsilon is a float attribute:
+    under ``dynamic=True`` Dynamo lifts it to a tensor input that the graph reads with ``.item()``."""
+
+    def __init__(self, d, eps):
+        super().__init__(d)
+        self.eps = eps
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x + self.b(x)
+
+
+@pytest.mark.parametrize("target", ["reference", "inductor"])
+@pytest.mark.parametrize("norm", [False, True])
+def test_one_graph_serving_several_layers_with_dynamic_shapes(target, norm):
+    """dynamic=True: the graph after the break serves every layer at new sizes; each layer gets
+    its own weights and, where the graph reads a lifted float, its own epsilon."""
+    torch.manual_seed(0)
+    layers = [BrokenNormLayer(32, eps) if norm else BrokenLayer(32) for eps in (1e-6, 0.5, 4.0)]
+    model = nn.Sequential(*layers).eval()
+    fast = torch.compile(model, backend="qcompile", dynamic=True, options={"recipe": "w8a8", "target": target})
+    for shape in ((4, 32), (9, 32), (2, 5, 32)):
+        x = torch.randn(shape)
+        assert rel_err(fast(x), _w8a8_eager(model, x)) < 1e-4, shape
 
 
 def test_the_users_model_is_never_modified():

@@ -129,7 +129,7 @@ def _graph_targets(model) -> list:
             for g in qcompiler.api.backend.compiled_graphs(model)]
 
 
-def _generate(arch, scheme, options, padded=False, new_tokens=8):
+def _generate(arch, scheme, options, padded=False, new_tokens=8, dynamic=None):
     """Greedy generation with the same quantized cache settings, eager then compiled; returns the
     compiled model. Both follow one sequence up to the first step whose tokens differ (a near-tie
     that rounding may flip, in random tiny models), and every step up to it must give the same
@@ -142,7 +142,7 @@ def _generate(arch, scheme, options, padded=False, new_tokens=8):
             m = build(arch)[0]
             if compiled:
                 torch._dynamo.reset()
-                m.forward = torch.compile(m.forward, backend="qcompile", options=options)
+                m.forward = torch.compile(m.forward, backend="qcompile", options=options, dynamic=dynamic)
             cache = qcompiler.QuantizedKVCache(m.config, scheme, group_size=16, residual=8)
             outs.append(m.generate(**prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, cache=cache,
                                    output_logits=True, return_dict_in_generate=True))
@@ -182,6 +182,15 @@ def test_every_target_runs_the_fused_op(target, scheme):
     assert f"runs on {target}" in report and "attention fused with the read" in report
     if target == "triton":
         assert any("qcompile_triton.attention_quantized_kv.default" in g for g in _graph_targets(model))
+
+
+def test_dynamic_shapes_generate_and_read_the_codes_in_the_attention():
+    """dynamic=True: the cache's update traces with a symbolic head size (no graph break in it), and
+    decode reads the codes in the attention."""
+    model = _generate("llama", "int4", dict(FLOAT_LINEARS, target="inductor"), new_tokens=6, dynamic=True)
+    report = str(qcompiler.explain(model))
+    assert "attention fused with the read" in report
+    assert all("runs on inductor" in line for line in report.splitlines() if line.startswith("graph "))
 
 
 def test_quantized_attention_reads_the_cache_through_a_float_copy():
