@@ -124,8 +124,12 @@ def _pack4(u: Tensor) -> Tensor:
 
 
 def _unpack4(packed: Tensor) -> Tensor:
-    p = packed.to(torch.int32)
-    return torch.stack([p % 16, p // 16], dim=-1).flatten(-2).to(torch.uint8)
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        # int32 arithmetic in traced graphs: an ONNX export then stays in ops ONNX Runtime's CPU
+        # kernels take (its BitShift and a uint8 stack did not type-check), and Inductor fuses it
+        p = packed.to(torch.int32)
+        return torch.stack([p % 16, p // 16], dim=-1).flatten(-2).to(torch.uint8)
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # eager: uint8 bit operations, fast
 
 
 def quantize(x: Tensor, scheme: str, per: str, group: int) -> QuantizedKV:
