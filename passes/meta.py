@@ -41,6 +41,7 @@ class ActivationPlan:
     scale: Optional[Tensor] = field(default=None, repr=False, compare=False)  # s, [K]
     alpha: Optional[float] = None
     folded_into: Optional[str] = None  # producer that absorbed 1/s, or None: applied in quantize
+    folded_params: tuple = ()          # qualified names of the producer's parameters divided by s
     clip: float = 1.0
 
 

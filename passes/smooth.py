@@ -29,7 +29,7 @@ from qcompiler.errors import CalibrationError
 from qcompiler.ir.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import graph_parameters, owning_module
-from qcompiler.passes.meta import ActivationPlan
+from qcompiler.passes.meta import ActivationPlan, node_value
 
 aten = torch.ops.aten
 _MIN = 1e-5  # as in the SmoothQuant reference code: keeps s finite for dead channels
@@ -64,24 +64,26 @@ def group_error(weights: list, stats, recipe, s: Optional[Tensor], clip: float =
     return err
 
 
-def choose(weights: list, stats, recipe) -> tuple:
+def choose(weights: list, stats, recipe, scaled: bool = True) -> tuple:
     """(alpha or None, clip) for a group: the recipe's values, or searched where it says "auto".
+    ``scaled=False`` (a member in ``recipe.smooth_skip``): no SmoothQuant scale, alpha None.
 
     The search is a coordinate descent on the group's output error: alpha at the first clip
     candidate, then clip at that alpha, then alpha again at that clip. Results are cached on the
     statistics, so a recompile (new shapes, grad mode) does not search again.
     """
-    if recipe.alpha != "auto" and recipe.clip != "auto":
-        return (float(recipe.alpha) if recipe.smoothquant else None), float(recipe.clip)
-    key = ("alpha-clip", recipe, tuple(w.shape for w in weights), float(torch.cat(weights).abs().sum()))
+    smooths = recipe.smoothquant and scaled
+    if (recipe.alpha != "auto" or not smooths) and recipe.clip != "auto":
+        return (float(recipe.alpha) if smooths else None), float(recipe.clip)
+    key = ("alpha-clip", recipe, smooths, tuple(w.shape for w in weights), float(torch.cat(weights).abs().sum()))
     if key not in stats.searches:
-        stats.searches[key] = _search(weights, stats, recipe)
+        stats.searches[key] = _search(weights, stats, recipe, smooths)
     return stats.searches[key]
 
 
-def _search(weights: list, stats, recipe) -> tuple:
+def _search(weights: list, stats, recipe, smooths: bool) -> tuple:
     w_absmax = torch.cat(weights).abs().amax(dim=0)
-    alphas = [None] if not recipe.smoothquant else \
+    alphas = [None] if not smooths else \
         (list(recipe.alpha_grid) if recipe.alpha == "auto" else [float(recipe.alpha)])
     clips = list(recipe.clip_grid) if recipe.clip == "auto" else [float(recipe.clip)]
     errors = {}
@@ -107,20 +109,30 @@ _MULS = (operator.mul, torch.mul, aten.mul.Tensor)
 
 
 def _keeps_last_dim(node: fx.Node) -> bool:
-    """getitem that only slices leading dimensions (lm_head's ``hidden[:, -k:, :]``)."""
-    if node.op != "call_function" or node.target is not operator.getitem:
+    """A view that only slices leading dimensions (lm_head's ``hidden[:, -k:, :]``; ``torch.export``
+    writes it as ``aten.alias`` or ``aten.slice``)."""
+    if node.op != "call_function":
+        return False
+    if node.target is aten.alias.default:
+        return True
+    if node.target is aten.slice.Tensor:
+        value = node_value(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return value is not None and dim % value.dim() != value.dim() - 1
+    if node.target is not operator.getitem:
         return False
     idx = node.args[1]
     return isinstance(idx, tuple) and len(idx) > 0 and idx[-1] == slice(None) and Ellipsis not in idx
 
 
 def _per_channel_operands(producer: fx.Node, params: dict, k: int) -> Optional[dict]:
-    """{arg position or kwarg name: Parameter} of the producer that scale its output channels."""
+    """{arg position or kwarg name: (qualified name, Parameter)} of the producer's operands that scale
+    its output channels."""
     def param1d(a):
         return a in params and params[a][1].dim() == 1 and params[a][1].shape[0] == k
 
     if producer.op == "call_function" and producer.target in _MULS:
-        hits = {i: params[a][1] for i, a in enumerate(producer.args[:2]) if isinstance(a, fx.Node) and param1d(a)}
+        hits = {i: params[a] for i, a in enumerate(producer.args[:2]) if isinstance(a, fx.Node) and param1d(a)}
         return hits if len(hits) == 1 else None
     if producer.op == "call_function" and producer.target in _LAYER_NORMS + _RMS_NORMS:
         slots = {"weight": 2, "bias": 3} if producer.target in _LAYER_NORMS else {"weight": 2}
@@ -131,13 +143,14 @@ def _per_channel_operands(producer: fx.Node, params: dict, k: int) -> Optional[d
                 continue
             if not (isinstance(a, fx.Node) and param1d(a)):
                 return None
-            found[pos if len(producer.args) > pos else key] = params[a][1]
+            found[pos if len(producer.args) > pos else key] = params[a]
         return found if "weight" in found or 2 in found else None
     return None
 
 
-def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: dict) -> Optional[str]:
-    """Fold 1/s into x's producer if every consumer is in the group; return the producer's name."""
+def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: dict) -> Optional[tuple]:
+    """Fold 1/s into x's producer if every consumer is in the group; return (the producer's name,
+    the qualified names of the parameters divided by s), or None."""
     producer = x.args[0] if _keeps_last_dim(x) and len(x.users) else x
     if producer is not x and set(producer.users) != {x}:
         return None
@@ -146,15 +159,19 @@ def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: di
     operands = _per_channel_operands(producer, params, s.shape[0]) if isinstance(producer, fx.Node) else None
     if not operands:
         return None
-    for slot, param in operands.items():
-        folded = (param.detach().to(torch.float32) / s).to(param.dtype)
+    for slot, (_, param) in operands.items():
         with gm.graph.inserting_before(producer):
-            const = add_constant(gm, folded, "smoothed_norm")
+            const = add_constant(gm, folded_parameter(param, s), "smoothed_norm")
         if isinstance(slot, int):
             producer.update_arg(slot, const)
         else:
             producer.update_kwarg(slot, const)
-    return owning_module(producer, producer.name)
+    return owning_module(producer, producer.name), tuple(name for name, _ in operands.values())
+
+
+def folded_parameter(param: Tensor, s: Tensor) -> Tensor:
+    """A producer's per-channel parameter with 1/s folded in (in its own dtype)."""
+    return (param.detach().to(torch.float32) / s).to(param.dtype)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -174,8 +191,9 @@ def _awq_plans(gm, x, members, params) -> dict:
 
     scales = [checked_prepared(m, m.recipe).smooth_scale for _, m in members]
     shared = all(s is scales[0] for s in scales)  # the group calibration saw is the group here
-    folded_into = fold(gm, x, {node for node, _ in members}, scales[0], params) if shared else None
-    return {node: ActivationPlan(s, None, folded_into) for (node, _), s in zip(members, scales)}
+    folded = fold(gm, x, {node for node, _ in members}, scales[0], params) \
+        if shared and scales[0] is not None else None
+    return {node: ActivationPlan(s, None, *(folded or (None, ()))) for (node, _), s in zip(members, scales)}
 
 
 def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
@@ -201,11 +219,11 @@ def smooth(gm: fx.GraphModule, example_inputs, matches: list) -> dict:
                 f"which needs none)")
         weights = [m.weight.detach().to(torch.float32) for _, m in members]
         stats = stats.to(weights[0].device)  # compile-time math runs beside the weights
-        alpha, clip = choose(weights, stats, recipe)
-        s, folded_into = None, None
+        alpha, clip = choose(weights, stats, recipe, not any(recipe.smooth_skipped(m.module) for _, m in members))
+        s, folded = None, None
         if alpha is not None:
             s = smooth_scale(stats.channel_absmax, torch.cat(weights).abs().amax(dim=0), alpha)
-            folded_into = fold(gm, x, {node for node, _ in members}, s, params)
+            folded = fold(gm, x, {node for node, _ in members}, s, params)
         for node, _ in members:
-            plans[node] = ActivationPlan(s, alpha, folded_into, clip)
+            plans[node] = ActivationPlan(s, alpha, *(folded or (None, ())), clip=clip)
     return plans

@@ -54,7 +54,7 @@ ALGORITHMS = {
 # the recipe fields a prepared INT4 weight depends on: compiling with other values must not reuse it
 PREPARED_KEY_FIELDS = ("weight_bits", "group_size", "symmetric", "algorithm", "awq_grid", "weight_clip",
                        "weight_clip_grid", "gptq_damp", "gptq_block", "act_order", "first_token_weight",
-                       "refit_scales", "tune_epochs", "tune_lr")
+                       "refit_scales", "tune_epochs", "tune_lr", "smooth_skip")
 # what "auto" may give a linear, smallest first (ties: faster first); "fp" keeps it in floating point
 # INT4 candidate: round to nearest. On SmolLM2-135M GPTQ lowers each layer's error on the
 # calibration rows yet raises perplexity (benchmarks/accuracy.py), which would mislead the search.
@@ -133,6 +133,12 @@ class Recipe:
             One per-tensor scale cannot serve tokens whose ranges differ by orders of magnitude
             (a sentence encoder's special tokens): all-mpnet-base-v2's embeddings collapse without
             it (docs/results/encoder_accuracy.md).
+        smooth_skip: module-name patterns (fnmatch) of linears that get no SmoothQuant / AWQ input
+            scale: a group of linears reading one input is left unscaled when any member matches
+            (quantized as the recipe says otherwise). A compressed-tensors checkpoint can only
+            hold these scales folded into a preceding norm, so a linear whose input comes from
+            elsewhere (attention's output into ``o_proj``, the gated product into ``down_proj``)
+            must be listed here to be written; ``export_checkpoint`` names them.
         skip: module-name patterns (fnmatch) kept in floating point.
         quantize_tied: also quantize a linear whose weight the graph uses elsewhere too (a
             language model's output projection tied to its input embedding). Off by default:
@@ -187,6 +193,7 @@ class Recipe:
     clip_grid: tuple = DEFAULT_CLIP_GRID
     min_sqnr_db: Optional[float] = 20.0
     max_static_loss_db: Optional[float] = 6.0
+    smooth_skip: tuple = ()
     skip: tuple = ()
     quantize_tied: bool = False
     embedding: Optional[str] = None
@@ -274,7 +281,11 @@ class Recipe:
         if self.smoothquant and self.activation is None:
             raise OptionError(f"recipe {self.name!r}: SmoothQuant needs activation quantization")
         # normalise containers given as lists / dicts (e.g. from options) to hashable tuples
-        object.__setattr__(self, "skip", tuple(self.skip))
+        for name in ("skip", "smooth_skip"):
+            patterns = (getattr(self, name),) if isinstance(getattr(self, name), str) else getattr(self, name)
+            if not all(isinstance(p, str) for p in patterns):
+                raise OptionError(f"recipe {self.name!r}: {name} takes module-name patterns (strings), got {patterns!r}")
+            object.__setattr__(self, name, tuple(patterns))
         ov = self.overrides.items() if isinstance(self.overrides, Mapping) else self.overrides
         object.__setattr__(self, "overrides", tuple((str(p), str(r)) for p, r in ov))
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
@@ -327,6 +338,10 @@ class Recipe:
         if unknown:
             raise OptionError(f"unknown recipe field(s) {unknown}; valid fields: {sorted(valid - {'description'})}")
         return dataclasses.replace(self, **changes)
+
+    def smooth_skipped(self, module_name: str) -> bool:
+        """Whether ``module_name``'s input gets no SmoothQuant / AWQ scale (``smooth_skip``)."""
+        return any(fnmatch.fnmatchcase(module_name, p) for p in self.smooth_skip)
 
     def for_module(self, module_name: str) -> Optional["Recipe"]:
         """The recipe that applies to ``module_name``, or None when it stays in floating point."""

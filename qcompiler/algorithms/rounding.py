@@ -62,14 +62,16 @@ ROUNDINGS = {
 }
 
 
-def round_weights(weights: list, hessian: torch.Tensor, mean_abs: torch.Tensor, recipe) -> tuple:
+def round_weights(weights: list, hessian: torch.Tensor, mean_abs: torch.Tensor, recipe, scaled: bool = True) -> tuple:
     """``([PackedInt4], s or None, reason)`` for linears that read one input (Gram matrix
     ``hessian`` [K, K], mean magnitude ``mean_abs`` [K]) under ``recipe``'s algorithm: AWQ scales
-    ``s`` (the packed weights are of ``W s``; the input must be divided by ``s``), clip search,
-    rounding, scale refit."""
+    ``s`` (the packed weights are of ``W s``; the input must be divided by ``s``; none when
+    ``scaled`` is False: a member in ``recipe.smooth_skip``), clip search, rounding, scale refit."""
     rounding = ROUNDINGS[ALGORITHMS[recipe.algorithm].rounding]
     h, s, reasons = hessian.to(torch.float32), None, []
-    if recipe.awq_scales:
+    if recipe.awq_scales and not scaled:
+        reasons.append("AWQ scales: none (smooth_skip)")
+    elif recipe.awq_scales:
         s, a = awq.search_scale(weights, h, mean_abs, recipe.group_size, recipe.symmetric, recipe.awq_grid)
         reasons.append("AWQ scales: none (plain rounding won)" if a is None else f"AWQ exponent {a:.2f}")
         h = h / s[:, None] / s[None, :]
@@ -98,7 +100,8 @@ def round_block(linears: list, recipe_of: Callable) -> dict:
     for r, members in _input_groups(linears, recipe_of):
         inputs = members[0].inputs
         weights = [_weight(li) for li in members]
-        packed, s, reason = round_weights(weights, inputs.hessian, inputs.mean_abs, r)
+        scaled = not any(r.smooth_skipped(li.name) for li in members)
+        packed, s, reason = round_weights(weights, inputs.hessian, inputs.mean_abs, r, scaled)
         for li, p in zip(members, packed):
             out[li.module] = (PreparedWeight(r, r.prepared_key, p, s, reason),
                               p.dequantize() if s is None else p.dequantize() / s)

@@ -35,7 +35,7 @@ from qcompiler.calibration.state import linear_layers, state_of, unwrap
 from qcompiler.calibration.stats import ActivationStats, AttentionStats, PreparedWeight
 from qcompiler.errors import CalibrationError, InvalidFile, MissingDependency, OptionError
 from qcompiler.ir.int4 import PackedInt4
-from qcompiler.recipes import Recipe, get_recipe, resolve
+from qcompiler.recipes import PREPARED_KEY_FIELDS, Recipe, get_recipe, resolve
 
 FORMAT = "qcompile-state"
 FORMAT_VERSION = 2  # 2: attention statistics
@@ -97,6 +97,14 @@ def _recipe_from(fields: Optional[dict]) -> Optional[Recipe]:
         return get_recipe(base).replace(**{k: v for k, v in fields.items() if k != "description"})
     except OptionError:  # a recipe made by the user, not registered here
         return Recipe(**fields)
+
+
+def _prepared_key(stored: list, recipe: Recipe) -> tuple:
+    """The key as saved (JSON lists back to tuples); a key saved before a field joined
+    ``PREPARED_KEY_FIELDS`` had that field at its default, which the saved recipe carries."""
+    if len(stored) != len(PREPARED_KEY_FIELDS):
+        return recipe.prepared_key
+    return tuple(tuple(v) if isinstance(v, list) else v for v in stored)
 
 
 def _json_safe(value):
@@ -259,7 +267,8 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                     w = p["weight"]
                     weight = None if w is None else PackedInt4(get(w["packed"]), get(w["scale"]), get(w["zero"]),
                                                                w["group_size"], w["in_features"])
-                    prepared[name] = PreparedWeight(_recipe_from(p["recipe"]), tuple(p["key"]), weight,
+                    recipe = _recipe_from(p["recipe"])
+                    prepared[name] = PreparedWeight(recipe, _prepared_key(p["key"], recipe), weight,
                                                     get(p["smooth_scale"]), p["reason"],
                                                     {k: v for k, v in p["sensitivity"]})
             attention = {}

@@ -15,10 +15,17 @@ What maps onto the format, per recipe:
 * INT4 weight-only (``w4a16``, ``w4a16-gptq``, ...; symmetric or not, any group size): packed
   4-bit codes with a scale (and zero point) per group, exactly the codes qcompile computed.
 
-What does not (an ``OptionError`` naming why and what to use): static activation scales and
-SmoothQuant / AWQ input scales (they live in the preceding norm, which this exporter does not
-rewrite), ``auto``'s mixed formats, INT8 embeddings. The accuracy guards are compile-time
-decisions and are not applied: every linear the recipe covers is written quantized.
+SmoothQuant and AWQ input scales ``s`` have no field in the format: the weights are written as
+``W s`` and ``1/s`` is folded into the norm that produces the input, as llm-compressor does. The
+scales and the norms they fold into are the smooth pass's own decisions, read from a capture of
+the model (``torch.export`` on a few tokens), so the folder computes what the compiled model
+computes. A linear whose input no norm produces (attention's output into ``o_proj``, the gated
+product into ``down_proj``) cannot carry a scale: the error names them and the recipe field that
+leaves them unscaled (``smooth_skip``), to use for calibration, compilation and export alike.
+
+What does not map (an ``OptionError`` naming why and what to use): static activation scales,
+``auto``'s mixed formats, INT8 embeddings. The accuracy guards are compile-time decisions and are
+not applied: every linear the recipe covers is written quantized.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ from torch import nn
 from qcompiler.calibration.state import linear_layers, prepared_for, unwrap
 from qcompiler.errors import MissingDependency, OptionError
 from qcompiler.ir import int4, ops
+from qcompiler.passes.match import match
+from qcompiler.passes.smooth import folded_parameter, smooth
 from qcompiler.recipes import Recipe, get_recipe, resolve
 
 INSTALL = "pip install compressed-tensors"
@@ -60,9 +69,6 @@ def _why_not(recipe: Recipe) -> Optional[str]:
         return "the recipe quantizes no weights"
     if recipe.activation == "static":
         return "static activation scales are not written by this exporter yet; use 'w8a8' (dynamic per token)"
-    if recipe.smoothquant or recipe.awq_scales:
-        return ("SmoothQuant / AWQ input scales must be folded into the preceding norm, which this exporter "
-                "does not do; use 'w8a8' or 'w4a16-gptq'")
     if recipe.embedding is not None:
         return "INT8 embedding tables have no compressed-tensors form; leave embedding=None"
     return None
@@ -82,9 +88,52 @@ def _scheme(ct, recipe: Recipe, targets: list):
     return ct["QuantizationScheme"](targets=targets, weights=weights, input_activations=inputs)
 
 
-def _weights(module: nn.Module, recipe: Recipe, name: str) -> tuple:
-    """(float weight on the quantized grid, scale, zero point in the format's convention or None)."""
+def _input_scales(source: nn.Module, recipe: Recipe) -> tuple:
+    """``({linear: s}, {parameter: s})``: the smooth pass's input scale of each smoothed linear and
+    the producer parameters that absorb ``1/s``, from a capture of ``source`` on a few tokens."""
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    was_training = source.training
+    source.eval()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(source, (), {"input_ids": ids, "use_cache": False})
+    except Exception as e:
+        raise OptionError(f"the SmoothQuant / AWQ scales of recipe {recipe.name!r} are read from a capture of the "
+                          f"model by torch.export, which failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          f"a recipe without input scales ('w8a8', 'w4a16-gptq') needs no capture") from e
+    finally:
+        source.train(was_training)
+    gm = program.module()
+    matches = match(gm, [ids], recipe)
+    plans = smooth(gm, [ids], matches)
+    linears, folds, unfoldable = {}, {}, []
+    for node, m, _ in matches:
+        plan = plans.get(node)
+        if m.recipe is None or plan is None or plan.scale is None or bool((plan.scale == 1).all()):
+            continue
+        if not plan.folded_params:
+            unfoldable.append(m.module)
+            continue
+        linears[m.module] = plan.scale
+        folds.update({name: plan.scale for name in plan.folded_params})
+    if unfoldable:
+        patterns = sorted({"*." + n.rsplit(".", 1)[-1] for n in unfoldable})
+        raise OptionError(
+            f"recipe {recipe.name!r} scales the input of {len(unfoldable)} linear(s) that no norm feeds "
+            f"({', '.join(repr(n) for n in unfoldable[:3])}{', ...' if len(unfoldable) > 3 else ''}), and the "
+            f"compressed-tensors format has no place for such a scale: calibrate, compile and export with "
+            f"smooth_skip={patterns!r} in the options (those linears are then quantized without input scales, "
+            f"as llm-compressor's SmoothQuant leaves them)")
+    return linears, folds
+
+
+def _weights(module: nn.Module, recipe: Recipe, name: str, s: Optional[torch.Tensor] = None) -> tuple:
+    """(float weight on the quantized grid, scale, zero point in the format's convention or None);
+    ``s``: the input scale the weight absorbs (AWQ's prepared codes already have it)."""
     w = module.weight.detach().to(torch.float32)
+    if s is not None:
+        w = w * s
     if recipe.weight_bits == 4:
         if recipe.calibrated_rounding:
             prepared = prepared_for(module.weight)
@@ -128,6 +177,7 @@ def export_checkpoint(model: nn.Module, out_dir: Union[str, os.PathLike], *, rec
                           "(one with save_pretrained)")
     tied = {id(p) for m in source.modules() if not isinstance(m, nn.Linear)
             for p in m.parameters(recurse=False)}
+    scales, folds = _input_scales(source, recipe) if recipe.smoothquant or recipe.awq_scales else ({}, {})
     chosen, ignore = {}, []
     for name, module in linear_layers(source):
         r = recipe.for_module(name)
@@ -141,11 +191,15 @@ def export_checkpoint(model: nn.Module, out_dir: Union[str, os.PathLike], *, rec
             raise OptionError(f"{name!r} has {k} input features, not a multiple of group_size={r.group_size}, which "
                               f"the compressed-tensors format needs (qcompile pads; the format does not): pick a "
                               f"group size dividing {k}, or skip the layer (skip=[{name!r}])")
-        chosen[name] = _weights(module, r, name)
+        chosen[name] = _weights(module, r, name, scales.get(name))
     if not chosen:
         raise OptionError(f"recipe {recipe.name!r} quantizes none of this model's linear layers")
     target = copy.deepcopy(source)
     modules = dict(target.named_modules())
+    params = dict(target.named_parameters())
+    with torch.no_grad():
+        for name, s in folds.items():
+            params[name].copy_(folded_parameter(params[name], s))
     config = ct["QuantizationConfig"](config_groups={"group_0": _scheme(ct, recipe, ["Linear"])},
                                       ignore=ignore, quantization_status=ct["QuantizationStatus"].FROZEN)
     ct["apply_quantization_config"](target, config, show_progress=False)

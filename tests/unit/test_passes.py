@@ -132,6 +132,20 @@ def test_smooth_folds_into_norm_when_the_group_is_its_only_consumer(norm):
         assert torch.equal(v, params_before[k]), k
 
 
+def test_smooth_skip_leaves_a_group_unscaled_and_the_others_folded():
+    torch.manual_seed(0)
+    model = Block()
+    x = with_outlier_channels(torch.randn(4, 9, 48))
+    calibrated(model, [x])
+    r = get_recipe("w8a8-smoothquant").replace(smooth_skip=["o", "dow*"])
+    gm, ex, matches, plans, _ = run_passes(model, x, r)
+    scaled = {m.module: plans[n].scale is not None for n, m, _ in matches}
+    assert scaled == {"q": True, "k": True, "v": True, "gate": True, "up": True, "o": False, "down": False}
+    assert {m.module: plans[n].folded_params for n, m, _ in matches}["q"] == ("norm1.weight",)
+    with_inv = [n for n in gm.graph.nodes if n.target == qops.quantize_per_tensor.default and n.args[2] is not None]
+    assert not with_inv  # nothing left to divide inside a quantize op
+
+
 class TwoConsumers(nn.Module):
     """The norm output also feeds the residual, so 1/s must not be folded into it."""
 

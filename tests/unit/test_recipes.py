@@ -44,6 +44,7 @@ def test_unknown_option_lists_valid_ones():
     ({"percentile": 0}, "percentile"), ({"weight_bits": 3}, "weight_bits"),
     ({"clip": 0}, "clip must be in"), ({"clip": 1.2}, "clip must be in"),
     ({"clip": 0.8, "activation": "dynamic"}, "clip applies to static"),
+    ({"smooth_skip": [3]}, "smooth_skip takes module-name patterns"),
 ])
 def test_validation_on_construction(changes, match):
     with pytest.raises(ValueError, match=match):
