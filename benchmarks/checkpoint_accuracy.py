@@ -37,8 +37,8 @@ CASES = [
     {"recipe": "w4a16", "group_size": 64, "symmetric": False},
     {"recipe": "w4a16", "group_size": 32, "symmetric": False},
 ]
-# the linears whose input no norm produces: their input scales have no place in the format
-SMOOTH_SKIP = ["*.o_proj", "*.down_proj"]
+# attention's output projection: nothing in the format can absorb its input scale (GQA)
+SMOOTH_SKIP = ["*.o_proj"]
 CASES.append({"recipe": "w8a8-smoothquant-dynamic", "smooth_skip": SMOOTH_SKIP})
 GPTQ = {"recipe": "w4a16-gptq", "group_size": 64}
 AWQ = {"recipe": "w4a16-awq", "group_size": 64, "smooth_skip": SMOOTH_SKIP}

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import fx
 
+from qcompiler.ir import ops  # noqa: F401  (defines the qcompile:: ops named here)
 from qcompiler.passes.meta import node_value
 
 aten = torch.ops.aten

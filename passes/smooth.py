@@ -169,6 +169,18 @@ def fold(gm: fx.GraphModule, x: fx.Node, group_nodes: set, s: Tensor, params: di
     return owning_module(producer, producer.name), tuple(name for name, _ in operands.values())
 
 
+def producing_linear(x: fx.Node, group_nodes: set, linears: set) -> Optional[fx.Node]:
+    """The linear node (one of ``linears``) whose output rows could absorb the group's ``1/s``
+    instead of the in-op division: ``x = a * L(...)`` (a gated MLP's ``act(gate) * up``), where
+    L's output feeds only that product and the product only the group; None otherwise. The
+    passes divide in the activation quantize op; a format with nowhere for ``1/s`` (a checkpoint)
+    folds it into L's weight rows and bias, which scales L's per-row quantization scales alike."""
+    if x.op != "call_function" or x.target not in _MULS or not set(x.users) <= group_nodes:
+        return None
+    hits = [a for a in x.args[:2] if isinstance(a, fx.Node) and a in linears and set(a.users) == {x}]
+    return hits[0] if len(hits) == 1 and x.args[0] is not x.args[1] else None
+
+
 def folded_parameter(param: Tensor, s: Tensor) -> Tensor:
     """A producer's per-channel parameter with 1/s folded in (in its own dtype)."""
     return (param.detach().to(torch.float32) / s).to(param.dtype)

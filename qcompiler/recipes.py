@@ -136,9 +136,9 @@ class Recipe:
         smooth_skip: module-name patterns (fnmatch) of linears that get no SmoothQuant / AWQ input
             scale: a group of linears reading one input is left unscaled when any member matches
             (quantized as the recipe says otherwise). A compressed-tensors checkpoint can only
-            hold these scales folded into a preceding norm, so a linear whose input comes from
-            elsewhere (attention's output into ``o_proj``, the gated product into ``down_proj``)
-            must be listed here to be written; ``export_checkpoint`` names them.
+            hold these scales folded into a preceding norm or linear, so a linear whose input
+            comes from elsewhere (attention's output into ``o_proj``) must be listed here to be
+            written; ``export_checkpoint`` names them.
         skip: module-name patterns (fnmatch) kept in floating point.
         quantize_tied: also quantize a linear whose weight the graph uses elsewhere too (a
             language model's output projection tied to its input embedding). Off by default:

@@ -19,9 +19,12 @@ SmoothQuant and AWQ input scales ``s`` have no field in the format: the weights 
 ``W s`` and ``1/s`` is folded into the norm that produces the input, as llm-compressor does. The
 scales and the norms they fold into are the smooth pass's own decisions, read from a capture of
 the model (``torch.export`` on a few tokens), so the folder computes what the compiled model
-computes. A linear whose input no norm produces (attention's output into ``o_proj``, the gated
-product into ``down_proj``) cannot carry a scale: the error names them and the recipe field that
-leaves them unscaled (``smooth_skip``), to use for calibration, compilation and export alike.
+computes. Where the compiled model divides inside its activation quantizer because no norm feeds
+the linear, a gated MLP's ``down_proj`` (input ``act(gate) * up``) has its ``1/s`` folded into
+``up_proj``'s rows instead (its codes unchanged, its row scales divided). Any other such linear
+(attention's output into ``o_proj``; a fused ``gate_up_proj``) cannot carry a scale: the error
+names them and the recipe field that leaves them unscaled (``smooth_skip``), to use for
+calibration, compilation and export alike.
 
 What does not map (an ``OptionError`` naming why and what to use): static activation scales,
 ``auto``'s mixed formats, INT8 embeddings. The accuracy guards are compile-time decisions and are
@@ -41,7 +44,7 @@ from qcompiler.calibration.state import linear_layers, prepared_for, unwrap
 from qcompiler.errors import MissingDependency, OptionError
 from qcompiler.ir import int4, ops
 from qcompiler.passes.match import match
-from qcompiler.passes.smooth import folded_parameter, smooth
+from qcompiler.passes.smooth import folded_parameter, producing_linear, smooth
 from qcompiler.recipes import Recipe, get_recipe, resolve
 
 INSTALL = "pip install compressed-tensors"
@@ -89,8 +92,10 @@ def _scheme(ct, recipe: Recipe, targets: list):
 
 
 def _input_scales(source: nn.Module, recipe: Recipe) -> tuple:
-    """``({linear: s}, {parameter: s})``: the smooth pass's input scale of each smoothed linear and
-    the producer parameters that absorb ``1/s``, from a capture of ``source`` on a few tokens."""
+    """``({linear: s}, {parameter: s}, {linear: s})``: the smooth pass's input scale of each smoothed
+    linear, the producer parameters that absorb ``1/s`` (a norm's), and the linears whose output
+    rows absorb it instead (``up_proj`` for ``down_proj``), from a capture of ``source`` on a few
+    tokens."""
 
     ids = torch.zeros(1, 8, dtype=torch.long)
     was_training = source.training
@@ -107,25 +112,30 @@ def _input_scales(source: nn.Module, recipe: Recipe) -> tuple:
     gm = program.module()
     matches = match(gm, [ids], recipe)
     plans = smooth(gm, [ids], matches)
-    linears, folds, unfoldable = {}, {}, []
+    linears, folds, rows, unfoldable = {}, {}, {}, []
+    nodes = {node: m for node, m, _ in matches}
     for node, m, _ in matches:
         plan = plans.get(node)
         if m.recipe is None or plan is None or plan.scale is None or bool((plan.scale == 1).all()):
             continue
-        if not plan.folded_params:
+        producer = None if plan.folded_params else producing_linear(
+            m.x, {n for n, other in nodes.items() if other.x is m.x}, set(nodes))
+        if not plan.folded_params and producer is None:
             unfoldable.append(m.module)
             continue
         linears[m.module] = plan.scale
         folds.update({name: plan.scale for name in plan.folded_params})
+        if producer is not None:
+            rows[nodes[producer].module] = plan.scale
     if unfoldable:
         patterns = sorted({"*." + n.rsplit(".", 1)[-1] for n in unfoldable})
         raise OptionError(
-            f"recipe {recipe.name!r} scales the input of {len(unfoldable)} linear(s) that no norm feeds "
-            f"({', '.join(repr(n) for n in unfoldable[:3])}{', ...' if len(unfoldable) > 3 else ''}), and the "
-            f"compressed-tensors format has no place for such a scale: calibrate, compile and export with "
-            f"smooth_skip={patterns!r} in the options (those linears are then quantized without input scales, "
-            f"as llm-compressor's SmoothQuant leaves them)")
-    return linears, folds
+            f"recipe {recipe.name!r} scales the input of {len(unfoldable)} linear(s) that neither a norm nor a "
+            f"linear's output rows can absorb ({', '.join(repr(n) for n in unfoldable[:3])}"
+            f"{', ...' if len(unfoldable) > 3 else ''}), and the compressed-tensors format has no place for such "
+            f"a scale: calibrate, compile and export with smooth_skip={patterns!r} in the options (those linears "
+            f"are then quantized without input scales)")
+    return linears, folds, rows
 
 
 def _weights(module: nn.Module, recipe: Recipe, name: str, s: Optional[torch.Tensor] = None) -> tuple:
@@ -177,7 +187,7 @@ def export_checkpoint(model: nn.Module, out_dir: Union[str, os.PathLike], *, rec
                           "(one with save_pretrained)")
     tied = {id(p) for m in source.modules() if not isinstance(m, nn.Linear)
             for p in m.parameters(recurse=False)}
-    scales, folds = _input_scales(source, recipe) if recipe.smoothquant or recipe.awq_scales else ({}, {})
+    scales, folds, rows = _input_scales(source, recipe) if recipe.smoothquant or recipe.awq_scales else ({}, {}, {})
     chosen, ignore = {}, []
     for name, module in linear_layers(source):
         r = recipe.for_module(name)
@@ -200,6 +210,14 @@ def export_checkpoint(model: nn.Module, out_dir: Union[str, os.PathLike], *, rec
     with torch.no_grad():
         for name, s in folds.items():
             params[name].copy_(folded_parameter(params[name], s))
+        for name, s in rows.items():  # 1/s on the producing linear's rows: its row scales shrink alike
+            if name in chosen:
+                grid, scale, zero = chosen[name]
+                chosen[name] = grid / s[:, None], scale / s[:, None], zero
+            else:
+                modules[name].weight.copy_(folded_parameter(modules[name].weight, s[:, None]))
+            if modules[name].bias is not None:
+                modules[name].bias.copy_(folded_parameter(modules[name].bias, s))
     config = ct["QuantizationConfig"](config_groups={"group_0": _scheme(ct, recipe, ["Linear"])},
                                       ignore=ignore, quantization_status=ct["QuantizationStatus"].FROZEN)
     ct["apply_quantization_config"](target, config, show_progress=False)

@@ -15,7 +15,7 @@ from qcompiler.passes.attention import quantize_attention
 from qcompiler.passes.match import match
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
 from qcompiler.passes.quantize import quantize, sqnr_db, token_sqnr_db
-from qcompiler.passes.smooth import choose, group_error, smooth, smooth_scale
+from qcompiler.passes.smooth import choose, group_error, producing_linear, smooth, smooth_scale
 from qcompiler.recipes import get_recipe
 
 qops = torch.ops.qcompile
@@ -144,6 +144,23 @@ def test_smooth_skip_leaves_a_group_unscaled_and_the_others_folded():
     assert {m.module: plans[n].folded_params for n, m, _ in matches}["q"] == ("norm1.weight",)
     with_inv = [n for n in gm.graph.nodes if n.target == qops.quantize_per_tensor.default and n.args[2] is not None]
     assert not with_inv  # nothing left to divide inside a quantize op
+
+
+def test_the_linear_whose_rows_could_absorb_an_unfolded_scale():
+    """A product of a linear's output with anything else: that linear (down's input is act(gate) * up)."""
+    torch.manual_seed(0)
+    model = Block()
+    x = with_outlier_channels(torch.randn(2, 5, 48))
+    calibrated(model, [x])
+    gm, ex = capture(model, x)
+    matches = match(gm, ex, get_recipe("w8a8-smoothquant"))
+    module = {node: m.module for node, m, _ in matches}
+    found = {}
+    for node, m, _ in matches:
+        group = {n for n, other, _ in matches if other.x is m.x}
+        hit = producing_linear(m.x, group, set(module))
+        found[m.module] = module.get(hit)
+    assert found == {"q": None, "k": None, "v": None, "gate": None, "up": None, "o": "q", "down": "up"}
 
 
 class TwoConsumers(nn.Module):
