@@ -12,7 +12,8 @@ recipe by perplexity on these windows.
 
 ``--layers`` measures the other half instead: SmolLM2 written by ``export_checkpoint`` and loaded by
 transformers, every linear's output in that model's forward against qcompile's reference q-ops on
-the same input (the largest relative difference over the 210 linears).
+the same input (the largest relative difference over the 210 linears); for INT8 also against
+qcompile's weights with the input rounded as compressed-tensors' reference code rounds it.
 """
 import argparse
 
@@ -69,12 +70,19 @@ def layer_agreement(args) -> None:
         loaded(input_ids=held[:1, :8])  # the first call decompresses the weights
     worst = []
 
+    halves = []  # INT8: compressed-tensors' own activation rounding (scale amax / 127.5, clamped)
+
     def hook(name):
         def compare(module, inputs, out):
             wq, ws = ops.quantize_per_channel_ref(module.weight.detach().float(), qdtype)
             xq, xs = ops.quantize_per_token_ref(inputs[0], None, qdtype)
             ours = ops.linear_w8a8_ref(xq, xs, wq, ws, module.bias, torch.float32).double()
             worst.append((((ours - out.double()).norm() / out.double().norm()).item(), name))
+            if qdtype == torch.int8:
+                step = inputs[0].abs().amax(-1, keepdim=True) / 127.5
+                theirs = ((inputs[0] / step).round().clamp(-128, 127) * step).double() @ \
+                    (wq.double() * ws.double()[:, None]).t()
+                halves.append((((theirs - out.double()).norm() / out.double().norm()).item(), name))
         return compare
 
     for name, m in loaded.named_modules():
@@ -85,6 +93,10 @@ def layer_agreement(args) -> None:
     err, name = max(worst)
     print(f"{args.recipe}: {len(worst)} linears; largest relative difference from qcompile's q-ops on the same "
           f"input: {err:.2e} ({name})")
+    if halves:
+        err, name = max(halves)
+        print(f"{args.recipe}: with the input rounded as compressed-tensors rounds it (amax / 127.5, clamped) "
+              f"instead: {err:.2e} ({name})")
 
 
 if __name__ == "__main__":

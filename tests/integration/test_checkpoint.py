@@ -94,6 +94,40 @@ def test_w8a8_stores_qcompiles_int8_weights_and_declares_dynamic_per_token_activ
                                           "strategy": "token", "dynamic": True, "symmetric": True}
 
 
+def test_transformers_runs_w8a8_layers_on_qcompiles_weights_with_its_own_activation_rounding(tmp_path):
+    """What separates a w8a8 folder in transformers from qcompile is the activation quantizer alone:
+    every linear of the loaded model computes qcompile's INT8 weights times the input rounded as
+    compressed-tensors' reference code rounds it (scale amax / 127.5, clamped to [-128, 127]; vLLM and
+    qcompile use amax / 127)."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.ir import ops
+
+    model, vocab = build("llama")
+    export_checkpoint(model, tmp_path, recipe="w8a8")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    sources = dict(model.named_modules())
+    worst = {}
+
+    def compare(name):
+        def hook(module, inputs, out):
+            x = inputs[0]  # float32 throughout, as both runtimes quantize it
+            wq, ws = ops.quantize_per_channel_ref(sources[name].weight.detach().float(), torch.int8)
+            for kind, step in (("127.5", 127.5), ("127", 127.0)):
+                xs = x.abs().amax(-1, keepdim=True) / step
+                xq = (x / xs).round().clamp(-128, 127) * xs
+                want = xq.double() @ (wq.double() * ws.double()[:, None]).t()
+                worst[kind] = max(worst.get(kind, 0.0), _rel(out.double(), want))
+        return hook
+
+    for name, m in loaded.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(compare(name))
+    with torch.no_grad():
+        loaded(**token_batch(vocab, 2, 12, seed=9))
+    assert worst["127.5"] < 1e-6 and worst["127"] > 100 * worst["127.5"], worst
+
+
 def test_asymmetric_int4_codes_decompress_exactly_through_the_library(tmp_path):
     import json
 
