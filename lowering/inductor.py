@@ -62,7 +62,35 @@ def inline_qops(gm: fx.GraphModule) -> fx.GraphModule:
 def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(inline_qops(gm), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))
+    return compile_fx(inline_qops(gm), example_inputs,
+                      config_patches={**cuda_graph_patch(cuda_graphs), **cacheable_implementations()})
+
+
+def cacheable_implementations() -> dict:
+    """Inductor's config marking the inlined q-op implementations as safe to cache.
+
+    Inductor's and AOTAutograd's on-disk caches skip a graph that calls a Python function they do not
+    know, and AOTAutograd's trace is most of a compile (SmolLM2: about 12 of 21 s), so a new
+    process would redo it for every model it loads. Marked functions are keyed by the source of the
+    IR and of this lowering (any change to how a q-op computes is a new key) and the versions of
+    qcompile and torch. The quantized weights are buffers of the graph, inputs to the compiled
+    code, so the cache keys on the graph's structure and shapes, never on their values.
+    """
+    from torch._inductor import config
+
+    if not hasattr(config, "unsafe_marked_cacheable_functions"):
+        return {}
+    import hashlib
+    import pathlib
+
+    import qcompiler
+
+    digest = hashlib.sha256(f"{qcompiler.__version__} {torch.__version__}".encode())
+    for path in sorted(pathlib.Path(attention.__file__).parent.glob("*.py")) + [pathlib.Path(__file__)]:
+        digest.update(path.read_bytes())
+    key = digest.hexdigest()
+    return {"unsafe_marked_cacheable_functions": {f"{fn.__module__}.{fn.__name__}": key
+                                                  for fn in IMPLEMENTATIONS.values()}}
 
 
 def cuda_graph_patch(cuda_graphs: bool) -> dict:

@@ -28,7 +28,7 @@ from qcompiler.errors import CalibrationError
 from qcompiler.ir.attention import attention_q8_ref
 from qcompiler.ir.attention_static import attention_q8_static_ref
 from qcompiler.passes import attention_match, attention_static, cache_read
-from qcompiler.passes.graph_utils import add_constant
+from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 from qcompiler.passes.quantize import sqnr_db
@@ -282,8 +282,7 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
                 new = gm.graph.call_function(qops.attention_q8_static.default, (*common, *consts, qdtype))
                 text = (f"{geometry}static: INT8 Q and K per tensor (calibrated smoothing and K shift), softmax "
                         f"in FP32, {pv} P (fixed scale) and V (per tensor)")
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, new)
         if hand:
             attention_match.remove_chain(gm, hand)
         scheme = f"attention-{layer.attention}" + ("-static" if static is not None else "")

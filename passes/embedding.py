@@ -18,7 +18,7 @@ from torch import fx
 
 from qcompiler.calibration.state import stats_for
 from qcompiler.ir import ops
-from qcompiler.passes.graph_utils import add_constant
+from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import TIED, _pattern_of, graph_parameters, owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 from qcompiler.passes.quantize import SQNR_ROWS, sqnr_db
@@ -95,8 +95,7 @@ def embed(gm: fx.GraphModule, example_inputs, recipe, decisions: list) -> list:
         out_dtype = node_value(node).dtype if node_value(node) is not None else param.dtype
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(qops.embedding_int8.default, (ids, t.wq_node, t.scale_node, out_dtype))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, new)
         q_bytes = wq.numel() + scale.numel() * 4
         sqnr = sqnr_db(param.detach().float(), ops.dequantize_ref(wq, scale[:, None]))
         new.meta[META_KEY] = Decision(module, "embedding", recipe.name, "INT8 table per row, rows dequantized "
@@ -121,8 +120,7 @@ def _tied_projection(gm: fx.GraphModule, decision: Decision, tables: dict) -> De
         x, _, bias = _pattern_of(node).operands(node)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(qops.linear_w8a16.default, (x, t.wq_node, t.scale_node, bias))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm, node, new)
         if new_decision is None:
             new_decision = dataclasses.replace(
                 decision, scheme="w8a16", sqnr_db=_sqnr(t),

@@ -14,3 +14,16 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.Nod
     name = f"_qc_{prefix}_{index}"
     gm.register_buffer(name, value.detach().contiguous())
     return gm.graph.get_attr(name)
+
+
+VALUE_KEYS = ("example_value", "val")  # where Dynamo and torch.export record a node's (fake) value
+
+
+def replace_node(gm: fx.GraphModule, old: fx.Node, new: fx.Node) -> None:
+    """``new`` takes ``old``'s place and its recorded value (the same shape and dtype: compilers
+    downstream, and the caches that key on the graph, read it), and ``old`` goes."""
+    for key in VALUE_KEYS:
+        if key in old.meta and key not in new.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)

@@ -25,7 +25,7 @@ from qcompiler.calibration.observers import static_scale
 from qcompiler.calibration.state import prepared_for, stats_for
 from qcompiler.errors import CalibrationError
 from qcompiler.ir import int4, ops
-from qcompiler.passes.graph_utils import add_constant
+from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import activation_of
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 
@@ -258,8 +258,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
                 with g.inserting_before(node):
                     w_s = add_constant(gm, weight.to(m.weight.dtype), "smoothed_weight")
                     new = g.call_function(torch.nn.functional.linear, (x, w_s, m.bias))
-                node.replace_all_uses_with(new)
-                g.erase_node(node)
+                replace_node(gm, node, new)
                 node = new
             node.meta[META_KEY] = d
             decisions.append(d)
@@ -269,8 +268,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             with g.inserting_before(node):
                 c = {k: add_constant(gm, v, k) for k, v in consts.items()}
                 new = SCHEMES[(8, None)].emit(g, x, c, m.bias, None, None, recipe, out_dtype)
-            node.replace_all_uses_with(new)
-            g.erase_node(node)
+            replace_node(gm, node, new)
             d = Decision(m.module, "linear", WEIGHT_ONLY, text, sqnr_wo, weight_bytes_fp32=fp32_bytes,
                          weight_bytes_quantized=sum(v.numel() * v.element_size() for v in consts.values()),
                          param_id=id(m.param), static_loss_db=loss, fallback=fallback, weight_only=True)
@@ -282,8 +280,7 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             inv_n = add_constant(gm, in_graph_inv, "smooth_inv") if in_graph_inv is not None else None
             xs_n = add_constant(gm, x_scale, "xscale") if x_scale is not None else None
             new = scheme.emit(g, x, c, m.bias, inv_n, xs_n, recipe, out_dtype)
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
+        replace_node(gm, node, new)
 
         smoothing = None if not smoothed else (f"folded into {plan.folded_into}" if plan.folded_into
                                                else "applied in the activation quantize op")

@@ -34,6 +34,28 @@ def test_every_inductor_implementation_is_a_qop_or_its_reference():
                                                      attention_q8_static_float_gemm)
 
 
+def test_inductor_graphs_are_cached_across_processes():
+    """Inductor's and AOTAutograd's on-disk caches take the quantized graph (a new process compiling
+    the same model skips the trace and codegen): after a reset, the second compile hits both. A
+    Llama, whose projections' outputs are reshaped by tensor methods: the q-ops that replace them
+    must carry the value Dynamo recorded, or AOTAutograd's cache refuses the graph."""
+    from torch._dynamo.utils import counters
+
+    from tiny_models import build, token_batch
+
+    model, vocab = build("llama")
+    batch = token_batch(vocab, 2, 6)
+    for _ in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        fast = torch.compile(model, backend="qcompile", options={"recipe": "w4a16", "group_size": 32,
+                                                                 "target": "inductor"})
+        with torch.no_grad():
+            fast(**batch)
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    assert not counters["aot_autograd"]["autograd_cache_bypass"]
+
+
 def test_unknown_target_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown target 'tensorrtt'.*'inductor'.*'reference'.*'tensorrt'"):
         get_lowering("tensorrtt")
