@@ -10,6 +10,8 @@ here is tested against the reference q-op.
 """
 from __future__ import annotations
 
+import glob
+import os
 from typing import Optional
 
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor, fx
 
 from qcompiler.ir import attention, attention_static
 from qcompiler.ir.ops import REFERENCE
+from qcompiler.runtimes.disk_cache import code_version
 
 qops = torch.ops.qcompile
 
@@ -80,15 +83,7 @@ def cacheable_implementations() -> dict:
 
     if not hasattr(config, "unsafe_marked_cacheable_functions"):
         return {}
-    import hashlib
-    import pathlib
-
-    import qcompiler
-
-    digest = hashlib.sha256(f"{qcompiler.__version__} {torch.__version__}".encode())
-    for path in sorted(pathlib.Path(attention.__file__).parent.glob("*.py")) + [pathlib.Path(__file__)]:
-        digest.update(path.read_bytes())
-    key = digest.hexdigest()
+    key = code_version(__file__, *glob.glob(os.path.join(os.path.dirname(attention.__file__), "*.py")))
     return {"unsafe_marked_cacheable_functions": {f"{fn.__module__}.{fn.__name__}": key
                                                   for fn in IMPLEMENTATIONS.values()}}
 

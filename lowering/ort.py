@@ -6,7 +6,9 @@ static), and its session is cached by everything that shapes the exported file: 
 the inputs' ranks and dtypes, the dynamic dimensions and the bytes of every constant (quantized
 weights, scales). A later capture of the same quantized model (a new shape Dynamo recompiles
 for) reuses it without exporting again; another recipe or other weights never do. The cache
-holds nothing that cannot be rebuilt: dropping it costs an export.
+holds nothing that cannot be rebuilt: dropping it costs an export. The exported file is also
+kept on disk (``runtimes.disk_cache``, keyed as well by the exporter's code), so a later process
+compiling the same quantized model (after ``qcompiler.load``, say) skips the export.
 
 A graph the exporter cannot take is an error when the user asked for ``target="ort"``; under
 ``target="auto"`` it is compiled by Inductor instead, in the backend call, so it stays as
@@ -15,6 +17,7 @@ dynamic as Dynamo's graph, and ``fallback_reason`` says why.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 import weakref
 
@@ -24,6 +27,7 @@ from torch import fx, nn
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
 from qcompiler.lowering.onnx import fed_inputs, freeze, isolated, output_layout, root_message, symbolic_shapes, to_onnx
+from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, touch
 from qcompiler.runtimes.ort_session import OrtSession
 
 # content key -> session; entries leave with the model's parameters (safe to drop at any time)
@@ -55,12 +59,42 @@ def _session(gm: fx.GraphModule, example_inputs):
     key = _content_key(frozen, feeds, shapes)
     if key in _SESSIONS:
         return _SESSIONS[key], fed
-    session = OrtSession(isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None,
-                                                   dynamic_shapes=shapes)))
+    session = OrtSession(_exported(frozen, feeds, shapes, key))
     _SESSIONS[key] = session
     if params:  # the session holds the weights: drop it with the model
         weakref.finalize(params[0], _SESSIONS.pop, key, None)
     return session, fed
+
+
+_TWO_GB = 2**31  # larger files need ONNX's external data: exported each time, not kept
+DISK_CACHE_BYTES = 8 * 2**30  # the exported files kept on disk, least recently used dropped first
+# the modules whose code shapes an exported file
+_EXPORTER = [os.path.join(os.path.dirname(__file__), f) for f in ("onnx.py", "onnx_ops.py", "onnx_fusions.py",
+                                                                   "scalars.py", "ort.py")]
+
+
+def _exported(frozen: fx.GraphModule, feeds, shapes, key: str):
+    """The graph's ORT-form ``onnx.ModelProto``: read from the disk cache, or exported and kept there."""
+    import onnx
+
+    path = cache_folder("onnx") / f"{key}-{code_version(*_EXPORTER)[:16]}.onnx"
+    if path.exists():
+        try:
+            proto = onnx.load(str(path))
+            touch(path)
+            return proto
+        except Exception:  # noqa: BLE001 - a damaged or partial file is exported again
+            pass
+    proto = isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes))
+    if proto.ByteSize() < _TWO_GB:
+        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            onnx.save(proto, str(temp))
+            os.replace(temp, path)  # whole files only, even with processes racing
+            keep(path.parent, DISK_CACHE_BYTES)
+        except OSError:  # a full or read-only disk costs the next process an export, nothing more
+            temp.unlink(missing_ok=True)
+    return proto
 
 
 class OrtGraph:

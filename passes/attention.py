@@ -260,8 +260,6 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
             text = geometry + why + (f"; {READS_CACHE.format(fused.args[12])}" if fused is not None else "")
             d = Decision(module, "attention", FLOATING_POINT, text)
             (fused or node).meta[META_KEY] = d
-            if fused is not None:
-                fused.meta[cache_read.META_KEY] = fused.args[12]  # the cache's scheme, for explain
             decisions.append(d)
             changed |= fused is not None
             continue

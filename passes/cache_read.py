@@ -119,6 +119,7 @@ def fuse(gm: fx.GraphModule, sdpa: fx.Node, a: dict) -> Optional[fx.Node]:
             a["query"], kc[0], kc[1], kc[2], keys.tail, vc[0], vc[1], vc[2], values.tail, a["attn_mask"],
             bool(a["is_causal"]), a["scale"], kc[3], kc[5], vc[5]))
     new.meta.update(sdpa.meta)
+    new.meta[META_KEY] = kc[3]  # the cache's scheme, for explain
     sdpa.replace_all_uses_with(new)
     gm.graph.erase_node(sdpa)
     _erase_unused(gm, (*keys.chain, keys.codes, *values.chain, values.codes))

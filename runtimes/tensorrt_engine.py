@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from qcompiler.errors import InvalidFile, MissingDependency, OptionError
+from qcompiler.runtimes.disk_cache import cache_folder
 from qcompiler.runtimes.ort_session import require_onnx
 
 INSTALL = "pip install 'qcompiler[tensorrt]' (TensorRT 10's wheels, served from NVIDIA's package index)"
@@ -160,10 +161,7 @@ def build_engine(onnx_path: Union[str, os.PathLike], engine_path: Union[str, os.
 def engine_cache_dir() -> pathlib.Path:
     """Where ``target="tensorrt"`` keeps its engines: ``$QCOMPILE_CACHE/engines``, else
     ``~/.cache/qcompile/engines``."""
-    root = os.environ.get("QCOMPILE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qcompile")
-    path = pathlib.Path(root) / "engines"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_folder("engines")
 
 
 def engine_key(onnx_bytes: bytes, profile: Mapping, device: torch.device) -> str:

@@ -24,3 +24,13 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _own_export_cache(tmp_path, monkeypatch):
+    """Each test exports its ``ort`` graphs into a folder of its own: a file kept on disk by an earlier
+    test or run would let a graph skip the export that the test counts or checks."""
+    from qcompiler.lowering import ort
+
+    folder = tmp_path / "qcompile-onnx-cache"
+    monkeypatch.setattr(ort, "cache_folder", lambda kind: folder.mkdir(exist_ok=True) or folder)

@@ -339,6 +339,44 @@ def test_ort_target_exports_once_for_dynamic_shapes(monkeypatch):
     assert {g.running for g in qcompiler.explain(fast).graphs} == {"ort"}
 
 
+def test_ort_target_keeps_exported_files_for_later_processes(monkeypatch):
+    """A later process (here: the in-memory sessions dropped) compiling the same quantized model reads
+    the exported file back instead of exporting; a damaged file is exported again."""
+    from qcompiler.lowering import ort
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    x = torch.randn(2, 8, 48)
+    want = torch.compile(model, backend="qcompile", options={"target": "ort"})(x)
+    kept = list(ort.cache_folder("onnx").glob("*.onnx"))
+    assert len(kept) == 1 and onnx.load(str(kept[0])).graph.node
+    exports = []
+    real = ort.to_onnx
+    monkeypatch.setattr(ort, "to_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    for damage in (False, True):
+        if damage:
+            kept[0].write_bytes(kept[0].read_bytes()[:100])
+        monkeypatch.setattr(ort, "_SESSIONS", {})
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="qcompile", options={"target": "ort"})(x)
+        assert torch.equal(got, want)
+        assert len(exports) == int(damage)
+    assert onnx.load(str(kept[0])).graph.node  # the damaged file was replaced
+
+
+def test_disk_cache_keeps_the_most_recently_used_files(tmp_path):
+    import os
+
+    from qcompiler.runtimes.disk_cache import keep, touch
+
+    for i, name in enumerate("abcd"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    touch(tmp_path / "a")  # used just now: the newest
+    keep(tmp_path, 250)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d"]
+
+
 def test_ort_target_sessions_are_not_shared_between_recipes():
     """Two recipes of one model in one process give exactly what each gives in a process of its own.
     Each compile sees two shapes, so its second graph is the dynamic one whose session is cached
