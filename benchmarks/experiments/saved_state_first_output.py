@@ -4,13 +4,15 @@ process's start to its first compiled output after ``qcompiler.load``.
 Calibrates SmolLM2-135M with ``w4a16-gptq`` (``--calib`` windows of 512 tokens), saves the state,
 then for each target starts a new Python process that loads the model and the state, compiles and
 runs one prompt, timed from just before the process is spawned (interpreter start and imports
-included); twice per target, the first with an empty compile cache (``TORCHINDUCTOR_CACHE_DIR``
-a new folder), the second with what the first left there (a second process on the same machine).
+included); twice per target, the first with empty compile caches (``TORCHINDUCTOR_CACHE_DIR`` a
+new folder, the exported ONNX files kept under ``$QCOMPILE_CACHE/onnx`` deleted), the second with
+what the first left there (a second process on the same machine).
 
     python benchmarks/experiments/saved_state_first_output.py [--calib 32] [--targets reference auto inductor]
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ import torch
 
 import qcompiler
 from qcompiler.bundled import zoo
+from qcompiler.runtimes.disk_cache import cache_folder
 
 CHILD = """
 import sys, time
@@ -50,6 +53,7 @@ def main():
     print(f"w4a16-gptq calibration on {args.calib} windows: {seconds:.1f} s", flush=True)
     for target in args.targets:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp()}
+        shutil.rmtree(cache_folder("onnx"))
         for cache in ("empty", "warm"):
             t0 = time.time()
             run = subprocess.run([sys.executable, "-c", CHILD, folder, target], capture_output=True, text=True,
