@@ -96,7 +96,6 @@ def _input_scales(source: nn.Module, recipe: Recipe) -> tuple:
     linear, the producer parameters that absorb ``1/s`` (a norm's), and the linears whose output
     rows absorb it instead (``up_proj`` for ``down_proj``), from a capture of ``source`` on a few
     tokens."""
-
     ids = torch.zeros(1, 8, dtype=torch.long)
     was_training = source.training
     source.eval()
@@ -142,7 +141,7 @@ def _weights(module: nn.Module, recipe: Recipe, name: str, s: Optional[torch.Ten
     """(float weight on the quantized grid, scale, zero point in the format's convention or None);
     ``s``: the input scale the weight absorbs (AWQ's prepared codes already have it)."""
     w = module.weight.detach().to(torch.float32)
-    if s is not None:
+    if s is not None and not recipe.calibrated_rounding:
         w = w * s
     if recipe.weight_bits == 4:
         if recipe.calibrated_rounding:
