@@ -1,6 +1,8 @@
-"""The qcompile command: quantize and save, export to ONNX, check an ONNX file, list recipes, doctor.
+"""The qcompile command: quantize and save, export to ONNX or a checkpoint, check an ONNX file, list
+recipes, doctor.
 
-  qcompile quantize --model smollm2 --recipe w4a16-gptq --calib 32 --out smollm2-gptq/
+  qcompile quantize --model smollm2 --recipe w4a16-gptq --option group_size=64 --calib 32 --out smollm2-gptq/
+  qcompile checkpoint --model smollm2 --recipe w4a16-gptq --option group_size=64 --state smollm2-gptq/ --out ckpt/
   qcompile export --model minilm --recipe w8a8-smoothquant --out minilm.onnx
   qcompile export --model smollm2 --recipe w4a16 --form ort --out smollm2-w4.onnx
   qcompile export --model mypkg.models:build --recipe w8a8-static --out m.onnx
@@ -10,7 +12,8 @@
   qcompile doctor
 
 --model is a bundled model (minilm, smollm2) or module:function returning
-(model, example_inputs, calibration_batches_or_None).
+(model, example_inputs, calibration_batches_or_None[, tokenizer]). --option KEY=VALUE sets any
+recipe field (VALUE read as JSON when it parses: 64, true, null, ["*.o_proj"]).
 
 Help and argument errors load neither torch nor onnx; a mistake qcompile can name (an unknown
 recipe, a file that is not ONNX, a missing package) is one line on stderr and exit status 2.
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
+from typing import NamedTuple
 
 from qcompiler.errors import QcompileError
 from qcompiler.recipes import list_recipes
@@ -31,6 +36,27 @@ FORMS = ("tensorrt", "ort")  # qcompiler.lowering.onnx_ops.FORMS, without import
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class Loaded(NamedTuple):
+    model: object
+    example: object
+    batches: object = None   # calibration batches
+    tokenizer: object = None
+
+
+def _options(args) -> dict:
+    """The recipe as an options dict: ``--recipe`` and every ``--option KEY=VALUE``."""
+    options = {}
+    for pair in getattr(args, "option", None) or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise QcompileError(f"--option {pair!r}: write KEY=VALUE, e.g. --option group_size=64")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return {**options, "recipe": args.recipe}
 
 
 def _bundled(name: str, calib: int, seq: int):
@@ -48,13 +74,13 @@ def _bundled(name: str, calib: int, seq: int):
             ["an example", "another example"], padding=True, return_tensors="pt"))).items()
             if k in ("input_ids", "attention_mask")}
         batches = [{k: b[k] for k in example} for b in batches]
-        return model, example, batches or None
+        return Loaded(model, example, batches or None, tok)
     if name == "smollm2":
         model, tok = zoo.load_smollm2()
         ids = zoo.wiki_token_ids(tok, "smollm2")
         calib_w, _ = zoo.lm_windows(ids, seq, max(calib, 2), 0)
         # two rows: a batch of one would fix the batch dimension at 1 in the export
-        return model, {"input_ids": calib_w[:2]}, [{"input_ids": w[None]} for w in calib_w[:calib]] or None
+        return Loaded(model, {"input_ids": calib_w[:2]}, [{"input_ids": w[None]} for w in calib_w[:calib]] or None, tok)
     raise QcompileError(f"unknown bundled model {name!r}; use one of {', '.join(BUNDLED)} or module:function")
 
 
@@ -66,16 +92,17 @@ def _load_model(spec: str, calib: int, seq: int):
         result = getattr(importlib.import_module(module), fn)()
     except (ImportError, AttributeError) as e:
         raise QcompileError(f"--model {spec}: cannot load {fn!r} from module {module!r} ({e})") from None
-    return (*result, None) if len(result) == 2 else result
+    return Loaded(*result)
 
 
 def cmd_export(args) -> int:
     from qcompiler.deploy.export_onnx import export_onnx
-    from qcompiler.recipes import get_recipe
+    from qcompiler.recipes import resolve
 
-    get_recipe(args.recipe)  # before minutes of loading and calibrating
+    options = _options(args)
+    resolve(options)  # before minutes of loading and calibrating
     _say(f"loading {args.model} ...")
-    model, example, batches = _load_model(args.model, args.calib, args.seq)
+    model, example, batches, _ = _load_model(args.model, args.calib, args.seq)
     if args.state:
         from qcompiler.deploy.artifacts import load
 
@@ -84,30 +111,62 @@ def cmd_export(args) -> int:
     _say(f"quantizing with {args.recipe}" + (f" (calibrating on {len(batches)} batches)" if batches else "")
          + f", exporting the {args.form} form to {args.out} ...")
     result = export_onnx(model, example, args.out, recipe=args.recipe, form=args.form,
-                         calibration=batches if batches else None, options={"embedding": args.embedding})
+                         calibration=batches if batches else None,
+                         options={**{k: v for k, v in options.items() if k != "recipe"}, "embedding": args.embedding})
     print(result.summary())
     return 1 if result.violations else 0
 
 
 def cmd_quantize(args) -> int:
-    from qcompiler.api.calibrate import calibrate
     from qcompiler.deploy.artifacts import save
-    from qcompiler.recipes import get_recipe
+    from qcompiler.recipes import resolve
 
-    recipe = get_recipe(args.recipe)  # before minutes of loading and calibrating
+    options = _options(args)
+    recipe = resolve(options)  # before minutes of loading and calibrating
     _say(f"loading {args.model} ...")
-    model, _example, batches = _load_model(args.model, args.calib, args.seq)
-    if not batches:
-        raise QcompileError(f"--model {args.model} gave no calibration batches: return (model, example_inputs, "
+    loaded = _load_model(args.model, args.calib, args.seq)
+    seconds = _calibrate(loaded, options, args.model)
+    out = save(loaded.model, args.out, recipe=options)
+    print(f"{out}: quantization state of {args.model} for {recipe.name} ({len(loaded.batches)} batches, "
+          f"{seconds:.1f} s); use it with qcompiler.load(model, {str(out)!r}) before torch.compile(model, "
+          f"backend='qcompile', options={options!r})")
+    return 0
+
+
+def _calibrate(loaded: Loaded, options: dict, model_name: str) -> float:
+    """Calibrate ``loaded.model`` for the recipe on its batches (its weight algorithm included); seconds."""
+    from qcompiler.api.calibrate import calibrate
+    from qcompiler.recipes import resolve
+
+    recipe = resolve(options)
+    if not loaded.batches:
+        raise QcompileError(f"--model {model_name} gave no calibration batches: return (model, example_inputs, "
                             f"batches) from the function, or use --calib >= 1 with a bundled model")
-    _say(f"calibrating {recipe.name} on {len(batches)} batches ...")
+    _say(f"calibrating {recipe.name} on {len(loaded.batches)} batches ...")
     start = time.perf_counter()
-    calibrate(model, batches, recipe=recipe.name, progress=True)
-    seconds = time.perf_counter() - start
-    out = save(model, args.out, recipe=recipe.name)
-    print(f"{out}: quantization state of {args.model} for {recipe.name} ({len(batches)} batches, {seconds:.1f} s); "
-          f"use it with qcompiler.load(model, {str(out)!r}) before torch.compile(model, backend='qcompile', "
-          f"options={{'recipe': {recipe.name!r}}})")
+    calibrate(loaded.model, loaded.batches, recipe=options, progress=True)
+    return time.perf_counter() - start
+
+
+def cmd_checkpoint(args) -> int:
+    from qcompiler.deploy.checkpoint import export_checkpoint
+    from qcompiler.recipes import resolve
+
+    options = _options(args)
+    recipe = resolve(options)  # before minutes of loading and calibrating
+    _say(f"loading {args.model} ...")
+    loaded = _load_model(args.model, args.calib, args.seq)
+    if args.state:
+        from qcompiler.deploy.artifacts import load
+
+        load(loaded.model, args.state)  # the saved calibration replaces calibrating here
+    elif recipe.needs_calibration:
+        _calibrate(loaded, options, args.model)
+    out = export_checkpoint(loaded.model, args.out, recipe=options, tokenizer=loaded.tokenizer)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{out}: compressed-tensors checkpoint of {args.model} for {recipe.name} ({size / 2**20:.1f} MiB"
+          f"{'' if loaded.tokenizer is not None else ', no tokenizer: copy it into the folder'}); "
+          f"transformers loads it, `vllm serve {out}` serves it")
     return 0
 
 
@@ -151,30 +210,47 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def _model_arguments(p: argparse.ArgumentParser, default_recipe: str) -> None:
+    """--model, --recipe and --option: what a command that quantizes a model takes."""
+    p.add_argument("--model", required=True, metavar="MODEL", default=argparse.SUPPRESS,
+                   help=f"a bundled model ({', '.join(BUNDLED)}) or module:function")
+    p.add_argument("--recipe", default=default_recipe, choices=list_recipes(), metavar="RECIPE",
+                   help="one of: " + ", ".join(list_recipes()))
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a recipe field, e.g. group_size=64 or smooth_skip='[\"*.o_proj\"]' (repeatable)")
+
+
 def parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     top = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n\n")[0],
                                   epilog="\n\n".join(__doc__.split("\n\n")[1:3]),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = top.add_subparsers(dest="command", required=True, metavar="{quantize,export,check,build-engine,recipes,doctor}")
+    sub = top.add_subparsers(dest="command", required=True,
+                             metavar="{quantize,export,checkpoint,check,build-engine,recipes,doctor}")
     p = sub.add_parser("quantize", help="calibrate a model for a recipe and save its quantization state",
                        formatter_class=fmt,
                        description="Calibrate a model for a recipe (running its weight algorithm: AWQ, GPTQ, "
                                    "auto) and save the quantization state to a folder, for qcompiler.load.")
-    p.add_argument("--model", required=True, metavar="MODEL", default=argparse.SUPPRESS,
-                   help=f"a bundled model ({', '.join(BUNDLED)}) or module:function")
-    p.add_argument("--recipe", default="w8a8-smoothquant", choices=list_recipes(), metavar="RECIPE",
-                   help="one of: " + ", ".join(list_recipes()))
+    _model_arguments(p, "w8a8-smoothquant")
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the folder to write")
     p.add_argument("--calib", type=int, default=32, help="calibration batches (bundled models)")
     p.add_argument("--seq", type=int, default=512, help="calibration sequence length (bundled models)")
     p.set_defaults(fn=cmd_quantize)
+    p = sub.add_parser("checkpoint", help="quantize a model and write a compressed-tensors checkpoint (vLLM)",
+                       formatter_class=fmt,
+                       description="Quantize a model with a recipe (calibrating, or from a saved state) and write "
+                                   "it as a compressed-tensors Hugging Face folder, which transformers loads and "
+                                   "vLLM serves.")
+    _model_arguments(p, "w8a8")
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the folder to write")
+    p.add_argument("--state", help="a folder written by `qcompile quantize` / qcompiler.save: its calibration "
+                                   "is used instead of calibrating again")
+    p.add_argument("--calib", type=int, default=32, help="calibration batches (bundled models)")
+    p.add_argument("--seq", type=int, default=512, help="calibration sequence length (bundled models)")
+    p.set_defaults(fn=cmd_checkpoint)
     p = sub.add_parser("export", help="quantize a model and write it as ONNX", formatter_class=fmt,
                        description="Quantize a model with a recipe and write it as one ONNX file (checked).")
-    p.add_argument("--model", required=True, metavar="MODEL", default=argparse.SUPPRESS,
-                   help=f"a bundled model ({', '.join(BUNDLED)}) or module:function")
-    p.add_argument("--recipe", default="w8a8-smoothquant", choices=list_recipes(), metavar="RECIPE",
-                   help="one of: " + ", ".join(list_recipes()))
+    _model_arguments(p, "w8a8-smoothquant")
     p.add_argument("--form", default="tensorrt", choices=FORMS,
                    help="tensorrt: QDQ for TensorRT's explicit quantization; ort: ONNX Runtime's integer kernels")
     p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the .onnx file to write")

@@ -192,3 +192,34 @@ def test_an_uncalibrated_algorithm_recipe_says_to_calibrate(tmp_path):
     model, _ = build("llama")
     with pytest.raises(qcompiler.OptionError, match="run qcompiler.calibrate"):
         export_checkpoint(model, tmp_path, recipe={"recipe": "w4a16-gptq", "group_size": 32})
+
+
+CLI_MODEL = """
+from tiny_models import build as _build, token_batch
+
+
+def build():
+    model, vocab = _build("llama")
+    return model, token_batch(vocab, 2, 8), [token_batch(vocab, 2, 16, seed=s) for s in range(3)]
+"""
+
+
+def test_the_checkpoint_command_calibrates_with_recipe_options_and_writes_the_folder(tmp_path, monkeypatch, capsys):
+    import json
+
+    from qcompiler.api.cli import main
+
+    (tmp_path / "ckptmodel.py").write_text(CLI_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "ckpt"
+    assert main(["checkpoint", "--model", "ckptmodel:build", "--recipe", "w4a16-awq", "--option", "group_size=32",
+                 "--option", 'smooth_skip=["*.o_proj"]', "--out", str(out)]) == 0
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["group_size"] == 32 and weights["num_bits"] == 4
+    assert "compressed-tensors checkpoint of ckptmodel:build for w4a16-awq" in capsys.readouterr().out
+    for bad, phrase in ((["--option", "group_sise=32"], "unknown recipe field(s) ['group_sise']"),
+                        (["--option", "group_size"], "write KEY=VALUE"),
+                        (["--recipe", "w4a16-awq"], "neither a norm nor a linear's output rows can absorb")):
+        assert main(["checkpoint", "--model", "ckptmodel:build", "--out", str(tmp_path / "x"), "--recipe", "w8a8",
+                     *bad]) == 2
+        assert phrase in capsys.readouterr().err, bad
