@@ -7,11 +7,15 @@ heads: Llama-2-7B's layer, random weights, bf16) with ``--layers`` layers. Per r
           graphs need): attention reads every slot, masked, so every step has the same shapes
           and the same work
   prefill one ``--prefill``-token forward, milliseconds
-  logits  relative error and top-1 agreement of the decode logits against bf16 eager
+  logits  relative error and top-1 agreement of the decode logits: bf16 rows against bf16 eager, qcompile
+          rows against qcompile's reference target on the same quantized weights (a random model's
+          logits against bf16 measure the quantization, which random layers amplify, not the kernels)
 Rows: bf16 eager, bf16 torch.compile (Inductor) without and with mode="reduce-overhead" (CUDA
 graphs), then qcompile w8a8 / w8a8-smoothquant / fp8 / w8a16 / w4a16 through ``target="triton"``
 with ``cuda_graphs=True`` (``--no-graphs`` adds each recipe without them too). The ratio columns
-divide by the best bf16 row of the same run. Times are medians of CUDA-event-timed repeats.
+divide by the best bf16 row of the same run. Decode is timed over ``--reps`` steps with one
+synchronize at the end; prefill is the median of CUDA-event-timed repeats. Each qcompile row also
+prints the kernels the triton target measured and chose for its linears.
 
     python benchmarks/gpu_e2e.py [--layers 8] [--past 512] [--prefill 2048] [--recipes w4a16,w8a16]
     TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --smoke   # CPU, a tiny config: checks the rows only
@@ -42,6 +46,26 @@ def build(layers: int, smoke: bool, device, dtype):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     return model, cfg
+
+
+def steps_timer(device):
+    """ms per call of ``fn`` over ``reps`` back-to-back calls with one synchronize at the end (a
+    per-call synchronize would add the host's time of every step to the GPU's)."""
+    def measure(fn, reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / reps
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return 1e3 * (time.perf_counter() - t) / reps
+    return measure
 
 
 def timer(device):
@@ -90,6 +114,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16
     model, cfg = build(args.layers, args.smoke, device, dtype)
     measure = timer(device)
+    measure_steps = steps_timer(device)
 
     import qcompiler
 
@@ -149,7 +174,7 @@ def main(argv=None) -> int:
             for _ in range(3):  # warm-up: compilation, autotuning and graph capture stay out of the numbers
                 step()
                 fn(prefill_ids, use_cache=False)
-            decode_ms = measure(step, args.reps)
+            decode_ms = measure_steps(step, args.reps)
             if args.profile:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -159,11 +184,20 @@ def main(argv=None) -> int:
                 print(f"## {label}: 3 decode steps\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=18,
                                                                                    max_name_column_width=60))
             prefill_ms = measure(lambda: fn(prefill_ids, use_cache=False), max(3, args.reps // 5))
-        err = ((logits - ref_logits).norm() / ref_logits.norm()).item()
-        top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         # how many linears this row really runs quantized (a row that quantized nothing is no result)
         quantized = 0 if backend != "qcompile" else sum(
             r.scheme not in ("floating point", "not compiled") for r in qcompiler.explain(fn))
+        truth = ref_logits
+        if backend == "qcompile":  # the same quantized weights on the plain-torch reference q-ops
+            kernels = [line for line in str(qcompiler.explain(fn)).splitlines() if " x linear_" in line]
+            print("\n".join(f"  {line}" for line in kernels[:8]), flush=True)
+            torch._dynamo.reset()
+            ref_fn = torch.compile(model, backend="qcompile", options={**opts, "target": "reference", "cuda_graphs": False})
+            with torch.no_grad():
+                truth = ref_fn(token, past_key_values=prompt_cache(), cache_position=position, use_cache=True).logits.float()
+            del ref_fn
+        err = ((logits - truth).norm() / truth.norm()).item()
+        top1 = (logits.argmax(-1) == truth.argmax(-1)).float().mean().item()
         results.append((label, 1e3 / decode_ms, prefill_ms, err, top1, quantized))
         print(f"{label:40} {1e3 / decode_ms:12.1f} {prefill_ms:11.1f} {err:13.2e} {top1:5.2f} {quantized:9d}", flush=True)
         del fn, cache

@@ -1,25 +1,19 @@
-"""Each Triton kernel against bf16 ``F.linear`` (cuBLAS) in the same run, activation quantization included.
+"""Every kernel each linear q-op can run on the GPU, against bf16 ``F.linear`` (cuBLAS), in one run.
 
-The GEMM table: (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)} at M in {1, 16, 128, 2048};
-rows per shape
-  bf16 F.linear (cuBLAS)             the baseline every ratio divides
-  int8 torch._int_mm + epilogue      quantize (ours) + _int_mm + a separate scale/bias pass
-  w8a8 int8 triton                   quantize (ours) + our GEMM with the epilogue inside
-  fp8 torch._scaled_mm               quantize (ours) + _scaled_mm rowwise (bf16 out)
-  w8a8 fp8 triton                    quantize (ours) + our Triton GEMM
-  w8a8 fp8 qcompile                  quantize (ours) + what the lowering runs (_scaled_mm where it fits)
-  w8a16 triton | w4a16 g128 sym triton | w4a16 g32 asym triton
-  w4a16 g128 dequant + cuBLAS        torch dequantization of the INT4 weight, then bf16 F.linear (M > 16:
-                                     the alternative to our GEMM for prefill)
+The GEMM table: (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)} at M in {1, 16, 128, 2048}.
+Rows per shape: the bf16 baseline, then one row per kernel of ``qcompiler.runtimes.linear_kernels``
+that can run the call, for W8A8 INT8 and FP8, W8A16 and W4A16 (g128 symmetric, g32 asymmetric):
+exactly the candidates the triton lowering measures. ``<- fastest`` marks each family's fastest
+correct kernel (what the lowering keeps). W8A8 rows time the GEMM q-op alone; the activation
+quantize before it is one more kernel per input (the end-to-end table includes it).
+
 Each row is first checked against the q-op reference on the same operands (‖out − ref‖ / ‖ref‖),
 then timed over enough weight copies to exceed L2 (an INT4 4096 x 11008 weight is 22 MB and would
-otherwise be timed from cache), two ways, medians of ``triton.testing.do_bench``:
-  graph  one CUDA graph running the row once per copy, replayed; time / copies. The kernels' own
-         time, launch overhead excluded: what a model compiled with cuda_graphs=True sees.
-         The ratio column divides these.
-  eager  one Python call per timed run (launch overhead included, as in eager PyTorch).
+otherwise be timed from cache): one CUDA graph running the row once per copy, replayed, median of
+``triton.testing.do_bench``, time / copies. The kernels' own time, launch overhead excluded: what
+a model compiled with cuda_graphs=True sees.
 
-    python benchmarks/gpu_gemm.py [--m 1,16,128,2048] [--shapes 4096x4096,...] [--out FILE]
+    python benchmarks/gpu_gemm.py [--m 1,16,128,2048] [--shapes 4096x4096,...] [--kinds w4a16,...] [--out FILE]
     TRITON_INTERPRET=1 python benchmarks/gpu_gemm.py --smoke   # CPU: checks every row, times nothing
 """
 from __future__ import annotations
@@ -45,9 +39,12 @@ def rel(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def make_rows(m: int, k: int, n: int, device):
-    """label -> (setup(copy index) -> operands, run(operands) -> y, reference(operands) -> y)."""
-    from qcompiler.runtimes import triton_quantize as tq, triton_w8a8 as tw, triton_weight_only as wo
+def make_rows(m: int, k: int, n: int, device, kinds):
+    """label -> (setup() -> operands, run(operands) -> y, reference(operands) -> y, family label).
+
+    One row per kernel of each q-op family (``qcompiler.runtimes.linear_kernels``) that can run
+    this call, each weight configuration its own family label."""
+    from qcompiler.runtimes import linear_kernels as lk, triton_quantize as tq
 
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     bias = torch.randn(n, device=device, dtype=torch.bfloat16)
@@ -55,68 +52,55 @@ def make_rows(m: int, k: int, n: int, device):
     def weight():
         return torch.randn(n, k, device=device) / k**0.5
 
-    def w8(qdtype):
+    def w8a8_args(qdtype):
         def setup():
             wq, ws = ops.quantize_per_channel_ref(weight(), qdtype)
-            return wq, ws
+            xq, xs = tq.quantize_per_token(x, None, qdtype)
+            return (xq, xs, wq, ws, bias, torch.bfloat16)
         return setup
 
-    def int_mm(wq, ws):
-        xq, xs = tq.quantize_per_token(x)
-        acc = torch._int_mm(xq, wq.t())
-        return (acc.float() * xs * ws + bias.float()).to(torch.bfloat16)
+    def w8a16_args():
+        wq, ws = ops.quantize_per_channel_ref(weight(), torch.int8)
+        return (x, wq, ws, bias)
 
-    def scaled_mm(wq, ws):
-        xq, xs = tq.quantize_per_token(x, None, ops.FP8)
-        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws[None, :], bias=bias, out_dtype=torch.bfloat16)
-
-    def w8a8(qdtype, linear=tw.linear_w8a8_triton):
-        def run(wq, ws):
-            xq, xs = tq.quantize_per_token(x, None, qdtype)
-            return linear(xq, xs, wq, ws, bias, torch.bfloat16)
-        return run
-
-    def w8a8_ref(qdtype):
-        def ref(wq, ws):
-            xq, xs = ops.quantize_per_token_ref(x, None, qdtype)
-            return ops.linear_w8a8_ref(xq, xs, wq, ws, bias, torch.float32)
-        return ref
-
-    def w4(group, symmetric):
+    def w4_args(group, symmetric):
         def setup():
             p = int4.quantize(weight(), group, symmetric)
-            return p.packed, p.scale, p.zero
+            return (x, p.packed, p.scale, p.zero, None, group, bias)
         return setup
 
-    def w4_run(group):
-        return lambda packed, scale, zero: wo.linear_w4a16(x, packed, scale, zero, None, group, bias)
-
-    def w4_ref(group):
-        return lambda packed, scale, zero: ops.linear_w4a16_ref(x.float(), packed, scale, zero, None, group, bias.float())
-
-    bf16 = lambda: (weight().to(torch.bfloat16),)  # noqa: E731
-    rows = {
-        "bf16 F.linear (cuBLAS)": (bf16, lambda w: F.linear(x, w, bias), lambda w: F.linear(x.float(), w.float(), bias.float())),
-        "w8a8 int8 triton": (w8(torch.int8), w8a8(torch.int8), w8a8_ref(torch.int8)),
-        "w8a8 fp8 triton": (w8(ops.FP8), w8a8(ops.FP8), w8a8_ref(ops.FP8)),
-        "w8a8 fp8 qcompile": (w8(ops.FP8), w8a8(ops.FP8, tw.linear_w8a8), w8a8_ref(ops.FP8)),
-        "w8a16 triton": (w8(torch.int8), lambda wq, ws: wo.linear_w8a16(x, wq, ws, bias),
-                         lambda wq, ws: ops.linear_w8a16_ref(x.float(), wq, ws, bias.float())),
-        "w4a16 g128 sym triton": (w4(128, True), w4_run(128), w4_ref(128)),
-        "w4a16 g32 asym triton": (w4(32, False), w4_run(32), w4_ref(32)),
+    families = {
+        "w8a8 int8": (lk.W8A8, w8a8_args(torch.int8)),
+        "w8a8 fp8": (lk.W8A8, w8a8_args(ops.FP8)),
+        "w8a16": (lk.W8A16, w8a16_args),
+        "w4a16 g128 sym": (lk.W4A16, w4_args(128, True)),
+        "w4a16 g32 asym": (lk.W4A16, w4_args(32, False)),
     }
-    if device.type == "cuda":  # library peers: no CPU interpreter equivalent
-        if m > 16:  # torch._int_mm needs M > 16
-            rows["int8 torch._int_mm + epilogue"] = (w8(torch.int8), int_mm, w8a8_ref(torch.int8))
-        rows["fp8 torch._scaled_mm rowwise"] = (w8(ops.FP8), scaled_mm, w8a8_ref(ops.FP8))
-        if m > 16:
-            rows["w4a16 g128 dequant + cuBLAS"] = (
-                w4(128, True), lambda packed, scale, zero: F.linear(
-                    x, int4.dequantize(packed, scale, zero, 128, k).to(torch.bfloat16), bias), w4_ref(128))
+    bf16 = lambda: (weight().to(torch.bfloat16),)  # noqa: E731
+    rows = {"bf16 F.linear (cuBLAS)": (bf16, lambda w: F.linear(x, w, bias),
+                                       lambda w: F.linear(x.float(), w.float(), bias.float()), "bf16")}
+    for fam_label, (family, setup) in families.items():
+        if fam_label.split()[0] not in kinds:
+            continue
+        probe = setup()
+        for kernel in family.kernels:
+            if not kernel.can_run(probe, m)[0]:
+                continue
+            if kernel.prepare is None:
+                run = (lambda kern: lambda *a: kern.run(a, ()))(kernel)
+                setup_k = setup
+            else:  # the prepared weight is made once per weight, as the lowering does, outside the timing
+                def setup_k(setup=setup, kern=kernel):
+                    a = setup()
+                    return (*a, *kern.prepare(a))
+                n_args = len(probe)
+                run = (lambda kern, n_args: lambda *a: kern.run(a[:n_args], a[n_args:]))(kernel, n_args)
+            ref = (lambda fam, n_args: lambda *a: fam.reference(*a[:n_args]))(family, len(probe))
+            rows[f"{fam_label} {kernel.name}"] = (setup_k, run, ref, fam_label)
     return rows
 
 
-def graph_us(run, copies) -> float:
+def graph_us(run, copies, rep_ms: int = 40) -> float:
     """Microseconds per call, from replays of one CUDA graph that calls ``run`` once per copy."""
     import triton.testing
 
@@ -127,16 +111,8 @@ def graph_us(run, copies) -> float:
     with torch.cuda.graph(graph):
         for c in copies:
             run(*c)
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
     return 1e3 * ms / len(copies)
-
-
-def eager_us(run, copies) -> float:
-    import triton.testing
-
-    it = iter(range(10**9))
-    return 1e3 * triton.testing.do_bench(lambda: run(*copies[next(it) % len(copies)]),
-                                         warmup=25, rep=200, return_mode="median")
 
 
 def nbytes(operands) -> int:
@@ -149,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,...")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
     ap.add_argument("--out", default=None, help="also write the table here")
+    ap.add_argument("--kinds", default="w8a8,w8a16,w4a16", help="which q-op families to run")
+    ap.add_argument("--rep-ms", type=int, default=40, help="do_bench's timing window per row")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
@@ -161,27 +139,34 @@ def main(argv=None) -> int:
     ms = [1, 17] if args.smoke else [int(v) for v in args.m.split(",")]
     torch.manual_seed(0)
     lines = [f"# device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (interpreter, no timing)'}; "
-             f"torch {torch.__version__}", f"{'M':>5} {'K':>6} {'N':>6}  {'row':34} {'rel err':>9} {'graph us':>9} {'vs bf16':>8} {'eager us':>9} {'vs bf16':>8}"]
+             f"torch {torch.__version__}", f"{'M':>5} {'K':>6} {'N':>6}  {'row':38} {'rel err':>9} {'graph us':>9} {'vs bf16':>8}"]
     failures = 0
     for k, n in shapes:
         for m in ms:
-            rows = make_rows(m, k, n, device)
-            base = None
-            for label, (setup, run, reference) in rows.items():
+            rows = make_rows(m, k, n, device, args.kinds.split(","))
+            base, fastest, labels = None, {}, []
+            first_line = len(lines)
+            for label, (setup, run, reference, fam) in rows.items():
                 first = setup()
                 err = rel(run(*first), reference(*first))
                 bad = not err < 2e-2  # same quantized operands: only bf16 rounding (~4e-3) separates them
                 failures += bad
-                us = (float("nan"), float("nan"))
+                us = float("nan")
                 if device.type == "cuda":
                     copies = [first] + [setup() for _ in range(max(1, 2 * L2_BYTES // max(nbytes(first), 1)))]
-                    us = (graph_us(run, copies), eager_us(run, copies))
+                    us = graph_us(run, copies, args.rep_ms)
                     del copies
                 base = us if base is None else base
-                ratios = [b / u if u == u else float("nan") for b, u in zip(base, us)]
-                lines.append(f"{m:>5} {k:>6} {n:>6}  {label:34} {err:9.2e} {us[0]:9.1f} {ratios[0]:7.2f}x "
-                             f"{us[1]:9.1f} {ratios[1]:7.2f}x" + ("  WRONG" if bad else ""))
-            print("\n".join(lines[-len(rows):]), flush=True)
+                if not bad and us == us and us < fastest.get(fam, (float("inf"), ""))[0]:
+                    fastest[fam] = (us, label)
+                labels.append(label)
+                lines.append(f"{m:>5} {k:>6} {n:>6}  {label:38} {err:9.2e} {us:9.1f} {base / us if us == us else float('nan'):7.2f}x"
+                             + ("  WRONG" if bad else ""))
+            kept = {label for _, label in fastest.values()}
+            for i, label in enumerate(labels):  # each family's fastest kernel: what the lowering keeps
+                if label in kept and len(rows) > 1 and fastest[rows[label][3]][1] == label and label != labels[0]:
+                    lines[first_line + i] += "  <- fastest"
+            print("\n".join(lines[first_line:]), flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

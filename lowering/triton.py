@@ -3,8 +3,9 @@
 Each q-op is swapped for a ``qcompile_triton::`` custom op whose implementation is the kernel
 launcher in ``qcompiler.runtimes.triton_*`` and whose fake is the q-op's own, so Inductor compiles
 the graph around them (norms, floating-point attention, residuals) and calls the kernels as extern calls. Scales
-and packed weights arrive as graph constants; nothing here recomputes them. Which kernel runs
-(GEMV or GEMM, split-K, tile sizes) is decided per call from M by the launchers.
+and packed weights arrive as graph constants; nothing here recomputes them. Each linear q-op first
+gets a kernel plan (``triton_plan``): per M bucket, the kernel measured fastest on this GPU among
+torch's built-ins and qcompile's Triton kernels, checked against the q-op reference.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CI tests it).
 """
@@ -15,7 +16,9 @@ from torch import fx
 
 from qcompiler.ir import ops
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
-from qcompiler.runtimes import triton_attention, triton_kv_attention, triton_quantize, triton_w8a8, triton_weight_only
+from qcompiler.lowering.triton_plan import plan_graph
+from qcompiler.runtimes import (kernel_choice, linear_kernels, tinygemm, triton_attention, triton_kv_attention,
+                                triton_quantize, triton_tuning, triton_w8a8, triton_weight_only)
 from qcompiler.runtimes.triton_support import require
 
 qops = torch.ops.qcompile
@@ -44,6 +47,11 @@ def _register(name: str, launcher):
 TRITON_OPS = {getattr(qops, name).default: _register(name, launcher) for name, launcher in KERNELS.items()}
 
 
+# the source a measured kernel choice depends on: a change to any of them re-measures
+KERNEL_SOURCES = tuple(m.__file__ for m in (linear_kernels, kernel_choice, tinygemm, triton_tuning, triton_w8a8,
+                                            triton_weight_only))
+
+
 def swap_qops(gm: fx.GraphModule) -> fx.GraphModule:
     """q-op nodes -> their Triton custom ops."""
     return retarget(gm, TRITON_OPS)
@@ -59,7 +67,10 @@ def _device(example_inputs) -> torch.device:
 def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
     from torch._inductor.compile_fx import compile_fx
 
-    require(_device(example_inputs))
+    device = _device(example_inputs)
+    require(device)
+    # each linear q-op runs the kernel measured fastest for its shapes (lowering/triton_plan.py)
+    plan_graph(gm, example_inputs, kernel_choice.Chooser.for_device(device, KERNEL_SOURCES))
     # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the
     # kernels have no gradients (CompiledGraph runs under no_grad), so compile for inference
     with torch.no_grad():

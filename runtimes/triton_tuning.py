@@ -79,6 +79,19 @@ def weight_only_gemv_configs() -> list:
     return _first_when_interpreting(ALL_WEIGHT_ONLY_GEMV)
 
 
+# M > 16, the fused GEMM: codes dequantized in registers between the load and the dot
+ALL_WEIGHT_ONLY_GEMM = [
+    _cfg(32, 64, 128, 4, 4),
+    _cfg(64, 128, 128, 4, 4),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 256, 64, 8, 3),
+]
+
+
+def weight_only_gemm_configs() -> list:
+    return _first_when_interpreting(ALL_WEIGHT_ONLY_GEMM)
+
+
 # M = 1: the CUDA-core GEMV; BLOCK_N rows of BLOCK_K weights per step (INT4: BLOCK_K / 2 bytes a row)
 ALL_WEIGHT_ONLY_GEMV1 = [
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=2),
@@ -94,7 +107,7 @@ def weight_only_gemv1_configs() -> list:
 
 
 # the dequantize kernel of the prefill path (M > SMALL_M): BLOCK_N x BLOCK_K outputs a program
-DEQUANT_BLOCK = (32, 256)
+DEQUANT_BLOCK = (16, 512)
 
 
 def gemv_split_k(n: int, k: int, sm_count: int) -> int:

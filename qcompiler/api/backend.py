@@ -24,6 +24,7 @@ from qcompiler import recipes
 from qcompiler.api.options import compile_of, split_options
 from qcompiler.calibration import state
 from qcompiler.errors import OptionError, QcompileError
+from qcompiler.ir.dynamo_sources import register_new_sources
 from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.lowering.scalars import freeze_scalars, item_only
 from qcompiler.passes.pipeline import run_passes
@@ -60,17 +61,6 @@ def _copy_dynamo_graph(original: fx.GraphModule) -> fx.GraphModule:
             b._dynamo_source = a._dynamo_source
     gm._param_name_to_source = dict(sources)
     return gm
-
-
-def _register_new_sources(gm: fx.GraphModule) -> None:
-    """Give every parameter or buffer the passes added a source, as Dynamo gives its own."""
-    sources = getattr(gm, "_param_name_to_source", None)
-    if sources is None:
-        return
-    from torch._dynamo.source import ConstantSource
-
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        sources.setdefault(name, ConstantSource(f"qcompile_{name}"))
 
 
 def _lowering_options(lowering, cuda_graphs, device_type: str) -> dict:
@@ -200,7 +190,7 @@ class CompiledGraph:
         params = rewritten.params
         self.watch = _Watch(params)
         self.decisions = rewritten.decisions
-        _register_new_sources(gm)
+        register_new_sources(gm)
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)

@@ -15,6 +15,7 @@ from torch import nn
 
 from qcompiler.calibration.state import linear_layers, state_of
 from qcompiler.passes.cache_read import META_KEY as KV_READ
+from qcompiler.runtimes.kernel_choice import META_KEY as KERNELS_KEY
 from qcompiler.passes.meta import FALLBACKS, FLOATING_POINT, Decision
 
 NOT_COMPILED = "not compiled"
@@ -145,7 +146,26 @@ def explain(model: nn.Module) -> Report:
     targets = [GraphTarget(g.requested, g.running_target,
                            "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}")
                                      if r)) for g in graphs]
-    return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model) + _cache_read_notes(graphs))
+    return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model) + _cache_read_notes(graphs)
+                  + _kernel_notes(graphs))
+
+
+def _kernel_notes(graphs) -> list:
+    """Which kernel each linear of a triton-target graph runs, per M bucket, and how it measured
+    against the float linear of the same shape (linears with the same choice counted together)."""
+    lines = []
+    for i, g in enumerate(graphs):
+        counts = {}
+        for n in g.graph_module.graph.nodes:
+            choices = n.meta.get(KERNELS_KEY)
+            if choices:
+                d = n.meta.get("qcompile")
+                op = choices[0].op
+                label = f"{op} " + "; ".join(c.describe() for c in choices)
+                counts.setdefault(label, []).append(d.module if isinstance(d, Decision) else n.name)
+        for label, modules in counts.items():
+            lines.append(f"graph {i}: {len(modules)} x {label}: {_names(modules)}")
+    return lines
 
 
 def _kv_notes(model) -> list:

@@ -200,3 +200,13 @@ def test_cpu_without_the_interpreter_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(triton_support.TritonUnavailable, match="TRITON_INTERPRET=1"):
         triton_support.require(torch.device("cpu"))
     assert not triton_support.available(torch.device("cpu"))
+
+@pytest.mark.parametrize("n,k", [(40, 576), (17, 100)])
+@pytest.mark.parametrize("group_size", [16, 64, 1024])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_kernel_is_bit_identical_to_the_reference(n, k, group_size, symmetric, dtype):
+    # the prefill path's weight: exactly the reference's, so the GEMM after it is cuBLAS's alone
+    p = int4.quantize(fresh(n, k), group_size, symmetric)
+    out = triton_weight_only.dequantize(p.packed, p.scale, p.zero, n, k, 4, group_size, dtype)
+    assert torch.equal(out, int4.dequantize(p.packed, p.scale, p.zero, group_size, k).to(dtype))

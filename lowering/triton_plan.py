@@ -1,0 +1,191 @@
+"""Kernel plans for the triton lowering: each linear q-op of a graph runs the kernel measured fastest.
+
+For every linear q-op node whose weights are graph constants, ``plan_graph`` asks the build's
+``Chooser`` (``qcompiler.runtimes.kernel_choice``) for the kernel of each row count the node can
+see: the graph's own M when its shapes are static, else one representative M per bucket of
+``BUCKETS``. The node then calls ``qcompile_triton::planned_<op>``: the q-op's arguments, the
+tensors the chosen kernels prepared once (a re-packed weight, stored on the graph module), and the
+plan as two int lists (M upper bounds, kernel indices into the family's table). At run time the
+op picks the entry for the call's M; no kernel choice happens in the hot path, and the plan
+travels with the graph (no process-wide state). Nodes whose weights are not constants keep the
+plain ``qcompile_triton::`` op, whose launchers choose by M.
+
+``plan_graph`` returns the choices for ``explain``: (node name, Choice) pairs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from qcompiler.ir.dynamo_sources import register_new_sources
+from qcompiler.runtimes import kernel_choice, linear_kernels
+from qcompiler.runtimes.kernel_choice import META_KEY
+
+qops = torch.ops.qcompile
+
+# (largest M, M measured for it): decode, small batches, mid-size batches, prefill
+BUCKETS = ((1, 1), (16, 16), (256, 128), (2**62, 2048))
+
+
+def _schema_args(name: str) -> str:
+    schema = str(getattr(qops, name).default._schema)
+    return schema[schema.index("(") + 1:schema.rindex(") ->")]
+
+
+def _planned_impl(family):
+    n_args = len(getattr(qops, family.op).default._schema.arguments)
+
+    def run(*all_args):
+        args, prepared, upper, kernels, start = all_args[:n_args], *all_args[n_args:]
+        x = args[0]
+        m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        i = next((j for j, u in enumerate(upper) if m <= u), len(upper) - 1)
+        nxt = start[i + 1] if i + 1 < len(start) else len(prepared)
+        return family.kernels[kernels[i]].run(args, tuple(prepared[start[i]:nxt]))
+    return run
+
+
+def _register_planned(family):
+    from qcompiler.ir import ops
+
+    name = f"planned_{family.op}"
+    schema = f"({_schema_args(family.op)}, Tensor[] prepared, int[] m_upper, int[] kernels, int[] prepared_start) -> Tensor"
+    op = torch.library.custom_op(f"qcompile_triton::{name}", _planned_impl(family), mutates_args=(), schema=schema)
+    fake = ops.FAKES[family.op]
+    n_args = len(getattr(qops, family.op).default._schema.arguments)
+    op.register_fake(lambda *a: fake(*a[:n_args]))
+    return getattr(torch.ops.qcompile_triton, name).default
+
+
+PLANNED = {getattr(qops, op).default: (family, _register_planned(family))
+           for op, family in linear_kernels.FAMILIES.items()}
+
+
+def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
+    """node -> its fake value (shapes and dtypes; sizes symbolic where Dynamo made them so), from
+    Dynamo's own fake tensors of the graph inputs where it left them; {} when the graph cannot be
+    propagated (the plan then covers every bucket)."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dynamo_vals = [n.meta.get("example_value") for n in placeholders]
+    mode = detect_fake_mode([v for v in dynamo_vals if isinstance(v, torch.Tensor)] or example_inputs)
+    mode = mode or FakeTensorMode()
+    inputs = [v if isinstance(v, torch.Tensor) and detect_fake_mode([v]) is mode
+              else (mode.from_tensor(x) if isinstance(x, torch.Tensor) else (v if v is not None else x))
+              for v, x in zip(dynamo_vals, example_inputs)]
+    vals = {}
+    prop = FakeTensorProp(gm, mode)
+    run_node = prop.run_node
+
+    def recorded(n):
+        vals[n] = run_node(n)
+        return vals[n]
+    prop.run_node = recorded
+    allowed = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # the graph's constants (quantized weights) are real tensors
+    try:
+        with mode:
+            prop.propagate_dont_convert_inputs(*inputs)
+    except Exception:
+        return {}
+    finally:
+        mode.allow_non_fake_inputs = allowed
+    return vals
+
+
+def _constant(gm: fx.GraphModule, arg, placeholders: dict):
+    """A node argument's real value: a graph constant, a graph input's example, or the value itself."""
+    if not isinstance(arg, fx.Node):
+        return arg
+    if arg.op == "get_attr":
+        obj = gm
+        for part in arg.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    if arg.op == "placeholder" and arg in placeholders and isinstance(placeholders[arg], torch.Tensor):
+        return placeholders[arg]
+    return None
+
+
+def _call_args(family, node, gm, placeholders, vals, float_dtype):
+    """The q-op's arguments with real weights and a 1-row stand-in activation; None when a weight
+    is not a constant of the graph."""
+    args = [_constant(gm, a, placeholders) for a in node.args]
+    if family.op == "linear_w8a8":
+        wq = args[2]
+        if not isinstance(wq, torch.Tensor) or not isinstance(args[3], torch.Tensor):
+            return None
+        args[0] = torch.empty(1, wq.shape[1], dtype=wq.dtype, device=wq.device)
+        if not isinstance(args[1], torch.Tensor):
+            args[1] = torch.ones(2, 1, device=wq.device)  # a per-token scale (the activation's own)
+    else:
+        w = args[1]
+        if not isinstance(w, torch.Tensor) or not isinstance(args[2], torch.Tensor):
+            return None
+        x_val = vals.get(node.args[0])
+        dtype = x_val.dtype if isinstance(x_val, torch.Tensor) else float_dtype
+        k = x_val.shape[-1] if isinstance(x_val, torch.Tensor) else (w.shape[1] * 2 if family.op == "linear_w4a16" else w.shape[1])
+        args[0] = torch.empty(1, int(k), dtype=dtype, device=w.device)
+    if any(a is None and isinstance(n, fx.Node) for a, n in zip(args[1:], node.args[1:])):
+        return None  # an argument computed in the graph: no real value to measure with
+    return tuple(args)
+
+
+def _rows_of(val) -> object:
+    """M of a call whose activation is ``val`` (an int, a SymInt, or None when unknown)."""
+    if not isinstance(val, torch.Tensor):
+        return None
+    m = 1
+    for d in val.shape[:-1]:
+        m = m * d
+    return m
+
+
+def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Chooser) -> list:
+    """Rewrite each linear q-op node to its planned op (module docstring); the choices made."""
+    placeholders = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
+    floats = [x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    float_dtype = floats[0] if floats else torch.float32
+    vals = _shapes(gm, example_inputs)
+    made, cache, choices = {}, {}, []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in PLANNED:
+            continue
+        family, planned = PLANNED[node.target]
+        args = _call_args(family, node, gm, placeholders, vals, float_dtype)
+        if args is None:
+            continue
+        m = _rows_of(vals.get(node.args[0]))
+        buckets = [(m, m)] if isinstance(m, int) else list(BUCKETS)
+        upper, kernels, start, prepared_nodes = [], [], [], []
+        for bound, rows in buckets:
+            choice = chooser.choose(family, args, max(rows, 1))
+            choices.append((str(node.name), choice))
+            kernel = family.kernel(choice.kernel)
+            start.append(len(prepared_nodes))
+            if kernel.prepare is not None:
+                key = (kernel.name, *(id(a) for a in args[1:] if isinstance(a, torch.Tensor)))
+                if key not in made:
+                    names = []
+                    for t in kernel.prepare(args):
+                        name = f"_qc_prepared_{len(cache)}"
+                        gm.register_buffer(name, t)
+                        cache[name] = t
+                        names.append(name)
+                    made[key] = names
+                with gm.graph.inserting_before(node):
+                    prepared_nodes += [gm.graph.get_attr(name) for name in made[key]]
+            upper.append(2**62 if not isinstance(m, int) and bound == BUCKETS[-1][0] else bound)
+            kernels.append(family.index(choice.kernel))
+        if isinstance(m, int):
+            upper = [2**62]  # one static M: the single entry serves every call
+        node.target = planned
+        node.args = (*node.args, prepared_nodes, upper, kernels, start)
+        node.meta[META_KEY] = [c for name, c in choices if name == str(node.name)]
+    register_new_sources(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return choices
