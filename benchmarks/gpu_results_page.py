@@ -7,7 +7,7 @@ tables. The page gets one section per run, stamped with the commit that ran (the
 a copy of the tree without git, so the commit is given here), the run's date and machine, and the
 command; a step cut by its time limit is said to be cut.
 
-    python benchmarks/gpu_results_page.py RUN_DIR [RUN_DIR ...] --commit HASH --date YYYY-MM-DD \
+    python benchmarks/gpu_results_page.py RUN_DIR [RUN_DIR ...] --commit HASH --date YYYY-MM-DD [per run] \
         [--command "bash benchmarks/gpu_suite.sh --quick" ...] [--note "..." ...] [--page docs/results/gpu_speed.md]
 """
 from __future__ import annotations
@@ -63,8 +63,8 @@ def section(folder: str, commit: str, date: str, command: str, note: str) -> str
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
-    ap.add_argument("--commit", required=True)
-    ap.add_argument("--date", required=True)
+    ap.add_argument("--commit", action="append", required=True, help="one per run, in order")
+    ap.add_argument("--date", action="append", required=True, help="one per run, in order")
     ap.add_argument("--command", action="append", default=[], help="one per run, in order (default: the suite)")
     ap.add_argument("--note", action="append", default=[], help="one per run, in order")
     ap.add_argument("--page", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -72,7 +72,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     notes = args.note + [""] * (len(args.runs) - len(args.note))
     commands = args.command + ["bash benchmarks/gpu_suite.sh"] * (len(args.runs) - len(args.command))
-    body = "\n\n".join(section(r, args.commit, args.date, c, n) for r, c, n in zip(args.runs, commands, notes))
+    if len(args.commit) != len(args.runs) or len(args.date) != len(args.runs):
+        ap.error("give one --commit and one --date per run")
+    body = "\n\n".join(section(r, commit, date, c, n)
+                        for r, commit, date, c, n in zip(args.runs, args.commit, args.date, commands, notes))
     os.makedirs(os.path.dirname(os.path.abspath(args.page)), exist_ok=True)
     with open(args.page, "w") as f:
         f.write("# GPU speed: every linear kernel against bf16, and 8 Llama-7B layers end to end\n\n"
