@@ -9,7 +9,7 @@
 #      layers; accuracy against qcompile's reference target on the same weights; chosen kernels),
 #   4. the attention tables (benchmarks/gpu_attention.py).
 #   bash benchmarks/gpu_suite.sh [--quick]    # --quick: one GEMM shape, two recipes, no attention
-# Tables and logs go to ${OUT:-gpu_results}/. Uses the Python environment it is run from (the GPU machine
+# Tables, logs and the results page (gpu_speed.md, for docs/results/) go to ${OUT:-gpu_results}/. Uses the Python environment it is run from (the GPU machine
 # brings torch and triton); installs nothing. Each step runs even if an earlier one fails; the exit status
 # is the number of failed steps.
 set -uo pipefail
@@ -40,4 +40,7 @@ else
   step attention 30 python benchmarks/gpu_attention.py --out "$out/gpu_attention.txt"
 fi
 echo "failed steps: $failed" | tee -a "$out/suite.log"
+# the results page of this run (the GPU machine's copy of the tree has no git: QCOMPILE_COMMIT names the commit)
+python benchmarks/gpu_results_page.py "$out" --commit "${QCOMPILE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+  --date "$(date -u +%F)" --command "bash benchmarks/gpu_suite.sh $*" --page "$out/gpu_speed.md"
 exit "$failed"
