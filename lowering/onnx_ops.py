@@ -201,6 +201,10 @@ def ort_quantize_per_token(x, smooth_inv=None, qdtype=None):
     qtype = _qtype(qdtype)
     xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
     amax = op.Max(op.ReduceMax(op.Abs(xs), _const([-1], np.int64), keepdims=1), _const(ops._MIN_AMAX, np.float32))
+    # ONNX Runtime's ReduceMax and Max skip NaN; the reference's row scale is NaN for a row holding
+    # NaN (or Inf - Inf), so the row's output is too: a row sum times zero carries it (one more pass
+    # over the activation, read alongside the ReduceMax's)
+    amax = op.Add(amax, op.Mul(op.ReduceSum(xs, _const([-1], np.int64), keepdims=1), _const(0.0, np.float32)))
     scale = op.Div(amax, _const(ops.QMAXES[ops.FP8 if _is_fp8(qtype) else torch.int8], np.float32))
     if _is_fp8(qtype):
         limit = ops.QMAXES[ops.FP8]

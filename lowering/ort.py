@@ -3,8 +3,8 @@
 The graph is frozen and exported once, when it is compiled. A graph Dynamo captured with symbolic
 sizes exports with those dimensions dynamic (the feature sizes are the weights', so they are
 static), and its session is cached by everything that shapes the exported file: the graph's code,
-the inputs' ranks and dtypes, the dynamic dimensions and the bytes of every constant (quantized
-weights, scales). A later capture of the same quantized model (a new shape Dynamo recompiles
+the inputs' dtypes and static sizes, the dynamic dimensions, the bytes of every constant (quantized
+weights, scales) and the versions of onnx and ONNX Runtime. A later capture of the same quantized model (a new shape Dynamo recompiles
 for) reuses it without exporting again; another recipe or other weights never do. The cache
 holds nothing that cannot be rebuilt: dropping it costs an export. The exported file is also
 kept on disk (``runtimes.disk_cache``, keyed as well by the exporter's code), so a later process
@@ -38,12 +38,29 @@ class OrtExportError(TargetUnavailable):
     """``target="ort"`` was asked for and this graph cannot be exported to ONNX Runtime."""
 
 
+def _feed_signature(feeds, shapes) -> list:
+    """Each input's dtype and sizes, a dynamic dimension as None: a file exported with a static
+    size takes that size only, so the size is part of its key."""
+    specs = shapes if shapes is not None else [None] * len(feeds)
+    return [(x.dtype, tuple(None if d in (spec or {}) else size for d, size in enumerate(x.shape)))
+            for x, spec in zip(feeds, specs)]
+
+
+def _versions() -> str:
+    """The versions of the exporter's libraries and of the runtime that reads the file."""
+    import onnx
+    import onnxruntime
+
+    return f"onnx {onnx.__version__} onnxruntime {onnxruntime.__version__}"
+
+
 def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
-    """A digest of everything that changes the exported file."""
+    """A digest of everything that changes the exported file: the graph's code, every input's
+    dtype and static sizes, which dimensions are dynamic, the constants' bytes, the versions."""
     digest = hashlib.blake2b(digest_size=20)
     digest.update(frozen.code.encode())
-    digest.update(repr([(x.dim(), x.dtype) for x in feeds]).encode())
-    digest.update(repr(None if shapes is None else [sorted(s or {}) for s in shapes]).encode())
+    digest.update(repr(_feed_signature(feeds, shapes)).encode())
+    digest.update(_versions().encode())
     for name, value in sorted(frozen.state_dict(keep_vars=False).items()):
         digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
         digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

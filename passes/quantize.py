@@ -119,8 +119,7 @@ SCHEMES = {
         _w8_weights,
         lambda x, c, b, inv, xs, r: ops.linear_w8a8_ref(ops.quantize_per_tensor_ref(x, xs, inv, r.qdtype), xs,
                                                         c["wq"], c["wscale"], b, torch.float32),
-        lambda g, x, c, b, inv, xs, r, dt: g.call_function(qops.linear_w8a8.default, (
-            g.call_function(qops.quantize_per_tensor.default, (x, xs, inv, r.qdtype)), xs, c["wq"], c["wscale"], b, dt)),
+        lambda g, x, c, b, inv, xs, r, dt: _emit_static(g, x, c, b, inv, xs, r, dt),
         lambda r: f"{_fmt(r)} weights per channel, {_fmt(r)} activations per tensor ({r.observer})"),
     (4, None): Scheme(
         _w4_weights,
@@ -140,6 +139,17 @@ def _emit_dynamic(g, x, c, bias, inv, recipe, out_dtype):
     q = g.call_function(qops.quantize_per_token.default, (x, inv, recipe.qdtype))
     xq, sx = g.call_function(operator.getitem, (q, 0)), g.call_function(operator.getitem, (q, 1))
     return g.call_function(qops.linear_w8a8.default, (xq, sx, c["wq"], c["wscale"], bias, out_dtype))
+
+
+def _emit_static(g, x, c, bias, inv, x_scale, recipe, out_dtype):
+    """The static linear, plus each input row's NaN carrier: a calibrated scale saturates NaN and
+    Inf to finite codes, where the floating-point linear (and the per-token scale) gives the row
+    NaN or Inf. ``(x - x).sum(-1)`` is exactly 0 for a finite row (no overflow, whatever the dtype)
+    and NaN for a row holding NaN or Inf; added to the output, it carries that row's fault."""
+    xq = g.call_function(qops.quantize_per_tensor.default, (x, x_scale, inv, recipe.qdtype))
+    y = g.call_function(qops.linear_w8a8.default, (xq, x_scale, c["wq"], c["wscale"], bias, out_dtype))
+    carrier = g.call_function(torch.sum, (g.call_function(torch.sub, (x, x)),), {"dim": -1, "keepdim": True})
+    return g.call_function(torch.add, (y, carrier))
 
 
 def scheme_for(recipe) -> Scheme:

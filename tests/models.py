@@ -24,6 +24,7 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(d) if norm == "rms" else nn.LayerNorm(d)
         self.gate, self.up = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
         self.down = nn.Linear(h, d)
+        self.eval()  # an inference model, as from_pretrained returns one (training mode runs in float)
 
     def forward(self, x):
         y = self.norm1(x)
@@ -40,6 +41,7 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(d, h, norm) for _ in range(n))
         self.norm = RMSNorm(d)
         self.lm_head = nn.Linear(d, head, bias=False)
+        self.eval()  # an inference model, as from_pretrained returns one (training mode runs in float)
 
     def forward(self, x):
         for b in self.blocks:

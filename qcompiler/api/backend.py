@@ -14,6 +14,7 @@ import functools
 import inspect
 import sys
 import time
+import warnings
 import weakref
 from typing import Mapping, Optional
 
@@ -23,7 +24,7 @@ from torch import fx, nn
 from qcompiler import recipes
 from qcompiler.api.options import compile_of, split_options
 from qcompiler.calibration import state
-from qcompiler.errors import OptionError, QcompileError
+from qcompiler.errors import CalibrationError, OptionError, QcompileError
 from qcompiler.ir.dynamo_sources import register_new_sources
 from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.lowering.scalars import freeze_scalars, item_only
@@ -146,8 +147,16 @@ class CompiledGraph:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs, recipe, target: str, cuda_graphs: bool = False,
-                 compile_key=None, frozen_scalars: Optional[dict] = None):
+                 compile_key=None, frozen_scalars: Optional[dict] = None, mode_modules=None):
         self.original = gm
+        # the modules whose ``training`` flags decide a call's graph (``__call__``): the linear
+        # layers of the compiled module whose weights this graph reads (else the module itself),
+        # found in Dynamo's frame while it traces; a variant made later gets its first graph's
+        if mode_modules is None:
+            mode_modules = _mode_modules(compiled_module(gm), example_inputs)
+        self.mode_modules = mode_modules
+        self.float_calls = 0
+        self.sizes = None  # set when a rebuild at call time had to take the sizes of that call
         self.frozen_scalars = frozen_scalars or {}
         self.example_inputs = list(example_inputs)
         self.recipe = recipe
@@ -184,11 +193,15 @@ class CompiledGraph:
         return getattr(self.fn, "running_target", None) or self.target
 
     def _build(self):
+        self._check_prepared_weights(self.example_inputs)
         gm = _copy_dynamo_graph(self.original)
         freeze_scalars(gm, self.frozen_scalars)
         rewritten = run_passes(gm, self.example_inputs, self.recipe)
         params = rewritten.params
         self.watch = _Watch(params)
+        # the graph's weights as quantized: an in-place change since (load_state_dict, an optimizer
+        # step, a merged adapter) bumps a parameter's version counter, and the next call re-quantizes
+        self.versions = self._versions(self.example_inputs)
         self.decisions = rewritten.decisions
         register_new_sources(gm)
         self.graph_module = gm
@@ -220,7 +233,7 @@ class CompiledGraph:
             try:
                 with torch._guards.tracing(self.tracing):
                     graph = CompiledGraph(self.original, example, self.recipe, self.requested, self.cuda_graphs,
-                                          self.compile_key)
+                                          self.compile_key, mode_modules=self.mode_modules)
             except _DYNAMO_RESTART:  # it also noted floats to specialize for a restart that will not come
                 _forget_restart()
                 graph = None
@@ -231,17 +244,93 @@ class CompiledGraph:
             graph = self.variants.get(key)
             if graph is None or not graph._same_params(args):
                 graph = CompiledGraph(self.original, list(args), self.recipe, self.requested, self.cuda_graphs,
-                                      self.compile_key, frozen_scalars=scalars)
+                                      self.compile_key, frozen_scalars=scalars, mode_modules=self.mode_modules)
                 self.variants[key] = graph
         return graph
+
+    def _versions(self, args) -> tuple:
+        return tuple(args[i]._version for i in self.param_slots)
+
+    def _check_prepared_weights(self, args) -> None:
+        """A weight AWQ / GPTQ prepared codes for, changed since (in place, or a saved state
+        loaded into another model's weights), cannot be re-quantized without calibration data:
+        an error naming the layers and the fix, never the old codes."""
+        by_state = {}
+        for i in self.param_slots:
+            st, name = state.linked_state(args[i])
+            if st is not None and name in st.prepared:
+                by_state.setdefault(id(st), (st, []))[1].append(name)
+        stale = [n for st, names in by_state.values() for n in st.changed_since_prepared(names)]
+        if stale:
+            raise CalibrationError(
+                f"the weights of {', '.join(stale[:4])}{' and more' if len(stale) > 4 else ''} changed after "
+                f"calibration prepared their quantized codes from them: run qcompiler.calibrate(model, batches, "
+                f"recipe=...) again to prepare the new weights, or qcompiler.state_of(model).clear() to drop the "
+                f"prepared codes and quantize the new weights by rounding")
+
+    def _refresh_weights(self, args) -> None:
+        """Re-quantize after an in-place weight change (``_build`` refuses weights AWQ / GPTQ
+        prepared codes for)."""
+        self._rebuild(args)
+
+    def _rebuild(self, args) -> None:
+        """Quantize and lower again at call time (new statistics, new weights). A graph with static
+        sizes is rebuilt as it was; one Dynamo made dynamic is rebuilt for the sizes of ``args``
+        and again when a call brings others (compiling it under Dynamo's tracing context after
+        Dynamo has installed its guards can specialize a size the guards do not check)."""
+        self.example_inputs = list(args)
+        self._build()
+        dynamic = any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and _symbolic(v))
+                      for v in self._dynamo_values())
+        self.sizes = _sizes(args) if dynamic else None
+
+    def _dynamo_values(self) -> list:
+        return [n.meta.get("example_value") for n in self.original.graph.nodes if n.op == "placeholder"]
+
+    def _training(self) -> bool:
+        return any(m.training for m in (ref() for ref in self.mode_modules) if m is not None)
+
+    def _float_call(self, args):
+        """Training mode with gradients enabled: the floating-point graph, so gradients flow."""
+        if not self.float_calls:
+            warnings.warn("qcompile runs this graph in floating point: the model is in training mode with gradients "
+                          "enabled (gradients flow; nothing is quantized). Quantization applies in eval mode "
+                          "(model.eval()) or under torch.no_grad(); explain() counts these calls", stacklevel=3)
+        self.float_calls += 1
+        return self.original(*args)
 
     def __call__(self, *args):
         if not self._same_params(args):
             return self._variant(args)(*args)
+        if torch.is_grad_enabled() and self._training():
+            return self._float_call(args)
+        if self.sizes is not None and _sizes(args) != self.sizes:
+            self._rebuild(args)
         if self.watch.stale():
-            self._build()
+            self._rebuild(args)
+        if self._versions(args) != self.versions:
+            self._refresh_weights(args)
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
+
+
+def _mode_modules(module: Optional[nn.Module], example_inputs) -> list:
+    """Weak references to the linear layers of ``module`` whose weights are among the graph's
+    inputs (a wrapper's own mode does not matter where its layers are in eval mode), else to
+    ``module`` itself; [] when it is not known (a function compiled on its own)."""
+    if module is None:
+        return []
+    params = {id(v) for v in example_inputs if isinstance(v, nn.Parameter)}
+    layers = [m for _, m in state.linear_layers(module) if id(m.weight) in params]
+    return [weakref.ref(m) for m in (layers or [module])]
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    return any(isinstance(d, torch.SymInt) for d in t.shape)
+
+
+def _sizes(args) -> tuple:
+    return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
 
 
 # what Dynamo's float-tensorifying pass raises to restart Dynamo's analysis (torch >= 2.6)

@@ -144,8 +144,8 @@ def explain(model: nn.Module) -> Report:
             records.append(Decision(name, "linear", NOT_COMPILED, "no compiled graph has reached it: not called since compiling, or run eagerly by Dynamo (e.g. next to a graph break)",
                                     weight_bytes_fp32=n * k * 4, param_id=id(mod.weight)))
     targets = [GraphTarget(g.requested, g.running_target,
-                           "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}")
-                                     if r)) for g in graphs]
+                           "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}",
+                                                 _float_note(g)) if r)) for g in graphs]
     return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model) + _cache_read_notes(graphs)
                   + _kernel_notes(graphs))
 
@@ -166,6 +166,13 @@ def _kernel_notes(graphs) -> list:
         for label, modules in counts.items():
             lines.append(f"graph {i}: {len(modules)} x {label}: {_names(modules)}")
     return lines
+
+
+def _float_note(graph) -> str:
+    calls = getattr(graph, "float_calls", 0)
+    return "" if not calls else (
+        f"{calls} call(s) ran the floating-point graph: the model was in training mode with gradients enabled "
+        f"(quantization applies in eval mode or under torch.no_grad())")
 
 
 def _kv_notes(model) -> list:

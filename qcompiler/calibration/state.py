@@ -7,6 +7,8 @@ first use by ``state_of(model)``. It holds, per linear layer (by qualified modul
 - ``attention``: per module that calls ``scaled_dot_product_attention``, the ``AttentionStats`` of
   its query, key and value;
 - ``prepared``: the ``PreparedWeight`` an algorithm (AWQ, GPTQ, tuning, ``auto``) left for it;
+- ``sources``: a sketch of the weight each prepared layer was made from (``weight_sketch``), so a
+  weight changed since (in place, or a saved state loaded into a fine-tuned model) is noticed;
 - ``last_run``: what the last weight-preparing run did (algorithm, seconds, losses);
 - ``generation``: bumped on every change, so compiled graphs know when to rebuild.
 
@@ -20,8 +22,12 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
+# a weight whose sketch moved by more than this (relative) is not the one its codes were made from;
+# rounding a weight to bf16 moves it by about 1e-3
+SKETCH_TOLERANCE = 5e-3
 ATTRIBUTE = "_qcompile_state"
 LINK = "_qcompile_link"
 
@@ -43,6 +49,7 @@ class QuantState:
     stats: dict = field(default_factory=dict)                 # module name -> ActivationStats
     attention: dict = field(default_factory=dict)             # module name -> AttentionStats
     prepared: dict = field(default_factory=dict)              # module name -> PreparedWeight
+    sources: dict = field(default_factory=dict, repr=False)   # module name -> weight_sketch at preparation
     last_run: dict = field(default_factory=dict)
     generation: int = 0
 
@@ -68,14 +75,25 @@ class QuantState:
                     raise ValueError("a weight that is not one of this model's linear layers was given to "
                                      "the quantization state")
                 target[name] = value
+        for name in (prepared or {}):
+            name = name if isinstance(name, str) else self.name_of(name)
+            if name in self.weights:
+                self.sources[name] = weight_sketch(self.weights[name])
         if last_run is not None:
             self.last_run = dict(last_run)
         self.generation += 1
+
+    def changed_since_prepared(self, names) -> list:
+        """The layers among ``names`` whose weight is no longer the one their prepared codes were
+        made from (a layer prepared before sketches were kept is taken as unchanged)."""
+        return [n for n in names if n in self.prepared and n in self.sources and n in self.weights
+                and not sketches_agree(weight_sketch(self.weights[n]), self.sources[n])]
 
     def clear(self) -> None:
         self.stats.clear()
         self.attention.clear()
         self.prepared.clear()
+        self.sources.clear()
         self.last_run = {}
         self.generation += 1
 
@@ -87,6 +105,20 @@ class QuantState:
         for name, weight in new.weights.items():  # the copied model's own parameters (same memo)
             setattr(weight, LINK, (new, name))
         return new
+
+
+def weight_sketch(weight: Tensor) -> Tensor:
+    """``W @ r`` in float64 for a fixed random sign vector ``r``: one number per output row that
+    moves with any change of the row (one GEMV; the weight's full hash would cost a copy)."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    signs = torch.randint(0, 2, (w.shape[1],), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 2 - 1
+    return (w.to("cpu", torch.float64) @ signs).reshape(-1)
+
+
+def sketches_agree(now: Tensor, then: Tensor) -> bool:
+    if now.shape != then.shape:
+        return False
+    return bool((now - then).norm() <= SKETCH_TOLERANCE * then.norm().clamp_min(1e-30))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from qcompiler import __version__
-from qcompiler.calibration.state import linear_layers, state_of, unwrap
+from qcompiler.calibration.state import linear_layers, sketches_agree, state_of, unwrap, weight_sketch
 from qcompiler.calibration.stats import ActivationStats, AttentionStats, PreparedWeight
 from qcompiler.errors import CalibrationError, InvalidFile, MissingDependency, OptionError
 from qcompiler.ir.int4 import PackedInt4
@@ -151,6 +151,7 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, recipe=None) -> pat
             raise CalibrationError(f"layer {name!r}: a prepared weight of type {type(w).__name__} cannot be saved")
         layers.setdefault(name, {})["prepared"] = {
             "recipe": _recipe_fields(p.recipe), "key": list(p.key), "reason": p.reason,
+            "source": tensors.put(state.sources.get(name)),
             "sensitivity": [[k, v] for k, v in p.sensitivity.items()],
             "smooth_scale": tensors.put(p.smooth_scale),
             "weight": None if w is None else {
@@ -226,7 +227,8 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
     file = folder / TENSORS
     if not file.is_file():
         raise InvalidFile(f"{folder} has a manifest but no {TENSORS}: save the model's state again")
-    names = {name for name, _ in linear_layers(unwrap(model))}
+    weights = {name: mod.weight for name, mod in linear_layers(unwrap(model))}
+    names = set(weights)
     modules = {name for name, _ in unwrap(model).named_modules()}
     try:
         with st.safe_open(str(file), framework="pt") as f:
@@ -248,7 +250,7 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                 read[key] = t
                 return t
 
-            stats, prepared = {}, {}
+            stats, prepared, changed = {}, {}, []
             for name, entry in manifest["layers"].items():
                 if name not in names:
                     raise InvalidFile(f"{folder} has state for layer {name!r}, which this model lacks")
@@ -267,6 +269,9 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                     w = p["weight"]
                     weight = None if w is None else PackedInt4(get(w["packed"]), get(w["scale"]), get(w["zero"]),
                                                                w["group_size"], w["in_features"])
+                    source = get(p.get("source"))
+                    if source is not None and not sketches_agree(weight_sketch(weights[name]), source):
+                        changed.append(name)
                     recipe = _recipe_from(p["recipe"])
                     prepared[name] = PreparedWeight(recipe, _prepared_key(p["key"], recipe), weight,
                                                     get(p["smooth_scale"]), p["reason"],
@@ -277,6 +282,11 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                     raise InvalidFile(f"{folder} has attention statistics for module {name!r}, which this model lacks")
                 attention[name] = AttentionStats(entry["module"], *(get(entry[k]) for k in AttentionStats.TENSORS),
                                                  entry["tokens"])
+        if changed:
+            raise InvalidFile(
+                f"{folder} holds codes prepared from other weights than this model's for {', '.join(changed[:4])}"
+                f"{' and more' if len(changed) > 4 else ''} (the model was fine-tuned or changed since the state "
+                f"was saved): calibrate this model, or load the state into the model it was saved from")
     except InvalidFile:
         raise
     except Exception as e:  # safetensors' own errors: a truncated or garbled file

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from qcompiler.calibration.state import linear_layers, prepared_for, unwrap
+from qcompiler.deploy.modes import evaluating
 from qcompiler.errors import MissingDependency, OptionError
 from qcompiler.ir import int4, ops
 from qcompiler.passes.match import match
@@ -97,17 +98,13 @@ def _input_scales(source: nn.Module, recipe: Recipe) -> tuple:
     rows absorb it instead (``up_proj`` for ``down_proj``), from a capture of ``source`` on a few
     tokens."""
     ids = torch.zeros(1, 8, dtype=torch.long)
-    was_training = source.training
-    source.eval()
     try:
-        with torch.no_grad():
+        with evaluating(source), torch.no_grad():
             program = torch.export.export(source, (), {"input_ids": ids, "use_cache": False})
     except Exception as e:
         raise OptionError(f"the SmoothQuant / AWQ scales of recipe {recipe.name!r} are read from a capture of the "
                           f"model by torch.export, which failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           f"a recipe without input scales ('w8a8', 'w4a16-gptq') needs no capture") from e
-    finally:
-        source.train(was_training)
     gm = program.module()
     matches = match(gm, [ids], recipe)
     plans = smooth(gm, [ids], matches)

@@ -19,6 +19,7 @@ from torch import nn
 from qcompiler import recipes
 from qcompiler.api.calibrate import calibrate
 from qcompiler.api.explain import findings
+from qcompiler.deploy.modes import evaluating
 from qcompiler.errors import ExportError
 from qcompiler.passes.meta import FLOATING_POINT
 
@@ -110,13 +111,8 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     if dynamic_shapes is None:
         pos, kw = _auto_dims(args, kwargs)
         dynamic_shapes = kw if kw else pos
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():  # the inference graph, whatever the modes; each restored
+        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
     gm = program.module()
     flat = list(args) + list(kwargs.values())
     decisions = run_passes(gm, flat, resolved).decisions

@@ -117,7 +117,7 @@ class Broken(nn.Module):
 @pytest.mark.parametrize("target", TARGETS)
 def test_graph_breaks(target):
     torch.manual_seed(0)
-    model, x = Broken(), torch.randn(4, 32)
+    model, x = Broken().eval(), torch.randn(4, 32)
     fast = compile_q(model, target=target)
     out = fast(x)
     assert sqnr_db(model(x), out) > 30
@@ -325,7 +325,7 @@ class Outer(nn.Module):
 
 def test_full_module_names_after_a_graph_break_inside_a_submodule():
     torch.manual_seed(0)
-    model, x = Outer(), torch.randn(3, 16)
+    model, x = Outer().eval(), torch.randn(3, 16)
     with qcompiler.calibrate(model, [x], progress=False):
         pass
     fast = compile_q(model, skip=["inner.b"], target="reference")

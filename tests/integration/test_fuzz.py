@@ -1,8 +1,9 @@
 """Property-based fuzz: generated models mixing Linear, Conv1d/Conv2d, Embedding, LayerNorm/RMSNorm,
 SDPA and hand-written attention, graph breaks, float32/bfloat16/float16, static and dynamic shapes,
-embedding tables in floating point or INT8, through every recipe that needs no calibration and every CPU target. Property: the compiled model
-runs, stays close to the float model (an SQNR floor per recipe), and every linear it did not
-quantize says why in ``explain``. CI runs a bounded, derandomized set; ``-m slow`` runs hundreds."""
+embedding tables in floating point or INT8, through every recipe that needs no calibration and every CPU target, with a
+weight changed in place between calls and NaN / Inf entries in inputs. Property: the compiled model
+runs, stays close to the float model (an SQNR floor per recipe), gives non-finite output rows where
+the float model does and nowhere else, and every linear it did not quantize says why in ``explain``. CI runs a bounded, derandomized set; ``-m slow`` runs hundreds."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,10 @@ def cases(draw):
         target=draw(st.sampled_from(["auto", "inductor", "reference"])),
         shapes=draw(st.lists(st.tuples(st.integers(2, 4), st.integers(2, 9)), min_size=2, max_size=3)),
         seed=draw(st.integers(0, 2**16)),
+        # faults between and inside calls: a NaN / Inf entry in one token of an input (float
+        # inputs), a linear's weight changed in place before a call
+        poison=draw(st.sampled_from([None, float("nan"), float("inf"), float("-inf")])),
+        update=draw(st.booleans()),
     )
 
 
@@ -134,12 +139,22 @@ def check_case(case):
         options["group_size"] = 16
     fast = torch.compile(model, backend="qcompile", dynamic=case["dynamic"], options=options)
     g = torch.Generator().manual_seed(case["seed"])
-    for b, t in case["shapes"]:
+    for i, (b, t) in enumerate(case["shapes"]):
         x = _inputs(case, b, t, g)
+        if case["update"] and i == 1:  # compiled once: now change a weight in place
+            with torch.no_grad():
+                model.layers[-1].weight.mul_(-1.5)
         with torch.no_grad():
             ref, got = model(x).float(), fast(x).float()
         assert torch.isfinite(got).all(), (case, b, t)
         assert sqnr_db(ref, got) > FLOOR_DB[case["recipe"]], (case, b, t, sqnr_db(ref, got))
+        if case["poison"] is not None and not case["vocab"]:
+            bad = x.clone()
+            bad[0, t // 2, case["d"] // 3] = case["poison"]
+            with torch.no_grad():
+                ref, got = model(bad).float(), fast(bad).float()
+            # a non-finite input reaches the output exactly where it does in the float model
+            assert torch.equal(torch.isfinite(got).all(-1), torch.isfinite(ref).all(-1)), (case, b, t)
     report = qcompiler.explain(fast)
     for r in report:
         # a graph break may leave a layer to Dynamo's eager fallback (it then runs in floating point)

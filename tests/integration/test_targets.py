@@ -51,7 +51,7 @@ def test_explicit_ort_without_onnxruntime_is_an_error_naming_the_fix(monkeypatch
 def test_auto_without_onnxruntime_runs_inductor_and_says_why(monkeypatch):
     _hide(monkeypatch, "onnxruntime")
     torch.manual_seed(0)
-    model, x = nn.Linear(16, 16), torch.randn(2, 16)
+    model, x = nn.Linear(16, 16).eval(), torch.randn(2, 16)
     fast = torch.compile(model, backend="qcompile")
     assert sqnr_db(model(x), fast(x)) > 30
     (graph,) = qcompiler.explain(fast).graphs

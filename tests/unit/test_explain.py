@@ -19,7 +19,7 @@ class WithAttention(nn.Module):
 
 def test_report_lists_every_op_with_scheme_reason_and_sqnr():
     torch.manual_seed(0)
-    model, x = WithAttention(), torch.randn(2, 6, 32)
+    model, x = WithAttention().eval(), torch.randn(2, 6, 32)
     with qcompiler.calibrate(model, [x], progress=False):
         pass
     fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a8-static", "skip": ["out"]})
