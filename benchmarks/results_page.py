@@ -10,6 +10,18 @@ import subprocess
 import sys
 
 
+def _cpu_model() -> str:
+    """`` (<model name>)`` from /proc/cpuinfo, or nothing: the same code runs at other speeds on other CPUs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f" ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return ""
+
+
 def stamp() -> str:
     """One line: commit (``+dirty`` with uncommitted changes), UTC date, machine, command."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +37,7 @@ def stamp() -> str:
         commit += "+dirty"
     import torch
 
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+    machine = f"{platform.machine()}{_cpu_model()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name(0)}"
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], root), *sys.argv[1:]])
