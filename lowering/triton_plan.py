@@ -150,7 +150,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
     floats = [x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
     float_dtype = floats[0] if floats else torch.float32
     vals = _shapes(gm, example_inputs)
-    made, cache, choices = {}, {}, []
+    made, choices = {}, []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in PLANNED:
             continue
@@ -160,31 +160,27 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
             continue
         m = _rows_of(vals.get(node.args[0]))
         buckets = [(m, m)] if isinstance(m, int) else list(BUCKETS)
-        upper, kernels, start, prepared_nodes = [], [], [], []
+        upper, kernels, start, prepared_nodes, node_choices = [], [], [], [], []
         for bound, rows in buckets:
             choice = chooser.choose(family, args, max(rows, 1))
-            choices.append((str(node.name), choice))
+            node_choices.append(choice)
             kernel = family.kernel(choice.kernel)
             start.append(len(prepared_nodes))
             if kernel.prepare is not None:
                 key = (kernel.name, *(id(a) for a in args[1:] if isinstance(a, torch.Tensor)))
                 if key not in made:
-                    names = []
-                    for t in kernel.prepare(args):
-                        name = f"_qc_prepared_{len(cache)}"
-                        gm.register_buffer(name, t)
-                        cache[name] = t
-                        names.append(name)
-                    made[key] = names
+                    made[key] = []
+                    for t in kernel.prepare(args):  # once per weight: buffers of the graph
+                        made[key].append(f"_qc_prepared_{sum(map(len, made.values()))}")
+                        gm.register_buffer(made[key][-1], t)
                 with gm.graph.inserting_before(node):
                     prepared_nodes += [gm.graph.get_attr(name) for name in made[key]]
-            upper.append(2**62 if not isinstance(m, int) and bound == BUCKETS[-1][0] else bound)
+            upper.append(bound if not isinstance(m, int) else BUCKETS[-1][0])  # static M: one entry for all
             kernels.append(family.index(choice.kernel))
-        if isinstance(m, int):
-            upper = [2**62]  # one static M: the single entry serves every call
         node.target = planned
         node.args = (*node.args, prepared_nodes, upper, kernels, start)
-        node.meta[META_KEY] = [c for name, c in choices if name == str(node.name)]
+        node.meta[META_KEY] = node_choices
+        choices += [(str(node.name), c) for c in node_choices]
     register_new_sources(gm)
     gm.graph.lint()
     gm.recompile()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -165,7 +166,7 @@ class Chooser:
     def _store(self, key: str, choice: Choice) -> None:
         path = self._cache_file(key)
         if path is not None:
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes racing write whole files
             tmp.write_text(json.dumps({"key": key, "choice": {**choice.__dict__, "cached": False}}))
             tmp.replace(path)
 
@@ -211,7 +212,11 @@ class Chooser:
         times = {}
         for kernel in runnable:
             call = family.with_rows(args, m)
-            prepared = kernel.prepare(call) if kernel.prepare is not None else ()
+            try:
+                prepared = kernel.prepare(call) if kernel.prepare is not None else ()
+            except Exception as exc:  # a layout the built-in refuses: not a choice, said why
+                rejected[kernel.name] = f"prepare failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                continue
             ok, why = self.check(family, kernel, call, m, prepared)
             if not ok:
                 rejected[kernel.name] = why

@@ -268,11 +268,6 @@ class CompiledGraph:
                 f"recipe=...) again to prepare the new weights, or qcompiler.state_of(model).clear() to drop the "
                 f"prepared codes and quantize the new weights by rounding")
 
-    def _refresh_weights(self, args) -> None:
-        """Re-quantize after an in-place weight change (``_build`` refuses weights AWQ / GPTQ
-        prepared codes for)."""
-        self._rebuild(args)
-
     def _rebuild(self, args) -> None:
         """Quantize and lower again at call time (new statistics, new weights). A graph with static
         sizes is rebuilt as it was; one Dynamo made dynamic is rebuilt for the sizes of ``args``
@@ -308,8 +303,8 @@ class CompiledGraph:
             self._rebuild(args)
         if self.watch.stale():
             self._rebuild(args)
-        if self._versions(args) != self.versions:
-            self._refresh_weights(args)
+        if self._versions(args) != self.versions:  # re-quantize (``_build`` refuses prepared codes)
+            self._rebuild(args)
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
 

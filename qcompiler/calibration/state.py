@@ -108,11 +108,12 @@ class QuantState:
 
 
 def weight_sketch(weight: Tensor) -> Tensor:
-    """``W @ r`` in float64 for a fixed random sign vector ``r``: one number per output row that
-    moves with any change of the row (one GEMV; the weight's full hash would cost a copy)."""
+    """``W @ r`` for a fixed random sign vector ``r``: one number per output row that moves with
+    any change of the row, computed where the weight lives (one float32 GEMV, far inside the
+    tolerance; a hash of the bytes would copy the weight to the host), kept on the CPU."""
     w = weight.detach().reshape(weight.shape[0], -1)
-    signs = torch.randint(0, 2, (w.shape[1],), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 2 - 1
-    return (w.to("cpu", torch.float64) @ signs).reshape(-1)
+    signs = torch.randint(0, 2, (w.shape[1],), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return (w.to(torch.float32) @ signs.to(w.device, torch.float32)).to("cpu", torch.float64)
 
 
 def sketches_agree(now: Tensor, then: Tensor) -> bool:
