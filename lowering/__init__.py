@@ -64,8 +64,9 @@ def _ort_can_run(example_inputs) -> tuple:
 
 
 def _ort_preferred(example_inputs) -> tuple:
-    # measured (and ONNX Runtime's CPU kernels fast) for float32 models only
-    floats = {x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    # measured (and ONNX Runtime's CPU kernels fast) for float32 models only; a 0-d tensor is a
+    # Python float Dynamo lifted to an input under dynamic=True (float64, exported as a constant)
+    floats = {x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0}
     if floats - {torch.float32}:
         return False, f"'ort' is measured on float32 models; this graph has {sorted(map(str, floats))}"
     return _ort_can_run(example_inputs)

@@ -50,11 +50,39 @@ def fed_inputs(gm: fx.GraphModule, example_inputs) -> list:
     return [i for i in runtime_inputs(gm, example_inputs) if not item_only(placeholders[i], example_inputs[i])]
 
 
-def freeze(gm: fx.GraphModule, example_inputs) -> tuple:
+def unmeasured_ints(gm: fx.GraphModule, example_inputs) -> dict:
+    """Placeholder index -> value of each dynamic integer input that no fed tensor's size measures
+    (under ``dynamic=True``, an int argument such as transformers' ``logits_to_keep``): an export
+    can take it only as a constant (``freeze``'s ``pinned``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    measured = {_symbol(size) for i in fed_inputs(gm, example_inputs)
+                for size in getattr(placeholders[i].meta.get("example_value"), "shape", ())}
+    return {i: _hint(value) for i, (node, value) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(value, (int, torch.SymInt)) and node.users
+            and _symbol(node.meta.get("example_value")) not in measured | {None}}
+
+
+def _static_int(value) -> Optional[int]:
+    """The value of an integer Dynamo specialized (an int, or a SymInt pinned to a number); None
+    for a dynamic one or anything else."""
+    if isinstance(value, torch.SymInt):
+        return value.node.maybe_as_int()
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _hint(value) -> int:
+    """An integer input's value: a SymInt's example value (no guard added), or the int."""
+    return value.node.hint if isinstance(value, torch.SymInt) else int(value)
+
+
+def freeze(gm: fx.GraphModule, example_inputs, pinned: Optional[dict] = None) -> tuple:
     """Copy of ``gm`` whose parameters are constants and whose SymInt inputs are ``sym_size`` calls.
 
+    ``pinned`` (placeholder index -> int, from ``unmeasured_ints``) gives the integer inputs that
+    become constants; any other integer input no tensor measures is an ``UnsupportedForm``.
     Returns (graph module, example runtime inputs, their indices among ``example_inputs``).
     """
+    pinned = pinned or {}
     gm = copy.deepcopy(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     keep = set(fed_inputs(gm, example_inputs))
@@ -76,6 +104,10 @@ def freeze(gm: fx.GraphModule, example_inputs) -> tuple:
             with gm.graph.inserting_after(first or node):
                 const = gm.graph.get_attr(name)
         elif not node.users:  # a size Dynamo passes along that this graph never reads
+            gm.graph.erase_node(node)
+            continue
+        elif i in pinned or _static_int(node.meta.get("example_value")) is not None:  # a constant of this graph
+            node.replace_all_uses_with(pinned[i] if i in pinned else _static_int(node.meta.get("example_value")))
             gm.graph.erase_node(node)
             continue
         else:

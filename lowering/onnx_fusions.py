@@ -1,7 +1,11 @@
 """Rewrites of an exported ONNX graph into ops the target's runtime runs faster, per form.
 
 ``lowering.onnx.to_onnx`` runs ``optimize``: onnxscript's graph optimizer (constant folding,
-dead code), then ``FUSIONS[form]``, before it stores constants. The exporter's own
+its no-op and shape rewrites, dead code, common subexpressions), then ``FUSIONS[form]``, before it
+stores constants. The optimizer's steps are those of ``onnxscript.optimizer.optimize_ir`` less one
+rule: ``SlicesSplit`` is a two-output pattern, which onnxscript matches by trying every pair of
+``Slice`` nodes, and it took 37 of a 41-second optimization of SmolLM2's graph (about 9000 nodes)
+for no rewrite (docs/experiments.md, "Compile time on the CPU"). The exporter's own
 ``optimize=True`` would also apply onnxscript's opset-23 fusions, among them ``RotaryEmbedding``,
 whose cos/sin caches keep the batch size 1 of ``position_ids``: ONNX Runtime 1.32 rejects the
 fused node for any batch above 1 (tests/integration/test_architectures.py). Only its RMSNormalization fusion
@@ -16,9 +20,11 @@ the same values, so none changes what the model computes: a table entry is a spe
 """
 from __future__ import annotations
 
-import onnxscript.optimizer
-from onnxscript import ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import _constant_folding
+from onnxscript import ir, rewriter
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import slice_split_rule
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
 _HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
@@ -82,7 +88,32 @@ def fuse(model: ir.Model, form: str) -> int:
     return pattern.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
 
 
+# onnxscript's default rewrites (this and ``_constant_folding`` are private to the library: tests/unit/test_onnx_fusions.py
+# fails clearly if a release renames it) less the quadratic two-output rule
+REWRITES = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if rule is not slice_split_rule]
+OPTIMIZER_ROUNDS = 2  # optimize_ir's default: fold and rewrite, twice unless nothing changed
+
+
+def _optimizer() -> ir.passes.Sequential:
+    """``optimize_ir``'s passes with ``REWRITES`` as the rewrite rules."""
+    loop = ir.passes.PassManager([
+        _constant_folding.FoldConstantsPass(
+            shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+            output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT, should_fold=lambda node: None),
+        rewriter.RewritePass(REWRITES),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.RemoveUnusedFunctionsPass(),
+        common_passes.RemoveUnusedOpsetsPass(),
+    ], steps=OPTIMIZER_ROUNDS, early_stop=True)
+    return ir.passes.Sequential(
+        common_passes.InlinePass(), loop, common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(), common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(), common_passes.OutputFixPass(),
+        common_passes.NameFixPass())
+
+
 def optimize(model: ir.Model, form: str) -> int:
     """onnxscript's optimizer, then the form's library fusions and ``fuse``; returns the rewrite count."""
-    onnxscript.optimizer.optimize_ir(model)
+    _optimizer()(model)
     return sum(f(model) for f in LIBRARY_FUSIONS[form]) + fuse(model, form)

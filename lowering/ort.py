@@ -26,7 +26,8 @@ from torch import fx, nn
 
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
-from qcompiler.lowering.onnx import fed_inputs, freeze, isolated, output_layout, root_message, symbolic_shapes, to_onnx
+from qcompiler.lowering.onnx import (fed_inputs, freeze, isolated, output_layout, root_message, symbolic_shapes, to_onnx,
+                                     unmeasured_ints)
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, touch
 from qcompiler.runtimes.ort_session import OrtSession
 
@@ -67,12 +68,13 @@ def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
     return digest.hexdigest()
 
 
-def _session(gm: fx.GraphModule, example_inputs):
-    """(session, fed input indices) for ``gm``: from the cache, or exported now."""
+def _session(gm: fx.GraphModule, example_inputs, pinned: dict):
+    """(session, fed input indices) for ``gm``: from the cache, or exported now; the integer
+    inputs ``pinned`` gives are constants of the file."""
     params = [v for v in example_inputs if isinstance(v, nn.Parameter)]
     fed = fed_inputs(gm, example_inputs)
     shapes = symbolic_shapes(gm, fed)
-    frozen, feeds, fed = freeze(gm, example_inputs)
+    frozen, feeds, fed = freeze(gm, example_inputs, pinned)
     key = _content_key(frozen, feeds, shapes)
     if key in _SESSIONS:
         return _SESSIONS[key], fed
@@ -115,16 +117,29 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str):
 
 
 class OrtGraph:
-    """Runs a graph's ONNX Runtime session: torch tensors in, torch tensors out."""
+    """Runs a graph's ONNX Runtime session: torch tensors in, torch tensors out.
+
+    An integer input no tensor size measures (``unmeasured_ints``) is a constant of the exported
+    file: a call with another value gets a session of its own, exported then and kept.
+    """
 
     running_target = "ort"
     fallback_reason = None
 
-    def __init__(self, session: OrtSession, inputs: list, layout: list):
-        self.session, self.inputs, self.layout = session, inputs, layout
+    def __init__(self, gm: fx.GraphModule, example_inputs: list):
+        pinned = unmeasured_ints(gm, example_inputs)
+        self.gm, self.slots, self.layout = gm, sorted(pinned), output_layout(gm)
+        self.sessions = {tuple(pinned.values()): _session(gm, example_inputs, pinned)}
+
+    def _session_for(self, args) -> tuple:
+        values = tuple(int(args[i]) for i in self.slots)
+        if values not in self.sessions:
+            self.sessions[values] = _session(self.gm, list(args), dict(zip(self.slots, values)))
+        return self.sessions[values]
 
     def __call__(self, *args):
-        outs = iter(self.session(*(args[i] for i in self.inputs)))
+        session, inputs = self._session_for(args)
+        outs = iter(session(*(args[i] for i in inputs)))
         return tuple(next(outs) if is_tensor else None for is_tensor in self.layout)
 
 
@@ -142,7 +157,7 @@ class Fallback:
 
 def build(gm: fx.GraphModule, example_inputs, strict: bool = False):
     try:
-        session, fed = _session(gm, list(example_inputs))
+        graph = OrtGraph(gm, list(example_inputs))
     except Exception as exc:
         reason = f"the ONNX export failed ({root_message(exc)})"
         if strict:
@@ -151,4 +166,4 @@ def build(gm: fx.GraphModule, example_inputs, strict: bool = False):
         fallback = Fallback(inductor.build(gm, example_inputs), f"ort: {reason}; compiled by Inductor instead")
         warnings.warn(f"qcompile target 'auto': {fallback.fallback_reason}", stacklevel=2)
         return fallback
-    return OrtGraph(session, fed, output_layout(gm))
+    return graph

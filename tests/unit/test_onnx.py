@@ -432,6 +432,35 @@ def test_freeze_recomputes_sizes_drops_unread_ones_and_names_the_rest():
     torch.testing.assert_close(frozen(x)[0], x * 3)
     with pytest.raises(UnsupportedForm, match="s_other .* not a tensor size"):
         freeze(*_graph_with_size_inputs(read_other=True))
+    frozen, feeds, fed = freeze(*_graph_with_size_inputs(read_other=True), pinned={0: 5})
+    torch.testing.assert_close(frozen(x)[0], x * 3 + 5)
+
+
+class _LastLogits(nn.Module):
+    """A head that keeps the last ``keep`` positions: an int argument no tensor size measures."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 48)
+
+    def forward(self, x, keep: int):
+        return self.proj(x[:, -keep:, :])
+
+
+def test_ort_target_takes_an_int_argument_dynamo_made_symbolic():
+    """Under dynamic=True an int argument (transformers' ``logits_to_keep``) is a symbolic graph
+    input: the exported file takes it as a constant, and another value gets its own session."""
+    torch.manual_seed(0)
+    model = _LastLogits().eval()
+    fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a8", "target": "ort"}, dynamic=True)
+    ref = torch.compile(model, backend="qcompile", options={"recipe": "w8a8", "target": "reference"}, dynamic=True)
+    for length, keep in ((7, 1), (9, 3), (5, 1), (6, 4)):
+        x = torch.randn(2, length, 32)
+        out = fast(x, keep)
+        assert out.shape == (2, keep, 48)
+        assert rel_err(out, ref(x, keep)) < 1e-5
+    running = {g.running for g in qcompiler.explain(fast).graphs}
+    assert running == {"ort"}, qcompiler.explain(fast).graphs
 
 
 class _SelfAttention(nn.Module):
@@ -513,3 +542,25 @@ def test_ort_export_failure_falls_back_only_under_auto(monkeypatch, target):
     (graph,) = qcompiler.explain(fast).graphs
     assert (graph.requested, graph.running) == ("auto", "inductor")
     assert "planted exporter failure" in graph.reason
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_optimizer_equals_onnxscripts_own_less_the_quadratic_rule(monkeypatch, arch):
+    """``onnx_fusions.optimize`` runs onnxscript's ``optimize_ir`` passes without ``SlicesSplit``
+    (pairwise matching, minutes on a real model): on real architectures the graphs come out the
+    same, op for op, and compute the same values."""
+    from collections import Counter
+
+    import onnxscript.optimizer
+    from tiny_models import build, token_batch
+    from qcompiler.lowering import onnx_fusions
+
+    model, vocab = build(arch)
+    model.config.use_cache = False
+    ids = token_batch(vocab, 2, 7)["input_ids"]
+    ours = to_onnx(model, (ids,), "ort")
+    monkeypatch.setattr(onnx_fusions, "_optimizer", lambda: onnxscript.optimizer.optimize_ir)
+    library = to_onnx(model, (ids,), "ort")
+    assert Counter(n.op_type for n in ours.graph.node) == Counter(n.op_type for n in library.graph.node)
+    assert len(ours.graph.initializer) == len(library.graph.initializer)
+    torch.testing.assert_close(_run(ours, ids), _run(library, ids), rtol=0, atol=0)
