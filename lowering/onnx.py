@@ -209,56 +209,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
                 raise UnsupportedForm(str(cause)) from None
             raise
     onnx_fusions.optimize(program.model, form)
-    return share_tied(fold_constants(program.model_proto))
-
-
-# ops whose all-constant results fold into stored initializers: the weight layout changes the
-# translations write as ONNX ops (the exporter's own folding leaves bit and INT4 ops alone)
-_FOLDABLE = {"BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", "Squeeze", "Concat", "Reshape", "Slice",
-             "Cast", "Sub", "Add", "Transpose", "Pad", "Constant"}
-
-
-# a constant cast to float is a dequantization the file must not store expanded
-_FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-
-
-def fold_constants(model):
-    """Evaluate every node of ``_FOLDABLE`` whose inputs are all constants; store the results."""
-    import onnx
-    from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
-    graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
-    consts = {t.name: t for t in graph.initializer}
-    keep = []
-    for node in graph.node:
-        to_float = node.op_type == "Cast" and any(a.name == "to" and a.i in _FLOAT_TYPES for a in node.attribute)
-        if node.op_type in _FOLDABLE and not to_float and node.domain in ("", "ai.onnx") and \
-                all(i in consts for i in node.input if i):
-            try:
-                evaluator = ReferenceEvaluator(onnx.helper.make_model(onnx.helper.make_graph(
-                    [node], "fold", [], [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
-                                         for o in node.output], [consts[i] for i in node.input if i]),
-                    opset_imports=[onnx.helper.make_opsetid("", opset)]))
-                values = evaluator.run(None, {})
-            except Exception:  # an op the reference evaluator cannot run stays in the graph
-                keep.append(node)
-                continue
-            for name, value in zip(node.output, values):
-                tensor = numpy_helper.from_array(value, name)
-                to = next((a.i for a in node.attribute if a.name == "to"), None)
-                if node.op_type == "Cast" and value.dtype.kind not in "fiub":  # INT4: from_array cannot tell
-                    tensor = onnx.helper.make_tensor(name, to, value.shape, value.flatten().tolist())
-                consts[name] = tensor
-            continue
-        keep.append(node)
-    used = {i for n in keep for i in n.input} | {o.name for o in graph.output}
-    del graph.node[:]
-    graph.node.extend(keep)
-    del graph.initializer[:]
-    graph.initializer.extend(t for name, t in consts.items() if name in used)
-    return model
+    return share_tied(program.model_proto)
 
 
 # initializers smaller than this are not worth a hash (biases, scales, shape constants)

@@ -78,7 +78,7 @@ def _session(gm: fx.GraphModule, example_inputs, pinned: dict):
     key = _content_key(frozen, feeds, shapes)
     if key in _SESSIONS:
         return _SESSIONS[key], fed
-    session = OrtSession(_exported(frozen, feeds, shapes, key))
+    session = _exported(frozen, feeds, shapes, key)
     _SESSIONS[key] = session
     if params:  # the session holds the weights: drop it with the model
         weakref.finalize(params[0], _SESSIONS.pop, key, None)
@@ -92,16 +92,17 @@ _EXPORTER = [os.path.join(os.path.dirname(__file__), f) for f in ("onnx.py", "on
                                                                    "scalars.py", "ort.py")]
 
 
-def _exported(frozen: fx.GraphModule, feeds, shapes, key: str):
-    """The graph's ORT-form ``onnx.ModelProto``: read from the disk cache, or exported and kept there."""
+def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
+    """A session of the graph's ORT form: its file from the disk cache, or exported and kept
+    there. A session made from the file holds no copy of the ``onnx.ModelProto``."""
     import onnx
 
     path = cache_folder("onnx") / f"{key}-{code_version(*_EXPORTER)[:16]}.onnx"
     if path.exists():
         try:
-            proto = onnx.load(str(path))
+            session = OrtSession(str(path))
             touch(path)
-            return proto
+            return session
         except Exception:  # noqa: BLE001 - a damaged or partial file is exported again
             pass
     proto = isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes))
@@ -111,9 +112,11 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str):
             onnx.save(proto, str(temp))
             os.replace(temp, path)  # whole files only, even with processes racing
             keep(path.parent, DISK_CACHE_BYTES)
+            del proto
+            return OrtSession(str(path))
         except OSError:  # a full or read-only disk costs the next process an export, nothing more
             temp.unlink(missing_ok=True)
-    return proto
+    return OrtSession(proto)
 
 
 class OrtGraph:
@@ -129,7 +132,17 @@ class OrtGraph:
     def __init__(self, gm: fx.GraphModule, example_inputs: list):
         pinned = unmeasured_ints(gm, example_inputs)
         self.gm, self.slots, self.layout = gm, sorted(pinned), output_layout(gm)
-        self.sessions = {tuple(pinned.values()): _session(gm, example_inputs, pinned)}
+        self.first = tuple(pinned.values())
+        self.sessions = {self.first: _session(gm, example_inputs, pinned)}
+
+    @property
+    def session(self) -> OrtSession:
+        """The session of the values the graph was compiled with (tools replace it to profile it)."""
+        return self.sessions[self.first][0]
+
+    @session.setter
+    def session(self, session: OrtSession) -> None:
+        self.sessions[self.first] = (session, self.sessions[self.first][1])
 
     def _session_for(self, args) -> tuple:
         values = tuple(int(args[i]) for i in self.slots)

@@ -67,11 +67,21 @@ class OrtSession:
     def __init__(self, model, threads: Optional[int] = None):
         ort = require_onnxruntime()
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
-        self.model = model  # what runs, for sizes and for tools that rewrite it
+        self._source = model  # a path is read again only when ``model`` is asked for
         self._ort = ort
         self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def model(self):
+        """What runs (for sizes and for tools that rewrite it): the ``onnx.ModelProto``, loaded
+        from the file when the session was made from a path (the session does not hold it)."""
+        if isinstance(self._source, str):
+            return require_onnx().load(self._source)
+        if isinstance(self._source, bytes):
+            return require_onnx().load_from_string(self._source)
+        return self._source
 
     def __call__(self, *tensors: torch.Tensor) -> list:
         if len(tensors) != len(self.input_names):
