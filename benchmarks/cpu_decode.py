@@ -37,6 +37,8 @@ import time
 ROWS = {  # label -> (kind, options)
     "eager fp32": ("eager", None),
     "qcompile w8a8": ("qcompile", {"recipe": "w8a8"}),
+    # the tied lm_head in INT8 too, as llama.cpp's Q8_0 file has it
+    "qcompile w8a8 quantize_tied": ("qcompile", {"recipe": "w8a8", "quantize_tied": True}),
     "qcompile w8a16": ("qcompile", {"recipe": "w8a16"}),
     "qcompile w4a16 g32 sym (RTN)": ("qcompile", {"recipe": "w4a16", "group_size": 32, "symmetric": True}),
     "qcompile w4a16-gptq g32 sym": ("qcompile", {"recipe": "w4a16-gptq", "group_size": 32, "symmetric": True}),

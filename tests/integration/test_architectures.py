@@ -85,3 +85,31 @@ def test_export_onnx_runs_in_onnx_runtime(arch, form, embedding, tmp_path):
     with torch.no_grad():
         ref = _output(model(**batch))
     assert sqnr_db(ref, got) > FLOOR_DB - 3
+
+
+@pytest.mark.parametrize("arch", [a if a in GENERATE_IN_CI else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in DECODERS])
+def test_generate_compiles_prefill_and_decode_once_each(arch):
+    """``dynamic=True`` (the README's way): the first ``generate()`` compiles the prefill and the
+    decode graph, on the default target's ONNX Runtime sessions, and later prompt and cache lengths
+    compile nothing. (Sliding-window models branch on whether a length exceeds the window, each
+    side a graph of its own; the prompts here all exceed it.)"""
+    from torch._dynamo.utils import counters
+
+    model, vocab = build(arch)
+    model.forward = torch.compile(model.forward, backend="qcompile", dynamic=True)
+    counters.clear()
+    compiled = []
+    for length in (9, 12, 15):
+        prompt = token_batch(vocab, 1, length, seed=length)
+        with torch.no_grad():
+            out = model.generate(**prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            eager = type(model).forward(model, **prompt).logits[:, -1]  # the class's forward: uncompiled
+        assert out.sequences.shape == (1, length + 6)
+        assert sqnr_db(eager, out.logits[0]) > FLOOR_DB, length
+        compiled.append(counters["stats"]["unique_graphs"])
+    assert compiled[1:] == [compiled[0]] * 2, compiled  # new lengths: no compile
+    assert arch in ("mistral", "gemma3") or compiled[0] == 2, compiled  # sliding windows: more regimes
+    graphs = qcompiler.explain(model).graphs
+    assert graphs and {g.running for g in graphs} == {"ort"}, graphs
