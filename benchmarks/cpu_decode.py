@@ -58,6 +58,32 @@ def _peak_gb() -> float:
     return float("nan")
 
 
+def timed_generations(generate, out: dict, repeats: int, start=None, after_compile=lambda: None):
+    """Fill ``out`` with a row's timings (``generate(prompt length, new tokens)``): first output
+    (from ``start``, e.g. before loading, else now), first 64 tokens, tokens/s (median of
+    ``repeats``), the first output at the second prompt length, and the peak memory so far.
+    Returns the tokens of the last timed run."""
+    t = time.perf_counter() if start is None else start
+    generate(PROMPTS[0], 1)
+    out["first_output_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    generate(PROMPTS[0], NEW_TOKENS)
+    out["first_64_s"] = time.perf_counter() - t
+    after_compile()
+    generate(PROMPTS[0], NEW_TOKENS)
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        tokens = generate(PROMPTS[0], NEW_TOKENS)
+        runs.append(time.perf_counter() - t)
+    out["tokens_per_s"] = NEW_TOKENS / sorted(runs)[len(runs) // 2]
+    t = time.perf_counter()
+    generate(PROMPTS[1], 1)
+    out["second_prompt_s"] = time.perf_counter() - t
+    out["peak_gb"] = _peak_gb()
+    return tokens
+
+
 def _data(args):
     import torch
 
@@ -106,25 +132,8 @@ def torch_row(kind: str, options, args) -> dict:
             return model.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False)
 
-    t = time.perf_counter()
-    generate(PROMPTS[0], 1)
-    out["first_output_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    generate(PROMPTS[0], NEW_TOKENS)
-    out["first_64_s"] = time.perf_counter() - t
-    peer_swap()
-    generate(PROMPTS[0], NEW_TOKENS)
-    runs = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        tokens = generate(PROMPTS[0], NEW_TOKENS)
-        runs.append(time.perf_counter() - t)
-    out["tokens_per_s"] = NEW_TOKENS / sorted(runs)[len(runs) // 2]
+    tokens = timed_generations(generate, out, args.repeats, after_compile=peer_swap)
     out["text"] = tok.decode(tokens[0, PROMPTS[0]:])[:80]
-    t = time.perf_counter()
-    generate(PROMPTS[1], 1)
-    out["second_prompt_s"] = time.perf_counter() - t
-    out["peak_gb"] = _peak_gb()
     if kind == "peer":  # the perplexity graph (no cache) is another compile: swap it too
         with torch.no_grad():
             model(input_ids=held[:1], use_cache=False)
@@ -173,22 +182,8 @@ def llama_row(ftype: int, args) -> dict:
                 break
         return produced
 
-    generate(PROMPTS[0], 1)
-    out["first_output_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    generate(PROMPTS[0], NEW_TOKENS)
-    out["first_64_s"] = time.perf_counter() - t
-    runs = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        tokens = generate(PROMPTS[0], NEW_TOKENS)
-        runs.append(time.perf_counter() - t)
-    out["tokens_per_s"] = NEW_TOKENS / sorted(runs)[len(runs) // 2]
+    tokens = timed_generations(generate, out, args.repeats, start=t)
     out["text"] = tok.decode(tokens)[:80]
-    t = time.perf_counter()
-    generate(PROMPTS[1], 1)
-    out["second_prompt_s"] = time.perf_counter() - t
-    out["peak_gb"] = _peak_gb()
     del llm
     scorer = llama_cpp.Llama(path, n_threads=args.threads, n_ctx=args.window, logits_all=True, verbose=False)
     nll, count = 0.0, 0
