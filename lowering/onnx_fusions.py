@@ -5,7 +5,7 @@ its no-op and shape rewrites, dead code, common subexpressions), then ``FUSIONS[
 stores constants. The optimizer's steps are those of ``onnxscript.optimizer.optimize_ir`` less one
 rule: ``SlicesSplit`` is a two-output pattern, which onnxscript matches by trying every pair of
 ``Slice`` nodes, and it took 37 of a 41-second optimization of SmolLM2's graph (about 9000 nodes)
-for no rewrite (docs/experiments.md, "Compile time on the CPU"). The exporter's own
+for no rewrite (docs/experiments.md, "Compile time and memory of ``generate()`` on the CPU"). The exporter's own
 ``optimize=True`` would also apply onnxscript's opset-23 fusions, among them ``RotaryEmbedding``,
 whose cos/sin caches keep the batch size 1 of ``position_ids``: ONNX Runtime 1.32 rejects the
 fused node for any batch above 1 (tests/integration/test_architectures.py). Only its RMSNormalization fusion
@@ -88,8 +88,9 @@ def fuse(model: ir.Model, form: str) -> int:
     return pattern.RewriteRuleSet(rules).apply_to_model(model) if rules else 0
 
 
-# onnxscript's default rewrites (this and ``_constant_folding`` are private to the library: tests/unit/test_onnx_fusions.py
-# fails clearly if a release renames it) less the quadratic two-output rule
+# onnxscript's default rewrites less the quadratic two-output rule (this table and
+# ``_constant_folding`` are private to the library: a release that renames them fails this import,
+# and tests/unit/test_onnx.py checks the result against ``optimize_ir``'s own)
 REWRITES = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if rule is not slice_split_rule]
 OPTIMIZER_ROUNDS = 2  # optimize_ir's default: fold and rewrite, twice unless nothing changed
 

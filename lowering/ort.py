@@ -106,17 +106,18 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
         except Exception:  # noqa: BLE001 - a damaged or partial file is exported again
             pass
     proto = isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes))
-    if proto.ByteSize() < _TWO_GB:
-        temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            onnx.save(proto, str(temp))
-            os.replace(temp, path)  # whole files only, even with processes racing
-            keep(path.parent, DISK_CACHE_BYTES)
-            del proto
-            return OrtSession(str(path))
-        except OSError:  # a full or read-only disk costs the next process an export, nothing more
-            temp.unlink(missing_ok=True)
-    return OrtSession(proto)
+    if proto.ByteSize() >= _TWO_GB:
+        return OrtSession(proto)
+    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(proto, str(temp))
+        os.replace(temp, path)  # whole files only, even with processes racing
+        keep(path.parent, DISK_CACHE_BYTES)
+    except OSError:  # a full or read-only disk costs the next process an export, nothing more
+        temp.unlink(missing_ok=True)
+        return OrtSession(proto)
+    del proto  # the session reads the file: no second copy of the weights in this process
+    return OrtSession(str(path))
 
 
 class OrtGraph:
