@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import logging
 import threading
@@ -312,11 +313,71 @@ def with_io_dtype(model, dtype: torch.dtype):
     return model
 
 
+class _FromRuntime:
+    """An output layout's entry: the runtime's next output."""
+
+    def __repr__(self):
+        return "FROM_RUNTIME"
+
+
+FROM_RUNTIME = _FromRuntime()
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeOf:
+    """An output layout's entry: a size of the ``feed``-th runtime input (a graph returning a
+    length it measures, as a sliding-window cache's), read from that input at each call."""
+    feed: int
+    dim: int
+
+    def __call__(self, feeds) -> int:
+        return feeds[self.feed].shape[self.dim]
+
+
 def output_layout(gm: fx.GraphModule) -> list:
-    """For each graph output: True when it is a tensor the ONNX model returns, else its constant value."""
+    """Per output of a frozen graph: ``FROM_RUNTIME`` where the exported model returns it, a
+    ``SizeOf`` where it is a size of an input, else the constant the graph returns there (None;
+    an int ``freeze`` pinned). Sizes and constants are taken out of ``gm``'s outputs (None there
+    instead): ONNX returns tensors only, and the exporter writes a size it knows as a constant."""
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
-    return [isinstance(v, fx.Node) for v in values]
+    feeds = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    layout = []
+    for v in values:
+        if isinstance(v, fx.Node) and v.target == torch.ops.aten.sym_size.int and v.args[0] in feeds:
+            layout.append(SizeOf(feeds.index(v.args[0]), v.args[1]))
+        elif isinstance(v, fx.Node):
+            constant = _constant(v)
+            layout.append(FROM_RUNTIME if constant is _NOT_CONSTANT else constant)
+        else:
+            layout.append(v)
+    if isinstance(out.args[0], (tuple, list)) and any(slot is not FROM_RUNTIME and slot is not None for slot in layout):
+        out.args = (type(out.args[0])(v if slot is FROM_RUNTIME else None for v, slot in zip(values, layout)),)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return layout
+
+
+_NOT_CONSTANT = FROM_RUNTIME
+
+
+def _constant(node: fx.Node):
+    """The int a graph computes from constants alone (``add(5, 1)`` after ``freeze`` pinned an
+    input to 5), else ``_NOT_CONSTANT``."""
+    if node.op != "call_function" or node.kwargs or isinstance(node.meta.get("example_value"), torch.Tensor):
+        return _NOT_CONSTANT
+    args = [_constant(a) if isinstance(a, fx.Node) else a for a in node.args]
+    if any(a is _NOT_CONSTANT or not isinstance(a, (int, float, bool)) for a in args):
+        return _NOT_CONSTANT
+    value = node.target(*args)
+    return value if isinstance(value, (int, float, bool)) else _NOT_CONSTANT
+
+
+def layout_outputs(layout: list, outputs, feeds) -> tuple:
+    """The graph's outputs from the runtime's ``outputs`` and its ``feeds`` by ``layout``."""
+    outs = iter(outputs)
+    return tuple(next(outs) if slot is FROM_RUNTIME else slot(feeds) if isinstance(slot, SizeOf) else slot
+                 for slot in layout)
 
 
 def root_message(exc: BaseException) -> str:

@@ -12,6 +12,8 @@ fused node for any batch above 1 (tests/integration/test_architectures.py). Only
 is kept here. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
 the same values, so none changes what the model computes: a table entry is a speed decision.
 
+* ``GRAPH_FUSIONS``: rewrites a pattern rule cannot state, such as ``merge_sibling_matmuls``
+  (``ort``): the integer GEMMs that read one quantized activation become one.
 * ``Attention3D`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
   ``[B, S, H*D]`` projections into ``[B, H, S, D]`` heads, a 4-D ``Attention``, and the inverse
   ``Transpose`` + ``Reshape``. Opset 23's ``Attention`` takes the 3-D projections itself
@@ -26,6 +28,8 @@ from onnxscript import ir, rewriter
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import slice_split_rule
 from onnxscript.rewriter.rules.fusion import _rms_normalization
+
+from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
 
 _HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
 
@@ -78,6 +82,13 @@ FUSIONS = {
 # onnxscript's own fusions applied per form (opset 23 only: the ort form)
 LIBRARY_FUSIONS = {
     "ort": [_rms_normalization.fuse_rms_normalization],
+    "tensorrt": [],
+}
+
+
+# whole-graph rewrites per form, after the rules (each returns how many nodes it removed)
+GRAPH_FUSIONS = {
+    "ort": [merge_sibling_matmuls],
     "tensorrt": [],
 }
 
@@ -139,4 +150,8 @@ def _optimizer() -> ir.passes.Sequential:
 def optimize(model: ir.Model, form: str) -> int:
     """onnxscript's optimizer, then the form's library fusions and ``fuse``; returns the rewrite count."""
     _optimizer()(model)
-    return sum(f(model) for f in LIBRARY_FUSIONS[form]) + fuse(model, form)
+    count = sum(f(model) for f in LIBRARY_FUSIONS[form]) + fuse(model, form)
+    merged = sum(f(model) for f in GRAPH_FUSIONS[form])
+    if merged:  # the merged nodes' own weights are no longer read
+        common_passes.RemoveUnusedNodesPass()(model)
+    return count + merged

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
 import warnings
 import weakref
 
@@ -26,9 +28,9 @@ from torch import fx, nn
 
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
-from qcompiler.lowering.onnx import (fed_inputs, freeze, isolated, output_layout, root_message, symbolic_shapes, to_onnx,
-                                     unmeasured_ints)
-from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, touch
+from qcompiler.lowering.onnx import (fed_inputs, freeze, isolated, layout_outputs, output_layout, root_message,
+                                     symbolic_shapes, to_onnx, unmeasured_ints)
+from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
 from qcompiler.runtimes.ort_session import OrtSession
 
 # content key -> session; entries leave with the model's parameters (safe to drop at any time)
@@ -50,9 +52,12 @@ def _feed_signature(feeds, shapes) -> list:
 def _versions() -> str:
     """The versions of the exporter's libraries and of the runtime that reads the file."""
     import onnx
+    import onnx_ir
     import onnxruntime
+    import onnxscript
 
-    return f"onnx {onnx.__version__} onnxruntime {onnxruntime.__version__}"
+    return (f"onnx {onnx.__version__} onnxscript {onnxscript.__version__} onnx_ir {onnx_ir.__version__} "
+            f"onnxruntime {onnxruntime.__version__}")
 
 
 def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
@@ -69,55 +74,80 @@ def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
 
 
 def _session(gm: fx.GraphModule, example_inputs, pinned: dict):
-    """(session, fed input indices) for ``gm``: from the cache, or exported now; the integer
-    inputs ``pinned`` gives are constants of the file."""
+    """(session, fed input indices, output layout) for ``gm``: the session from the cache, or
+    exported now; the integer inputs ``pinned`` gives are constants of the file (``output_layout``
+    says where the session's outputs go among the graph's)."""
     params = [v for v in example_inputs if isinstance(v, nn.Parameter)]
     fed = fed_inputs(gm, example_inputs)
     shapes = symbolic_shapes(gm, fed)
     frozen, feeds, fed = freeze(gm, example_inputs, pinned)
+    layout = output_layout(frozen)
     key = _content_key(frozen, feeds, shapes)
     if key in _SESSIONS:
-        return _SESSIONS[key], fed
+        return _SESSIONS[key], fed, layout
     session = _exported(frozen, feeds, shapes, key)
     _SESSIONS[key] = session
     if params:  # the session holds the weights: drop it with the model
         weakref.finalize(params[0], _SESSIONS.pop, key, None)
-    return session, fed
+    return session, fed, layout
 
 
-_TWO_GB = 2**31  # larger files need ONNX's external data: exported each time, not kept
+_TWO_GB = 2**31  # the largest ONNX file without external data: a session made in memory takes no more
 DISK_CACHE_BYTES = 8 * 2**30  # the exported files kept on disk, least recently used dropped first
-# the modules whose code shapes an exported file
-_EXPORTER = [os.path.join(os.path.dirname(__file__), f) for f in ("onnx.py", "onnx_ops.py", "onnx_fusions.py",
-                                                                   "scalars.py", "ort.py")]
+
+
+def exporter_files() -> list:
+    """Every source file an exported file depends on: this module's and those of all the qcompiler
+    modules it reads, the translations, the fusions and the q-op definitions among them."""
+    return source_files(sys.modules[__name__])
 
 
 def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
     """A session of the graph's ORT form: its file from the disk cache, or exported and kept
-    there. A session made from the file holds no copy of the ``onnx.ModelProto``."""
-    import onnx
-
-    path = cache_folder("onnx") / f"{key}-{code_version(*_EXPORTER)[:16]}.onnx"
-    if path.exists():
+    there. The file keeps its weights in a side file (``<name>.data``), which ONNX Runtime maps
+    into memory instead of copying them out of a parsed ``ModelProto``: 0.4 GB less per session
+    of SmolLM2-135M w8a8 (docs/experiments.md, "Compile time and memory of ``generate()`` on
+    the CPU"), and files of any size can be kept."""
+    path = cache_folder("onnx") / f"{key}-{code_version(*exporter_files())[:16]}.onnx"
+    data = path.with_name(path.name + ".data")
+    if path.exists() and data.exists():
         try:
             session = OrtSession(str(path))
             touch(path)
+            touch(data)
             return session
         except Exception:  # noqa: BLE001 - a damaged or partial file is exported again
             pass
-    proto = isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes))
+    export = lambda: isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes))
+    if _saved(export(), path, data):
+        return OrtSession(str(path))  # the session reads the file: no copy of the proto in this process
+    proto = export()  # saving moved the weights out of the first proto; this one is kept whole
     if proto.ByteSize() >= _TWO_GB:
-        return OrtSession(proto)
-    temp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        raise OSError(f"the ONNX file of this graph ({proto.ByteSize() / 2**30:.1f} GB) could not be written "
+                      f"to {path.parent}, and ONNX Runtime takes a model this large from a file only: "
+                      f"point $QCOMPILE_CACHE at a writable folder with room for it")
+    return OrtSession(proto)
+
+
+def _saved(proto, path, data) -> bool:
+    """Write ``proto`` to ``path`` with its weights in ``data``, both whole or neither, even with
+    processes racing; False where the disk refused (full, read-only)."""
+    import onnx
+
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        onnx.save(proto, str(temp))
-        os.replace(temp, path)  # whole files only, even with processes racing
+        temp.mkdir(exist_ok=True)
+        onnx.save(proto, str(temp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data.name)
+        (temp / data.name).touch()  # a graph without large constants writes no side file: an empty one
+        os.replace(temp / data.name, data)  # the weights first: a file names its side file
+        os.replace(temp / path.name, path)
+        temp.rmdir()
         keep(path.parent, DISK_CACHE_BYTES)
-    except OSError:  # a full or read-only disk costs the next process an export, nothing more
-        temp.unlink(missing_ok=True)
-        return OrtSession(proto)
-    del proto  # the session reads the file: no second copy of the weights in this process
-    return OrtSession(str(path))
+        return True
+    except OSError:
+        shutil.rmtree(temp, ignore_errors=True)
+        return False
 
 
 class OrtGraph:
@@ -132,7 +162,7 @@ class OrtGraph:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list):
         pinned = unmeasured_ints(gm, example_inputs)
-        self.gm, self.slots, self.layout = gm, sorted(pinned), output_layout(gm)
+        self.gm, self.slots = gm, sorted(pinned)
         self.first = tuple(pinned.values())
         self.sessions = {self.first: _session(gm, example_inputs, pinned)}
 
@@ -143,7 +173,7 @@ class OrtGraph:
 
     @session.setter
     def session(self, session: OrtSession) -> None:
-        self.sessions[self.first] = (session, self.sessions[self.first][1])
+        self.sessions[self.first] = (session, *self.sessions[self.first][1:])
 
     def _session_for(self, args) -> tuple:
         values = tuple(int(args[i]) for i in self.slots)
@@ -152,9 +182,9 @@ class OrtGraph:
         return self.sessions[values]
 
     def __call__(self, *args):
-        session, inputs = self._session_for(args)
-        outs = iter(session(*(args[i] for i in inputs)))
-        return tuple(next(outs) if is_tensor else None for is_tensor in self.layout)
+        session, inputs, layout = self._session_for(args)
+        feeds = [args[i] for i in inputs]
+        return layout_outputs(layout, session(*feeds), feeds)
 
 
 class Fallback:

@@ -18,7 +18,8 @@ import torch
 from torch import fx
 
 from qcompiler.errors import TargetUnavailable
-from qcompiler.lowering.onnx import fed_inputs, freeze, isolated, output_layout, root_message, symbolic_shapes, to_onnx
+from qcompiler.lowering.onnx import (fed_inputs, freeze, isolated, layout_outputs, output_layout, root_message,
+                                     symbolic_shapes, to_onnx)
 from qcompiler.runtimes import tensorrt_engine
 
 MAX_BATCH, MAX_SEQ = 64, 4096
@@ -34,8 +35,8 @@ class TensorRTGraph:
         self.engine, self.inputs, self.layout = engine, inputs, layout
 
     def __call__(self, *args):
-        outs = iter(self.engine(*(args[i] for i in self.inputs)))
-        return tuple(next(outs) if is_tensor else None for is_tensor in self.layout)
+        feeds = [args[i] for i in self.inputs]
+        return layout_outputs(self.layout, self.engine(*feeds), feeds)
 
 
 def _profile(model, feeds) -> dict:
@@ -57,6 +58,7 @@ def build(gm: fx.GraphModule, example_inputs, strict: bool = True):
     fed = fed_inputs(gm, example_inputs)
     shapes = symbolic_shapes(gm, fed)
     frozen, feeds, fed = freeze(gm, example_inputs)
+    layout = output_layout(frozen)
     try:
         model = isolated(lambda: to_onnx(frozen, feeds, "tensorrt", dynamic=shapes is not None, dynamic_shapes=shapes))
     except Exception as exc:
@@ -64,4 +66,4 @@ def build(gm: fx.GraphModule, example_inputs, strict: bool = True):
                                 f"({root_message(exc)}); use target='inductor' or 'triton'") from exc
     device = next((x.device for x in feeds if isinstance(x, torch.Tensor)), torch.device("cuda"))
     engine = tensorrt_engine.cached_engine(model.SerializeToString(), _profile(model, feeds), device)
-    return TensorRTGraph(engine, fed, output_layout(gm))
+    return TensorRTGraph(engine, fed, layout)

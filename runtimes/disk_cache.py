@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import stat
+import sys
+import types
 
 import torch
 
@@ -33,6 +36,23 @@ def code_version(*files: str) -> str:
     return digest.hexdigest()
 
 
+def source_files(*modules) -> list:
+    """The source files of ``modules`` and of every qcompiler module they read, directly or
+    through others (a module global that is a qcompiler module, or a function or class defined
+    in one): all the code an artifact built by ``modules`` may depend on."""
+    seen, todo = {}, list(modules)
+    while todo:
+        module = todo.pop()
+        if module.__name__ in seen or not module.__name__.startswith("qcompiler"):
+            continue
+        seen[module.__name__] = module.__file__
+        for value in vars(module).values():
+            owner = value if isinstance(value, types.ModuleType) else sys.modules.get(getattr(value, "__module__", None) or "")
+            if owner is not None and owner.__name__.startswith("qcompiler") and owner.__name__ not in seen:
+                todo.append(owner)
+    return sorted(seen.values())
+
+
 def touch(path: pathlib.Path) -> None:
     """Mark a kept file as just used (``keep`` drops the least recently used first)."""
     try:
@@ -42,12 +62,15 @@ def touch(path: pathlib.Path) -> None:
 
 
 def keep(folder: pathlib.Path, max_bytes: int) -> None:
-    """Delete the least recently used files of ``folder`` until it holds at most ``max_bytes``."""
+    """Delete the least recently used files of ``folder`` until it holds at most ``max_bytes``
+    (folders in it, such as another process's files being written, are left alone)."""
     files = []
     for f in folder.iterdir():
         try:
             st = f.stat()
         except OSError:  # another process removed it
+            continue
+        if not stat.S_ISREG(st.st_mode):
             continue
         files.append((st.st_mtime, st.st_size, f))
     total = sum(size for _, size, _ in files)

@@ -49,3 +49,24 @@ def token_batch(vocab: int, batch: int, length: int, seed: int = 1, padded: bool
     if padded and batch > 1:
         mask[0, length // 2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def assert_same_generation(a, b, start: int, floor_db: float = 50.0):
+    """Two greedy ``generate(..., output_logits=True, return_dict_in_generate=True)`` results of
+    models that compute the same thing: every step's logits agree (over ``floor_db``) up to the
+    first step whose tokens differ, and a differing token there is a near-tie the two logit
+    vectors' own difference explains (their two candidates closer than twice the largest
+    difference): random tiny models have near-ties that float rounding may flip, so token
+    equality alone would be flaky, and logits alone would miss a wrong token."""
+    from qcompiler.passes.quantize import sqnr_db
+
+    ta, tb = a.sequences[:, start:], b.sequences[:, start:]
+    for step, (la, lb) in enumerate(zip(a.logits, b.logits)):
+        assert sqnr_db(la, lb) > floor_db, step
+        differ = ta[:, step] != tb[:, step]
+        if differ.any():
+            slack = 2 * (la - lb).abs().amax(-1)
+            rows = differ.nonzero()[:, 0]
+            gap = (la[rows, ta[rows, step]] - la[rows, tb[rows, step]]).abs()
+            assert (gap <= slack[rows]).all(), (step, gap, slack[rows])
+            return

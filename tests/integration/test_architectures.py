@@ -53,14 +53,26 @@ def test_calibrated_static_recipe(arch):
 @pytest.mark.parametrize("arch", [a if a in GENERATE_IN_CI else pytest.param(a, marks=pytest.mark.slow)
                                   for a in DECODERS])
 def test_generate_through_the_compiled_forward(arch):
+    """Without ``dynamic=True`` (static, then automatic-dynamic graphs): every step's logits of a ``generate()`` through the compiled forward (prefill, then decode
+    over the growing cache) close to the float model's on the same tokens (teacher-forced: no
+    greedy near-tie between the two can make them diverge)."""
     model, vocab = build(arch)
     model.forward = torch.compile(model.forward, backend="qcompile")
     for length in (5, 9):
         prompt = token_batch(vocab, 1, length, seed=length)
         with torch.no_grad():
-            out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        assert out.shape == (1, length + 4)
+            out = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            full = out.sequences
+            eager = type(model).forward(model, input_ids=full, attention_mask=torch.ones_like(full)).logits
+        assert full.shape == (1, length + 4)
+        for step, logits in enumerate(out.logits):  # step i predicts token length + i
+            assert sqnr_db(eager[:, length - 1 + step], logits) > FLOOR_DB, (length, step)
     assert all(r.scheme != "not compiled" for r in qcompiler.explain(model) if r.op == "linear")
+    # every graph on the default target's runtime (a sliding-window cache returns its length: an
+    # int output the ONNX file cannot hold once made it fall back)
+    graphs = qcompiler.explain(model).graphs
+    assert graphs and {g.running for g in graphs} == {"ort"}, graphs
 
 
 @pytest.mark.parametrize("form,embedding", [("tensorrt", None), ("ort", None), ("tensorrt", "int8")])

@@ -273,3 +273,14 @@ def test_a_saved_state_is_refused_by_a_model_whose_weights_changed_since(tmp_pat
         tuned[0].weight.add_(0.05 * torch.randn_like(tuned[0].weight))  # a fine-tune of one layer
     with pytest.raises(qcompiler.InvalidFile, match=r"prepared from other weights than this model's for 0 "):
         qcompiler.load(tuned, tmp_path / "state")
+
+
+def test_the_onnx_cache_key_covers_every_module_the_export_reads():
+    """A change to the q-op constants (qcompiler/ir), a translation or a fusion is a new file name:
+    an edited exporter never runs a file an older one wrote."""
+    from qcompiler.lowering import ort
+
+    files = {os.path.relpath(f, os.path.dirname(os.path.dirname(ort.__file__))) for f in ort.exporter_files()}
+    assert {"qcompiler/ir/numerics.py", "qcompiler/ir/ops.py", "qcompiler/ir/attention.py", "lowering/onnx_ops.py",
+            "lowering/onnx_fusions.py", "lowering/onnx_sibling_matmuls.py", "lowering/scalars.py",
+            "lowering/onnx.py", "lowering/ort.py"} <= files, sorted(files)

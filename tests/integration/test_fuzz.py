@@ -2,7 +2,8 @@
 SDPA and hand-written attention, graph breaks, float32/bfloat16/float16, static and dynamic shapes,
 embedding tables in floating point or INT8, through every recipe that needs no calibration and every CPU target, with a
 weight changed in place between calls and NaN / Inf entries in inputs. Property: the compiled model
-runs, stays close to the float model (an SQNR floor per recipe), gives non-finite output rows where
+runs, stays close to the float model (an SQNR floor per recipe), computes what the reference target
+computes (within the model dtype's rounding), gives non-finite output rows where
 the float model does and nowhere else, and every linear it did not quantize says why in ``explain``. CI runs a bounded, derandomized set; ``-m slow`` runs hundreds."""
 import pytest
 import torch
@@ -11,11 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from conftest import rel_err
 from qcompiler.passes.quantize import sqnr_db
 import qcompiler
 
 # the error a recipe may add to a few random-weight layers at most (garbage scores near 0 dB)
 FLOOR_DB = {"w8a16": 20.0, "w8a8": 12.0, "fp8": 10.0, "w4a16": 6.0}
+# a target against the reference target: the same q-ops, so only the model dtype's rounding in
+# another order may differ (a few units of its epsilon; float32: 1e-4)
+AGREE = {torch.float32: 1e-4, torch.float16: 4 * 2.0**-10, torch.bfloat16: 4 * 2.0**-7}
 LAYERS = ("linear", "layernorm", "rmsnorm", "gelu", "sdpa", "hand_attention", "conv1d", "conv2d",
           "graph_break", "residual_linear")
 
@@ -138,6 +143,9 @@ def check_case(case):
     if case["recipe"] == "w4a16":
         options["group_size"] = 16
     fast = torch.compile(model, backend="qcompile", dynamic=case["dynamic"], options=options)
+    # the same model on the reference target: what every target must compute
+    reference = torch.compile(model, backend="qcompile", dynamic=case["dynamic"],
+                              options={**options, "target": "reference"})
     g = torch.Generator().manual_seed(case["seed"])
     for i, (b, t) in enumerate(case["shapes"]):
         x = _inputs(case, b, t, g)
@@ -145,16 +153,22 @@ def check_case(case):
             with torch.no_grad():
                 model.layers[-1].weight.mul_(-1.5)
         with torch.no_grad():
-            ref, got = model(x).float(), fast(x).float()
+            ref, got, same = model(x).float(), fast(x).float(), reference(x).float()
         assert torch.isfinite(got).all(), (case, b, t)
         assert sqnr_db(ref, got) > FLOOR_DB[case["recipe"]], (case, b, t, sqnr_db(ref, got))
+        assert rel_err(got, same) < AGREE[case["dtype"]], (case, b, t, rel_err(got, same))
         if case["poison"] is not None and not case["vocab"]:
             bad = x.clone()
             bad[0, t // 2, case["d"] // 3] = case["poison"]
             with torch.no_grad():
-                ref, got = model(bad).float(), fast(bad).float()
-            # a non-finite input reaches the output exactly where it does in the float model
-            assert torch.equal(torch.isfinite(got).all(-1), torch.isfinite(ref).all(-1)), (case, b, t)
+                ref, got, same = model(bad).float(), fast(bad).float(), reference(bad).float()
+            # a non-finite input reaches the output exactly where it does in the float model, and
+            # the finite rows are the reference target's
+            finite = torch.isfinite(got).all(-1)
+            assert torch.equal(finite, torch.isfinite(ref).all(-1)), (case, b, t)
+            assert torch.equal(finite, torch.isfinite(same).all(-1)), (case, b, t)
+            if finite.any():
+                assert rel_err(got[finite], same[finite]) < AGREE[case["dtype"]], (case, b, t)
     report = qcompiler.explain(fast)
     for r in report:
         # a graph break may leave a layer to Dynamo's eager fallback (it then runs in floating point)

@@ -289,6 +289,19 @@ def test_ort_target_and_export_carry_quantized_attention(arch, tmp_path):
     result = qcompiler.export_onnx(model, batch, str(tmp_path / "m.onnx"), recipe="w8a8", form="ort",
                                    options={"attention": "int8"})
     assert any(d.op == "attention" and d.scheme == "attention-int8" for d in result.decisions)
+    # the exported file runs the reference target's math, at the export's shape and at another
+    from qcompiler.runtimes.ort_session import OrtSession
+
+    session = OrtSession(result.path)
+    for b in (batch, token_batch(vocab, 3, 7, seed=4, padded=True)):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            o = torch.compile(model, backend="qcompile", dynamic=True,
+                              options={"target": "reference", "recipe": "w8a8", "attention": "int8"})(**b)
+        ref = o.logits if hasattr(o, "logits") else o.last_hidden_state
+        got = session(*(b[name] for name in session.input_names))[0]
+        live = b["attention_mask"].bool()
+        assert sqnr_db(ref[live], got[live]) > 60, arch
     from qcompiler.lowering.onnx import UnsupportedForm
 
     with pytest.raises(UnsupportedForm, match="export a static recipe .* with attention set"):

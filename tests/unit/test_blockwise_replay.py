@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from qcompiler.calibration import blockwise
+from qcompiler.passes.quantize import sqnr_db
 import qcompiler
 from tiny_models import build, token_batch
 
@@ -51,7 +52,9 @@ def test_weight_algorithms_calibrate_on_batches_that_use_the_cache(arch, recipe)
     fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "group_size": 32,
                                                               "target": "reference"})
     with torch.no_grad():
-        assert torch.isfinite(fast(**batches[0]).logits).all()
+        got, ref = fast(**batches[0]).logits, model(**batches[0]).logits
+    # INT4 g32 weights on 64-wide random layers: well above noise, far below what real models reach
+    assert sqnr_db(ref, got) > 12, (arch, recipe, sqnr_db(ref, got))
 
 
 class KeywordBlock(nn.Module):

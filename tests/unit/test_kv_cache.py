@@ -11,7 +11,7 @@ from qcompiler.ir import kv
 
 transformers = pytest.importorskip("transformers")
 from qcompiler.api.kv_cache import QuantizedKVLayer, float_bytes_per_token  # noqa: E402
-from tiny_models import build, token_batch  # noqa: E402
+from tiny_models import assert_same_generation, build, token_batch  # noqa: E402
 
 SCHEMES = list(kv.KV_FORMATS)
 
@@ -29,7 +29,7 @@ def _error_bound(x: torch.Tensor, q: kv.QuantizedKV) -> torch.Tensor:
     return bound
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(scheme=st.sampled_from(SCHEMES), per=st.sampled_from(kv.PER), batch=st.integers(1, 2),
        heads=st.integers(1, 3), blocks=st.integers(1, 3), group=st.sampled_from([4, 16, 32]),
        head_dim=st.sampled_from([8, 16, 64, 80]), seed=st.integers(0, 2**16), outliers=st.booleans())
@@ -129,17 +129,46 @@ def test_cache_in_forward_stays_close_to_the_float_cache(arch, scheme, floor_db)
                                   for layer in cache.layers)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_generate_eager_greedy_and_beam_search(scheme):
+def _log_likelihood(model, sequences, prompt_mask, start):
+    """Sum of log-probabilities of ``sequences[:, start:]`` under ``model`` with a float cache."""
+    mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, start:])], dim=1)
+    logp = model(input_ids=sequences, attention_mask=mask).logits.double().log_softmax(-1)
+    picked = logp[:, start - 1:-1].gather(-1, sequences[:, start:, None])[..., 0]
+    return picked.sum(-1)
+
+
+@pytest.mark.parametrize("scheme,floor_db", [("int8", 35.0), ("fp8", 25.0), ("int4", 15.0)])
+def test_generate_eager_greedy_and_beam_search(scheme, floor_db):
+    """``generate()`` with the quantized cache: each greedy step's logits close to the float
+    model's on the same tokens (teacher-forced), and beam search's scores of its sequences close
+    to their float scores (the score formula checked first against the float cache's beams)."""
+    from qcompiler.passes.quantize import sqnr_db
+
     model, vocab = build("llama")
     prompt = token_batch(vocab, 2, 40, seed=3, padded=True)
+    start, new = 40, 24
     with torch.no_grad():
-        for beams in (1, 2):
-            cache = qcompiler.QuantizedKVCache(model.config, scheme, group_size=16, residual=8)
-            out = model.generate(**prompt, max_new_tokens=24, do_sample=False, num_beams=beams, pad_token_id=0,
-                                 cache=cache)
-            assert out.shape == (2, 64)
-            assert cache.quantized_nbytes > 0
+        cache = qcompiler.QuantizedKVCache(model.config, scheme, group_size=16, residual=8)
+        out = model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                             cache=cache, output_logits=True, return_dict_in_generate=True)
+        assert out.sequences.shape == (2, start + new) and cache.quantized_nbytes > 0
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(out.sequences[:, start:])], dim=1)
+        eager = model(input_ids=out.sequences, attention_mask=mask).logits
+        got = torch.stack(out.logits, dim=1)  # [2, new, vocab]: step i predicts token start + i
+        assert sqnr_db(eager[:, start - 1:-1], got) > floor_db
+        scores = {}
+        for kind in ("float", scheme):
+            cache = None if kind == "float" else qcompiler.QuantizedKVCache(model.config, scheme, group_size=16,
+                                                                            residual=8)
+            beams = model.generate(**prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, num_beams=2,
+                                   pad_token_id=0, cache=cache, output_scores=True, return_dict_in_generate=True)
+            assert beams.sequences.shape == (2, start + new)
+            # length_penalty 1: a beam's score is its summed log-probability over its generated length
+            recomputed = _log_likelihood(model, beams.sequences, prompt["attention_mask"], start) / new
+            scores[kind] = (beams.sequences_scores.double(), recomputed)
+        torch.testing.assert_close(*scores["float"], rtol=1e-4, atol=1e-4)  # the formula is right
+        quantized, float_score = scores[scheme]
+        assert (quantized - float_score).abs().max() < 10 ** (-floor_db / 20), (scheme, quantized, float_score)
 
 
 def test_generate_compiled_matches_eager_with_the_same_cache():
@@ -161,9 +190,12 @@ def test_generate_compiled_matches_eager_with_the_same_cache():
         outs = []
         for m in (model, fast):
             cache = qcompiler.QuantizedKVCache(m.config, "int8", group_size=16, residual=8)
-            outs.append(m.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, cache=cache))
+            outs.append(m.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, cache=cache,
+                                   output_logits=True, return_dict_in_generate=True))
             assert cache.quantized_nbytes > 0
-    assert torch.equal(outs[0], outs[1])
+    # once a block of the cache is quantized, a key or value on a rounding boundary may take the
+    # next INT8 code on one target and not the other: one code step is about 43 dB here
+    assert_same_generation(*outs, start=prompt["input_ids"].shape[1], floor_db=38.0)
 
 
 def test_float_bytes_per_token_reads_the_config():
@@ -189,13 +221,14 @@ def test_recipe_option_kv_cache_quantizes_the_cache_of_compiled_generation():
         ref_model.forward = torch.compile(ref_model.forward, backend="qcompile",
                                           options={"recipe": "w8a16", "target": "reference"})
         cache = qcompiler.QuantizedKVCache(ref_model.config, "int8", group_size=16, residual=8)
-        ref = ref_model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, cache=cache)
+        ref = ref_model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, cache=cache,
+                                 output_logits=True, return_dict_in_generate=True)
         model.forward = torch.compile(model.forward, backend="qcompile", options=dict(settings, target="inductor"))
         out = model.generate(**prompt, max_new_tokens=24, do_sample=False, pad_token_id=0,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True, output_logits=True)
     final = out.cache if "cache" in out else out.past_key_values
     assert isinstance(final, qcompiler.QuantizedKVCache) and final.quantized_nbytes > 0
-    assert torch.equal(out.sequences, ref)
+    assert_same_generation(out, ref, start=prompt["input_ids"].shape[1], floor_db=38.0)  # as above: a KV code may flip
     assert any("KV cache: int8" in line for line in str(qcompiler.explain(model)).splitlines())
 
 

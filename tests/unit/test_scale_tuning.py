@@ -56,7 +56,7 @@ def _loss(model, params, batches):
 @pytest.mark.parametrize("output", ["tensor", "logits"])
 @pytest.mark.parametrize("algorithm", ["w4a16-awq", "w4a16-gptq", "w4a16-awq-gptq"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_tuning_changes_only_the_scales_and_lowers_the_calibration_loss(output, algorithm, symmetric):
+def test_tuning_changes_only_the_scales_and_lowers_the_loss_on_held_out_batches(output, algorithm, symmetric):
     model = _model(output)
     batches = _batches(6, seed=1)
     opts = {"recipe": algorithm, "group_size": 32, "symmetric": symmetric}
@@ -75,6 +75,11 @@ def test_tuning_changes_only_the_scales_and_lowers_the_calibration_loss(output, 
     assert any(not torch.equal(p.weight.scale, before[n].weight.scale) for n, p in after.items())
     loss_before, loss_after = _loss(model, _weights(before), batches), _loss(model, _weights(after), batches)
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    # judged on batches neither calibration nor tuning saw: the gain is not only a fit to its own
+    # data (on these tiny models it is smaller there: AWQ+GPTQ 3-9% against over 20%)
+    held = _batches(4, seed=11)
+    held_before, held_after = _loss(model, _weights(before), held), _loss(model, _weights(after), held)
+    assert held_after < held_before, (held_before, held_after)
     first, last = state_of(model).last_run["tuning_loss"]
     assert last < first
 

@@ -1,0 +1,171 @@
+"""One ONNX Runtime decode step of SmolLM2-135M w8a8, as the ``ort`` target exports it: what the
+file layout and the merged integer GEMMs cost or save, and the tied ``lm_head`` alone.
+
+Exports the decode graph of ``generate()`` (``dynamic=True``, as the README compiles it) twice,
+with and without ``onnx_fusions.GRAPH_FUSIONS`` (the q/k/v and gate/up GEMMs merged), then times
+each file's session on a cache of ``--cache-len`` tokens in a process of its own: its creation,
+the median step of ``--runs``, and the process's peak resident memory. The merged file is also
+timed with its weights inline (one protobuf, as the cache kept them before) against the side file
+(``<name>.data``) the cache keeps now. Last, the ``lm_head`` shape (1 x 576 x 49152, FP32) as one
+ONNX Runtime ``MatMul`` against torch's ``F.linear``.
+
+    python benchmarks/experiments/ort_decode_session.py [--threads 2] [--cache-len 200] [--runs 50]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _peak_gb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1e6 for line in f if line.startswith("VmHWM"))
+
+
+def export(folder: str, merged: bool) -> None:
+    """Compile SmolLM2 w8a8 and generate two tokens: the prefill and decode files land in ``folder``."""
+    os.environ["QCOMPILE_CACHE"] = folder
+    import torch
+
+    from qcompiler.bundled import zoo
+    from qcompiler.lowering import onnx_fusions
+
+    if not merged:
+        onnx_fusions.GRAPH_FUSIONS["ort"] = []
+    lm, tok = zoo.load_smollm2()
+    lm.forward = torch.compile(lm.forward, backend="qcompile", options={"recipe": "w8a8"}, dynamic=True)
+    ids = tok("The history of the city begins", return_tensors="pt").input_ids
+    with torch.no_grad():
+        lm.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+
+
+def time_session(path: str, threads: int, cache_len: int, runs: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from qcompiler.runtimes.ort_session import session_options
+
+    t = time.perf_counter()
+    session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+    made = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [cache_len if isinstance(d, str) or d is None else d for d in i.shape]
+        feeds[i.name] = np.zeros(shape, np.int64) if "int64" in i.type else rng.standard_normal(shape, np.float32)
+    for _ in range(5):
+        session.run(None, feeds)
+    steps = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        steps.append(time.perf_counter() - t)
+    return {"session_s": made, "step_ms": 1e3 * sorted(steps)[runs // 2], "peak_gb": _peak_gb()}
+
+
+def lm_head(threads: int, runs: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompiler.runtimes.ort_session import session_options
+
+    torch.set_num_threads(threads)
+    n, k = 49152, 576
+    w = (np.random.default_rng(0).standard_normal((n, k), np.float32) * 0.02)
+    x = np.ones((1, 1, k), np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "lm_head",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, n])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    tw, tx = torch.from_numpy(w), torch.from_numpy(x)
+    out = {}
+    for name, fn in (("ORT MatMul", lambda: session.run(None, {"x": x})),
+                     ("torch F.linear", lambda: torch.nn.functional.linear(tx, tw))):
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = 1e3 * sorted(times)[runs // 2]
+    return out
+
+
+def _child(*args) -> dict:
+    run = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True)
+    line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(run.stderr[-2000:])
+    return json.loads(line[len("RESULT "):])
+
+
+def _decode_file(folder: str) -> str:
+    """The decode graph's file: the one that takes the KV cache as inputs."""
+    import onnx
+
+    files = [os.path.join(folder, "onnx", f) for f in os.listdir(os.path.join(folder, "onnx")) if f.endswith(".onnx")]
+    return max(files, key=lambda f: len(onnx.load(f, load_external_data=False).graph.input))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-len", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--export", nargs=2, help=argparse.SUPPRESS)  # internal: folder, merged|separate
+    parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: an ONNX file
+    parser.add_argument("--lm-head", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.export:
+        export(args.export[0], args.export[1] == "merged")
+        print("RESULT {}")
+        return
+    if args.time:
+        print("RESULT " + json.dumps(time_session(args.time, args.threads, args.cache_len, args.runs)))
+        return
+    if args.lm_head:
+        print("RESULT " + json.dumps(lm_head(args.threads, args.runs)))
+        return
+    import onnx
+
+    from qcompiler.bundled import zoo
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for variant in ("merged", "separate"):
+            folder = os.path.join(tmp, variant)
+            os.makedirs(folder)
+            for name in ("smollm2-135m-fp32",):  # the converted model is data, not a compiled artifact
+                if (zoo.cache_dir() / name).exists():
+                    os.symlink(zoo.cache_dir() / name, os.path.join(folder, name))
+            _child("--export", folder, variant)
+            files[f"{variant} GEMMs, weights in a side file"] = _decode_file(folder)
+        inline = os.path.join(tmp, "inline.onnx")
+        onnx.save(onnx.load(files["merged GEMMs, weights in a side file"]), inline)
+        files["merged GEMMs, weights inline"] = inline
+        common = ["--threads", str(args.threads), "--cache-len", str(args.cache_len), "--runs", str(args.runs)]
+        for label, path in files.items():
+            nodes = len(onnx.load(path, load_external_data=False).graph.node)
+            rows[label] = dict(_child("--time", path, *common), nodes=nodes)
+            print(label, rows[label], file=sys.stderr, flush=True)
+        head = _child("--lm-head", *common)
+    print(f"SmolLM2-135M w8a8 decode step, cache {args.cache_len} tokens, {args.threads} threads, median of {args.runs}\n")
+    print("| file | nodes | step ms | session s | peak GB |\n|---|---|---|---|---|")
+    for label, r in rows.items():
+        print(f"| {label} | {r['nodes']} | {r['step_ms']:.1f} | {r['session_s']:.2f} | {r['peak_gb']:.2f} |")
+    print(f"\nlm_head 1 x 576 x 49152 FP32: " + ", ".join(f"{k} {v:.2f} ms" for k, v in head.items()))
+
+
+if __name__ == "__main__":
+    main()
