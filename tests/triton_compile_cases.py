@@ -11,6 +11,7 @@ import json
 import sys
 
 H100 = ("cuda", 90, 32)
+H100_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may take on sm_90
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
@@ -34,7 +35,34 @@ def compile_for_h100(kernel, types: dict, constexprs: dict, num_warps=4, num_sta
     compiled = triton.compile(src, target=GPUTarget(*H100), options={"num_warps": num_warps, "num_stages": num_stages})
     if "cubin" not in compiled.asm:
         raise RuntimeError("no cubin")
+    # what the interpreter cannot show: a launch that asks for more shared memory than a block
+    # may have fails on the GPU, and registers spilled to local memory make a kernel slow
+    if compiled.metadata.shared > H100_SHARED_BYTES:
+        raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory; an sm_90 block has "
+                           f"{H100_SHARED_BYTES}")
+    usage = resource_usage(compiled.asm["cubin"])
+    if usage["LOCAL"] > 0:
+        raise RuntimeError(f"spills registers to local memory ({usage})")
     return compiled
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """``cuobjdump -res-usage`` of a cubin (shipped in Triton's wheel): {"REG": ..., "LOCAL": ...}."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        raise RuntimeError(f"cannot check register spills: {tool} is missing from this Triton install")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    line = next(l for l in text.splitlines() if "REG:" in l)
+    return {k: int(v) for k, v in (field.split(":") for field in line.split() if field.split(":")[-1].isdigit())}
 
 
 def _ints(*names):
