@@ -10,6 +10,7 @@ timed with its weights inline (one protobuf, as the cache kept them before) agai
 ONNX Runtime ``MatMul`` against torch's ``F.linear``.
 
     python benchmarks/experiments/ort_decode_session.py [--threads 2] [--cache-len 200] [--runs 50]
+                                                        [--markdown docs/results/ort_decode_session.md]
 """
 from __future__ import annotations
 
@@ -122,6 +123,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-len", type=int, default=200)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--markdown", help="write the table to this page (stamped)")
     parser.add_argument("--export", nargs=2, help=argparse.SUPPRESS)  # internal: folder, merged|separate
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: an ONNX file
     parser.add_argument("--lm-head", action="store_true", help=argparse.SUPPRESS)
@@ -160,11 +162,20 @@ def main():
             rows[label] = dict(_child("--time", path, *common), nodes=nodes)
             print(label, rows[label], file=sys.stderr, flush=True)
         head = _child("--lm-head", *common)
-    print(f"SmolLM2-135M w8a8 decode step, cache {args.cache_len} tokens, {args.threads} threads, median of {args.runs}\n")
-    print("| file | nodes | step ms | session s | peak GB |\n|---|---|---|---|---|")
-    for label, r in rows.items():
-        print(f"| {label} | {r['nodes']} | {r['step_ms']:.1f} | {r['session_s']:.2f} | {r['peak_gb']:.2f} |")
-    print(f"\nlm_head 1 x 576 x 49152 FP32: " + ", ".join(f"{k} {v:.2f} ms" for k, v in head.items()))
+    lines = [f"SmolLM2-135M w8a8 decode step, cache {args.cache_len} tokens, {args.threads} threads, median of "
+             f"{args.runs}; peak: the resident memory of the process that made and ran the session.", "",
+             "| file | nodes | step ms | session s | peak GB |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {r['nodes']} | {r['step_ms']:.1f} | {r['session_s']:.2f} | {r['peak_gb']:.2f} |"
+              for label, r in rows.items()]
+    lines += ["", "lm_head 1 x 576 x 49152 FP32: " + ", ".join(f"{k} {v:.2f} ms" for k, v in head.items())]
+    body = "\n".join(lines)
+    print(body)
+    if args.markdown:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from results_page import write_page
+
+        write_page(args.markdown, "ONNX Runtime decode step: file layout and merged GEMMs",
+                   f"{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0].strip()}\n\n{body}\n")
 
 
 if __name__ == "__main__":
