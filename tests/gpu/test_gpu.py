@@ -24,7 +24,7 @@ SHAPES = [(1, 1), (1, 8), (2, 8), (2, 33)]
 
 
 @pytest.mark.parametrize("dtype,shape", [(torch.bfloat16, s) for s in SHAPES] + [(torch.float16, (2, 33))],
-                         ids=lambda v: str(v).replace("torch.", ""))
+                         ids=lambda v: f"M{v[0] * v[1]}" if isinstance(v, tuple) else str(v).replace("torch.", ""))
 @pytest.mark.parametrize("recipe", sorted(MIN_SQNR))
 def test_cuda_targets_match_the_cpu_reference(dtype, shape, recipe):
     torch.manual_seed(0)
