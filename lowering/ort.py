@@ -105,9 +105,8 @@ def exporter_files() -> list:
 def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
     """A session of the graph's ORT form: its file from the disk cache, or exported and kept
     there. The file keeps its weights in a side file (``<name>.data``), which ONNX Runtime maps
-    into memory instead of copying them out of a parsed ``ModelProto``: 0.4 GB less per session
-    of SmolLM2-135M w8a8 (docs/experiments.md, "Compile time and memory of ``generate()`` on
-    the CPU"), and files of any size can be kept."""
+    into memory instead of copying them out of a parsed ``ModelProto`` (less memory per session:
+    docs/results/ort_decode_session.md), and files of any size can be kept."""
     path = cache_folder("onnx") / f"{key}-{code_version(*exporter_files())[:16]}.onnx"
     data = path.with_name(path.name + ".data")
     if path.exists() and data.exists():
