@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompiler.ir import ops
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 SHAPES = [  # (label, batch, query heads, kv heads, head size, query length or None = context)
     ("SmolLM2 prefill", 1, 9, 3, 64, None),

@@ -14,6 +14,7 @@ import torch
 
 from qcompiler.errors import OptionError, TargetUnavailable  # noqa: F401  (TargetUnavailable re-exported)
 from qcompiler.lowering import inductor, reference
+from qcompiler.lowering.devices import input_device
 from qcompiler.runtimes import tensorrt_engine  # imports no TensorRT until an engine is built
 from qcompiler.runtimes.triton_support import TritonUnavailable, require
 
@@ -45,10 +46,6 @@ def _missing(*modules: str) -> list:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-def _device(example_inputs) -> torch.device:
-    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-
-
 def _always(example_inputs) -> tuple:
     return True, ""
 
@@ -57,8 +54,8 @@ def _ort_can_run(example_inputs) -> tuple:
     missing = _missing("onnx", "onnxruntime", "onnxscript")
     if missing:
         return False, f"{', '.join(missing)} not installed: pip install onnx onnxruntime onnxscript (qcompiler's own dependencies)"
-    if _device(example_inputs).type != "cpu":
-        return False, (f"the model is on {_device(example_inputs).type!r}; qcompile's ONNX Runtime sessions run "
+    if input_device(example_inputs).type != "cpu":
+        return False, (f"the model is on {input_device(example_inputs).type!r}; qcompile's ONNX Runtime sessions run "
                        "on the CPU: move the model to the CPU, or pick target='inductor' / 'triton'")
     return True, ""
 
@@ -73,12 +70,12 @@ def _ort_preferred(example_inputs) -> tuple:
 
 
 def _tensorrt_can_run(example_inputs) -> tuple:
-    return tensorrt_engine.can_run(_device(example_inputs))
+    return tensorrt_engine.can_run(input_device(example_inputs))
 
 
 def _triton_can_run(example_inputs) -> tuple:
     try:
-        require(_device(example_inputs))
+        require(input_device(example_inputs))
     except TritonUnavailable as exc:
         return False, str(exc)
     return True, ""

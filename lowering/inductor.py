@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx
 
+from qcompiler import torch_compat
 from qcompiler.ir import attention, attention_static
 from qcompiler.ir.ops import REFERENCE
 from qcompiler.runtimes.disk_cache import code_version
@@ -63,9 +64,7 @@ def inline_qops(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(inline_qops(gm), example_inputs,
+    return torch_compat.compile_fx(inline_qops(gm), example_inputs,
                       config_patches={**cuda_graph_patch(cuda_graphs), **cacheable_implementations()})
 
 
@@ -79,13 +78,9 @@ def cacheable_implementations() -> dict:
     qcompile and torch. The quantized weights are buffers of the graph, inputs to the compiled
     code, so the cache keys on the graph's structure and shapes, never on their values.
     """
-    from torch._inductor import config
-
-    if not hasattr(config, "unsafe_marked_cacheable_functions"):
-        return {}
     key = code_version(__file__, *glob.glob(os.path.join(os.path.dirname(attention.__file__), "*.py")))
-    return {"unsafe_marked_cacheable_functions": {f"{fn.__module__}.{fn.__name__}": key
-                                                  for fn in IMPLEMENTATIONS.values()}}
+    return torch_compat.cacheable_functions_patch({f"{fn.__module__}.{fn.__name__}": key
+                                                   for fn in IMPLEMENTATIONS.values()})
 
 
 def cuda_graph_patch(cuda_graphs: bool) -> dict:

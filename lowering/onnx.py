@@ -277,28 +277,29 @@ def _rename_inputs(nodes, renames: dict) -> None:
                 _rename_inputs(sub.node, renames)
 
 
-_ONNX_FLOATS = {torch.float16: 10, torch.bfloat16: 16}
+PROTOBUF_LIMIT = 2**31  # the largest ONNX file without external data
 
 
 def with_io_dtype(model, dtype: torch.dtype):
     """A float32 graph whose float inputs and outputs become ``dtype`` (float16 / bfloat16), with a
     ``Cast`` beside each: a half-precision model's interface, its math in float32 (the runtime, e.g.
     TensorRT's precision flags, chooses what it computes in)."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
-    to = _ONNX_FLOATS[dtype]
+    to = {torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}[dtype]
     graph = model.graph
     casts, renames = [], {}
     for value in graph.input:
-        if value.type.tensor_type.elem_type == 1:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             inner = f"{value.name}_float32"
             renames[value.name] = inner
-            casts.append(helper.make_node("Cast", [value.name], [inner], to=1, name=f"cast_{inner}"))
+            casts.append(helper.make_node("Cast", [value.name], [inner], to=TensorProto.FLOAT,
+                                          name=f"cast_{inner}"))
             value.type.tensor_type.elem_type = to
     _rename_inputs(graph.node, renames)
     tail = []
     for value in graph.output:
-        if value.type.tensor_type.elem_type == 1:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
             inner = f"{value.name}_float32"
             for node in graph.node:
                 for i, name in enumerate(node.output):

@@ -28,8 +28,8 @@ from torch import fx, nn
 
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
-from qcompiler.lowering.onnx import (fed_inputs, freeze, isolated, layout_outputs, output_layout, root_message,
-                                     symbolic_shapes, to_onnx, unmeasured_ints)
+from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, fed_inputs, freeze, isolated, layout_outputs, output_layout,
+                                     root_message, symbolic_shapes, to_onnx, unmeasured_ints)
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
 from qcompiler.runtimes.ort_session import OrtSession
 
@@ -92,7 +92,6 @@ def _session(gm: fx.GraphModule, example_inputs, pinned: dict):
     return session, fed, layout
 
 
-_TWO_GB = 2**31  # the largest ONNX file without external data: a session made in memory takes no more
 DISK_CACHE_BYTES = 8 * 2**30  # the exported files kept on disk, least recently used dropped first
 
 
@@ -121,7 +120,7 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
     if _saved(export(), path, data):
         return OrtSession(str(path))  # the session reads the file: no copy of the proto in this process
     proto = export()  # saving moved the weights out of the first proto; this one is kept whole
-    if proto.ByteSize() >= _TWO_GB:
+    if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise OSError(f"the ONNX file of this graph ({proto.ByteSize() / 2**30:.1f} GB) could not be written "
                       f"to {path.parent}, and ONNX Runtime takes a model this large from a file only: "
                       f"point $QCOMPILE_CACHE at a writable folder with room for it")

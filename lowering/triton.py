@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qcompiler import torch_compat
 from qcompiler.ir import ops
+from qcompiler.lowering.devices import input_device
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
 from qcompiler.lowering.triton_plan import plan_graph
 from qcompiler.runtimes import (kernel_choice, linear_kernels, tinygemm, triton_attention, triton_kv_attention,
@@ -57,21 +59,12 @@ def swap_qops(gm: fx.GraphModule) -> fx.GraphModule:
     return retarget(gm, TRITON_OPS)
 
 
-def _device(example_inputs) -> torch.device:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor):
-            return x.device
-    return torch.device("cpu")
-
-
 def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
-    from torch._inductor.compile_fx import compile_fx
-
-    device = _device(example_inputs)
+    device = input_device(example_inputs)
     require(device)
     # each linear q-op runs the kernel measured fastest for its shapes (lowering/triton_plan.py)
     plan_graph(gm, example_inputs, kernel_choice.Chooser.for_device(device, KERNEL_SOURCES))
     # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the
     # kernels have no gradients (CompiledGraph runs under no_grad), so compile for inference
     with torch.no_grad():
-        return compile_fx(inline_qops(swap_qops(gm)), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))
+        return torch_compat.compile_fx(inline_qops(swap_qops(gm)), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from qcompiler.ir.dynamo_sources import register_new_sources
+from qcompiler import torch_compat
 from qcompiler.runtimes import kernel_choice, linear_kernels
 from qcompiler.runtimes.kernel_choice import META_KEY
 
@@ -59,41 +59,6 @@ def _register_planned(family):
 
 PLANNED = {getattr(qops, op).default: (family, _register_planned(family))
            for op, family in linear_kernels.FAMILIES.items()}
-
-
-def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
-    """node -> its fake value (shapes and dtypes; sizes symbolic where Dynamo made them so), from
-    Dynamo's own fake tensors of the graph inputs where it left them; {} when the graph cannot be
-    propagated (the plan then covers every bucket)."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    dynamo_vals = [n.meta.get("example_value") for n in placeholders]
-    mode = detect_fake_mode([v for v in dynamo_vals if isinstance(v, torch.Tensor)] or example_inputs)
-    mode = mode or FakeTensorMode()
-    inputs = [v if isinstance(v, torch.Tensor) and detect_fake_mode([v]) is mode
-              else (mode.from_tensor(x) if isinstance(x, torch.Tensor) else (v if v is not None else x))
-              for v, x in zip(dynamo_vals, example_inputs)]
-    vals = {}
-    prop = FakeTensorProp(gm, mode)
-    run_node = prop.run_node
-
-    def recorded(n):
-        vals[n] = run_node(n)
-        return vals[n]
-    prop.run_node = recorded
-    allowed = mode.allow_non_fake_inputs
-    mode.allow_non_fake_inputs = True  # the graph's constants (quantized weights) are real tensors
-    try:
-        with mode:
-            prop.propagate_dont_convert_inputs(*inputs)
-    except Exception:
-        return {}
-    finally:
-        mode.allow_non_fake_inputs = allowed
-    return vals
 
 
 def _constant(gm: fx.GraphModule, arg, placeholders: dict):
@@ -149,7 +114,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
     placeholders = dict(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs))
     floats = [x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()]
     float_dtype = floats[0] if floats else torch.float32
-    vals = _shapes(gm, example_inputs)
+    vals = torch_compat.fake_values(gm, example_inputs)
     made, choices = {}, []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in PLANNED:
@@ -181,7 +146,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
         node.args = (*node.args, prepared_nodes, upper, kernels, start)
         node.meta[META_KEY] = node_choices
         choices += [(str(node.name), c) for c in node_choices]
-    register_new_sources(gm)
+    torch_compat.register_constant_sources(gm)
     gm.graph.lint()
     gm.recompile()
     return choices

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from qcompiler import torch_compat
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.attention import attention_q8_ref
 from qcompiler.ir.attention_static import attention_q8_static_ref
@@ -31,7 +32,7 @@ from qcompiler.passes import attention_match, attention_static, cache_read
 from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 aten = torch.ops.aten
 qops = torch.ops.qcompile
@@ -141,9 +142,7 @@ def _mutates(gm: fx.GraphModule) -> bool:
 def _sqnr_inputs(gm: fx.GraphModule, example_inputs, wanted: dict) -> dict:
     """anchor node -> (q, k, v, mask, scale) on the call being compiled, when its inputs are real
     tensors (``wanted``: anchor -> its arguments; a list of additive mask terms is summed)."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    if not wanted or any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs) or _mutates(gm):
+    if not wanted or any(torch_compat.is_fake(x) for x in example_inputs) or _mutates(gm):
         return {}
     seen, kept = {}, {}
     needed = {x for a in wanted.values() for name in ("query", "key", "value", "attn_mask")
@@ -258,7 +257,7 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
         if why:
             fused = cache_read.fuse(gm, node, a) if a is not None and not hand and why in FUSABLE else None
             text = geometry + why + (f"; {READS_CACHE.format(fused.args[12])}" if fused is not None else "")
-            d = Decision(module, "attention", FLOATING_POINT, text)
+            d = Decision(module=module, op="attention", scheme=FLOATING_POINT, reason=text)
             (fused or node).meta[META_KEY] = d
             decisions.append(d)
             changed |= fused is not None
@@ -284,7 +283,7 @@ def quantize_attention(gm: fx.GraphModule, example_inputs, recipe, state=None) -
         if hand:
             attention_match.remove_chain(gm, hand)
         scheme = f"attention-{layer.attention}" + ("-static" if static is not None else "")
-        d = Decision(module, "attention", scheme, text, sqnr)
+        d = Decision(module=module, op="attention", scheme=scheme, reason=text, sqnr_db=sqnr)
         new.meta[META_KEY] = d
         decisions.append(d)
     if changed or any(d.scheme != FLOATING_POINT for d in decisions):

@@ -21,7 +21,7 @@ from qcompiler.ir import ops
 from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import TIED, _pattern_of, graph_parameters, owning_module
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
-from qcompiler.passes.quantize import SQNR_ROWS, sqnr_db
+from qcompiler.passes.sqnr import SQNR_ROWS, sqnr_db
 
 qops = torch.ops.qcompile
 aten = torch.ops.aten
@@ -81,7 +81,8 @@ def embed(gm: fx.GraphModule, example_inputs, recipe, decisions: list) -> list:
         if why is None and not param.is_floating_point():
             why = f"table dtype {param.dtype} is not a float type"
         if why is not None:
-            records.append(Decision(module, "embedding", FLOATING_POINT, why, weight_bytes_fp32=fp32_bytes,
+            records.append(Decision(module=module, op="embedding", scheme=FLOATING_POINT, reason=why,
+                                    weight_bytes_fp32=fp32_bytes,
                                     weight_bytes_quantized=fp32_bytes, param_id=id(param)))
             node.meta[META_KEY] = records[-1]
             continue
@@ -98,8 +99,9 @@ def embed(gm: fx.GraphModule, example_inputs, recipe, decisions: list) -> list:
         replace_node(gm, node, new)
         q_bytes = wq.numel() + scale.numel() * 4
         sqnr = sqnr_db(param.detach().float(), ops.dequantize_ref(wq, scale[:, None]))
-        new.meta[META_KEY] = Decision(module, "embedding", recipe.name, "INT8 table per row, rows dequantized "
-                                      "as gathered", sqnr, weight_bytes_fp32=fp32_bytes,
+        new.meta[META_KEY] = Decision(module=module, op="embedding", scheme=recipe.name,
+                                      reason="INT8 table per row, rows dequantized as gathered", sqnr_db=sqnr,
+                                      weight_bytes_fp32=fp32_bytes,
                                       weight_bytes_quantized=q_bytes, param_id=id(param))
         records.append(new.meta[META_KEY])
     out = [_tied_projection(gm, d, tables) if d.op == "linear" and d.reason == TIED and d.param_id in tables

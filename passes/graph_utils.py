@@ -16,6 +16,12 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.Nod
     return gm.graph.get_attr(name)
 
 
+def qop_arguments(node: fx.Node) -> dict:
+    """A q-op node's arguments by their names in the op's schema (``{"x": ..., "smooth_inv": ...}``)."""
+    names = [a.name for a in node.target._schema.arguments]
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
 VALUE_KEYS = ("example_value", "val")  # where Dynamo and torch.export record a node's (fake) value
 
 

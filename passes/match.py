@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qcompiler import torch_compat
 from qcompiler.calibration.state import prepared_for, stats_for
 from qcompiler.errors import CalibrationError
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, LinearMatch, node_value
@@ -128,7 +129,7 @@ def _addmm_operands(n):
 
 
 LINEAR_PATTERNS = (
-    LinearPattern("linear", (F.linear, torch._C._nn.linear, aten.linear.default), _linear_operands, True),
+    LinearPattern("linear", (F.linear, torch_compat.C_LINEAR, aten.linear.default), _linear_operands, True),
     LinearPattern("addmm", (torch.addmm, aten.addmm.default), _addmm_operands, False),
     LinearPattern("matmul", (torch.matmul, operator.matmul, torch.mm, aten.mm.default,
                              aten.matmul.default), lambda n: (n.args[0], n.args[1], None), False),
@@ -187,8 +188,8 @@ def match(gm: fx.GraphModule, example_inputs, recipe) -> list:
         operands = pattern.operands(node)
         found = operands and _param_through_transpose(operands[1], params)
         if not found:
-            node.meta[META_KEY] = Decision(owning_module(node, node.name), "matmul", FLOATING_POINT,
-                                           "no parameter operand (activation x activation)")
+            node.meta[META_KEY] = Decision(module=owning_module(node, node.name), op="matmul", scheme=FLOATING_POINT,
+                                           reason="no parameter operand (activation x activation)")
             continue
         x, _, bias = operands
         pname, param, transposed, param_node = found

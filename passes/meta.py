@@ -45,9 +45,9 @@ class ActivationPlan:
     clip: float = 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Decision:
-    """What happened to one linear or attention op; one row of ``explain``'s report."""
+    """What happened to one linear or attention op; one row of ``explain``'s report (made by keyword)."""
 
     module: str
     op: str                           # "linear" | "attention" | "matmul"

@@ -20,11 +20,14 @@ from qcompiler.passes.smooth import smooth
 
 @dataclass
 class Rewritten:
-    """What the passes did to one graph: a decision per linear / embedding / attention op, and the
-    weight Parameters of the matched linears (whose calibration state the graph depends on)."""
+    """What the passes did to one graph: a decision per linear / embedding / attention op, the
+    weight Parameters of the matched linears (whose calibration state the graph depends on), and
+    what ``match`` and ``smooth`` found ((node, LinearMatch, bias) triples; node -> ActivationPlan)."""
 
     decisions: list
     params: list
+    matches: list
+    plans: dict
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, recipe) -> Rewritten:
@@ -34,4 +37,4 @@ def run_passes(gm: fx.GraphModule, example_inputs, recipe) -> Rewritten:
     decisions = embed(gm, example_inputs, recipe, quantize(gm, matches, plans))
     params = itertools.chain((m.param for _, m, _ in matches), (x for x in example_inputs if isinstance(x, nn.Parameter)))
     decisions += quantize_attention(gm, example_inputs, recipe, model_state(params))
-    return Rewritten(decisions, [m.param for _, m, _ in matches])
+    return Rewritten(decisions, [m.param for _, m, _ in matches], matches, plans)

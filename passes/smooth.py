@@ -30,6 +30,7 @@ from qcompiler.ir.ops import quantize_per_channel_ref, quantize_per_tensor_ref, 
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import graph_parameters, owning_module
 from qcompiler.passes.meta import ActivationPlan, node_value
+from qcompiler.passes.prepared import checked_prepared
 
 aten = torch.ops.aten
 _MIN = 1e-5  # as in the SmoothQuant reference code: keeps s finite for dead channels
@@ -199,8 +200,6 @@ def _awq(recipe) -> bool:
 
 def _awq_plans(gm, x, members, params) -> dict:
     """AWQ's scales were chosen at calibration (one per group of linears reading x): fold them."""
-    from qcompiler.passes.quantize import checked_prepared
-
     scales = [checked_prepared(m, m.recipe).smooth_scale for _, m in members]
     shared = all(s is scales[0] for s in scales)  # the group calibration saw is the group here
     folded = fold(gm, x, {node for node, _ in members}, scales[0], params) \

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qcompiler import torch_compat
 from qcompiler.ir import ops
 from qcompiler.runtimes import tinygemm, triton_tuning, triton_w8a8, triton_weight_only as wo
 from qcompiler.runtimes.kernel_choice import Family, Kernel
@@ -108,7 +109,7 @@ def _int_mm_can_run(a, m):
 def _int_mm(a, prepared):
     xq, xs, wq, ws, bias, out_dtype = a
     x2 = xq.reshape(-1, xq.shape[-1])
-    acc = torch._int_mm(x2, wq.t())
+    acc = torch_compat.int_mm(x2, wq.t())
     y = acc.to(torch.float32) * xs.reshape(-1, 1).to(torch.float32) * ws.to(torch.float32)
     if bias is not None:
         y = y + bias.to(torch.float32)

@@ -9,11 +9,11 @@ import ctypes
 from typing import Optional, Sequence
 
 import numpy as np
+import onnx
 import torch
 
 from qcompiler.errors import MissingDependency
 
-_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
           torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
 
@@ -92,7 +92,7 @@ class OrtSession:
             t = t.detach().contiguous().cpu()
             keep.append(t)
             if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hand ORT the bits with their ONNX type
-                value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.int16).numpy(), _ONNX_BFLOAT16)
+                value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.int16).numpy(), onnx.TensorProto.BFLOAT16)
                 keep.append(value)
                 binding.bind_ortvalue_input(name, value)
             else:

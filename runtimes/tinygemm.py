@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qcompiler import torch_compat
+
 GROUPS = (32, 64, 128, 256)
 
 
@@ -60,7 +62,7 @@ def tinygemm_codes(packed: Tensor) -> Tensor:
 def prepare(packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> tuple:
     """``(weight, scales_and_zeros)`` in tinygemm's layouts, made once per weight."""
     k = packed.shape[1] * 2
-    weight = torch.ops.aten._convert_weight_to_int4pack(tinygemm_codes(packed).contiguous(), inner_k_tiles(k))
+    weight = torch_compat.convert_weight_to_int4pack(tinygemm_codes(packed).contiguous(), inner_k_tiles(k))
     return weight, scales_and_zeros(scale, zero)
 
 
@@ -70,7 +72,7 @@ def linear(x: Tensor, weight: Tensor, sz: Tensor, group_size: int, n: int, smoot
     x2 = x.reshape(-1, x.shape[-1])
     if smooth_inv is not None:
         x2 = x2 * smooth_inv.to(x.dtype)
-    y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), weight, group_size, sz)
+    y = torch_compat.weight_int4pack_mm(x2.contiguous(), weight, group_size, sz)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], n)

@@ -41,6 +41,16 @@ def _p_codes(y, IS_FP8: tl.constexpr):
 
 
 @triton.jit
+def query_tile(HQ, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, query head, its KV head, query rows, head dims): grid axis 0 walks
+    blocks of queries, axis 1 (batch, query head) pairs; ``GROUP`` query heads share a KV head."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    return b, h, h // GROUP, tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def softmax_step(s, m_i, l_i, rm, rn, END, LQ, LK, m_base, smm, smn, MASK: tl.constexpr, CAUSAL: tl.constexpr):
     """One key tile of an online softmax: scores ``s`` of query rows ``rm`` (of ``LQ``) and keys
     ``rn`` (of ``LK``; from ``END`` on, padding) masked (causal; ``MASK`` 1: boolean, 2: additive,
@@ -70,13 +80,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
                       smb, smh, smm, smn, sob, soh, som,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       IS_FP8: tl.constexpr, QMAX: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rd = tl.arange(0, BLOCK_D)
+    b, h, hk, rm, rd = query_tile(HQ, GROUP, BLOCK_M, BLOCK_D)
     q_ptrs = q_ptr + b.to(tl.int64) * sqb + h * sqh + rm[:, None].to(tl.int64) * sqm + rd[None, :]
     qq = tl.load(q_ptrs, mask=(rm[:, None] < LQ) & (rd[None, :] < D), other=0)
     sq = tl.load(qs_ptr + (b * HQ + h).to(tl.int64) * LQ + rm, mask=rm < LQ, other=0.0) * sm_scale

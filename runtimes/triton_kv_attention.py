@@ -25,7 +25,7 @@ from torch import Tensor
 
 from qcompiler.ir import kv, kv_attention
 from qcompiler.ir.attention import default_scale
-from qcompiler.runtimes.triton_attention import MASK_ADD, MASK_BOOL, MASK_NONE, softmax_step
+from qcompiler.runtimes.triton_attention import MASK_ADD, MASK_BOOL, MASK_NONE, query_tile, softmax_step
 from qcompiler.runtimes.triton_common import as_bytes, cast_rounded
 from qcompiler.runtimes.triton_support import interpreting
 
@@ -76,13 +76,7 @@ def _kv_attention_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, 
                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          FMT: tl.constexpr, HAS_OFFSET: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
                          DOT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    h = pid_bh % HQ
-    hk = h // GROUP
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rd = tl.arange(0, BLOCK_D)
+    b, h, hk, rm, rd = query_tile(HQ, GROUP, BLOCK_M, BLOCK_D)
     q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rm[:, None].to(tl.int64) * sqm + rd[None, :],
                 mask=(rm[:, None] < LQ) & (rd[None, :] < D), other=0.0).to(DOT)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qcompiler import torch_compat
 from qcompiler.ir import ops
 from qcompiler.runtimes import triton_tuning as tuning
 from qcompiler.runtimes.triton_common import as_bytes, rows_2d, store_rounded, tile_ids
@@ -91,7 +92,7 @@ def _scaled_mm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor, bias: O
     xs = x_scale.reshape(-1, 1).to(torch.float32).expand(m, 1).contiguous()  # per tensor -> per row
     ws = w_scale.reshape(1, n).to(torch.float32).contiguous()
     wt = (wq if wq.stride(-1) == 1 else wq.contiguous()).t()  # [K, N] column-major, as cuBLASLt wants
-    y = torch._scaled_mm(x2, wt, scale_a=xs, scale_b=ws, bias=bias, out_dtype=out_dtype)
+    y = torch_compat.scaled_mm(x2, wt, scale_a=xs, scale_b=ws, bias=bias, out_dtype=out_dtype)
     return y.reshape(*xq.shape[:-1], n)
 
 

@@ -58,7 +58,7 @@ def assert_same_generation(a, b, start: int, floor_db: float = 50.0):
     vectors' own difference explains (their two candidates closer than twice the largest
     difference): random tiny models have near-ties that float rounding may flip, so token
     equality alone would be flaky, and logits alone would miss a wrong token."""
-    from qcompiler.passes.quantize import sqnr_db
+    from qcompiler.passes.sqnr import sqnr_db
 
     ta, tb = a.sequences[:, start:], b.sequences[:, start:]
     for step, (la, lb) in enumerate(zip(a.logits, b.logits)):

@@ -25,7 +25,7 @@ from qcompiler.calibration.state import state_of
 from qcompiler.ir.attention import _repeat_heads, score_mask
 from qcompiler.ir.numerics import FP8, round_clamp
 from qcompiler.passes import attention_static
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 
 class Capture(TorchFunctionMode):

@@ -2,7 +2,7 @@
 
 ``qcompiler.calibrate(model, data, recipe=...)`` calls ``prepare`` for recipes whose weights need
 an algorithm; it runs the model block by block (``qcompiler.calibration.blockwise``), hands each block's
-statistics to the recipe's algorithm (``qcompiler.recipes.ALGORITHMS``: AWQ scales or not, and a
+statistics to the recipe's algorithm (``qcompiler.recipe_specs.ALGORITHMS``: AWQ scales or not, and a
 rounding from ``ROUNDINGS``)
 and stores a ``PreparedWeight`` per linear, which the quantize pass turns into graph constants.
 The next block sees the previous blocks as quantized. With ``tune_epochs`` set, the INT4 group
@@ -24,7 +24,7 @@ from qcompiler.calibration import blockwise
 from qcompiler.calibration.state import store_prepared
 from qcompiler.calibration.stats import PreparedWeight
 from qcompiler.ir import int4
-from qcompiler.recipes import ALGORITHMS
+from qcompiler.recipe_specs import ALGORITHMS
 
 
 def tied_weights(model: nn.Module) -> set:

@@ -8,11 +8,8 @@ chosen lowering. The returned ``CompiledGraph`` keeps the original graph so that
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import inspect
-import sys
 import time
 import warnings
 import weakref
@@ -21,12 +18,12 @@ from typing import Mapping, Optional
 import torch
 from torch import fx, nn
 
-from qcompiler import recipes
-from qcompiler.api.options import compile_of, split_options
+from qcompiler import torch_compat
+from qcompiler.api.options import split_options
 from qcompiler.calibration import state
 from qcompiler.errors import CalibrationError, OptionError, QcompileError
-from qcompiler.ir.dynamo_sources import register_new_sources
 from qcompiler.lowering import auto_choice, get_lowering
+from qcompiler.lowering.devices import input_device
 from qcompiler.lowering.scalars import freeze_scalars, item_only
 from qcompiler.passes.pipeline import run_passes
 
@@ -34,33 +31,17 @@ from qcompiler.passes.pipeline import run_passes
 GRAPHS = "_qcompile_graphs"
 
 
-def _device_type(example_inputs) -> str:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor):
-            return x.device.type
-    return "cpu"
-
-
 def _copy_dynamo_graph(original: fx.GraphModule) -> fx.GraphModule:
     """A deep copy of Dynamo's graph that keeps what AOTAutograd reads to recognise a Dynamo graph.
 
-    ``copy.deepcopy`` drops ``_param_name_to_source`` and each placeholder's ``_dynamo_source``;
-    without them AOTAutograd does not know which inputs are parameters or static addresses
-    (a ``StaticCache``'s tensors), and Inductor's CUDA graphs refuse the graph ("skipping
-    cudagraphs due to mutated inputs", seen on the H100 with torch 2.11). The buffers our passes
-    add (quantized weights, scales) get a constant source of their own name, so they count as
-    static too.
+    Without the sources ``copy.deepcopy`` drops, AOTAutograd does not know which inputs are
+    parameters or static addresses (a ``StaticCache``'s tensors), and Inductor's CUDA graphs refuse
+    the graph ("skipping cudagraphs due to mutated inputs", seen on the H100 with torch 2.11). The
+    buffers our passes add (quantized weights, scales) get a constant source of their own name, so
+    they count as static too.
     """
     gm = copy.deepcopy(original)
-    sources = getattr(original, "_param_name_to_source", None)
-    if sources is None:
-        return gm
-    old = [n for n in original.graph.nodes if n.op == "placeholder"]
-    new = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for a, b in zip(old, new):
-        if hasattr(a, "_dynamo_source"):
-            b._dynamo_source = a._dynamo_source
-    gm._param_name_to_source = dict(sources)
+    torch_compat.copy_dynamo_sources(original, gm)
     return gm
 
 
@@ -103,24 +84,6 @@ class _Watch:
         return changed
 
 
-def _calling_compile():
-    """The ``torch.compile`` call this backend call serves (its ``_TorchCompileWrapper``), or None.
-
-    Dynamo hands the backend a graph, not the compiled object; the wrapper that ``torch.compile``
-    made calls the backend as ``self.compiler_fn(...)``, so it is in a calling frame. Graphs are
-    registered under it, and ``explain(compiled)`` finds them there.
-    """
-    frame = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, torch._TorchCompileWrapper):
-            return owner
-        frame = frame.f_back
-    return None
-
-
 def compiled_graphs(model) -> list:
     """The ``CompiledGraph``s of one compile of ``model``, oldest first: of that compile when
     ``model`` is what ``torch.compile`` returned, else of the model's most recent compile."""
@@ -131,7 +94,7 @@ def compiled_graphs(model) -> list:
             if graph is not None:
                 found[id(graph)] = graph
     graphs = sorted(found.values(), key=lambda g: g.created)
-    key = compile_of(model)
+    key = torch_compat.compile_of(model)
     if key is None and graphs:
         key = graphs[-1].compile_key  # a plain module: its latest compile
     return [g for g in graphs if g.compile_key is key]
@@ -161,12 +124,12 @@ class CompiledGraph:
         self.example_inputs = list(example_inputs)
         self.recipe = recipe
         self.requested = target
-        self.target, self.auto_reason = (auto_choice(_device_type(example_inputs), example_inputs)
+        self.target, self.auto_reason = (auto_choice(input_device(example_inputs).type, example_inputs)
                                          if target == "auto" else (target, ""))
         lowering = get_lowering(self.target)  # unknown target: fail now, with the list of valid ones
         if target != "auto":
             lowering.check(example_inputs)   # an explicit target is a contract: raise with the reason
-        self.lowering_options = _lowering_options(lowering, cuda_graphs, _device_type(example_inputs))
+        self.lowering_options = _lowering_options(lowering, cuda_graphs, input_device(example_inputs).type)
         self.cuda_graphs = cuda_graphs
         self.compile_key = compile_key
         self.created = time.monotonic_ns()
@@ -180,7 +143,7 @@ class CompiledGraph:
         # Dynamo's tracing context (its fake tensors, symbolic sizes and shape environment): a
         # variant compiled later, outside Dynamo, compiles under it, so its sizes stay as dynamic as
         # this graph's and a float Dynamo lifted to a tensor (dynamic=True) can still be read
-        self.tracing = torch._guards.TracingContext.try_get()
+        self.tracing = torch_compat.tracing_context()
         self._build()
 
     @property
@@ -203,7 +166,7 @@ class CompiledGraph:
         # step, a merged adapter) bumps a parameter's version counter, and the next call re-quantizes
         self.versions = self._versions(self.example_inputs)
         self.decisions = rewritten.decisions
-        register_new_sources(gm)
+        torch_compat.register_constant_sources(gm)
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
@@ -231,11 +194,11 @@ class CompiledGraph:
             slots = set(self.param_slots)
             example = [args[i] if i in slots else v for i, v in enumerate(self.example_inputs)]
             try:
-                with torch._guards.tracing(self.tracing):
+                with torch_compat.tracing(self.tracing):
                     graph = CompiledGraph(self.original, example, self.recipe, self.requested, self.cuda_graphs,
                                           self.compile_key, mode_modules=self.mode_modules)
-            except _DYNAMO_RESTART:  # it also noted floats to specialize for a restart that will not come
-                _forget_restart()
+            except torch_compat.DYNAMO_RESTART:  # it also noted floats to specialize for a restart that will not come
+                torch_compat.forget_restart()
                 graph = None
             if graph is not None:
                 self.variants[key] = graph
@@ -328,35 +291,16 @@ def _sizes(args) -> tuple:
     return tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
 
 
-# what Dynamo's float-tensorifying pass raises to restart Dynamo's analysis (torch >= 2.6)
-_DYNAMO_RESTART = getattr(torch._dynamo.exc, "TensorifyScalarRestartAnalysis", ())
-
-
-def _forget_restart() -> None:
-    state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
-    if state is not None:
-        state.clear()
-
-
 def compiled_module(gm: fx.GraphModule) -> Optional[nn.Module]:
     """The module whose code Dynamo is compiling into ``gm`` (the outermost module on the path
     to any of its parameters, read from Dynamo's sources in the frame being traced), or None."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        names = {"L": tx.f_locals, "G": tx.f_globals}  # what a source's name refers to
-        scopes = (dict(tx.f_globals, **names), names)
-    except Exception:  # not inside a Dynamo trace, or a torch without these internals
+    scopes = torch_compat.traced_frame_scopes()
+    if scopes is None:
         return None
     for node in gm.graph.nodes:
-        source, chain = getattr(node, "_dynamo_source", None), []
-        while source is not None:
-            chain.append(source)
-            source = getattr(source, "base", None)
-        for src in reversed(chain):  # the frame's local first
+        for src in reversed(torch_compat.source_chain(node)):  # the frame's local first
             try:
-                value = src.get_value(*scopes, {})
+                value = torch_compat.source_value(src, scopes)
             except Exception:
                 continue
             if isinstance(value, nn.Module):
@@ -402,29 +346,6 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mappi
         if recipe.kv_cache is not None:
             _attach_kv_cache(gm, recipe)
         return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),
-                             compile_key=_calling_compile())
+                             compile_key=torch_compat.calling_compile())
     except QcompileError as e:  # the user's mistake: show it, not the compiler stack around it
-        raise _through_dynamo(e, inspect.currentframe()) from None
-
-
-@functools.lru_cache(maxsize=None)
-def _passing_dynamo(cls: type) -> type:
-    """``cls``, also a Dynamo ``ShortenTraceback``: Dynamo re-raises those as they are instead of
-    wrapping them in ``BackendCompilerFailed`` (with its report-a-bug footer), and cuts its own
-    frames from the traceback. Without that class (another torch) ``cls`` itself."""
-    shorten = getattr(torch._dynamo.exc, "ShortenTraceback", None)
-    if shorten is None:
-        return cls
-    # str() is the original message: Dynamo appends its "report a bug to PyTorch" footer to args
-    return type(cls.__name__, (shorten, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                               "__doc__": cls.__doc__, "__str__": lambda self: self.message})
-
-
-def _through_dynamo(e: QcompileError, frame) -> QcompileError:
-    """A copy of ``e`` that passes through Dynamo unwrapped, its traceback starting at ``frame``."""
-    cls = _passing_dynamo(type(e))
-    err = cls.__new__(cls, *e.args)
-    err.args = e.args
-    err.message = str(e)
-    err.first_useful_frame = frame
-    return err
+        raise torch_compat.through_dynamo(e, inspect.currentframe()) from None

@@ -25,7 +25,7 @@ import importlib
 import json
 import sys
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from qcompiler.errors import QcompileError
 from qcompiler.recipes import list_recipes
@@ -220,6 +220,22 @@ def _model_arguments(p: argparse.ArgumentParser, default_recipe: str) -> None:
                    help="a recipe field, e.g. group_size=64 or smooth_skip='[\"*.o_proj\"]' (repeatable)")
 
 
+STATE_HELP = "a folder written by `qcompile quantize` / qcompiler.save: its calibration is used instead of calibrating again"
+
+
+def _model_command(sub, name: str, fn, recipe: str, out: str, state: Optional[str], calib: int, seq: int, **about):
+    """A subcommand that quantizes a model: its model, recipe, output and calibration arguments."""
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **about)
+    _model_arguments(p, recipe)
+    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help=out)
+    if state:
+        p.add_argument("--state", help=state)
+    p.add_argument("--calib", type=int, default=calib, help="calibration batches (bundled models)")
+    p.add_argument("--seq", type=int, default=seq, help="calibration sequence length (bundled models)")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     top = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n\n")[0],
@@ -227,40 +243,21 @@ def parser() -> argparse.ArgumentParser:
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True,
                              metavar="{quantize,export,checkpoint,check,build-engine,recipes,doctor}")
-    p = sub.add_parser("quantize", help="calibrate a model for a recipe and save its quantization state",
-                       formatter_class=fmt,
-                       description="Calibrate a model for a recipe (running its weight algorithm: AWQ, GPTQ, "
-                                   "auto) and save the quantization state to a folder, for qcompiler.load.")
-    _model_arguments(p, "w8a8-smoothquant")
-    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the folder to write")
-    p.add_argument("--calib", type=int, default=32, help="calibration batches (bundled models)")
-    p.add_argument("--seq", type=int, default=512, help="calibration sequence length (bundled models)")
-    p.set_defaults(fn=cmd_quantize)
-    p = sub.add_parser("checkpoint", help="quantize a model and write a compressed-tensors checkpoint (vLLM)",
-                       formatter_class=fmt,
-                       description="Quantize a model with a recipe (calibrating, or from a saved state) and write "
-                                   "it as a compressed-tensors Hugging Face folder, which transformers loads and "
-                                   "vLLM serves.")
-    _model_arguments(p, "w8a8")
-    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the folder to write")
-    p.add_argument("--state", help="a folder written by `qcompile quantize` / qcompiler.save: its calibration "
-                                   "is used instead of calibrating again")
-    p.add_argument("--calib", type=int, default=32, help="calibration batches (bundled models)")
-    p.add_argument("--seq", type=int, default=512, help="calibration sequence length (bundled models)")
-    p.set_defaults(fn=cmd_checkpoint)
-    p = sub.add_parser("export", help="quantize a model and write it as ONNX", formatter_class=fmt,
+    _model_command(sub, "quantize", cmd_quantize, "w8a8-smoothquant", "the folder to write", None, 32, 512,
+                   help="calibrate a model for a recipe and save its quantization state",
+                   description="Calibrate a model for a recipe (running its weight algorithm: AWQ, GPTQ, auto) and "
+                               "save the quantization state to a folder, for qcompiler.load.")
+    _model_command(sub, "checkpoint", cmd_checkpoint, "w8a8", "the folder to write", STATE_HELP, 32, 512,
+                   help="quantize a model and write a compressed-tensors checkpoint (vLLM)",
+                   description="Quantize a model with a recipe (calibrating, or from a saved state) and write it as "
+                               "a compressed-tensors Hugging Face folder, which transformers loads and vLLM serves.")
+    p = _model_command(sub, "export", cmd_export, "w8a8-smoothquant", "the .onnx file to write", STATE_HELP, 8, 128,
+                       help="quantize a model and write it as ONNX",
                        description="Quantize a model with a recipe and write it as one ONNX file (checked).")
-    _model_arguments(p, "w8a8-smoothquant")
     p.add_argument("--form", default="tensorrt", choices=FORMS,
                    help="tensorrt: QDQ for TensorRT's explicit quantization; ort: ONNX Runtime's integer kernels")
-    p.add_argument("--out", required=True, default=argparse.SUPPRESS, help="the .onnx file to write")
     p.add_argument("--embedding", choices=["int8"], default=None,
                    help="store embedding tables INT8 per row (a tied lm_head reads the same table)")
-    p.add_argument("--state", help="a folder written by `qcompile quantize` / qcompiler.save: its calibration "
-                                   "is used instead of calibrating again")
-    p.add_argument("--calib", type=int, default=8, help="calibration batches (bundled models)")
-    p.add_argument("--seq", type=int, default=128, help="calibration sequence length (bundled models)")
-    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("check", help="check an ONNX file against TensorRT's explicit-quantization rules",
                        description="Check an ONNX file against TensorRT's explicit-quantization rules.")
     p.add_argument("path", help="the .onnx file")

@@ -141,7 +141,7 @@ def explain(model: nn.Module) -> Report:
     for name, mod in linear_layers(model):
         if id(mod.weight) not in reached:
             n, k = mod.weight.shape
-            records.append(Decision(name, "linear", NOT_COMPILED, "no compiled graph has reached it: not called since compiling, or run eagerly by Dynamo (e.g. next to a graph break)",
+            records.append(Decision(module=name, op="linear", scheme=NOT_COMPILED, reason="no compiled graph has reached it: not called since compiling, or run eagerly by Dynamo (e.g. next to a graph break)",
                                     weight_bytes_fp32=n * k * 4, param_id=id(mod.weight)))
     targets = [GraphTarget(g.requested, g.running_target,
                            "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}",

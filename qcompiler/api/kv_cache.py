@@ -32,14 +32,13 @@ from torch import Tensor
 
 from qcompiler.errors import MissingDependency, OptionError
 from qcompiler.ir import kv, ops  # noqa: F401  (ops defines torch.ops.qcompile)
+from qcompiler.recipe_specs import DEFAULT_KV_RESIDUAL, KVCache
 
 try:
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
 except ImportError:  # transformers missing, or one without per-layer caches (< 4.56)
     Cache = DynamicLayer = None
 
-DEFAULT_GROUP = {"int8": 64, "fp8": 64, "int4": 32}
-DEFAULT_RESIDUAL = 128
 FULL_ATTENTION = "full_attention"
 
 
@@ -50,15 +49,11 @@ def _require_transformers() -> None:
 
 
 def check_options(scheme: str, group_size: Optional[int], residual: int) -> int:
-    """The group size to use; ``OptionError`` naming the fix for an unknown scheme or a bad size."""
-    if scheme not in kv.KV_FORMATS:
-        raise OptionError(f"unknown KV-cache scheme {scheme!r}; valid schemes: {sorted(kv.KV_FORMATS)}")
-    group = DEFAULT_GROUP[scheme] if group_size is None else group_size
-    if not isinstance(group, int) or group < 1 or group & (group - 1):
-        raise OptionError(f"KV-cache group_size must be a power of two (e.g. 32 or 64), got {group_size!r}")
-    if not isinstance(residual, int) or residual < 0:
-        raise OptionError(f"KV-cache residual must be a number of tokens >= 0, got {residual!r}")
-    return group
+    """The group size to use; ``OptionError`` naming the fix for an unknown scheme or a bad size
+    (the checks and defaults of a recipe's ``kv_cache`` fields)."""
+    if scheme is None:
+        raise OptionError(f"unknown KV-cache scheme None; valid schemes: {sorted(kv.KV_FORMATS)}")
+    return KVCache(scheme, group_size, residual).group
 
 
 class Workspace:
@@ -87,7 +82,7 @@ class QuantizedKVLayer(_Base):
 
     is_croppable = False
 
-    def __init__(self, scheme: str = "int8", group_size: Optional[int] = None, residual: int = DEFAULT_RESIDUAL,
+    def __init__(self, scheme: str = "int8", group_size: Optional[int] = None, residual: int = DEFAULT_KV_RESIDUAL,
                  workspace: Optional[Workspace] = None):
         _require_transformers()
         super().__init__()
@@ -192,7 +187,7 @@ class QuantizedKVCache(Cache if Cache is not None else object):
     """
 
     def __init__(self, config, scheme: str = "int8", group_size: Optional[int] = None,
-                 residual: int = DEFAULT_RESIDUAL):
+                 residual: int = DEFAULT_KV_RESIDUAL):
         _require_transformers()
         self.scheme = scheme
         self.group = check_options(scheme, group_size, residual)
@@ -218,7 +213,7 @@ class QuantizedKVCache(Cache if Cache is not None else object):
 
     @classmethod
     def from_cache(cls, cache, config, scheme: str = "int8", group_size: Optional[int] = None,
-                   residual: int = DEFAULT_RESIDUAL) -> "QuantizedKVCache":
+                   residual: int = DEFAULT_KV_RESIDUAL) -> "QuantizedKVCache":
         """A quantized cache holding what ``cache`` (a transformers ``DynamicCache``) holds: its
         full-attention layers' keys and values go through the quantized layers (all but the last
         ``residual``-odd tokens quantized); sliding-window layers are taken over as they are."""

@@ -20,7 +20,6 @@ output head) get their statistics from the floating-point pass of step 1.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from qcompiler.calibration.recorder import call_model
 from qcompiler.calibration.stats import ActivationStats
 from qcompiler.errors import CalibrationError
+from qcompiler.model_signature import takes_argument
 
 # a KV cache given to a block would be appended to on every re-run; blocks run without one
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "use_cache")
@@ -152,18 +152,11 @@ def _strip_cache(kwargs: dict) -> dict:
     return {k: (False if k == "use_cache" else None) if k in _CACHE_KWARGS else v for k, v in kwargs.items()}
 
 
-def _takes_use_cache(model: nn.Module) -> bool:
-    try:
-        return "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def call_without_cache(model: nn.Module, batch):
     """``call_model`` with ``use_cache=False`` when the model takes it: the blocks are replayed
     without a cache, so the masks the model builds must be the ones for no cache (a cache-sized
     sliding-window mask does not fit the replayed sequence)."""
-    if not _takes_use_cache(model):
+    if not takes_argument(model, "use_cache"):
         return call_model(model, batch)
     if isinstance(batch, dict):
         return model(**{**batch, "use_cache": False})

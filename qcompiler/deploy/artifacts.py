@@ -20,7 +20,6 @@ tensor file is an ``InvalidFile`` naming the problem and the fix.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -86,7 +85,7 @@ class _Tensors:
 def _recipe_fields(recipe: Optional[Recipe]) -> Optional[dict]:
     if recipe is None:
         return None
-    return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
+    return recipe.as_fields()
 
 
 def _recipe_from(fields: Optional[dict]) -> Optional[Recipe]:

@@ -21,10 +21,8 @@ from qcompiler.api.calibrate import calibrate
 from qcompiler.api.explain import findings
 from qcompiler.deploy.modes import evaluating
 from qcompiler.errors import ExportError
+from qcompiler.model_signature import takes_argument
 from qcompiler.passes.meta import FLOATING_POINT
-
-_TWO_GB = 2**31
-
 
 @dataclass
 class ExportResult:
@@ -92,7 +90,7 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
         >>> qcompiler.export_onnx(model, batch, "model.onnx", recipe="w8a8-smoothquant", calibration=batches)
     """
     from qcompiler.deploy import onnx_check
-    from qcompiler.lowering.onnx import to_onnx, with_io_dtype
+    from qcompiler.lowering.onnx import PROTOBUF_LIMIT, to_onnx, with_io_dtype
     from qcompiler.passes.pipeline import run_passes
     from qcompiler.runtimes.ort_session import require_onnxruntime
 
@@ -121,7 +119,7 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
     if half is not None:
         proto = with_io_dtype(proto, half)
     violations = onnx_check.check(proto) if form == "tensorrt" else []
-    large = proto.ByteSize() >= _TWO_GB
+    large = proto.ByteSize() >= PROTOBUF_LIMIT
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save_model(proto, path, save_as_external_data=large, location=os.path.basename(path) + ".data" if large else None)
     size = os.path.getsize(path) + (os.path.getsize(path + ".data") if large else 0)
@@ -132,12 +130,7 @@ def export_onnx(model: nn.Module, example_inputs: Union[torch.Tensor, tuple, Map
 def _without_cache(model: nn.Module, kwargs: dict) -> dict:
     """A decoder is exported without its KV cache (``use_cache=False``) unless the example says
     otherwise: a cache object is not a tensor output ONNX can carry."""
-    import inspect
-
-    try:
-        takes = "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes = False
+    takes = takes_argument(model, "use_cache")
     return {**kwargs, "use_cache": False} if takes and "use_cache" not in kwargs else kwargs
 
 

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from qcompiler import torch_compat
 from qcompiler.ir import attention, attention_static, kv, kv_attention
 from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, round_clamp as _round_clamp
 from qcompiler.ir.numerics import scale_from_amax  # noqa: F401  (part of this module's interface)
@@ -130,7 +131,7 @@ def linear_w8a8_ref(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
 def _feature_size_is_weights(x, k: int) -> None:
     """The activation's feature size is the weight's: a graph traced with every size symbolic
     (``dynamic=True``) learns it here, so exports and compiles see a static K."""
-    torch._check(x.shape[-1] == k, lambda: f"activation feature size {x.shape[-1]} != the weight's {k}")
+    torch_compat.check(x.shape[-1] == k, lambda: f"activation feature size {x.shape[-1]} != the weight's {k}")
 
 
 def _linear_w8a8_fake(xq, x_scale, wq, w_scale, bias, out_dtype):

@@ -9,7 +9,7 @@ import qcompiler
 from conftest import rel_err
 from models import Stack, with_outlier_channels
 from qcompiler.ir import ops
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -5,7 +5,7 @@ export in both forms. No architecture may crash; each output stays close to FP32
 import pytest
 import torch
 
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 import qcompiler
 from tiny_models import ARCHITECTURES, DECODERS, build, token_batch
 

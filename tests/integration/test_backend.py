@@ -11,7 +11,7 @@ from torch import nn
 import qcompiler
 from conftest import rel_err
 from models import Block, Stack, with_outlier_channels
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 TARGETS = ["reference", "inductor", "ort", "triton"]  # triton: the CPU interpreter without a GPU
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from conftest import rel_err
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 import qcompiler
 
 # the error a recipe may add to a few random-weight layers at most (garbage scores near 0 dB)

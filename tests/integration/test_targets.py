@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompiler.lowering import LOWERINGS, TargetUnavailable, auto_choice
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 import qcompiler
 
 

@@ -10,7 +10,7 @@ import qcompiler
 from qcompiler.errors import OptionError
 from qcompiler.ir import attention, ops
 from qcompiler.lowering.inductor import attention_q8_float_gemm
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 QDTYPES = {"int8": torch.int8, "fp8": ops.FP8}
 # output SQNR floors against float64 attention on random inputs (INT8 measures ~40 dB, FP8 ~30)

@@ -15,7 +15,7 @@ from qcompiler.errors import CalibrationError
 from qcompiler.ir import ops
 from qcompiler.lowering.inductor import attention_q8_static_float_gemm
 from qcompiler.passes import attention_static
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 from test_attention import CASES, STATIC_FLOORS as FLOORS, assert_ort_matches_reference
 
 QDTYPES = {"int8": torch.int8, "fp8": ops.FP8}

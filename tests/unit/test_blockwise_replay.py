@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from qcompiler.calibration import blockwise
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 import qcompiler
 from tiny_models import build, token_batch
 

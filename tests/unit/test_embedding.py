@@ -16,11 +16,11 @@ from conftest import rel_err
 from models import capture
 from qcompiler.deploy import onnx_check
 from qcompiler.ir import ops
-from qcompiler.passes.embedding import embed
-from qcompiler.passes.match import TIED, match
+from qcompiler.passes import pipeline
+from qcompiler.passes.graph_utils import qop_arguments
+from qcompiler.passes.match import TIED
 from qcompiler.passes.meta import FLOATING_POINT
-from qcompiler.passes.quantize import quantize, sqnr_db
-from qcompiler.passes.smooth import smooth
+from qcompiler.passes.sqnr import sqnr_db
 from qcompiler.recipes import get_recipe
 from qcompiler.runtimes.ort_session import OrtSession
 
@@ -51,9 +51,9 @@ def _model(tied=True, dtype=torch.float32):
 
 
 def _passes(model, ids, recipe):
+    """The backend's passes on the captured graph: (graph, inputs, linear and embedding decisions)."""
     gm, ex = capture(model, ids)
-    matches = match(gm, ex, recipe)
-    return gm, ex, embed(gm, ex, recipe, quantize(gm, matches, smooth(gm, ex, matches)))
+    return gm, ex, [d for d in pipeline.run_passes(gm, ex, recipe).decisions if d.op in ("linear", "embedding")]
 
 
 def _targets(gm, name):
@@ -88,7 +88,8 @@ def test_tied_projection_reads_the_embedding_table():
     ref = model(ids)
     gm, ex, decisions = _passes(model, ids, get_recipe("w8a8").replace(embedding="int8"))
     (emb,), (head,) = _targets(gm, "embedding_int8"), _targets(gm, "linear_w8a16")
-    assert emb.args[1].target == head.args[1].target and emb.args[2].target == head.args[2].target
+    emb, head = qop_arguments(emb), qop_arguments(head)
+    assert emb["wq"].target == head["wq"].target and emb["w_scale"].target == head["w_scale"].target
     d = {(r.module, r.op): r for r in decisions}
     assert d[("embed", "embedding")].scheme == "w8a8" and d[("embed", "embedding")].sqnr_db > 35
     assert d[("head", "linear")].scheme == "w8a16" and "tied" in d[("head", "linear")].reason

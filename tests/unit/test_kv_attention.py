@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import qcompiler
 from qcompiler.ir import kv
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 transformers = pytest.importorskip("transformers")
 from tiny_models import assert_same_generation, build, token_batch  # noqa: E402

@@ -111,7 +111,7 @@ def _chunked_logits(model, ids, cache, chunk):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3", "gpt2", "mistral"])
 @pytest.mark.parametrize("scheme,floor_db", [("int8", 35.0), ("fp8", 25.0), ("int4", 15.0)])
 def test_cache_in_forward_stays_close_to_the_float_cache(arch, scheme, floor_db):
-    from qcompiler.passes.quantize import sqnr_db
+    from qcompiler.passes.sqnr import sqnr_db
 
     model, vocab = build(arch)
     ids = token_batch(vocab, 2, 96, seed=5)["input_ids"]
@@ -142,7 +142,7 @@ def test_generate_eager_greedy_and_beam_search(scheme, floor_db):
     """``generate()`` with the quantized cache: each greedy step's logits close to the float
     model's on the same tokens (teacher-forced), and beam search's scores of its sequences close
     to their float scores (the score formula checked first against the float cache's beams)."""
-    from qcompiler.passes.quantize import sqnr_db
+    from qcompiler.passes.sqnr import sqnr_db
 
     model, vocab = build("llama")
     prompt = token_batch(vocab, 2, 40, seed=3, padded=True)

@@ -24,10 +24,16 @@ FORBIDDEN = {
                            "qcompiler.algorithms", "qcompiler.api", "qcompiler.deploy"),
     "qcompiler.ir": ("qcompiler.passes", "qcompiler.lowering", "qcompiler.runtimes", "qcompiler.calibration",
                      "qcompiler.algorithms", "qcompiler.api", "qcompiler.deploy"),
+    # a scheme is numerics and graph emission: the IR below it, nothing that runs or calibrates
+    "qcompiler.schemes": ("qcompiler.passes", "qcompiler.lowering", "qcompiler.runtimes", "qcompiler.calibration",
+                          "qcompiler.algorithms", "qcompiler.api", "qcompiler.deploy", "qcompiler.recipes"),
+    # torch's private names, wrapped: it stands on torch alone
+    "qcompiler.torch_compat": ("qcompiler",),
 }
 COMPILER = ("qcompiler.passes", "qcompiler.lowering", "qcompiler.runtimes", "qcompiler.ir", "qcompiler.calibration",
             "qcompiler.algorithms", "qcompiler.deploy", "qcompiler.api.backend", "qcompiler.api.calibrate",
-            "qcompiler.api.explain", "qcompiler.api.options", "qcompiler.recipes")
+            "qcompiler.api.explain", "qcompiler.api.options", "qcompiler.recipes", "qcompiler.recipe_specs",
+            "qcompiler.schemes", "qcompiler.torch_compat")
 
 
 def _modules() -> dict:
@@ -103,7 +109,8 @@ def _cycles(graph: dict) -> list:
 
 def test_the_graph_is_read():
     assert len(MODULES) > 40 and GRAPH["qcompiler.api.backend"] >= {"qcompiler.passes.pipeline",
-                                                                     "qcompiler.recipes"}
+                                                                     "qcompiler.torch_compat"}
+    assert GRAPH["qcompiler.recipes"] >= {"qcompiler.recipe_specs", "qcompiler.schemes.registry"}
 
 
 def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import():

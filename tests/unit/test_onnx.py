@@ -21,7 +21,7 @@ from models import Stack, with_outlier_channels
 from qcompiler.deploy import onnx_check
 from qcompiler.ir import int4, ops
 from qcompiler.lowering.onnx import UnsupportedForm, to_onnx
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 from qcompiler.runtimes.ort_session import OrtSession
 
 qops = torch.ops.qcompile

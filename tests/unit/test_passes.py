@@ -12,9 +12,11 @@ from conftest import rel_err
 from models import Block, Stack, capture, with_outlier_channels
 from qcompiler.api.explain import findings
 from qcompiler.passes.attention import quantize_attention
+from qcompiler.passes import pipeline
+from qcompiler.passes.graph_utils import qop_arguments
 from qcompiler.passes.match import match
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
-from qcompiler.passes.quantize import quantize, sqnr_db, token_sqnr_db
+from qcompiler.passes.sqnr import sqnr_db, token_sqnr_db
 from qcompiler.passes.smooth import choose, group_error, producing_linear, smooth, smooth_scale
 from qcompiler.recipes import get_recipe
 
@@ -27,11 +29,16 @@ def qop_counts(gm):
 
 
 def run_passes(model, x, recipe):
+    """The backend's passes on the captured graph: (graph, inputs, matches, plans, linear decisions)."""
     gm, ex = capture(model, x)
-    matches = match(gm, ex, recipe)
-    plans = smooth(gm, ex, matches)
-    decisions = quantize(gm, matches, plans)
-    return gm, ex, matches, plans, decisions
+    done = pipeline.run_passes(gm, ex, recipe)
+    return gm, ex, done.matches, done.plans, [d for d in done.decisions if d.op == "linear"]
+
+
+def divided_inside(gm) -> list:
+    """The static quantize ops that divide their input by a smoothing scale themselves."""
+    return [n for n in gm.graph.nodes
+            if n.target == qops.quantize_per_tensor.default and qop_arguments(n)["smooth_inv"] is not None]
 
 
 class Forms(nn.Module):
@@ -125,8 +132,7 @@ def test_smooth_folds_into_norm_when_the_group_is_its_only_consumer(norm):
     assert folded["gate"] == folded["up"] == "norm2"
     assert folded["o"] is None and folded["down"] is None
     # so only o and down carry 1/s into their quantize op
-    with_inv = [n for n in gm.graph.nodes if n.target == qops.quantize_per_tensor.default and n.args[2] is not None]
-    assert len(with_inv) == 2
+    assert len(divided_inside(gm)) == 2
     # the user's model is untouched
     for k, v in model.state_dict().items():
         assert torch.equal(v, params_before[k]), k
@@ -142,8 +148,7 @@ def test_smooth_skip_leaves_a_group_unscaled_and_the_others_folded():
     scaled = {m.module: plans[n].scale is not None for n, m, _ in matches}
     assert scaled == {"q": True, "k": True, "v": True, "gate": True, "up": True, "o": False, "down": False}
     assert {m.module: plans[n].folded_params for n, m, _ in matches}["q"] == ("norm1.weight",)
-    with_inv = [n for n in gm.graph.nodes if n.target == qops.quantize_per_tensor.default and n.args[2] is not None]
-    assert not with_inv  # nothing left to divide inside a quantize op
+    assert not divided_inside(gm)  # nothing left to divide inside a quantize op
 
 
 def test_the_linear_whose_rows_could_absorb_an_unfolded_scale():

@@ -12,7 +12,7 @@ from models import Stack, with_outlier_channels
 from qcompiler.algorithms import awq, clip_search, gptq
 from qcompiler.calibration import blockwise
 from qcompiler.ir import int4
-from qcompiler.passes.quantize import sqnr_db
+from qcompiler.passes.sqnr import sqnr_db
 
 
 def correlated_inputs(n, k, seed=0):

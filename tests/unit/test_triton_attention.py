@@ -8,7 +8,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="the Triton kernels need the triton package (pip install 'qcompiler[gpu]')")
 
 from qcompiler.ir import ops  # noqa: E402
-from qcompiler.passes.quantize import sqnr_db  # noqa: E402
+from qcompiler.passes.sqnr import sqnr_db  # noqa: E402
 from qcompiler.runtimes import triton_attention  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
