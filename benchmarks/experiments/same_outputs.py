@@ -62,15 +62,21 @@ def probe(out: str, real: bool) -> None:
         torch._dynamo.reset()
         qcompiler.state_of(model).clear()  # the real model serves several cases
         recipe = qcompiler.get_recipe(options["recipe"])
-        if recipe.rounds_weights:
-            qcompiler.calibrate(model, calib, recipe=options, progress=False)
-        elif recipe.needs_calibration:
-            qcompiler.calibrate(model, calib, progress=False)
-        compiled = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
-        with torch.no_grad():
-            y = compiled(**batch)
+        try:
+            if recipe.rounds_weights:
+                qcompiler.calibrate(model, calib, recipe=options, progress=False)
+            elif recipe.needs_calibration:
+                qcompiler.calibrate(model, calib, progress=False)
+            compiled = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
+            with torch.no_grad():
+                y = compiled(**batch)
+        except qcompiler.QcompileError as e:  # the same error from both is the same behaviour
+            results[name] = (torch.zeros(0), [f"{type(e).__name__}: {e}"])
+            print(name, "raised", type(e).__name__, flush=True)
+            continue
         y = y.logits if hasattr(y, "logits") else y.last_hidden_state
-        rows = [(r.module, r.op, r.scheme, r.reason, r.sqnr_db, r.weight_bytes_quantized) for r in qcompiler.explain(compiled)]
+        rows = [(r.module, r.op, r.scheme, r.reason, r.sqnr_db, r.weight_bytes_quantized)
+                for r in qcompiler.explain(compiled)]
         results[name] = (y.detach().clone(), rows)
         print(name, flush=True)
     torch.save(results, out)
