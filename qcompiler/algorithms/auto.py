@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from qcompiler.algorithms.rounding import round_block, tied_weights
 from qcompiler.calibration import blockwise
 from qcompiler.calibration.recorder import call_model_with
-from qcompiler.calibration.state import store_prepared
+from qcompiler.calibration.state import is_linear, linear_weight, store_prepared, stored_weight
 from qcompiler.calibration.stats import PreparedWeight
 from qcompiler.errors import CalibrationError, OptionError
 from qcompiler.ir import int4, ops
@@ -139,7 +139,7 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
         for li in linears:
             if li.module in layers or id(li.module.weight) in tied or recipe.for_module(li.name) is None:
                 continue
-            w = li.module.weight.detach().to(torch.float32)
+            w = linear_weight(li.module).detach().to(torch.float32)
             x = li.inputs.rows.rows[:SENSITIVITY_ROWS]
             cands = {}
             for i, r in enumerate(formats):
@@ -150,7 +150,7 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
         return {}  # floating-point inputs for the next block
 
     need_h = any(r is not None and r.calibrated_rounding for r in formats)
-    ignore = {m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    ignore = {m for n, m in model.named_modules() if is_linear(m)
               and (id(m.weight) in tied or recipe.for_module(n) is None)}
     stats = blockwise.run(model, fit, handle, need_hessian=need_h, max_rows=max_rows, progress=progress,
                           on_outside=lambda linears: handle("", linears), ignore=ignore)
@@ -163,7 +163,7 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
             if i is None:
                 continue
             c = layers[mod][1][i]
-            params[f"{names[mod]}.weight"] = c.weight().to(mod.weight.dtype)
+            params[f"{names[mod]}.weight"] = stored_weight(mod, c.weight()).to(mod.weight.dtype)
             if c.act_quant:
                 hooks.append(mod.register_forward_pre_hook(
                     lambda m, a, _q=c.recipe.qdtype: (_fake_quant_tokens(a[0], _q), *a[1:])))

@@ -21,7 +21,7 @@ from torch import nn
 
 from qcompiler.algorithms import awq, clip_search, gptq, scale_refit, scale_tuning
 from qcompiler.calibration import blockwise
-from qcompiler.calibration.state import store_prepared
+from qcompiler.calibration.state import is_linear, linear_weight, store_prepared
 from qcompiler.calibration.stats import PreparedWeight
 from qcompiler.ir import int4
 from qcompiler.recipe_specs import ALGORITHMS
@@ -29,13 +29,13 @@ from qcompiler.recipe_specs import ALGORITHMS
 
 def tied_weights(model: nn.Module) -> set:
     """ids of linear weights that a non-linear module (an input embedding) also holds."""
-    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    return {id(p) for m in model.modules() if not isinstance(m, nn.Linear)
+    linear = {id(m.weight) for m in model.modules() if is_linear(m)}
+    return {id(p) for m in model.modules() if not is_linear(m)
             for p in m.parameters(recurse=False) if id(p) in linear}
 
 
 def _weight(li) -> torch.Tensor:
-    return li.module.weight.detach().to(torch.float32)
+    return linear_weight(li.module).detach().to(torch.float32)
 
 
 def _rtn(w, h, r, clip) -> int4.PackedInt4:
@@ -126,7 +126,7 @@ def prepare(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: 
         return {mod: eff for mod, (_, eff) in result.items()}
 
     start = time.perf_counter()
-    ignore = {m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+    ignore = {m for n, m in model.named_modules() if is_linear(m)
               and (id(m.weight) in tied or recipe.for_module(n) is None)}
     stats = blockwise.run(model, batches, handle, need_hessian=True, max_rows=max_rows,
                           progress=progress, on_outside=lambda linears: handle("", linears), ignore=ignore,

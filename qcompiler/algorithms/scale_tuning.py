@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from qcompiler.calibration.recorder import call_model, call_model_with
+from qcompiler.calibration.state import is_linear, stored_weight
 from qcompiler.errors import CalibrationError
 from qcompiler.ir import int4
 
@@ -40,11 +41,12 @@ class _Scales:
     packed: int4.PackedInt4
     smooth_scale: object
     theta: Tensor
+    module: nn.Module              # the layer (its own weight layout: Conv1D stores [in, out])
 
     def weight(self) -> Tensor:
         p = self.packed
         w = (self.codes * (p.scale * self.theta.exp())[..., None]).reshape(p.scale.shape[0], -1)[:, :p.in_features]
-        return w if self.smooth_scale is None else w / self.smooth_scale
+        return stored_weight(self.module, w if self.smooth_scale is None else w / self.smooth_scale)
 
     def tuned(self) -> int4.PackedInt4:
         return dataclasses.replace(self.packed, scale=(self.packed.scale * self.theta.detach().exp()).contiguous())
@@ -87,10 +89,10 @@ def tune(model: nn.Module, batches: list, prepared: dict, epochs: int, lr: float
 
     scales = []
     for name, mod in model.named_modules():
-        p = prepared.get(mod.weight) if isinstance(mod, nn.Linear) else None
+        p = prepared.get(mod.weight) if is_linear(mod) else None
         if p is not None and isinstance(p.weight, int4.PackedInt4):
             scales.append(_Scales(f"{name}.weight", mod.weight, int4.centred_codes(p.weight), p.weight, p.smooth_scale,
-                                  torch.zeros_like(p.weight.scale, requires_grad=True)))
+                                  torch.zeros_like(p.weight.scale, requires_grad=True), mod))
     if not scales or epochs == 0:
         return prepared, (float("nan"), float("nan"))
     opt = torch.optim.Adam([s.theta for s in scales], lr=lr)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from qcompiler.calibration.recorder import call_model
+from qcompiler.calibration.state import is_linear, stored_weight
 from qcompiler.calibration.stats import ActivationStats
 from qcompiler.errors import CalibrationError
 from qcompiler.model_signature import takes_argument
@@ -86,7 +87,7 @@ class LinearInput:
     """One linear of the current block and the statistics of its input."""
 
     name: str
-    module: nn.Linear
+    module: nn.Module               # nn.Linear or Conv1D (state.linear_weight reads either)
     inputs: InputStats
     group: int                      # linears with the same group read the same tensor
 
@@ -134,7 +135,7 @@ def find_blocks(model: nn.Module) -> list:
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1 and \
-                all(any(isinstance(m, nn.Linear) for m in b.modules()) for b in mod):
+                all(any(is_linear(m) for m in b.modules()) for b in mod):
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
@@ -145,7 +146,7 @@ def find_blocks(model: nn.Module) -> list:
 
 def _linears(module: nn.Module, prefix: str) -> dict:
     return {m: (f"{prefix}.{n}" if prefix and n else prefix or n)
-            for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+            for n, m in module.named_modules() if is_linear(m)}
 
 
 def _strip_cache(kwargs: dict) -> dict:
@@ -275,7 +276,8 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
         params = {}
         for mod, name in _linears(block, "").items():
             if mod in new_weights:
-                params[f"{name}.weight" if name else "weight"] = new_weights[mod].to(mod.weight.dtype)
+                weight = stored_weight(mod, new_weights[mod])
+                params[f"{name}.weight" if name else "weight"] = weight.to(mod.weight.dtype)
         nxt = []
         with torch.no_grad():
             for x, call in zip(inputs, calls[i]):

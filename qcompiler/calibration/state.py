@@ -32,13 +32,31 @@ ATTRIBUTE = "_qcompile_state"
 LINK = "_qcompile_link"
 
 
+def is_conv1d(mod: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linear, ``x @ W + b`` with ``W`` stored ``[in, out]``), found
+    by duck typing so that transformers is not imported here."""
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or is_conv1d(mod)
+
+
 def linear_layers(model: nn.Module):
-    """``(name, module)`` for every linear layer: ``nn.Linear``, and transformers' ``Conv1D`` (GPT-2's
-    linear, ``x @ W + b`` with ``W`` stored ``[in, out]``), found by duck typing so that
-    transformers is not imported here."""
+    """``(name, module)`` for every linear layer: ``nn.Linear`` and ``Conv1D``."""
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or (type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")):
+        if is_linear(mod):
             yield name, mod
+
+
+def linear_weight(mod: nn.Module) -> Tensor:
+    """A linear layer's weight as ``F.linear`` takes it, ``[out, in]`` (a view of the parameter)."""
+    return mod.weight.t() if is_conv1d(mod) else mod.weight
+
+
+def stored_weight(mod: nn.Module, weight: Tensor) -> Tensor:
+    """An ``[out, in]`` weight in the layout the layer stores its own (``linear_weight``'s inverse)."""
+    return weight.t() if is_conv1d(mod) else weight
 
 
 @dataclass

@@ -50,6 +50,46 @@ def test_calibrated_static_recipe(arch):
     assert _compare(model, fast, token_batch(vocab, 2, 10, seed=7)) > FLOOR_DB - 3
 
 
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w4a16-awq"])
+@pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in DECODERS])
+def test_calibrated_int4_algorithms(arch, recipe):
+    """GPTQ and AWQ round every linear, GPT-2's Conv1D ones (weights stored [in, out]) included, and
+    the compiled model computes what the prepared weights say: the same logits as the float model
+    with each linear's weight replaced by its prepared INT4 weight, dequantized."""
+    from qcompiler.calibration.state import linear_layers, linear_weight, prepared_for, stored_weight
+
+    model, vocab = build(arch)
+    options = {"recipe": recipe, "group_size": 32}
+    qcompiler.calibrate(model, [token_batch(vocab, 2, 16, seed=s) for s in range(2)], recipe=options, progress=False)
+    fast = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
+    batch = token_batch(vocab, 2, 10, seed=7)
+    with torch.no_grad():
+        got = _output(fast(**batch))
+    rows = [r for r in qcompiler.explain(fast) if r.op == "linear"]
+    assert rows and all(r.scheme == recipe for r in rows if r.module != "lm_head"), [(r.module, r.scheme) for r in rows]
+    # the float model on the prepared weights (AWQ's input scale folded back: W s / s)
+    dequantized = {}
+    for name, mod in linear_layers(model):
+        p = prepared_for(mod.weight)
+        if p is not None and p.weight is not None:
+            w = p.weight.dequantize() if p.smooth_scale is None else p.weight.dequantize() / p.smooth_scale
+            assert w.shape == linear_weight(mod).shape, name
+            dequantized[mod] = w
+    assert len(dequantized) == len([r for r in rows if r.scheme == recipe])
+    saved = {mod: mod.weight.data.clone() for mod in dequantized}
+    try:
+        for mod, w in dequantized.items():
+            mod.weight.data.copy_(stored_weight(mod, w))
+        with torch.no_grad():
+            expected = _output(model(**batch))
+    finally:
+        for mod, w in saved.items():
+            mod.weight.data.copy_(w)
+    assert sqnr_db(expected, got) > 60  # the same weights; only the order of float operations differs
+    assert _compare(model, fast, batch) > 8  # INT4 on 64-wide random weights, against FP32
+
+
 @pytest.mark.parametrize("arch", [a if a in GENERATE_IN_CI else pytest.param(a, marks=pytest.mark.slow)
                                   for a in DECODERS])
 def test_generate_through_the_compiled_forward(arch):
