@@ -7,8 +7,7 @@ likewise) make one GEMM whose output a ``Split`` cuts back into the linears' out
 integer products and the same epilogue per column, so the same values, with one kernel launch and
 one pass over the activation where there were two or three. At decode, where each GEMM is a short
 read of its weights, the launches are what the merge saves (SmolLM2-135M w8a8, one token on a
-200-token cache, 2 threads: 20.4 -> 18.6 ms per step; docs/experiments.md, "Where a decode step
-goes").
+200-token cache: docs/results/ort_decode_session.md).
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ KERNELS = {
 
 def _register(name: str, launcher):
     """``qcompile_triton::<name>``: the q-op's schema and fake, the launcher as its kernel."""
-    schema = str(getattr(qops, name).default._schema)
+    schema = str(torch_compat.op_schema(getattr(qops, name).default))
     op = torch.library.custom_op(f"qcompile_triton::{name}", launcher, mutates_args=(),
                                  schema=schema[schema.index("("):])
     op.register_fake(ops.FAKES[name])

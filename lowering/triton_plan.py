@@ -28,12 +28,12 @@ BUCKETS = ((1, 1), (16, 16), (256, 128), (2**62, 2048))
 
 
 def _schema_args(name: str) -> str:
-    schema = str(getattr(qops, name).default._schema)
+    schema = str(torch_compat.op_schema(getattr(qops, name).default))
     return schema[schema.index("(") + 1:schema.rindex(") ->")]
 
 
 def _planned_impl(family):
-    n_args = len(getattr(qops, family.op).default._schema.arguments)
+    n_args = len(torch_compat.op_schema(getattr(qops, family.op).default).arguments)
 
     def run(*all_args):
         args, prepared, upper, kernels, start = all_args[:n_args], *all_args[n_args:]
@@ -52,7 +52,7 @@ def _register_planned(family):
     schema = f"({_schema_args(family.op)}, Tensor[] prepared, int[] m_upper, int[] kernels, int[] prepared_start) -> Tensor"
     op = torch.library.custom_op(f"qcompile_triton::{name}", _planned_impl(family), mutates_args=(), schema=schema)
     fake = ops.FAKES[family.op]
-    n_args = len(getattr(qops, family.op).default._schema.arguments)
+    n_args = len(torch_compat.op_schema(getattr(qops, family.op).default).arguments)
     op.register_fake(lambda *a: fake(*a[:n_args]))
     return getattr(torch.ops.qcompile_triton, name).default
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from qcompiler import torch_compat
+
 
 def add_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.Node:
     """Register ``value`` as a buffer of ``gm`` and return a get_attr node for it (at the
@@ -18,7 +20,7 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, prefix: str) -> fx.Nod
 
 def qop_arguments(node: fx.Node) -> dict:
     """A q-op node's arguments by their names in the op's schema (``{"x": ..., "smooth_inv": ...}``)."""
-    names = [a.name for a in node.target._schema.arguments]
+    names = [a.name for a in torch_compat.op_schema(node.target).arguments]
     return {**dict(zip(names, node.args)), **node.kwargs}
 
 

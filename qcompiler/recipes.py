@@ -90,7 +90,7 @@ class Recipe:
         for pattern, target in self.overrides:
             if isinstance(target, tuple):  # a dict of fields: check it now
                 try:
-                    self._overridden(target)
+                    _merged(self, target)
                 except OptionError as e:
                     raise OptionError(f"{e} (in the override of {pattern!r})") from None
 
@@ -199,17 +199,14 @@ class Recipe:
         for pattern, target in self.overrides:
             if fnmatch.fnmatchcase(module_name, pattern):
                 if isinstance(target, tuple):
-                    return self._overridden(target)
+                    return _merged(self, target)
                 return None if target == FLOAT else get_recipe(target)
         return self
-
-    def _overridden(self, items: tuple) -> "Recipe":
-        """This recipe with an override's fields merged on (and no overrides of its own)."""
-        return _merged(self, items)
 
 
 @functools.lru_cache(maxsize=256)
 def _merged(recipe: Recipe, items: tuple) -> Recipe:
+    """``recipe`` with an override's fields merged on (and no overrides of its own)."""
     bad = sorted(k for k, _ in items if k in OWN_FIELDS)
     if bad:
         raise OptionError(f"an override's fields cannot change {bad}")

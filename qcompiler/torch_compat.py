@@ -234,6 +234,11 @@ def cacheable_functions_patch(functions: dict) -> dict:
 
 # ----------------------------------------------------------------------------- ATen kernels and ops
 
+def op_schema(op):
+    """An operator overload's schema (``OpOverload._schema``): its arguments' names and types."""
+    return op._schema
+
+
 # the function torch.nn.functional.linear is (what Dynamo may record in a graph)
 C_LINEAR = torch._C._nn.linear
 

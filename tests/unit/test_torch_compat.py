@@ -106,6 +106,11 @@ def test_inductor_entry_and_cacheable_functions():
     torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, expected)
 
 
+def test_an_op_schema_names_its_arguments():
+    names = [a.name for a in torch_compat.op_schema(torch.ops.aten.add.Tensor).arguments]
+    assert names == ["self", "other", "alpha"], "OpOverload._schema changed"
+
+
 def test_the_linear_function_dynamo_records_and_check():
     x, w = torch.randn(2, 4), torch.randn(3, 4)
     torch.testing.assert_close(torch_compat.C_LINEAR(x, w), x @ w.t())
@@ -121,7 +126,7 @@ def test_the_linear_function_dynamo_records_and_check():
     ("_weight_int4pack_mm", ["self", "mat2", "qGroupSize", "qScaleAndZeros"]),
 ])
 def test_the_aten_kernels_keep_their_signatures(op, args):
-    schema = getattr(torch.ops.aten, op).default._schema
+    schema = torch_compat.op_schema(getattr(torch.ops.aten, op).default)
     assert [a.name for a in schema.arguments] == args, f"aten.{op} changed its signature: {schema}"
 
 
