@@ -153,13 +153,17 @@ def _weight_only(layer: Layer, why: str, fallback: str) -> Optional[Outcome]:
     return Outcome(scheme, qweight, WEIGHT_ONLY, text, sqnr, fallback)
 
 
-def _decide(layer: Layer, scheme, qweight, sqnr, loss) -> Outcome:
-    """Keep the scheme, or fall back (8-bit weights only, else floating point) as the guards say."""
+def _decide(layer: Layer, scheme, qweight, sqnr, loss, trained: Optional[str] = None) -> Outcome:
+    """Keep the scheme, or fall back (8-bit weights only, else floating point) as the guards say.
+    A trained layer (``trained``: how) keeps its scheme unless its output is NaN: training measured
+    the whole model with it quantized, which the guards' per-layer SQNR only estimates."""
     recipe, m = layer.recipe, layer.match
     fallback, why = _kept_in_float(recipe, sqnr, loss)
+    if trained is not None and fallback != "nan":
+        fallback, why = None, ""
     if not fallback:
         text = scheme.describe(recipe) + (", SmoothQuant" if recipe.smoothquant else "") + \
-            (f"; {m.reason}" if m.reason else "")
+            (f"; {trained}" if trained else "") + (f"; {m.reason}" if m.reason else "")
         return Outcome(scheme, qweight, recipe.name, text, sqnr)
     if fallback != "nan" and recipe.activation is not None:  # the weights alone may still be 8-bit
         weight_only = _weight_only(layer, why, fallback)
@@ -220,11 +224,13 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
         else:
             layer = _layer(node, m, bias, plans.get(node))
             scheme = SCHEMES.get(layer.recipe.scheme_key)
-            qweight = scheme.quantize_weight(layer.weight, layer.recipe, checked_prepared(m, layer.recipe))
-            x_scale = checked_static_scale(layer.stats, layer.smooth_inv, layer.recipe, m.module, layer.clip) \
-                if scheme.key.scale == "static" else None
+            prepared = checked_prepared(m, layer.recipe)
+            trained = prepared is not None and prepared.trained
+            qweight = scheme.quantize_weight(layer.weight, layer.recipe, prepared)
+            x_scale = None if scheme.key.scale != "static" else prepared.x_scale if trained else \
+                checked_static_scale(layer.stats, layer.smooth_inv, layer.recipe, m.module, layer.clip)
             sqnr, loss = _measure(layer, scheme, qweight, x_scale)
-            outcome = _decide(layer, scheme, qweight, sqnr, loss)
+            outcome = _decide(layer, scheme, qweight, sqnr, loss, prepared.reason if trained else None)
             node = _emit(gm, layer, outcome, x_scale)
             d = _record(layer, outcome, loss)
         node.meta[META_KEY] = d

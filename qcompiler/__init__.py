@@ -26,6 +26,7 @@ _EXPORTS = {
     "QcompileError": "qcompiler.errors", "OptionError": "qcompiler.errors",
     "CalibrationError": "qcompiler.errors", "ExportError": "qcompiler.errors", "InvalidFile": "qcompiler.errors",
     "MissingDependency": "qcompiler.errors", "TargetUnavailable": "qcompiler.errors",
+    "TrainingError": "qcompiler.errors",
     "QuantState": "qcompiler.calibration.state", "state_of": "qcompiler.calibration.state",
     "Recipe": "qcompiler.recipes", "get_recipe": "qcompiler.recipes", "list_recipes": "qcompiler.recipes",
     "register_recipe": "qcompiler.recipes",

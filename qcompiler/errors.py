@@ -32,5 +32,9 @@ class InvalidFile(QcompileError, ValueError):
     """A file given to qcompile is missing, not ONNX, or damaged."""
 
 
+class TrainingError(QcompileError, RuntimeError):
+    """Quantization-aware training that cannot go on (a loss that is not finite); the message names the step."""
+
+
 class MissingDependency(QcompileError, ImportError):
     """An optional package this path needs is not installed; the message names the extra."""

@@ -173,6 +173,11 @@ class Recipe:
         return tuple(getattr(self, f) for f in PREPARED_KEY_FIELDS)
 
     @property
+    def trained_key(self) -> tuple:
+        """What a weight trained by ``qcompiler.qat`` was trained for: the prepared key and the scheme."""
+        return (*self.prepared_key, str(self.scheme_key), self.activation)
+
+    @property
     def needs_calibration(self) -> bool:
         """Static activation scales, searches and weight-rounding algorithms need calibration data."""
         return self.activation == "static" or self.smoothquant or self.rounds_weights

@@ -52,7 +52,7 @@ class _Scales:
         return dataclasses.replace(self.packed, scale=(self.packed.scale * self.theta.detach().exp()).contiguous())
 
 
-def _output(out) -> tuple[Tensor, bool]:
+def judged_output(out) -> tuple[Tensor, bool]:
     """(the tensor a model's output is judged by, whether it is logits): ``logits`` when the output
     has them (an attribute or a key), else ``last_hidden_state``, else the first tensor it holds."""
     for key in ("logits", "last_hidden_state"):
@@ -110,8 +110,8 @@ def tune(model: nn.Module, batches: list, prepared: dict, epochs: int, lr: float
             for i in torch.randperm(len(batches), generator=gen).tolist():
                 with torch.no_grad():
                     ref = call_model(model, batches[i])
-                ref, is_logits = _output(ref)
-                out, _ = _output(call_model_with(model, {s.name: s.weight() for s in scales}, batches[i]))
+                ref, is_logits = judged_output(ref)
+                out, _ = judged_output(call_model_with(model, {s.name: s.weight() for s in scales}, batches[i]))
                 loss = output_loss(out, ref, is_logits)
                 if not torch.isfinite(loss):
                     raise CalibrationError(f"scale tuning diverged (loss {loss.item()}): lower tune_lr "

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from qcompiler.errors import CalibrationError
+
 # a weight whose sketch moved by more than this (relative) is not the one its codes were made from;
 # rounding a weight to bf16 moves it by about 1e-3
 SKETCH_TOLERANCE = 5e-3
@@ -169,6 +171,31 @@ def stats_for(weight: Tensor):
 def prepared_for(weight: Tensor):
     state, name = linked_state(weight)
     return None if state is None else state.prepared.get(name)
+
+
+def checked_prepared_weight(prepared, module: str, recipe, before: str):
+    """``prepared`` (a layer's ``PreparedWeight`` or None) as ``recipe`` may use it before ``before``
+    ("compiling"): trained weights (``qcompiler.qat``) must have been trained for this recipe, AWQ /
+    GPTQ codes must exist and have been made for its INT4 settings; None when the recipe rounds
+    without calibration and the layer was not trained."""
+    if prepared is not None and prepared.trained:
+        if prepared.key != recipe.trained_key:
+            raise CalibrationError(
+                f"{module!r} was trained (qcompiler.qat) for recipe {prepared.recipe.name!r} {prepared.key}, not for "
+                f"recipe {recipe.name!r} {recipe.trained_key}: use the options it was trained with, or drop the "
+                f"trained codes with qcompiler.calibration.state.forget(model)")
+        return prepared
+    if not recipe.calibrated_rounding:
+        return None
+    fix = (f"run `qcompiler.calibrate(model, batches, recipe={recipe.name!r})` (with the same recipe "
+           f"options) before {before}")
+    if prepared is None or prepared.weight is None:
+        raise CalibrationError(f"recipe {recipe.name!r} rounds weights with {recipe.algorithm.upper()} on "
+                               f"calibration data, but {module!r} has no prepared weight: {fix}")
+    if prepared.key != recipe.prepared_key:
+        raise CalibrationError(f"{module!r} was calibrated for a different INT4 setting {prepared.key} "
+                               f"than the recipe asks for {recipe.prepared_key}: {fix}")
+    return prepared
 
 
 def store_prepared(model: nn.Module, prepared: dict, stats: Optional[dict] = None,

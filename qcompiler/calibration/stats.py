@@ -104,6 +104,11 @@ class PreparedWeight:
     rounded weight in its packed form (None when the quantize pass rounds it itself);
     ``smooth_scale`` the per-input-channel scale s that the weight absorbed (AWQ), so the
     layer's input must be divided by it; ``key`` the recipe fields the weight was made for.
+
+    ``trained``: the weight (and ``x_scale``, a static activation scale) came from quantization-aware
+    training (``qcompiler.qat.convert``); its key is then the recipe's ``trained_key``, ``weight``
+    is the scheme's own form (a ``PackedInt4``, or a ``PerChannelWeight`` for 8-bit weights), and
+    the quantize pass takes it as it is, whatever the recipe's rounding algorithm.
     """
 
     recipe: object
@@ -112,3 +117,5 @@ class PreparedWeight:
     smooth_scale: Optional[Tensor] = None
     reason: str = ""
     sensitivity: dict = field(default_factory=dict)    # format -> relative output error
+    trained: bool = False
+    x_scale: Optional[Tensor] = None

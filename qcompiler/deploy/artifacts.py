@@ -35,6 +35,7 @@ from qcompiler.calibration.stats import ActivationStats, AttentionStats, Prepare
 from qcompiler.errors import CalibrationError, InvalidFile, MissingDependency, OptionError
 from qcompiler.ir.int4 import PackedInt4
 from qcompiler.recipes import PREPARED_KEY_FIELDS, Recipe, get_recipe, resolve
+from qcompiler.schemes.base import PerChannelWeight
 
 FORMAT = "qcompile-state"
 FORMAT_VERSION = 2  # 2: attention statistics
@@ -63,7 +64,7 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def _digest(t: Tensor) -> str:
-    data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    data = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode() + data).hexdigest()
 
 
@@ -106,6 +107,19 @@ def _prepared_key(stored: list, recipe: Recipe) -> tuple:
     return tuple(tuple(v) if isinstance(v, list) else v for v in stored)
 
 
+def _weight_entry(name: str, w, tensors) -> Optional[dict]:
+    """A prepared weight as the manifest holds it: INT4 codes in their packed layout, or trained
+    8-bit codes with their per-channel scales."""
+    if w is None:
+        return None
+    if isinstance(w, PackedInt4):
+        return {"packed": tensors.put(w.packed), "scale": tensors.put(w.scale), "zero": tensors.put(w.zero),
+                "group_size": w.group_size, "in_features": w.in_features}
+    if isinstance(w, PerChannelWeight):
+        return {"kind": "per_channel", "wq": tensors.put(w.wq), "wscale": tensors.put(w.wscale)}
+    raise CalibrationError(f"layer {name!r}: a prepared weight of type {type(w).__name__} cannot be saved")
+
+
 def _json_safe(value):
     """Tuples to lists; tensors and other objects become None (the run record is informational)."""
     if isinstance(value, dict):
@@ -145,17 +159,13 @@ def save(model: nn.Module, path: Union[str, os.PathLike], *, recipe=None) -> pat
             "tokens": s.tokens, "max_rows": s.max_rows,
             "generator": tensors.put(s._gen.get_state()) if s._gen is not None else None}
     for name, p in state.prepared.items():
-        w = p.weight
-        if w is not None and not isinstance(w, PackedInt4):
-            raise CalibrationError(f"layer {name!r}: a prepared weight of type {type(w).__name__} cannot be saved")
         layers.setdefault(name, {})["prepared"] = {
             "recipe": _recipe_fields(p.recipe), "key": list(p.key), "reason": p.reason,
             "source": tensors.put(state.sources.get(name)),
             "sensitivity": [[k, v] for k, v in p.sensitivity.items()],
             "smooth_scale": tensors.put(p.smooth_scale),
-            "weight": None if w is None else {
-                "packed": tensors.put(w.packed), "scale": tensors.put(w.scale), "zero": tensors.put(w.zero),
-                "group_size": w.group_size, "in_features": w.in_features}}
+            "trained": p.trained, "x_scale": tensors.put(p.x_scale),
+            "weight": _weight_entry(name, p.weight, tensors)}
     attention = {name: {"module": a.module, "tokens": a.tokens,
                         **{k: tensors.put(t) for k, t in a.tensors().items()}} for name, a in state.attention.items()}
     manifest = {
@@ -266,15 +276,23 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                 if "prepared" in entry:
                     p = entry["prepared"]
                     w = p["weight"]
-                    weight = None if w is None else PackedInt4(get(w["packed"]), get(w["scale"]), get(w["zero"]),
-                                                               w["group_size"], w["in_features"])
+                    if w is None:
+                        weight = None
+                    elif w.get("kind") == "per_channel":
+                        weight = PerChannelWeight(get(w["wq"]), get(w["wscale"]))
+                    else:
+                        weight = PackedInt4(get(w["packed"]), get(w["scale"]), get(w["zero"]), w["group_size"],
+                                            w["in_features"])
                     source = get(p.get("source"))
                     if source is not None and not sketches_agree(weight_sketch(weights[name]), source):
                         changed.append(name)
                     recipe = _recipe_from(p["recipe"])
-                    prepared[name] = PreparedWeight(recipe, _prepared_key(p["key"], recipe), weight,
-                                                    get(p["smooth_scale"]), p["reason"],
-                                                    {k: v for k, v in p["sensitivity"]})
+                    trained = bool(p.get("trained", False))
+                    key = tuple(tuple(v) if isinstance(v, list) else v for v in p["key"]) if trained else \
+                        _prepared_key(p["key"], recipe)
+                    prepared[name] = PreparedWeight(recipe, key, weight, get(p["smooth_scale"]), p["reason"],
+                                                    {k: v for k, v in p["sensitivity"]}, trained,
+                                                    get(p.get("x_scale")))
             attention = {}
             for name, entry in manifest.get("attention", {}).items():
                 if name not in modules:

@@ -138,11 +138,20 @@ def _weights(module: nn.Module, recipe: Recipe, name: str, s: Optional[torch.Ten
     """(float weight on the quantized grid, scale, zero point in the format's convention or None);
     ``s``: the input scale the weight absorbs (AWQ's prepared codes already have it)."""
     w = module.weight.detach().to(torch.float32)
-    if s is not None and not recipe.calibrated_rounding:
+    prepared = prepared_for(module.weight)
+    if prepared is not None and prepared.trained:  # qcompiler.qat: the trained codes and scales
+        if prepared.key != recipe.trained_key:
+            raise OptionError(f"{name!r} was trained (qcompiler.qat) for recipe {prepared.recipe.name!r}, not for "
+                              f"{recipe.name!r}: export with the options it was trained with")
+        t = prepared.weight
+        if recipe.weight_bits != 4:
+            return t.wq.to(torch.float32) * t.wscale[:, None], t.wscale[:, None], None
+    elif s is not None and not recipe.calibrated_rounding:
         w = w * s
     if recipe.weight_bits == 4:
-        if recipe.calibrated_rounding:
-            prepared = prepared_for(module.weight)
+        if prepared is not None and prepared.trained:
+            packed = prepared.weight
+        elif recipe.calibrated_rounding:
             if prepared is None or prepared.weight is None or prepared.key != recipe.prepared_key:
                 raise OptionError(f"recipe {recipe.name!r} rounds weights on calibration data, and {name!r} has "
                                   f"none for it: run qcompiler.calibrate(model, batches, recipe={recipe.name!r}) first")

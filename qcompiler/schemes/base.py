@@ -6,6 +6,11 @@ reference q-ops (``reference``: the numerics every target is tested against and 
 guards read), and emits the q-op nodes that replace the linear (``emit``, the same call with
 graph nodes in place of tensors). Its ``qop`` names the q-op, which is the key of the kernel
 tables (``runtimes/linear_kernels.py``). The scheme's ``key`` says which formats it was made for.
+
+For quantization-aware training (``qcompiler.qat``) a scheme also computes the same numerics as
+a differentiable function: ``learned_scales`` (where training starts), ``fake_weight`` and
+``fake_input`` (``qcompiler.schemes.fake_quant``: straight-through rounding, LSQ scale gradients)
+and ``trained_weight`` (the codes and scales the quantize pass then takes as a prepared weight).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import torch
 from torch import Tensor, fx
 
 from qcompiler.ir import ops
+from qcompiler.ir.numerics import round_clamp
+from qcompiler.schemes import fake_quant
 from qcompiler.schemes.registry import SchemeKey
 
 QDTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -92,6 +99,28 @@ class Scheme:
         """The node that replaces the linear (arguments are graph nodes, or None)."""
         raise NotImplementedError
 
+    # ---- training: the same numerics, differentiable (qcompiler.qat)
+
+    def learned_scales(self, weight: QuantizedWeight) -> tuple[Tensor, Optional[Tensor]]:
+        """(the weight scales training starts from, the zero points it keeps fixed or None)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained")
+
+    def dequantized(self, weight: QuantizedWeight, recipe, in_features: int) -> Tensor:
+        """The float32 [N, K] weight ``weight`` stands for."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained")
+
+    def fake_weight(self, w: Tensor, scale: Tensor, zero: Optional[Tensor], recipe) -> Tensor:
+        """``w`` [N, K] on the scheme's weight grid, float32, differentiable in ``w`` and ``scale``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained")
+
+    def fake_input(self, x: Tensor, x_scale: Optional[Tensor], recipe) -> Tensor:
+        """The layer's input (already divided by any smoothing scale) as the q-op sees it."""
+        return x
+
+    def trained_weight(self, w: Tensor, scale: Tensor, zero: Optional[Tensor], recipe):
+        """The codes of ``w`` under the trained scales, in the form ``quantize_weight`` takes as prepared."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be trained")
+
 
 def per_channel(weight: Tensor, qdtype: torch.dtype) -> PerChannelWeight:
     """8-bit weights symmetric per output channel (the form of every 8-bit scheme)."""
@@ -102,7 +131,22 @@ class PerChannel8Bit(Scheme):
     """A scheme whose weights are 8-bit per output channel, in the key's weight format."""
 
     def quantize_weight(self, weight, recipe, prepared):
+        if prepared is not None and isinstance(prepared.weight, PerChannelWeight):  # trained scales
+            return prepared.weight
         return per_channel(weight, self.weight_dtype)
+
+    def learned_scales(self, weight):
+        return weight.wscale, None
+
+    def dequantized(self, weight, recipe, in_features):
+        return ops.dequantize_ref(weight.wq, weight.wscale[:, None])
+
+    def fake_weight(self, w, scale, zero, recipe):
+        return fake_quant.per_channel(w, scale, self.weight_dtype)
+
+    def trained_weight(self, w, scale, zero, recipe):
+        scale = scale.detach().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
+        return PerChannelWeight(round_clamp(w.detach().to(torch.float32) / scale[:, None], self.weight_dtype), scale)
 
     def formats(self, activations: str) -> str:
         """"INT8 weights per channel, <activations>" in the key's formats."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from qcompiler.ir import int4, ops
+from qcompiler.schemes import fake_quant
 from qcompiler.schemes.base import GroupedInt4Weight, Scheme
 
 qops = torch.ops.qcompile
@@ -31,3 +32,18 @@ class Int4Grouped(Scheme):
     def emit(self, graph, x, weight, *, bias, smooth_inv, x_scale, recipe, out_dtype):
         return graph.call_function(qops.linear_w4a16.default, (x, weight.w4, weight.w4scale, weight.w4zero,
                                                                smooth_inv, recipe.group_size, bias))
+
+    def learned_scales(self, weight):
+        return weight.w4scale, weight.w4zero
+
+    def dequantized(self, weight, recipe, in_features):
+        return int4.dequantize(weight.w4, weight.w4scale, weight.w4zero, recipe.group_size, in_features)
+
+    def fake_weight(self, w, scale, zero, recipe):
+        return fake_quant.int4_grouped(w, scale, zero, recipe.group_size)
+
+    def trained_weight(self, w, scale, zero, recipe):
+        w = w.detach().to(torch.float32)
+        scale = scale.detach().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
+        return int4.from_codes(int4.codes(w, scale, zero, recipe.group_size), scale, zero, recipe.group_size,
+                               w.shape[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from qcompiler.ir import ops
+from qcompiler.schemes import fake_quant
 from qcompiler.schemes.base import FORMAT_TEXT, PerChannel8Bit
 
 qops = torch.ops.qcompile
@@ -30,3 +31,6 @@ class PerTensor8Bit(PerChannel8Bit):
         carrier = graph.call_function(torch.sum, (graph.call_function(torch.sub, (x, x)),),
                                       {"dim": -1, "keepdim": True})
         return graph.call_function(torch.add, (y, carrier))
+
+    def fake_input(self, x, x_scale, recipe):
+        return fake_quant.per_tensor(x, x_scale, self.activation_dtype)

@@ -7,6 +7,7 @@ import operator
 import torch
 
 from qcompiler.ir import ops
+from qcompiler.schemes import fake_quant
 from qcompiler.schemes.base import FORMAT_TEXT, PerChannel8Bit
 
 qops = torch.ops.qcompile
@@ -26,3 +27,6 @@ class PerToken8Bit(PerChannel8Bit):
         q = graph.call_function(qops.quantize_per_token.default, (x, smooth_inv, self.activation_dtype))
         xq, sx = graph.call_function(operator.getitem, (q, 0)), graph.call_function(operator.getitem, (q, 1))
         return graph.call_function(qops.linear_w8a8.default, (xq, sx, weight.wq, weight.wscale, bias, out_dtype))
+
+    def fake_input(self, x, x_scale, recipe):
+        return fake_quant.per_token(x, self.activation_dtype)

@@ -27,6 +27,9 @@ FORBIDDEN = {
     # a scheme is numerics and graph emission: the IR below it, nothing that runs or calibrates
     "qcompiler.schemes": ("qcompiler.passes", "qcompiler.lowering", "qcompiler.runtimes", "qcompiler.calibration",
                           "qcompiler.algorithms", "qcompiler.api", "qcompiler.deploy", "qcompiler.recipes"),
+    # training stands on the schemes' numerics and the quantization state; it never compiles or lowers
+    "qcompiler.qat": ("qcompiler.passes", "qcompiler.lowering", "qcompiler.runtimes", "qcompiler.api",
+                      "qcompiler.deploy"),
     # torch's private names, wrapped: it stands on torch alone
     "qcompiler.torch_compat": ("qcompiler",),
 }
@@ -128,9 +131,10 @@ def test_layers_import_only_downwards(layer):
     assert bad == []
 
 
-def test_the_compiler_never_imports_the_bundled_models():
+@pytest.mark.parametrize("package", ["qcompiler.bundled", "qcompiler.qat"])
+def test_the_compiler_never_imports_the_bundled_models_or_training(package):
     bad = sorted((m, t) for m, targets in GRAPH.items() if m.startswith(COMPILER)
-                 for t in targets if t.startswith("qcompiler.bundled"))
+                 for t in targets if t.startswith(package))
     assert bad == []
 
 

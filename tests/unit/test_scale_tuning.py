@@ -47,8 +47,8 @@ def _loss(model, params, batches):
     total = 0.0
     with torch.no_grad():
         for b in batches:
-            ref, is_logits = scale_tuning._output(call_model(model, b))
-            out, _ = scale_tuning._output(call_model_with(model, params, b))
+            ref, is_logits = scale_tuning.judged_output(call_model(model, b))
+            out, _ = scale_tuning.judged_output(call_model_with(model, params, b))
             total += scale_tuning.output_loss(out, ref, is_logits).item()
     return total / len(batches)
 
@@ -130,13 +130,13 @@ def test_the_output_judged_is_logits_first_then_hidden_state_then_the_first_tens
             return tuple(real(v) for v in o)
         return types.SimpleNamespace(**{k: real(v) for k, v in vars(o).items()})
 
-    got, is_logits = scale_tuning._output(real(out))
+    got, is_logits = scale_tuning.judged_output(real(out))
     assert got is tensors[expected[0]] and is_logits == expected[1]
 
 
 def test_a_model_without_a_tensor_output_is_told_to_skip_tuning():
     with pytest.raises(qcompiler.CalibrationError, match="tune_epochs=0"):
-        scale_tuning._output({"n": 3})
+        scale_tuning.judged_output({"n": 3})
 
 
 @pytest.mark.parametrize("opts,match", [
