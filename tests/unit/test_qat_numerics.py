@@ -2,6 +2,7 @@
 bit for bit, gradients by their definition), and the errors prepare / convert / distill give."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import qcompiler
@@ -48,6 +49,20 @@ def test_fake_weight_is_the_reference_dequantized_weight(name, fields, shape):
         assert torch.equal(trained.packed, q.w4) and torch.equal(trained.dequantize(), fake)
     else:
         assert torch.equal(trained.wq, q.wq) and torch.equal(trained.wscale, q.wscale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), k=st.integers(1, 200), group=st.sampled_from([16, 32, 64, 128]),
+       symmetric=st.booleans(), spread=st.floats(1e-3, 1e3), seed=st.integers(0, 2**31 - 1))
+def test_int4_fake_weight_fuzzed(n, k, group, symmetric, spread, seed):
+    """Any shape (K not a multiple of the group: padded), grid and magnitude: the fake-quantized
+    INT4 weight is the packed weight dequantized, bit for bit, and every value finite."""
+    recipe = _recipe("w4a16", group_size=group, symmetric=symmetric)
+    scheme = SCHEMES.get(recipe.scheme_key)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * spread
+    q = scheme.quantize_weight(w, recipe, None)
+    fake = scheme.fake_weight(w, *scheme.learned_scales(q), recipe)
+    assert torch.isfinite(fake).all() and torch.equal(fake, scheme.dequantized(q, recipe, k))
 
 
 @pytest.mark.parametrize("name", ["w8a8", "fp8", "w8a8-static", "fp8-static"])
