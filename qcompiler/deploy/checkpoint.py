@@ -40,7 +40,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from qcompiler.calibration.state import linear_layers, prepared_for, unwrap
+from qcompiler.calibration.state import checked_prepared_weight, linear_layers, prepared_for, unwrap
 from qcompiler.deploy.modes import evaluating
 from qcompiler.errors import MissingDependency, OptionError
 from qcompiler.ir import int4, ops
@@ -140,10 +140,7 @@ def _weights(module: nn.Module, recipe: Recipe, name: str, s: Optional[torch.Ten
     w = module.weight.detach().to(torch.float32)
     prepared = prepared_for(module.weight)
     if prepared is not None and prepared.trained:  # qcompiler.qat: the trained codes and scales
-        if prepared.key != recipe.trained_key:
-            raise OptionError(f"{name!r} was trained (qcompiler.qat) for recipe {prepared.recipe.name!r}, not for "
-                              f"{recipe.name!r}: export with the options it was trained with")
-        t = prepared.weight
+        t = checked_prepared_weight(prepared, name, recipe, "exporting").weight
         if recipe.weight_bits != 4:
             return t.wq.to(torch.float32) * t.wscale[:, None], t.wscale[:, None], None
     elif s is not None and not recipe.calibrated_rounding:

@@ -15,8 +15,9 @@ from torch import nn
 
 from qcompiler.calibration.state import state_of, stored_weight, unwrap
 from qcompiler.calibration.stats import PreparedWeight
-from qcompiler.errors import OptionError
+from qcompiler.errors import OptionError, TrainingError
 from qcompiler.qat.prepare import RUN, qat_layers, run_of
+from qcompiler.schemes import fake_quant
 
 
 def _changed(run, layers: dict) -> str:
@@ -53,7 +54,7 @@ def convert(model: nn.Module) -> nn.Module:
             trained = q.scheme.trained_weight(q.scaled_weight(), q.weight_scale, q.weight_zero, q.recipe)
             on_grid = q.quantized_weight()
             if not torch.isfinite(on_grid).all():
-                raise OptionError(f"{name!r}: its trained weight is not finite; the training diverged (lower the "
+                raise TrainingError(f"{name!r}: its trained weight is not finite; the training diverged (lower the "
                                   f"learning rate and train again from a fresh prepare)")
             source = q.source
             source.weight, source.bias = q.weight, q.bias
@@ -61,7 +62,7 @@ def convert(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, source)
             x_scale = None if q.input_scale is None else \
-                q.input_scale.detach().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).reshape(())
+                fake_quant.positive(q.input_scale.detach().to(torch.float32)).reshape(())
             steps = f"{run.steps} steps" if run.steps else "no distill steps"
             prepared[name] = PreparedWeight(q.recipe, q.recipe.trained_key, trained, s,
                                             f"trained (qcompiler.qat, {steps})", trained=True, x_scale=x_scale)

@@ -145,7 +145,7 @@ class PerChannel8Bit(Scheme):
         return fake_quant.per_channel(w, scale, self.weight_dtype)
 
     def trained_weight(self, w, scale, zero, recipe):
-        scale = scale.detach().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
+        scale = fake_quant.positive(scale.detach().to(torch.float32)).contiguous()
         return PerChannelWeight(round_clamp(w.detach().to(torch.float32) / scale[:, None], self.weight_dtype), scale)
 
     def formats(self, activations: str) -> str:

@@ -44,6 +44,6 @@ class Int4Grouped(Scheme):
 
     def trained_weight(self, w, scale, zero, recipe):
         w = w.detach().to(torch.float32)
-        scale = scale.detach().to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny).contiguous()
+        scale = fake_quant.positive(scale.detach().to(torch.float32)).contiguous()
         return int4.from_codes(int4.codes(w, scale, zero, recipe.group_size), scale, zero, recipe.group_size,
                                w.shape[1])
