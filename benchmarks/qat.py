@@ -11,8 +11,8 @@ and loaded back with transformers: its perplexity must equal qcompile's.
 Training data: 256-token windows of the text's first 70% (GPTQ's calibration windows come from
 there too), batch 4, distilled from the model's own float weights (``qcompiler.qat.distill``).
 
-    python benchmarks/qat.py [--steps 170] [--w8a8-steps 60] [--rows w4-rtn,w4-gptq,w8a8] \
-        [--markdown docs/results/qat.md]
+    python benchmarks/qat.py [--steps 170] [--w8a8-steps 60] [--lr 1e-4] [--scale-lr 1e-3] \
+        [--autocast bfloat16|none] [--rows w4-rtn,w4-gptq,w8a8] [--markdown docs/results/qat.md]
 """
 from __future__ import annotations
 
@@ -71,7 +71,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=170, help="W4A16 QAT steps (batch 4 x 256 tokens)")
     ap.add_argument("--w8a8-steps", type=int, default=60, help="w8a8 QAT steps")
-    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, weights and scales")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the weights")
+    ap.add_argument("--scale-lr", type=float, default=None, help="AdamW learning rate of the scales (default: --lr)")
+    ap.add_argument("--autocast", choices=("bfloat16", "none"), default="bfloat16",
+                    help="the training's matmuls in bfloat16 (torch.autocast), or all float32")
     ap.add_argument("--windows", type=int, default=8, help="held-out 512-token windows")
     ap.add_argument("--calib", type=int, default=16, help="GPTQ calibration windows of 512 tokens")
     ap.add_argument("--rows", default="w4-rtn,w4-gptq,w8a8", help="which groups of rows")
@@ -79,6 +82,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("QCOMPILE_THREADS", "2")))
     groups = set(args.rows.split(","))
+    autocast = None if args.autocast == "none" else getattr(torch, args.autocast)
     from transformers import AutoModelForCausalLM
 
     model, tok = zoo.load_smollm2()
@@ -101,7 +105,8 @@ def main(argv=None):
         t = time.perf_counter()
         with PeakMemory() as peak:
             qat.prepare(m, options)
-            record = qat.distill(m, train, steps=steps, batch_size=4, lr=args.lr, progress=False)
+            record = qat.distill(m, train, steps=steps, batch_size=4, lr=args.lr, scale_lr=args.scale_lr,
+                                 autocast=autocast, progress=False)
             qat.convert(m)
         minutes = (time.perf_counter() - t) / 60  # prepare, the timed first batch, the steps, convert
         ppl = compiled_perplexity(m, options, held)
@@ -140,8 +145,10 @@ def main(argv=None):
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     body = "\n".join(lines) + (
         f"\n\nSmolLM2-135M (bundled), {args.windows} held-out windows of 512 tokens; QAT: batch 4 x 256 tokens, "
-        f"AdamW lr {args.lr:g} (weights and scales), 5% warm-up then cosine; the model's own float weights "
-        f"teach (KL on the next-token distribution); {torch.get_num_threads()} CPU threads.\n\n"
+        f"AdamW lr {args.lr:g} (weights), {args.scale_lr or args.lr:g} (scales), 5% warm-up then cosine; matmuls "
+        f"{'in ' + args.autocast + ' (torch.autocast; fake quantization, weights, scales and loss float32)' if autocast else 'in float32'}; "
+        f"the model's own float weights teach (KL on the next-token distribution); {torch.get_num_threads()} CPU "
+        f"threads.\n\n"
         + "\n".join(f"- {n}" for n in notes) + "\n")
     print(body)
     if args.markdown:

@@ -25,6 +25,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from qcompiler.algorithms.logits_kl import logits_kl
 from qcompiler.calibration.recorder import call_model, call_model_with
 from qcompiler.calibration.state import is_linear, stored_weight
 from qcompiler.errors import CalibrationError
@@ -71,10 +72,9 @@ def judged_output(out) -> tuple[Tensor, bool]:
 
 def output_loss(quantized, reference, is_logits: bool) -> Tensor:
     """KL(float || quantized) per position over the last dimension of logits, else relative MSE."""
-    q, ref = quantized.float(), reference.float()
     if is_logits:
-        q, ref = torch.log_softmax(q, -1).reshape(-1, q.shape[-1]), torch.log_softmax(ref, -1).reshape(-1, q.shape[-1])
-        return torch.nn.functional.kl_div(q, ref, log_target=True, reduction="batchmean")
+        return logits_kl(quantized, reference)
+    q, ref = quantized.float(), reference.float()
     return (q - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)
 
 

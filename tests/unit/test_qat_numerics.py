@@ -193,6 +193,12 @@ def test_distill_stops_on_a_nan_loss_and_names_the_step():
         qat.distill(model, batches, steps=5, progress=False, log=lambda *_: None)
 
 
+def test_distill_refuses_an_autocast_dtype_it_cannot_use():
+    model = qat.prepare(_model(), "w8a16")
+    with pytest.raises(OptionError, match=r"autocast=torch.float64: give torch.bfloat16, torch.float16 or None"):
+        qat.distill(model, [torch.randn(4, 32)], steps=1, autocast=torch.float64, progress=False, log=lambda *_: None)
+
+
 def test_distill_refuses_trainable_parameters_outside_the_quantized_linears():
     model = qat.prepare(_model(), "w8a16")
     model[3].weight.requires_grad_(True)
@@ -200,10 +206,12 @@ def test_distill_refuses_trainable_parameters_outside_the_quantized_linears():
         qat.distill(model, [torch.randn(4, 32)], steps=1, progress=False, log=lambda *_: None)
 
 
-@pytest.mark.parametrize("train_weights,bar", [(True, 0.75), (False, 0.9)])
-def test_distill_lowers_the_loss_against_the_float_teacher(train_weights, bar):
+@pytest.mark.parametrize("train_weights,bar,autocast", [(True, 0.75, None), (False, 0.9, None),
+                                                       (True, 0.75, torch.bfloat16)])
+def test_distill_lowers_the_loss_against_the_float_teacher(train_weights, bar, autocast):
     """A coarse INT4 grid (group 32 of 32 inputs) on a small MLP: training the scales (and weights)
-    against the float teacher lowers the output error on the training batches."""
+    against the float teacher lowers the output error on the training batches (also with the
+    matmuls in bfloat16: the error is measured in float32)."""
     model = _model(1)
     batches = [torch.randn(16, 32) for _ in range(4)]
     qat.prepare(model, {"recipe": "w4a16", "group_size": 32}, train_weights=train_weights)
@@ -215,7 +223,7 @@ def test_distill_lowers_the_loss_against_the_float_teacher(train_weights, bar):
             return sum(rel_err(model(b), r) for b, r in zip(batches, ref))
 
     before = err()
-    record = qat.distill(model, batches, steps=60, lr=1e-3, progress=False, log=lambda *_: None)
+    record = qat.distill(model, batches, steps=60, lr=1e-3, autocast=autocast, progress=False, log=lambda *_: None)
     assert len(record["losses"]) == 60
     assert err() < bar * before
     frozen = model[3].weight.detach().clone()
