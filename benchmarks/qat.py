@@ -5,14 +5,17 @@ post-training quantization (round to nearest; GPTQ) and of ``qcompiler.qat`` sta
 every quantized row measured through ``torch.compile(backend="qcompile")`` on the reference target
 after ``qcompiler.qat.convert`` (accuracy guards off: training measured the whole model). QAT rows
 say their steps, training time (prepare to convert) and the process's peak memory while training
-(resident set, sampled; the process holds the float model and the benchmark's data too). The W4A16 model trained from GPTQ is also written as a compressed-tensors checkpoint
+(resident set, sampled; the process holds the float model and the benchmark's data too). The
+``w4-blockwise`` row trains block by block first (``qcompiler.qat.blockwise``: each block's output
+against the float block's, EfficientQAT's Block-AP), then end to end; its time includes both. The W4A16 model trained from GPTQ is also written as a compressed-tensors checkpoint
 and loaded back with transformers: its perplexity must equal qcompile's.
 
 Training data: 256-token windows of the text's first 70% (GPTQ's calibration windows come from
 there too), batch 4, distilled from the model's own float weights (``qcompiler.qat.distill``).
 
     python benchmarks/qat.py [--steps 170] [--w8a8-steps 60] [--lr 1e-4] [--scale-lr 1e-3] \
-        [--autocast bfloat16|none] [--rows w4-rtn,w4-gptq,w8a8] [--markdown docs/results/qat.md]
+        [--autocast bfloat16|none] [--rows w4-rtn,w4-gptq,w8a8,w4-blockwise] [--blockwise 128] \
+        [--blockwise-epochs 2] [--blockwise-lr 1e-4] [--blockwise-steps 200] [--markdown docs/results/qat.md]
 """
 from __future__ import annotations
 
@@ -77,7 +80,11 @@ def main(argv=None):
                     help="the training's matmuls in bfloat16 (torch.autocast), or all float32")
     ap.add_argument("--windows", type=int, default=8, help="held-out 512-token windows")
     ap.add_argument("--calib", type=int, default=16, help="GPTQ calibration windows of 512 tokens")
-    ap.add_argument("--rows", default="w4-rtn,w4-gptq,w8a8", help="which groups of rows")
+    ap.add_argument("--blockwise", type=int, default=128, help="w4-blockwise: 256-token sequences per block")
+    ap.add_argument("--blockwise-epochs", type=int, default=2, help="w4-blockwise: epochs per block")
+    ap.add_argument("--blockwise-lr", type=float, default=1e-4, help="w4-blockwise: AdamW lr, weights and scales")
+    ap.add_argument("--blockwise-steps", type=int, default=200, help="w4-blockwise: end-to-end steps after")
+    ap.add_argument("--rows", default="w4-rtn,w4-gptq,w8a8", help="which groups of rows (also: w4-blockwise)")
     ap.add_argument("--markdown", help="write the table as a stamped results page here")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("QCOMPILE_THREADS", "2")))
@@ -99,12 +106,22 @@ def main(argv=None):
 
     row("FP32", base)
 
-    def trained(label, options, steps, start_from=None):
-        """prepare -> distill -> convert on a fresh model (or ``start_from``), then the compiled perplexity."""
+    def trained(label, options, steps, start_from=None, blockwise=0):
+        """prepare -> (blockwise ->) distill -> convert on a fresh model (or ``start_from``), then the
+        compiled perplexity. ``blockwise``: sequences of the training data the block-wise stage sees."""
         m = start_from if start_from is not None else zoo.load_smollm2()[0]
         t = time.perf_counter()
         with PeakMemory() as peak:
             qat.prepare(m, options)
+            if blockwise:
+                gen = torch.Generator().manual_seed(1)
+                rows = train[torch.randperm(len(train), generator=gen)[:blockwise]]
+                block = qat.blockwise(m, rows, epochs=args.blockwise_epochs, batch_size=4, lr=args.blockwise_lr,
+                                      autocast=autocast, progress=False)
+                notes.append(f"{label}: block-wise stage {block['seconds'] / 60:.1f} min ({block['steps']} steps "
+                             f"over {len(block['blocks'])} blocks); relative block error, mean over blocks, first "
+                             f"epoch {sum(a for a, _ in block['blocks'].values()) / len(block['blocks']):.4f}, last "
+                             f"{sum(b for _, b in block['blocks'].values()) / len(block['blocks']):.4f}")
             record = qat.distill(m, train, steps=steps, batch_size=4, lr=args.lr, scale_lr=args.scale_lr,
                                  autocast=autocast, progress=False)
             qat.convert(m)
@@ -115,10 +132,13 @@ def main(argv=None):
                      f"{sum(record['losses'][-10:]) / min(10, len(record['losses'])):.4f} over the last ten")
         return m
 
-    if "w4-rtn" in groups or "w4-gptq" in groups:
+    if groups & {"w4-rtn", "w4-gptq", "w4-blockwise"}:
         row("W4A16 sym g64, RTN (post-training)", compiled_perplexity(model, W4, held))
     if "w4-rtn" in groups:
         trained("W4A16 sym g64, QAT from RTN", W4, args.steps)
+    if "w4-blockwise" in groups:
+        trained(f"W4A16 sym g64, QAT from RTN: block-wise ({args.blockwise} sequences x {args.blockwise_epochs} "
+                f"epochs, lr {args.blockwise_lr:g}), then end to end", W4, args.blockwise_steps, blockwise=args.blockwise)
     if "w4-gptq" in groups:
         gptq_model = zoo.load_smollm2()[0]
         t = time.perf_counter()

@@ -130,12 +130,13 @@ class _Recorder:
         self.found[name] = LinearInput(name, module, stats, id(stats))
 
 
-def find_blocks(model: nn.Module) -> list:
-    """[(prefix, block)]: the entries of the largest ModuleList holding linears, else the model."""
+def find_blocks(model: nn.Module, is_layer: Callable = is_linear) -> list:
+    """[(prefix, block)]: the entries of the largest ModuleList whose every entry holds a module
+    ``is_layer`` accepts (a linear), else the model."""
     best = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1 and \
-                all(any(is_linear(m) for m in b.modules()) for b in mod):
+                all(any(is_layer(m) for m in b.modules()) for b in mod):
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
@@ -202,6 +203,70 @@ class _BlockCall:
     kwargs: dict
     where: object      # position or keyword of the hidden-state input
 
+    def replay(self, block: nn.Module, x: Tensor, params: Optional[dict] = None) -> Tensor:
+        """The block's hidden-state output for input ``x`` (with ``params`` in place of its own
+        parameters, by ``torch.func.functional_call``, when given)."""
+        args, kwargs = _with_input(self.args, self.kwargs, self.where, x)
+        if params is None:
+            return _hidden_output(block(*args, **kwargs))
+        return _hidden_output(torch.func.functional_call(block, params, args, kwargs, strict=False))
+
+
+@dataclass
+class BlockCalls:
+    """What one floating-point pass over the batches recorded: the blocks, the first block's
+    hidden-state input per batch, and every block's own call per batch."""
+
+    blocks: list        # [(prefix, block)]
+    inputs: list        # per batch: the first block's hidden-state input
+    calls: list         # per block, per batch: _BlockCall
+    whole_model: bool   # no repeated blocks: the model is the one block
+
+
+def capture(model: nn.Module, batches: list, *, to_the_end: bool = False,
+            each_batch: Callable = lambda: None, is_layer: Callable = is_linear) -> BlockCalls:
+    """Run ``model`` once over ``batches`` without a KV cache (no gradients) and record its blocks'
+    calls (blocks: ``find_blocks(model, is_layer)``). The pass stops at the last block unless
+    ``to_the_end`` (the linears after the blocks want their inputs); ``each_batch()`` is called
+    before each batch."""
+    blocks = find_blocks(model, is_layer)
+    whole_model = blocks[0][1] is model
+    calls = [[] for _ in blocks]    # per block, per batch: _BlockCall
+    inputs = []                     # per batch: the first block's hidden-state input
+
+    def keeper(i):
+        def keep(module, args, kwargs):
+            where = _primary(args, kwargs)
+            if where is None:
+                raise CalibrationError(f"block {blocks[i][0] or type(model).__name__!r} was called without a "
+                                       "tensor input; block-wise calibration replays blocks on hidden states")
+            if i == 0:
+                inputs.append(args[where] if isinstance(where, int) else kwargs[where])
+            rest = (None, *args[1:]) if isinstance(where, int) else args
+            calls[i].append(_BlockCall(rest, _strip_cache({k: v for k, v in kwargs.items() if k != where}), where))
+            if whole_model or (i == len(blocks) - 1 and not to_the_end):
+                raise _Stop
+        return keep
+
+    handles = [block.register_forward_pre_hook(keeper(i), with_kwargs=True) for i, (_, block) in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                each_batch()
+                try:
+                    (call_model if whole_model else call_without_cache)(model, batch)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    if not inputs:
+        raise CalibrationError("calibration saw no data: pass a non-empty list of batches as `data`")
+    if any(len(c) != len(inputs) for c in calls):
+        raise CalibrationError("the model did not call each of its blocks once per batch; block-wise calibration "
+                               f"replays the blocks of {type(model).__name__} in order and needs that")
+    return BlockCalls(blocks, inputs, calls, whole_model)
+
 
 def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool, max_rows: int,
         progress: bool = True, on_outside: Optional[Callable] = None, ignore: set = frozenset(),
@@ -222,42 +287,10 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
     for prefix, block in blocks:
         in_blocks.update(_linears(block, prefix))
     outside = {m: n for m, n in _linears(model, "").items() if m not in in_blocks and m not in ignore}
-    whole_model = blocks[0][1] is model
-    calls = [[] for _ in blocks]    # per block, per batch: _BlockCall
-    inputs = []                     # per batch: the first block's hidden-state input
-
-    def keeper(i):
-        def keep(module, args, kwargs):
-            where = _primary(args, kwargs)
-            if where is None:
-                raise CalibrationError(f"block {blocks[i][0] or type(model).__name__!r} was called without a "
-                                       "tensor input; block-wise calibration replays blocks on hidden states")
-            if i == 0:
-                inputs.append(args[where] if isinstance(where, int) else kwargs[where])
-            rest = (None, *args[1:]) if isinstance(where, int) else args
-            calls[i].append(_BlockCall(rest, _strip_cache({k: v for k, v in kwargs.items() if k != where}), where))
-            if whole_model or (i == len(blocks) - 1 and not outside):
-                raise _Stop
-        return keep
-
-    handles = [block.register_forward_pre_hook(keeper(i), with_kwargs=True) for i, (_, block) in enumerate(blocks)]
     outside_rec = _Recorder(outside, need_hessian, max_rows, first_token_weight)
-    try:
-        with outside_rec, torch.no_grad():
-            for batch in batches:
-                outside_rec.new_call()
-                try:
-                    (call_model if whole_model else call_without_cache)(model, batch)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    if not inputs:
-        raise CalibrationError("calibration saw no data: pass a non-empty list of batches as `data`")
-    if any(len(c) != len(inputs) for c in calls):
-        raise CalibrationError("the model did not call each of its blocks once per batch; block-wise calibration "
-                               f"replays the blocks of {type(model).__name__} in order and needs that")
+    with outside_rec:
+        recorded = capture(model, batches, to_the_end=bool(outside), each_batch=outside_rec.new_call)
+    inputs, calls, whole_model = recorded.inputs, recorded.calls, recorded.whole_model
 
     seen = {}
     bar = tqdm(blocks, desc="qcompile block-wise calibration", unit="block", disable=not progress, leave=False)
@@ -266,8 +299,7 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
         with rec, torch.no_grad():
             for x, call in zip(inputs, calls[i]):
                 rec.new_call()
-                args, kwargs = _with_input(call.args, call.kwargs, call.where, x)
-                block(*args, **kwargs)
+                call.replay(block, x)
         seen.update({li.module.weight: dataclasses.replace(li.inputs.rows, module=li.name)
                      for li in rec.found.values()})
         new_weights = handle(prefix, list(rec.found.values()))
@@ -278,12 +310,8 @@ def run(model: nn.Module, batches: list, handle: Callable, *, need_hessian: bool
             if mod in new_weights:
                 weight = stored_weight(mod, new_weights[mod])
                 params[f"{name}.weight" if name else "weight"] = weight.to(mod.weight.dtype)
-        nxt = []
         with torch.no_grad():
-            for x, call in zip(inputs, calls[i]):
-                args, kwargs = _with_input(call.args, call.kwargs, call.where, x)
-                nxt.append(_hidden_output(torch.func.functional_call(block, params, args, kwargs, strict=False)))
-        inputs = nxt
+            inputs = [call.replay(block, x, params) for x, call in zip(inputs, calls[i])]
     bar.close()
     seen.update({li.module.weight: dataclasses.replace(li.inputs.rows, module=li.name)
                  for li in outside_rec.found.values()})

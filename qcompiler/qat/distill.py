@@ -98,16 +98,16 @@ def _token_ids(batch) -> Optional[Tensor]:
     return ids if isinstance(ids, Tensor) and ids.dtype in (torch.int64, torch.int32) else None
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def autocast_to(device: torch.device, dtype: Optional[torch.dtype]):
     """Matmuls in ``dtype`` for the duration (``torch.autocast``), or nothing for None."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def _loss(model, batch, task_weight: float, dtype: Optional[torch.dtype] = None) -> Tensor:
     device = _device(model)
-    with torch.no_grad(), teaching(_inner(model)), _autocast(device, dtype):
+    with torch.no_grad(), teaching(_inner(model)), autocast_to(device, dtype):
         ref, is_logits = judged_output(call_model(_inner(model), batch))
-    with _autocast(device, dtype):
+    with autocast_to(device, dtype):
         out, _ = judged_output(call_model(model, batch))
     loss = output_loss(out, ref, is_logits)
     ids = _token_ids(batch)
@@ -135,7 +135,7 @@ def teacher_samples(model: nn.Module, count: int, length: int, *, batch_size: in
     return torch.cat(out)
 
 
-def _schedule(step: int, steps: int, warmup: int) -> float:
+def schedule(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -163,8 +163,9 @@ def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, ste
             GPUs. The fake quantization, the weights, the scales, the optimizer and the loss stay
             float32; None (default) runs everything in the model's own dtype.
 
-    Returns a record: ``losses`` (one per step), ``seconds``, ``tokens``. Raises ``TrainingError``
-    naming the step when the loss is not finite.
+    Returns a record: ``losses`` (one per step), ``seconds`` (every step, the first micro-batch's
+    one-time set-up included), ``tokens``. Raises ``TrainingError`` naming the step when the loss
+    is not finite.
     """
     run = run_of(model)
     inner = _inner(model)
@@ -200,42 +201,47 @@ def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, ste
     groups = [g for g in ({"params": weights, "lr": lr}, {"params": scales, "lr": scale_lr or lr}) if g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(round(warmup * steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i, steps, warm))
     device = _device(model)
     was_training = inner.training
     # eval mode (no dropout: student and teacher see the same network), except under transformers'
     # gradient checkpointing, which acts in training mode only
     model.train(checkpointing)
 
-    # one micro-batch timed before the first step (its gradients dropped), to say how long this takes
-    first = _rows(batches.next(), rank, world, device)
-    t = time.perf_counter()
-    _loss(model, first, task_weight, autocast).backward()
-    opt.zero_grad(set_to_none=True)
-    per_batch = time.perf_counter() - t
-    tokens_per_batch = first.numel() * world if isinstance(first, Tensor) else None
-    if rank == 0:
-        trained = sum(p.numel() for p in weights) + sum(p.numel() for p in scales)
-        log(f"qcompile distill: {len(layers)} quantized linears ({run.recipe.name}), {trained / 1e6:.1f}M trainable "
-            f"values ({'weights and scales' if weights else 'scales only'}); {steps} steps x {accumulate} batch(es) of "
-            f"{batch_size}{f' ({tokens_per_batch} tokens)' if tokens_per_batch else ''}"
-            f"{f' over {world} processes' if world > 1 else ''}; about {per_batch * steps * accumulate / 60:.1f} min")
+    def micro_batch(batch, step: int) -> float:
+        """Forward and backward of one micro-batch (its gradient accumulated); its loss."""
+        loss = _loss(model, _rows(batch, rank, world, device), task_weight, autocast)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the distillation loss is {loss.item()} at step {step + 1} of {steps}: "
+                                f"training stopped; lower lr (now {lr}) / scale_lr and start again from "
+                                f"a fresh qcompiler.qat.prepare")
+        (loss / accumulate).backward()
+        return loss.item() / accumulate
+
     from tqdm.auto import tqdm
 
-    losses, start = [], time.perf_counter()
-    bar = tqdm(total=steps, desc="qcompile distill", unit="step", disable=not progress or rank != 0)
+    losses, bar = [], None
     try:
+        # the first micro-batch is timed to say how long the run takes (its gradient counts in step 1)
+        start = time.perf_counter()
+        first_batch = batches.next()
+        first_loss = micro_batch(first_batch, 0)
+        per_batch = time.perf_counter() - start
+        tokens = _token_ids(first_batch)
+        tokens_per_batch = tokens.numel() if tokens is not None else None
+        if rank == 0:
+            trained = sum(p.numel() for p in weights) + sum(p.numel() for p in scales)
+            log(f"qcompile distill: {len(layers)} quantized linears ({run.recipe.name}), {trained / 1e6:.1f}M "
+                f"trainable values ({'weights and scales' if weights else 'scales only'}); {steps} steps x "
+                f"{accumulate} batch(es) of {batch_size}{f' ({tokens_per_batch} tokens)' if tokens_per_batch else ''}"
+                f"{f' over {world} processes' if world > 1 else ''}; at most about "
+                f"{per_batch * steps * accumulate / 60:.1f} min (timed on the first batch, which also pays one-time "
+                f"set-up)")
+        bar = tqdm(total=steps, desc="qcompile distill", unit="step", disable=not progress or rank != 0)
         for step in range(steps):
-            total = 0.0
-            for _ in range(accumulate):
-                batch = _rows(batches.next(), rank, world, device)
-                loss = _loss(model, batch, task_weight, autocast)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the distillation loss is {loss.item()} at step {step + 1} of {steps}: "
-                                        f"training stopped; lower lr (now {lr}) / scale_lr and start again from "
-                                        f"a fresh qcompiler.qat.prepare")
-                (loss / accumulate).backward()
-                total += loss.item() / accumulate
+            total = first_loss if step == 0 else 0.0
+            for _ in range(accumulate - 1 if step == 0 else accumulate):
+                total += micro_batch(batches.next(), step)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -244,7 +250,8 @@ def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, ste
             bar.set_postfix(loss=f"{total:.4f}")
             bar.update()
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         model.train(was_training)
         if checkpointing:
             inner.gradient_checkpointing_disable()

@@ -51,7 +51,7 @@ class QATRun:
     requires_grad: dict                                    # parameter name -> its flag before prepare
     smooth_groups: dict = field(default_factory=dict)      # name -> id of the layers sharing its AWQ scale
     kept: dict = field(default_factory=dict)               # name -> why it stays in floating point
-    steps: int = 0                                         # optimizer steps distill ran
+    steps: int = 0                                         # optimizer steps distill and blockwise ran
 
 
 def trainable(recipe: Recipe) -> str:

@@ -112,16 +112,54 @@ def per_token(x: Tensor, qdtype: torch.dtype) -> Tensor:
     return codes(x / s, low, high, qdtype) * s
 
 
-def int4_grouped(w: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int) -> Tensor:
-    """``[N, K]`` weight on the INT4 grid of ``qcompiler.ir.int4``: learned scales ``[N, G]``, zero
-    points ``[N, G]`` held fixed (None: symmetric, codes -8..7)."""
-    n, k = w.shape
+class _FakeInt4(torch.autograd.Function):
+    """``int4_grouped`` in one autograd node: the backward pass recomputes the scaled values and
+    codes from the weight and scales instead of keeping them (two or three weight-sized float32
+    tensors per layer fewer held between forward and backward). Same values, same gradients."""
+
+    @staticmethod
+    def forward(ctx, w, scale, zero, group_size, factor):
+        g, s, low, high = _int4_parts(w, scale, zero, group_size)
+        out = codes(g / s, low, high) * s
+        ctx.save_for_backward(w, scale, zero)
+        ctx.group_size, ctx.factor = group_size, factor
+        return out.reshape(w.shape[0], -1)[:, :w.shape[1]]
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale, zero = ctx.saved_tensors
+        g, s, low, high = _int4_parts(w, scale, zero, ctx.group_size)
+        v = g / s
+        c = torch.clamp(v, low, high) if isinstance(low, float) else torch.maximum(torch.minimum(v, high), low)
+        inside = (v >= low) & (v <= high)
+        grad_g = int4.grouped(grad, ctx.group_size)
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.where(inside, grad_g, 0.0).reshape(w.shape[0], -1)[:, :w.shape[1]].to(w.dtype)
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # d x_hat / d s: q - v inside the grid, the grid's end outside; positive()'s clamp passes it where
+            # the scale is at or above its floor (clamp_min's derivative)
+            step = torch.where(inside, torch.round(c) - v, c)
+            grad_s = (grad_g * step).sum(-1) * ctx.factor
+            grad_s = torch.where(scale >= _MIN_SCALE, grad_s, 0.0)
+        return grad_w, grad_s, None, None, None
+
+
+def _int4_parts(w: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int):
+    """(grouped weight [N, G, gs], scale [N, G, 1], low, high): the grid's ends as floats
+    (symmetric) or [N, G, 1] tensors (asymmetric)."""
     g = int4.grouped(w, group_size)
     if zero is None:
         low, high = -float(int4.SYMMETRIC_ZERO), float(int4.SYMMETRIC_QMAX)
-        qmax = float(int4.SYMMETRIC_QMAX)
     else:
         z = zero.to(torch.float32)[..., None]
-        low, high, qmax = -z, int4.UMAX - z, float(int4.UMAX)
-    s = grad_scaled(positive(scale), lsq_factor(group_size, qmax))[..., None]
-    return (codes(g / s, low, high) * s).reshape(n, -1)[:, :k]
+        low, high = -z, int4.UMAX - z
+    return g, positive(scale)[..., None], low, high
+
+
+def int4_grouped(w: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int) -> Tensor:
+    """``[N, K]`` weight on the INT4 grid of ``qcompiler.ir.int4``: learned scales ``[N, G]``, zero
+    points ``[N, G]`` held fixed (None: symmetric, codes -8..7)."""
+    qmax = float(int4.SYMMETRIC_QMAX) if zero is None else float(int4.UMAX)
+    return _FakeInt4.apply(w, scale, zero, group_size, lsq_factor(group_size, qmax))

@@ -129,6 +129,37 @@ def test_lsq_scale_gradient(qdtype, qmax):
     assert torch.allclose(s.grad, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k", [64, 40])
+def test_int4_weight_and_scale_gradients(symmetric, k):
+    """INT4 (one autograd node): the weight's gradient passes inside the grid only; each group
+    scale's is sum(g * (q - v)) inside plus the grid's end outside, times 1/sqrt(group * Qp); a
+    scale below its floor gets none. Against the formula in float64."""
+    gen = torch.Generator().manual_seed(k + symmetric)
+    w = torch.randn(6, k, generator=gen)
+    recipe = _recipe("w4a16", group_size=16, symmetric=symmetric)
+    scheme = SCHEMES.get(recipe.scheme_key)
+    s0, zero = scheme.learned_scales(scheme.quantize_weight(w, recipe, None))
+    s0 = s0 * 0.7  # some weights saturate
+    s0[0, 0] = 0.0  # at the floor: no gradient
+    s = s0.clone().requires_grad_(True)
+    wp = w.clone().requires_grad_(True)
+    upstream = torch.randn(6, k, generator=gen)
+    (fake_quant.int4_grouped(wp, s, zero, 16) * upstream).sum().backward()
+    g = int4.grouped(w.double(), 16)
+    up = int4.grouped(upstream.double(), 16)
+    sd = s0.double().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    v = g / sd
+    low, high = (-8.0, 7.0) if zero is None else (-zero.double()[..., None], 15 - zero.double()[..., None])
+    c = torch.maximum(torch.minimum(v, torch.as_tensor(high, dtype=torch.float64)), torch.as_tensor(low, dtype=torch.float64))
+    inside = (v >= low) & (v <= high)
+    want_s = (up * torch.where(inside, torch.round(c) - v, c)).sum(-1) / (16 * (7 if zero is None else 15)) ** 0.5
+    want_s[0, 0] = 0.0
+    want_w = torch.where(inside, up, 0.0).reshape(6, -1)[:, :k]
+    assert (~inside).any() and torch.equal(wp.grad, want_w.float())
+    assert rel_err(s.grad.double(), want_s) < 1e-5 and s.grad[0, 0] == 0
+
+
 def _model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32), nn.LayerNorm(32), nn.Linear(32, 16)).eval()
