@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from qcompiler.calibration.blockwise import capture
 from qcompiler.errors import OptionError, TrainingError
-from qcompiler.qat.distill import autocast_to, schedule, teaching
+from qcompiler.qat.distill import autocast_to, check_autocast, optimizer, teaching
 from qcompiler.qat.linear import QATLinear
 from qcompiler.qat.prepare import qat_layers, run_of
 
@@ -68,8 +68,7 @@ def blockwise(model: nn.Module, data: Union[Tensor, Iterable], *, epochs: int = 
     inner = getattr(model, "module", model)
     if epochs < 1 or batch_size < 1:
         raise OptionError(f"epochs and batch_size must be positive, got {epochs}, {batch_size}")
-    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
-        raise OptionError(f"autocast={autocast!r}: give torch.bfloat16, torch.float16 or None (no autocast)")
+    check_autocast(autocast)
     batches = _batches(data, batch_size)
     was_training = inner.training
     inner.eval()
@@ -93,15 +92,9 @@ def blockwise(model: nn.Module, data: Union[Tensor, Iterable], *, epochs: int = 
         for (name, block), calls in zip(recorded.blocks, recorded.calls):
             with torch.no_grad(), teaching(block):
                 targets = [call.replay(block, x) for x, call in zip(x_float, calls)]
-            layers = qat_layers(block).values()
-            weights = [q.weight for q in layers if q.weight.requires_grad]
-            scales = [p for q in layers for p in (q.weight_scale, q.input_scale) if p is not None and p.requires_grad]
-            groups = [g for g in ({"params": weights, "lr": lr}, {"params": scales, "lr": scale_lr or lr}) if g["params"]]
-            if groups:
-                total = epochs * len(batches)
-                opt = torch.optim.AdamW(groups, weight_decay=0.0)
-                warm = max(1, int(round(warmup * total)))
-                sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i, total, warm))
+            total = epochs * len(batches)
+            opt, sched, _ = optimizer(qat_layers(block).values(), lr, scale_lr, total, warmup)
+            if opt is not None:
                 means = []
                 for epoch in range(epochs):
                     losses = []

@@ -135,10 +135,28 @@ def teacher_samples(model: nn.Module, count: int, length: int, *, batch_size: in
     return torch.cat(out)
 
 
-def schedule(step: int, steps: int, warmup: int) -> float:
+def _schedule(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def check_autocast(autocast: Optional[torch.dtype]) -> None:
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise OptionError(f"autocast={autocast!r}: give torch.bfloat16, torch.float16 or None (no autocast)")
+
+
+def optimizer(layers, lr: float, scale_lr: Optional[float], steps: int, warmup: float):
+    """(AdamW over the trainable weights (``lr``) and scales (``scale_lr``, default ``lr``) of the
+    ``QATLinear`` layers, its warm-up-then-cosine schedule over ``steps``, the parameters)."""
+    weights = [q.weight for q in layers if q.weight.requires_grad]
+    scales = [p for q in layers for p in (q.weight_scale, q.input_scale) if p is not None and p.requires_grad]
+    groups = [g for g in ({"params": weights, "lr": lr}, {"params": scales, "lr": scale_lr or lr}) if g["params"]]
+    if not groups:
+        return None, None, (weights, scales)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    warm = max(1, int(round(warmup * steps)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _schedule(i, steps, warm)), (weights, scales)
 
 
 def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, steps: int = 100, batch_size: int = 4,
@@ -159,8 +177,7 @@ def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, ste
         checkpointing: transformers' gradient checkpointing (less memory, about a third more time;
             the model then runs in training mode, dropout included, which it otherwise does not).
         autocast: run the teacher's and the student's matmuls in this dtype (``torch.bfloat16``:
-            ``torch.autocast``), about 3x the matmul speed on CPUs with AVX-512 BF16 or AMX and on
-            GPUs. The fake quantization, the weights, the scales, the optimizer and the loss stay
+            ``torch.autocast``), faster on CPUs with AVX-512 BF16 or AMX and on GPUs. The fake quantization, the weights, the scales, the optimizer and the loss stay
             float32; None (default) runs everything in the model's own dtype.
 
     Returns a record: ``losses`` (one per step), ``seconds`` (every step, the first micro-batch's
@@ -178,8 +195,7 @@ def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, ste
                           f"they must stay frozen (requires_grad_(False)); use your own loop to train them")
     if steps < 1 or batch_size < 1 or accumulate < 1:
         raise OptionError(f"steps, batch_size and accumulate must be positive, got {steps}, {batch_size}, {accumulate}")
-    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
-        raise OptionError(f"autocast={autocast!r}: give torch.bfloat16, torch.float16 or None (no autocast)")
+    check_autocast(autocast)
     rank, world = _share()
     if batch_size % world:
         raise OptionError(f"batch_size={batch_size} does not split over {world} processes: use a multiple of {world}")
@@ -196,12 +212,10 @@ def distill(model: nn.Module, data: Union[Tensor, Iterable, None] = None, *, ste
         if rank == 0:
             log(f"qcompile distill: sampled in {time.perf_counter() - t:.0f} s")
     batches = _Batches(data, batch_size, seed)
-    weights = [q.weight for q in layers.values() if q.weight.requires_grad]
-    scales = [p for q in layers.values() for p in (q.weight_scale, q.input_scale) if p is not None and p.requires_grad]
-    groups = [g for g in ({"params": weights, "lr": lr}, {"params": scales, "lr": scale_lr or lr}) if g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    warm = max(1, int(round(warmup * steps)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i, steps, warm))
+    opt, sched, (weights, scales) = optimizer(layers.values(), lr, scale_lr, steps, warmup)
+    if opt is None:
+        raise OptionError("nothing in this model is trainable: every quantized linear's weight and scales are "
+                          "frozen (requires_grad False); prepare again, or unfreeze what should train")
     device = _device(model)
     was_training = inner.training
     # eval mode (no dropout: student and teacher see the same network), except under transformers'
