@@ -183,8 +183,10 @@ def _inline(module: nn.Module) -> nn.Module:
 
 
 def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwargs: Optional[dict] = None,
-            input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None):
-    """Export ``module`` (a q-op graph, or any module holding q-ops) to an ``onnx.ModelProto``."""
+            input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None,
+            host: bool = False):
+    """Export ``module`` (a q-op graph, or any module holding q-ops) to an ``onnx.ModelProto``;
+    ``host``: for a session on this machine (``onnx_fusions.HOST_FUSIONS``), not a portable file."""
     if form not in FORMS:
         raise OptionError(f"unknown ONNX form {form!r}; valid forms: {list(FORMS)}")
     module = _inline(module)
@@ -209,7 +211,7 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
             if cause is not None:
                 raise UnsupportedForm(str(cause)) from None
             raise
-    onnx_fusions.optimize(program.model, form)
+    onnx_fusions.optimize(program.model, form, host=host)
     return share_tied(program.model_proto)
 
 

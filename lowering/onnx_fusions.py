@@ -29,6 +29,8 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import slice_split_rule
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
+from qcompiler.lowering.onnx_decode_gemv import few_row_gemvs
+from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
 from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
 
 _HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
@@ -93,6 +95,14 @@ GRAPH_FUSIONS = {
 }
 
 
+# rewrites for the CPU the session runs on, after the graph fusions: applied to the ``ort`` target's
+# own sessions (``optimize(..., host=True)``), never to a file exported for deployment elsewhere
+HOST_FUSIONS = {
+    "ort": [few_row_gemvs, signed_int8_weights],
+    "tensorrt": [],
+}
+
+
 def fuse(model: ir.Model, form: str) -> int:
     """Apply ``FUSIONS[form]`` to ``model`` in place; returns how many rewrites it made."""
     rules = FUSIONS[form]
@@ -147,11 +157,12 @@ def _optimizer() -> ir.passes.Sequential:
         common_passes.NameFixPass())
 
 
-def optimize(model: ir.Model, form: str) -> int:
-    """onnxscript's optimizer, then the form's library fusions and ``fuse``; returns the rewrite count."""
+def optimize(model: ir.Model, form: str, host: bool = False) -> int:
+    """onnxscript's optimizer, then the form's library fusions, ``fuse``, the graph fusions and,
+    with ``host``, the fusions for this machine's CPU; returns the rewrite count."""
     _optimizer()(model)
     count = sum(f(model) for f in LIBRARY_FUSIONS[form]) + fuse(model, form)
-    merged = sum(f(model) for f in GRAPH_FUSIONS[form])
-    if merged:  # the merged nodes' own weights are no longer read
+    merged = sum(f(model) for f in GRAPH_FUSIONS[form] + (HOST_FUSIONS[form] if host else []))
+    if merged:  # the rewritten nodes' own weights are no longer read
         common_passes.RemoveUnusedNodesPass()(model)
     return count + merged

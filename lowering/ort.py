@@ -30,7 +30,9 @@ from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
 from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, fed_inputs, freeze, isolated, layout_outputs, output_layout,
                                      root_message, symbolic_shapes, to_onnx, unmeasured_ints)
+from qcompiler.lowering.ort_kernels import kernel_counts
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
+from qcompiler.runtimes.ort_int8_probe import signed_weights_exact
 from qcompiler.runtimes.ort_session import OrtSession
 
 # content key -> session; entries leave with the model's parameters (safe to drop at any time)
@@ -50,14 +52,15 @@ def _feed_signature(feeds, shapes) -> list:
 
 
 def _versions() -> str:
-    """The versions of the exporter's libraries and of the runtime that reads the file."""
+    """The versions of the exporter's libraries and of the runtime that reads the file, and whether
+    this CPU takes signed INT8 weights (``onnx_signed_weights``: the file differs)."""
     import onnx
     import onnx_ir
     import onnxruntime
     import onnxscript
 
     return (f"onnx {onnx.__version__} onnxscript {onnxscript.__version__} onnx_ir {onnx_ir.__version__} "
-            f"onnxruntime {onnxruntime.__version__}")
+            f"onnxruntime {onnxruntime.__version__} signed int8 weights {signed_weights_exact()[0]}")
 
 
 def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
@@ -116,7 +119,8 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
             return session
         except Exception:  # noqa: BLE001 - a damaged or partial file is exported again
             pass
-    export = lambda: isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes))
+    export = lambda: isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes,
+                                                  host=True))
     if _saved(export(), path, data):
         return OrtSession(str(path))  # the session reads the file: no copy of the proto in this process
     proto = export()  # saving moved the weights out of the first proto; this one is kept whole
@@ -172,6 +176,15 @@ class OrtGraph:
     @session.setter
     def session(self, session: OrtSession) -> None:
         self.sessions[self.first] = (session, *self.sessions[self.first][1:])
+
+    def kernel_lines(self) -> list:
+        """Per session: how many GEMMs run each ONNX Runtime kernel (``explain`` prints them)."""
+        lines = []
+        for values, (session, _, _) in self.sessions.items():
+            counts = kernel_counts(session.graph)
+            pinned = f" (constants {dict(zip(self.slots, values))})" if self.slots else ""
+            lines += [f"{n} x {kernel}{pinned}" for kernel, n in counts.items()]
+        return lines
 
     def _session_for(self, args) -> tuple:
         values = tuple(int(args[i]) for i in self.slots)

@@ -83,6 +83,13 @@ class OrtSession:
             return require_onnx().load_from_string(self._source)
         return self._source
 
+    @property
+    def graph(self):
+        """The ``onnx.ModelProto`` without its weights' bytes (a cached file's side file unread)."""
+        if isinstance(self._source, str):
+            return require_onnx().load(self._source, load_external_data=False)
+        return self.model
+
     def __call__(self, *tensors: torch.Tensor) -> list:
         if len(tensors) != len(self.input_names):
             raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)}")

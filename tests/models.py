@@ -3,6 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcompiler.ir import int4, ops
+
+qops = torch.ops.qcompile
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d):
@@ -73,3 +77,32 @@ def capture(model, *args):
     torch.compile(model, backend=cap)(*args)
     assert len(cap.graphs) == 1, "expected a single graph"
     return cap.graphs[0]
+
+
+class QOp(nn.Module):
+    """One linear q-op on stored quantized weights, its activation quantized as ``act`` says."""
+
+    def __init__(self, kind, n, k, qdtype=torch.int8, group=32, symmetric=True, smooth=False, bias=True):
+        super().__init__()
+        w = torch.randn(n, k)
+        self.kind, self.qdtype, self.group = kind, qdtype, group
+        self.bias = torch.randn(n) if bias else None
+        self.inv = (torch.rand(k) + 0.5) if smooth else None
+        if kind == "w4a16":
+            p = int4.quantize(w, group, symmetric)
+            self.w4, self.s4, self.z4 = p.packed, p.scale, p.zero
+        else:
+            self.wq, self.ws = ops.quantize_per_channel_ref(w, qdtype)
+        amax = torch.tensor(3.0)
+        self.xs = ops.scale_from_amax(amax, qdtype)
+
+    def forward(self, x):
+        if self.kind == "dynamic":
+            xq, sx = qops.quantize_per_token(x, self.inv, self.qdtype)
+            return qops.linear_w8a8(xq, sx, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "static":
+            xq = qops.quantize_per_tensor(x, self.xs, self.inv, self.qdtype)
+            return qops.linear_w8a8(xq, self.xs, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "w8a16":
+            return qops.linear_w8a16(x, self.wq, self.ws, self.bias)
+        return qops.linear_w4a16(x, self.w4, self.s4, self.z4, self.inv, self.group, self.bias)

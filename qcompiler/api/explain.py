@@ -152,7 +152,8 @@ def explain(model: nn.Module) -> Report:
 
 def _kernel_notes(graphs) -> list:
     """Which kernel each linear of a triton-target graph runs, per M bucket, and how it measured
-    against the float linear of the same shape (linears with the same choice counted together)."""
+    against the float linear of the same shape (linears with the same choice counted together);
+    for an ort-target graph, how many GEMMs of its sessions run each ONNX Runtime kernel."""
     lines = []
     for i, g in enumerate(graphs):
         counts = {}
@@ -165,6 +166,7 @@ def _kernel_notes(graphs) -> list:
                 counts.setdefault(label, []).append(d.module if isinstance(d, Decision) else n.name)
         for label, modules in counts.items():
             lines.append(f"graph {i}: {len(modules)} x {label}: {_names(modules)}")
+        lines += [f"graph {i}: {line}" for line in getattr(g.fn, "kernel_lines", lambda: [])()]
     return lines
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import qcompiler
 from conftest import rel_err
-from models import Stack, with_outlier_channels
+from models import QOp, Stack, with_outlier_channels
 from qcompiler.deploy import onnx_check
 from qcompiler.ir import int4, ops
 from qcompiler.lowering.onnx import UnsupportedForm, to_onnx
@@ -26,35 +26,6 @@ from qcompiler.runtimes.ort_session import OrtSession
 
 qops = torch.ops.qcompile
 FP8 = ops.FP8
-
-
-class QOp(nn.Module):
-    """One linear q-op on stored quantized weights, its activation quantized as ``act`` says."""
-
-    def __init__(self, kind, n, k, qdtype=torch.int8, group=32, symmetric=True, smooth=False, bias=True):
-        super().__init__()
-        w = torch.randn(n, k)
-        self.kind, self.qdtype, self.group = kind, qdtype, group
-        self.bias = torch.randn(n) if bias else None
-        self.inv = (torch.rand(k) + 0.5) if smooth else None
-        if kind == "w4a16":
-            p = int4.quantize(w, group, symmetric)
-            self.w4, self.s4, self.z4 = p.packed, p.scale, p.zero
-        else:
-            self.wq, self.ws = ops.quantize_per_channel_ref(w, qdtype)
-        amax = torch.tensor(3.0)
-        self.xs = ops.scale_from_amax(amax, qdtype)
-
-    def forward(self, x):
-        if self.kind == "dynamic":
-            xq, sx = qops.quantize_per_token(x, self.inv, self.qdtype)
-            return qops.linear_w8a8(xq, sx, self.wq, self.ws, self.bias, torch.float32)
-        if self.kind == "static":
-            xq = qops.quantize_per_tensor(x, self.xs, self.inv, self.qdtype)
-            return qops.linear_w8a8(xq, self.xs, self.wq, self.ws, self.bias, torch.float32)
-        if self.kind == "w8a16":
-            return qops.linear_w8a16(x, self.wq, self.ws, self.bias)
-        return qops.linear_w4a16(x, self.w4, self.s4, self.z4, self.inv, self.group, self.bias)
 
 
 CASES = [  # (kind, qdtype, forms)

@@ -1,0 +1,208 @@
+"""Few-row INT8 GEMMs as ``MatMulNBits`` (8-bit, accuracy level 4): an ORT-form rewrite for the host.
+
+A w8a8 linear of the ``ort`` form is a per-token quantization (``Abs``, ``ReduceMax``, ``Max``,
+the NaN carrier's ``ReduceSum``, ``Mul``, ``Add``, ``Div``, ``Shape``, ``Expand``, a blocked
+``QuantizeLinear``), a ``MatMulIntegerToFloat`` and a ``Mul`` by the token scales: eleven nodes.
+When a graph's activation has a small static row count (a decode step: one token), each of them
+is a launch of microseconds around a GEMV that reads the weights once, and the launches cost more
+than the arithmetic. ONNX Runtime's ``MatMulNBits`` with ``bits=8`` and ``accuracy_level=4``
+takes the float activation, quantizes it to int8 itself (symmetric, one scale per block of
+``block_size`` input channels) and runs an int8 dot-product kernel: one node, and on this CPU 1.5-3x
+faster than the eleven (``benchmarks/experiments/cpu_decode_kernels.py``).
+
+Its activation scales are per block of a row instead of per row: every block's scale is at most
+the row's, so each activation is rounded at least as finely as the q-op reference rounds it
+(the weights' codes and per-channel scales are the same; tested against float64 next to the
+reference in tests/unit/test_onnx_host_kernels.py). ``MatMulNBits`` drops a NaN in its input;
+the rewrite adds the row's sum times zero to the output, as the quantization it replaces did.
+
+A 4-bit ``MatMulNBits`` (w4a16) over as few rows runs at accuracy level 4 too: int8 activations
+per block of its group, about twice as fast at one row; it adds the rounding of int8 activations
+(about 0.4% of an output's norm) to the recipe's float-activation result, and ``explain`` says so.
+
+Only graphs whose row count is static and at most ``MAX_ROWS`` are rewritten: from about four rows
+on, the integer GEMM of ``MatMulIntegerToFloat`` (u8 x s8 on a VNNI CPU) is faster (prefill,
+encoders).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnxscript import ir
+
+_MMITF = ("com.microsoft", "MatMulIntegerToFloat")
+MAX_ROWS = 4  # rows of a GEMM this rewrite takes: 1-2 faster, 4 even, 8 and more slower (measured)
+BLOCKS = (64, 32, 16)  # activation block sizes, the first that divides the input features
+_U8_ZERO = 128
+
+
+def _constant(value) -> "np.ndarray | None":
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _rows(value: ir.Value):
+    """The static row count of an activation (all dimensions but the last), or None."""
+    shape = value.shape
+    if shape is None or shape.rank() < 2 or not all(isinstance(d, int) for d in shape):
+        return None
+    return math.prod(shape[:-1])
+
+
+def _is(value, expected) -> bool:
+    array = _constant(value)
+    return array is not None and array.size == 1 and array.reshape(-1)[0] == expected
+
+
+def _quantized_input(node: ir.Node):
+    """(float activation, token scales) of a GEMM whose activation is the ort form's per-token
+    quantization (a ``QuantizeLinear`` blocked by whole rows, unsigned with zero point 128), else None."""
+    q = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if q is None or q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.inputs) != 3:
+        return None
+    x, scale = q.inputs[0], q.inputs[1]
+    block = q.attributes.get("block_size")
+    if x is None or x.shape is None or not isinstance(x.shape[-1], int) or block is None or block.as_int() != x.shape[-1]:
+        return None
+    axis = q.attributes.get("axis")
+    if axis is None or axis.as_int() not in (-1, x.shape.rank() - 1):
+        return None
+    return x, scale
+
+
+def _scaled_uses(value: ir.Value, scale: ir.Value):
+    """[(value to replace, split output index or None)] when every use of ``value`` multiplies it by
+    ``scale``, directly or after one ``Split``; with the Split node (or None); else None."""
+    uses = list(value.uses())
+    if len(uses) == 1 and uses[0][0].op_type == "Split":
+        split = uses[0][0]
+        axis = split.attributes.get("axis")
+        if axis is None or axis.as_int() not in (-1, (value.shape.rank() - 1) if value.shape else -1):
+            return None
+        targets = []
+        for index, part in enumerate(split.outputs):
+            found = _scaled_uses(part, scale)
+            if found is None or found[1] is not None or len(found[0]) != 1:
+                return None
+            targets.append((found[0][0][0], index))
+        return targets, split
+    targets = []
+    for consumer, _ in uses:
+        if consumer.op_type != "Mul" or consumer.domain not in ("", "ai.onnx") or scale not in consumer.inputs \
+                or value not in consumer.inputs:
+            return None
+        targets.append((consumer.outputs[0], None))
+    return (targets, None) if targets else None
+
+
+def _candidate(node: ir.Node, outputs: set):
+    """What the rewrite needs of a ``MatMulIntegerToFloat`` it can replace, or None."""
+    if (node.domain, node.op_type) != _MMITF or len(node.inputs) != 6 or node.outputs[0] in outputs:
+        return None
+    found = _quantized_input(node)
+    if found is None:
+        return None
+    x, scale = found
+    rows = _rows(x)
+    weight, w_scale = _constant(node.inputs[1]), _constant(node.inputs[3])
+    if rows is None or rows > MAX_ROWS or weight is None or weight.dtype != np.uint8 or weight.ndim != 2 or w_scale is None:
+        return None
+    if not (_is(node.inputs[2], 1.0) and _is(node.inputs[4], _U8_ZERO) and _is(node.inputs[5], _U8_ZERO)):
+        return None
+    if w_scale.size not in (1, weight.shape[1]) or x.shape[-1] != weight.shape[0]:
+        return None
+    block = next((b for b in BLOCKS if weight.shape[0] % b == 0), None)
+    uses = _scaled_uses(node.outputs[0], scale)
+    if block is None or uses is None:
+        return None
+    targets, split = uses
+    if split is None and len(targets) > 1 and any(old in outputs for old, _ in targets):
+        return None  # one value cannot stand for two graph outputs
+    return x, weight, w_scale, block, uses
+
+
+def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    graph.register_initializer(value)
+    return value
+
+
+def _nan_carried(graph: ir.Graph, x: ir.Value, y: ir.Value, name: str) -> list:
+    """Nodes computing ``y`` plus the sum of ``x``'s row times zero: ``MatMulNBits`` at accuracy
+    level 4 drops a NaN of its input, and this carries it to the row's outputs."""
+    total = ir.Node("", "ReduceSum", [x, _const(graph, f"{name}_axis", np.asarray([-1], np.int64))],
+                    [ir.AttrInt64("keepdims", 1)], name=f"{name}_nan_sum")
+    zero = ir.Node("", "Mul", [total.outputs[0], _const(graph, f"{name}_zero", np.asarray(0.0, np.float32))],
+                   name=f"{name}_nan_zero")
+    return [total, zero, ir.Node("", "Add", [y, zero.outputs[0]], name=f"{name}_nan_add")]
+
+
+def _rewrite(graph: ir.Graph, node: ir.Node, index: int, x, weight, w_scale, block: int, uses) -> None:
+    k, n = weight.shape
+    blocks = k // block
+    codes = np.ascontiguousarray(weight.T).reshape(n, blocks, block)  # [N, K/block, block], zero point 128
+    scales = np.repeat(np.broadcast_to(w_scale.reshape(-1), (n,)).astype(np.float32), blocks)
+    name = f"_qc_gemv_{index}"
+    gemv = ir.Node("com.microsoft", "MatMulNBits",
+                   [x, _const(graph, f"{name}_codes", codes), _const(graph, f"{name}_scales", scales)],
+                   [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 8),
+                    ir.AttrInt64("block_size", block), ir.AttrInt64("accuracy_level", 4)], name=name)
+    new = [gemv, *_nan_carried(graph, x, gemv.outputs[0], name)]
+    out = new[-1].outputs[0]
+    out.shape = ir.Shape(list(x.shape[:-1]) + [n])
+    out.type = ir.TensorType(ir.DataType.FLOAT)
+    targets, split = uses
+    parts = [out]
+    if split is not None:
+        cut = ir.Node("", "Split", [out, *split.inputs[1:]], split.attributes.values(),
+                      num_outputs=len(split.outputs), name=f"{name}_split")
+        new.append(cut)
+        parts = list(cut.outputs)
+        for part, old in zip(parts, split.outputs):
+            part.shape, part.type = old.shape, old.type
+    graph.insert_before(node, new)
+    for old, part in targets:
+        new_value = parts[part if part is not None else 0]
+        name, old.name = old.name, None  # a graph output keeps its name (a session's outputs are named)
+        ir.convenience.replace_all_uses_with(old, new_value, replace_graph_outputs=True)
+        new_value.name = name
+
+
+def _float_nbits(node: ir.Node, outputs: set) -> bool:
+    """A 4-bit ``MatMulNBits`` with float activations (accuracy level 0) over a few static rows."""
+    if (node.domain, node.op_type) != ("com.microsoft", "MatMulNBits") or node.outputs[0] in outputs:
+        return False
+    bits, level = node.attributes.get("bits"), node.attributes.get("accuracy_level")
+    rows = _rows(node.inputs[0]) if node.inputs[0] is not None else None
+    return (bits is None or bits.as_int() == 4) and (level is None or level.as_int() == 0) and \
+        rows is not None and rows <= MAX_ROWS and node.inputs[0].dtype == ir.DataType.FLOAT
+
+
+def _int8_activations(graph: ir.Graph, node: ir.Node, index: int) -> None:
+    node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 4)
+    y = node.outputs[0]
+    uses = list(y.uses())
+    carried = _nan_carried(graph, node.inputs[0], y, f"_qc_gemv4_{index}")
+    out = carried[-1].outputs[0]
+    out.shape, out.type = y.shape, y.type
+    graph.insert_after(node, carried)
+    for consumer, slot in uses:
+        consumer.replace_input_with(slot, out)
+
+
+def few_row_gemvs(model: ir.Model) -> int:
+    """Rewrite every few-row w8a8 GEMM of ``model``'s main graph (and its quantization) into
+    ``MatMulNBits``, and run few-row 4-bit ``MatMulNBits`` on int8 activations; returns how many
+    were rewritten (the nodes they leave unused are for the caller's unused-node pass)."""
+    graph = model.graph
+    outputs = set(graph.outputs)
+    found = [(node, c) for node in graph if (c := _candidate(node, outputs)) is not None]
+    for index, (node, candidate) in enumerate(found):
+        _rewrite(graph, node, index, *candidate)
+    four_bit = [node for node in graph if _float_nbits(node, outputs)]
+    for index, node in enumerate(four_bit):
+        _int8_activations(graph, node, index)
+    return len(found) + len(four_bit)

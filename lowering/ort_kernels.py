@@ -1,0 +1,36 @@
+"""Which ONNX Runtime kernel each GEMM of an ort-form file runs: the lines ``explain`` prints.
+
+Read from the file's nodes and its weights' types (not its weights' bytes), so a session made
+from a cached file is described without loading the weights.
+"""
+from __future__ import annotations
+
+import collections
+
+_INT8 = 3  # onnx.TensorProto.INT8
+
+
+def _attribute(node, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def describe(node, types: dict):
+    """One GEMM node's kernel in words, or None for a node that is not a GEMM with constant weights."""
+    if node.op_type == "MatMulNBits":
+        bits, level, block = (_attribute(node, "bits", 4), _attribute(node, "accuracy_level", 0),
+                              _attribute(node, "block_size", 0))
+        activations = f"int8 activations per block of {block}" if level == 4 else "float activations"
+        return f"MatMulNBits, {bits}-bit weights, {activations}"
+    if node.op_type == "MatMulIntegerToFloat" and len(node.input) > 1:
+        kind = "u8 x s8 (exact with VNNI)" if types.get(node.input[1]) == _INT8 else "u8 x u8"
+        return f"MatMulIntegerToFloat {kind}, int8 activations per token or tensor"
+    if node.op_type == "MatMul" and node.input[1] in types:
+        return "MatMul, float weights and activations"
+    return None
+
+
+def kernel_counts(model) -> collections.Counter:
+    """How many GEMMs of ``model`` (an ``onnx.ModelProto``, weights loaded or not) run each kernel."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    found = (describe(node, types) for node in model.graph.node)
+    return collections.Counter(d for d in found if d is not None)
