@@ -265,7 +265,9 @@ def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
         raise UnsupportedForm("linear_w4a16 needs a static input feature size to export")
     k_groups = -(-k // group_size)
     blob = op.Reshape(packed, _const([n, k_groups, group_size // 2], np.int64))
-    inputs = [op.CastLike(_smoothed(x, smooth_inv), scale), blob, op.Reshape(scale, _const([-1], np.int64))]
+    same = x.dtype is not None and x.dtype == scale.dtype  # no cast in or out (one node each per linear)
+    x_in = _smoothed(x, smooth_inv)
+    inputs = [x_in if same else op.CastLike(x_in, scale), blob, op.Reshape(scale, _const([-1], np.int64))]
     if zero is not None:
         # MatMulNBits packs 4-bit zero points two per byte, low nibble first, per row
         padded = op.Pad(zero, _const([0, 0, 0, k_groups % 2], np.int64))
@@ -274,8 +276,8 @@ def ort_linear_w4a16(x, packed, scale, zero, smooth_inv, group_size, bias):
         hi = op.Squeeze(op.Slice(pairs, _const([1], np.int64), _const([2], np.int64), _const([2], np.int64)), _const([2], np.int64))
         inputs.append(op.Reshape(op.BitwiseOr(lo, op.BitShift(hi, _const(4, np.uint8), direction="LEFT")),
                                  _const([-1], np.int64)))
-    y = MatMulNBits(*inputs, K=k, N=n, bits=4, block_size=group_size)
-    return op.CastLike(_bias(y, bias), x)
+    y = _bias(MatMulNBits(*inputs, K=k, N=n, bits=4, block_size=group_size), bias)
+    return y if same else op.CastLike(y, x)
 
 
 # ----------------------------------------------------------------------------- attention (both forms)

@@ -1,23 +1,26 @@
-"""One integer GEMM where several read the same quantized activation (an ORT-form graph rewrite).
+"""One GEMM where several read the same activation with constant weights (an ORT-form graph rewrite).
 
 The linears that read one input (attention's q/k/v projections, an MLP's gate and up projections)
-each become a ``MatMulIntegerToFloat`` of the same quantized activation, scale and zero points with
-constant weights. Their weights side by side (``[K, N1 + N2 + ...]``, the per-column weight scales
-likewise) make one GEMM whose output a ``Split`` cuts back into the linears' outputs: the same
-integer products and the same epilogue per column, so the same values, with one kernel launch and
-one pass over the activation where there were two or three. At decode, where each GEMM is a short
-read of its weights, the launches are what the merge saves (SmolLM2-135M w8a8, one token on a
-200-token cache: docs/results/ort_decode_session.md).
+each become a GEMM of the same activation with constant weights: a ``MatMulIntegerToFloat`` of one
+quantized activation (w8a8), a ``MatMulNBits`` (w4a16). Their weights side by side (the output
+channels of one after the other's, the per-channel scales and zero points likewise) make one GEMM
+whose output a ``Split`` cuts back into the linears' outputs: the same products and the same
+epilogue per output channel, so the same values, with one kernel launch and one pass over the
+activation where there were two or three. At decode, where each GEMM is a short read of its
+weights, the launches are what the merge saves (SmolLM2-135M w8a8, one token on a 200-token
+cache: docs/results/ort_decode_session.md).
+
+``SIBLINGS`` holds one row per GEMM op: which nodes can merge, which of them may share one GEMM,
+and how the merged node's inputs and attributes are made.
 """
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from onnxscript import ir
-
-_OP = ("com.microsoft", "MatMulIntegerToFloat")
-_A, _B, _A_SCALE, _B_SCALE, _A_ZP, _B_ZP = range(6)
 
 
 def _constant(value) -> "np.ndarray | None":
@@ -27,10 +30,14 @@ def _constant(value) -> "np.ndarray | None":
     return None if tensor is None else tensor.numpy()
 
 
-def _candidate(node: ir.Node, outputs: set) -> bool:
-    """A merge candidate: no bias, a 2-D constant weight, a constant scalar or per-column weight
-    scale, a scalar weight zero point, and an output that is not the graph's."""
-    if (node.domain, node.op_type) != _OP or len(node.inputs) != 6 or node.outputs[0] in outputs:
+# ----------------------------------------------------------------------------- MatMulIntegerToFloat
+_A, _B, _A_SCALE, _B_SCALE, _A_ZP, _B_ZP = range(6)
+
+
+def _int8_candidate(node: ir.Node) -> bool:
+    """No bias, a 2-D constant weight, a constant scalar or per-column weight scale, a scalar
+    weight zero point."""
+    if len(node.inputs) != 6:
         return False
     weight, scale, zero = (_constant(node.inputs[i]) for i in (_B, _B_SCALE, _B_ZP))
     if weight is None or weight.ndim != 2 or scale is None or zero is None or zero.size != 1:
@@ -38,29 +45,91 @@ def _candidate(node: ir.Node, outputs: set) -> bool:
     return scale.size in (1, weight.shape[1])
 
 
-def _key(node: ir.Node) -> tuple:
-    """Nodes that may share one GEMM: the same activation, activation scale and zero point (the
-    same values), equal weight zero points, weights of one type and depth."""
+def _int8_key(node: ir.Node) -> tuple:
+    """The same activation, activation scale and zero point (the same values), equal weight zero
+    points, weights of one type and depth."""
     zero, weight = _constant(node.inputs[_B_ZP]), _constant(node.inputs[_B])
     return (id(node.inputs[_A]), id(node.inputs[_A_SCALE]), id(node.inputs[_A_ZP]), zero.dtype.str,
             zero.reshape(-1).tolist()[0], weight.dtype.str, weight.shape[0])
 
 
-def _merged(graph: ir.Graph, group: list, index: int) -> None:
+def _int8_merged(group: list, const: Callable) -> tuple:
+    """(inputs, attributes, output widths) of the merged ``MatMulIntegerToFloat``."""
     weights = [_constant(n.inputs[_B]) for n in group]
     widths = [w.shape[1] for w in weights]
     scales = [np.broadcast_to(_constant(n.inputs[_B_SCALE]).reshape(-1), (w,)) for n, w in zip(group, widths)]
-    constants = {}
-    for name, array in (("weight", np.concatenate(weights, axis=1)), ("scale", np.concatenate(scales)),
-                        ("split", np.asarray(widths, np.int64))):
-        constants[name] = ir.Value(name=f"_qc_siblings_{index}_{name}", const_value=ir.tensor(array))
-        graph.register_initializer(constants[name])
     first = group[0]
-    gemm = ir.Node(*_OP, [first.inputs[_A], constants["weight"], first.inputs[_A_SCALE], constants["scale"],
-                          first.inputs[_A_ZP], first.inputs[_B_ZP]], name=f"_qc_siblings_{index}")
-    split = ir.Node("", "Split", [gemm.outputs[0], constants["split"]], [ir.AttrInt64("axis", -1)],
-                    num_outputs=len(group), name=f"_qc_siblings_{index}_split")
-    graph.insert_before(first, [gemm, split])
+    inputs = [first.inputs[_A], const("weight", np.concatenate(weights, axis=1)), first.inputs[_A_SCALE],
+              const("scale", np.concatenate(scales)), first.inputs[_A_ZP], first.inputs[_B_ZP]]
+    return inputs, {}, widths
+
+
+# ----------------------------------------------------------------------------- MatMulNBits
+_NBITS_SAME = ("K", "bits", "block_size", "accuracy_level")  # attributes the merged GEMMs share
+
+
+def _attribute(node: ir.Node, name: str, default: int = 0) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _nbits_candidate(node: ir.Node) -> bool:
+    """Activation, constant codes and scales, optional constant zero points; no group index, no bias."""
+    if len(node.inputs) < 3 or len(node.inputs) > 4 or any(k not in _NBITS_SAME + ("N",) for k in node.attributes):
+        return False
+    codes, scales = _constant(node.inputs[1]), _constant(node.inputs[2])
+    zeros = _constant(node.inputs[3]) if len(node.inputs) == 4 and node.inputs[3] is not None else None
+    if codes is None or codes.ndim != 3 or scales is None or scales.size % codes.shape[0]:
+        return False
+    return len(node.inputs) == 3 or node.inputs[3] is None or zeros is not None
+
+
+def _nbits_key(node: ir.Node) -> tuple:
+    codes = _constant(node.inputs[1])
+    zeros = _constant(node.inputs[3]) if len(node.inputs) == 4 and node.inputs[3] is not None else None
+    return (id(node.inputs[0]), tuple(_attribute(node, a) for a in _NBITS_SAME), codes.dtype.str, codes.shape[1:],
+            _constant(node.inputs[2]).dtype.str, None if zeros is None else zeros.dtype.str)
+
+
+def _nbits_merged(group: list, const: Callable) -> tuple:
+    codes = [_constant(n.inputs[1]) for n in group]
+    widths = [c.shape[0] for c in codes]
+    inputs = [group[0].inputs[0], const("codes", np.concatenate(codes, axis=0)),
+              const("scales", np.concatenate([_constant(n.inputs[2]).reshape(-1) for n in group]))]
+    if len(group[0].inputs) == 4 and group[0].inputs[3] is not None:  # per output row: rows concatenate
+        inputs.append(const("zeros", np.concatenate([_constant(n.inputs[3]).reshape(-1) for n in group])))
+    attributes = {a: _attribute(group[0], a) for a in _NBITS_SAME if a in group[0].attributes}
+    return inputs, {**attributes, "N": sum(widths)}, widths
+
+
+@dataclass(frozen=True)
+class Sibling:
+    """A GEMM op that merges: ``candidate(node)``, ``key(node)`` (equal keys share one GEMM) and
+    ``merged(group, const) -> (inputs, int attributes, output widths)``, where ``const(name,
+    array)`` makes an initializer."""
+
+    candidate: Callable
+    key: Callable
+    merged: Callable
+
+
+SIBLINGS = {
+    ("com.microsoft", "MatMulIntegerToFloat"): Sibling(_int8_candidate, _int8_key, _int8_merged),
+    ("com.microsoft", "MatMulNBits"): Sibling(_nbits_candidate, _nbits_key, _nbits_merged),
+}
+
+
+def _merge(graph: ir.Graph, op: tuple, group: list, index: int) -> None:
+    def const(name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=f"_qc_siblings_{index}_{name}", const_value=ir.tensor(array))
+        graph.register_initializer(value)
+        return value
+
+    inputs, attributes, widths = SIBLINGS[op].merged(group, const)
+    gemm = ir.Node(*op, inputs, [ir.AttrInt64(k, v) for k, v in attributes.items()], name=f"_qc_siblings_{index}")
+    split = ir.Node("", "Split", [gemm.outputs[0], const("split", np.asarray(widths, np.int64))],
+                    [ir.AttrInt64("axis", -1)], num_outputs=len(group), name=f"_qc_siblings_{index}_split")
+    graph.insert_before(group[0], [gemm, split])
     for node, part in zip(group, split.outputs):
         part.shape, part.type = node.outputs[0].shape, node.outputs[0].type
         ir.convenience.replace_all_uses_with(node.outputs[0], part)
@@ -68,16 +137,17 @@ def _merged(graph: ir.Graph, group: list, index: int) -> None:
 
 
 def merge_sibling_matmuls(model: ir.Model) -> int:
-    """Merge the ``MatMulIntegerToFloat`` nodes of ``model``'s main graph that read the same
-    quantized activation; returns how many nodes were merged away."""
+    """Merge the GEMMs of ``model``'s main graph that read the same activation (``SIBLINGS``);
+    returns how many nodes were merged away."""
     graph = model.graph
     outputs = set(graph.outputs)
     groups = collections.defaultdict(list)
     for node in graph:
-        if _candidate(node, outputs):
-            groups[_key(node)].append(node)
+        op = (node.domain, node.op_type)
+        if op in SIBLINGS and node.outputs[0] not in outputs and SIBLINGS[op].candidate(node):
+            groups[(op, SIBLINGS[op].key(node))].append(node)
     merged = 0
-    for index, group in enumerate(g for g in groups.values() if len(g) > 1):
-        _merged(graph, group, index)
+    for index, ((op, _), group) in enumerate((k, g) for k, g in groups.items() if len(g) > 1):
+        _merge(graph, op, group, index)
         merged += len(group) - 1
     return merged

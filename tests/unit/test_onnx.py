@@ -573,10 +573,12 @@ def test_optimizer_equals_onnxscripts_own_less_the_quadratic_rule(monkeypatch, a
     torch.testing.assert_close(_run(ours, ids), _run(library, ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("recipe,gemm", [("w8a8", "MatMulIntegerToFloat"), ("w4a16", "MatMulNBits")])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "bert"])
-def test_ort_form_merges_the_integer_gemms_that_read_one_activation(monkeypatch, tmp_path, arch):
-    """q/k/v (and gate/up) read one quantized activation: the ORT form runs them as one
-    ``MatMulIntegerToFloat`` and a ``Split``, and computes exactly what the separate GEMMs do."""
+def test_ort_form_merges_the_gemms_that_read_one_activation(monkeypatch, tmp_path, arch, recipe, gemm):
+    """q/k/v (and gate/up) read one activation: the ORT form runs them as one GEMM
+    (``MatMulIntegerToFloat``, ``MatMulNBits``) and a ``Split``, and computes exactly what the
+    separate GEMMs do."""
     from collections import Counter
 
     from tiny_models import build, token_batch
@@ -588,14 +590,14 @@ def test_ort_form_merges_the_integer_gemms_that_read_one_activation(monkeypatch,
         if not merged:
             monkeypatch.setitem(onnx_fusions.GRAPH_FUSIONS, "ort", [])
         path = str(tmp_path / f"{merged}.onnx")
-        qcompiler.export_onnx(model, token_batch(vocab, 2, 7), path, recipe="w8a8", form="ort")
+        qcompiler.export_onnx(model, token_batch(vocab, 2, 7), path, recipe=recipe, form="ort")
         paths[merged] = path
         counts[merged] = Counter(n.op_type for n in onnx.load(path).graph.node)
     layers = model.config.num_hidden_layers
     # separate: one GEMM per linear; merged: q/k/v one GEMM per layer (and gate/up, where separate)
     fused_qkv = arch == "phi3"  # Phi-3 has qkv_proj and gate_up_proj already
     saved = 0 if fused_qkv else layers * (2 + (arch != "bert"))
-    assert counts[True]["MatMulIntegerToFloat"] == counts[False]["MatMulIntegerToFloat"] - saved
+    assert counts[True][gemm] == counts[False][gemm] - saved
     assert counts[True]["Split"] - counts[False]["Split"] == (0 if fused_qkv else layers * (1 + (arch != "bert")))
     sessions = {merged: OrtSession(path) for merged, path in paths.items()}
     for shape in ((2, 7), (1, 1), (3, 12)):
