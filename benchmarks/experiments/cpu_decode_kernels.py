@@ -10,10 +10,13 @@ the output against float64. The facts ``lowering.onnx_decode_gemv`` and
 ``lowering.onnx_signed_weights`` rest on.
 
     python benchmarks/experiments/cpu_decode_kernels.py [--rows 1 4 16 256] [--threads 2] [--runs 200]
+                                                         [--markdown docs/results/cpu_decode_kernels.md]
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -86,8 +89,10 @@ def main(argv=None):
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 256])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--markdown", help="also write the table to this page")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
+    rows = []
     print(f"{'M':>4} {'K':>5} {'N':>6}  {'form':44} {'us':>9} {'rel. error':>10}")
     for m in args.rows:
         for k, n in SHAPES:
@@ -110,6 +115,16 @@ def main(argv=None):
                 us, y = timed(s, x, runs)
                 err = np.linalg.norm(y - exact) / np.linalg.norm(exact)
                 print(f"{m:4} {k:5} {n:6}  {name:44} {us:9.1f} {err:10.2e}", flush=True)
+                rows.append(f"| {m} | {k} x {n} | {name} | {us:.1f} | {err:.2e} |")
+    if args.markdown:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from results_page import write_page
+
+        body = (__doc__.split("\n\n    python")[0].split("\n", 1)[1].strip() + "\n\n"
+                + f"{args.threads} threads, median of {args.runs} runs (fewer for the largest GEMMs).\n\n"
+                + "| rows M | K x N | form | microseconds | error vs float64 |\n|---|---|---|---|---|\n"
+                + "\n".join(rows))
+        write_page(args.markdown, "ONNX Runtime GEMM kernels at decode and prefill row counts", body)
 
 
 if __name__ == "__main__":
