@@ -8,7 +8,7 @@ is a launch of microseconds around a GEMV that reads the weights once, and the l
 than the arithmetic. ONNX Runtime's ``MatMulNBits`` with ``bits=8`` and ``accuracy_level=4``
 takes the float activation, quantizes it to int8 itself (symmetric, one scale per block of
 ``block_size`` input channels) and runs an int8 dot-product kernel: one node, and on this CPU 1.5-3x
-faster than the eleven (``benchmarks/experiments/cpu_decode_kernels.py``).
+faster than the eleven (docs/results/cpu_decode_kernels.md).
 
 Its activation scales are per block of a row instead of per row: every block's scale is at most
 the row's, so each activation is rounded at least as finely as the q-op reference rounds it
@@ -20,9 +20,9 @@ A 4-bit ``MatMulNBits`` (w4a16) over as few rows runs at accuracy level 4 too: i
 per block of its group, about twice as fast at one row; it adds the rounding of int8 activations
 (about 0.4% of an output's norm) to the recipe's float-activation result, and ``explain`` says so.
 
-Only graphs whose row count is static and at most ``MAX_ROWS`` are rewritten: from about four rows
-on, the integer GEMM of ``MatMulIntegerToFloat`` (u8 x s8 on a VNNI CPU) is faster (prefill,
-encoders).
+Only graphs whose row count is static and at most ``MAX_ROWS`` are rewritten: at four rows the
+integer GEMM of ``MatMulIntegerToFloat`` (u8 x s8 on a VNNI CPU) was already faster, at hundreds
+twice as fast (prefill, encoders).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ import numpy as np
 from onnxscript import ir
 
 _MMITF = ("com.microsoft", "MatMulIntegerToFloat")
-MAX_ROWS = 4  # rows of a GEMM this rewrite takes: 1-2 faster, 4 even, 8 and more slower (measured)
+MAX_ROWS = 1  # a decode step of one sequence: faster at one row; at four rows the kernel alone was
+# 15-25% slower than the u8 x s8 integer GEMM (docs/results/cpu_decode_kernels.md)
 BLOCKS = (64, 32, 16)  # activation block sizes, the first that divides the input features
 _U8_ZERO = 128
 

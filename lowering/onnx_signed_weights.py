@@ -4,7 +4,7 @@ The ort form's ``MatMulIntegerToFloat`` weights are unsigned codes with zero poi
 every CPU. Where ``runtimes.ort_int8_probe`` finds ONNX Runtime's u8 x s8 product exact (AVX-512
 VNNI, AVX-VNNI), the same codes minus 128 with zero point 0 give the same integer products through
 a kernel about twice as fast at hundreds of rows (prefill, encoders;
-``benchmarks/experiments/cpu_decode_kernels.py``). A file exported for deployment keeps the
+docs/results/cpu_decode_kernels.md). A file exported for deployment keeps the
 portable unsigned form.
 """
 from __future__ import annotations

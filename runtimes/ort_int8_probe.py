@@ -1,7 +1,7 @@
 """Whether this CPU's ONNX Runtime multiplies uint8 activations by int8 weights exactly.
 
 ONNX Runtime's u8 x s8 integer GEMM is twice as fast as its u8 x u8 one at hundreds of rows on a
-CPU with AVX-512 VNNI or AVX-VNNI (``benchmarks/experiments/cpu_decode_kernels.py``), and exact
+CPU with AVX-512 VNNI or AVX-VNNI (docs/results/cpu_decode_kernels.md), and exact
 there; without VNNI it adds pairs of products in 16 bits and saturates (docs/experiments.md, "ONNX
 export"). The ort form therefore stores u8 weights (zero point 128), and the ``ort`` target's
 sessions switch to int8 weights where ``signed_weights_exact`` finds the product exact on the

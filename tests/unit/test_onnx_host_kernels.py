@@ -32,7 +32,7 @@ def _float64_linear(m: QOp, x: torch.Tensor) -> torch.Tensor:
     return y + m.bias.double() if m.bias is not None else y
 
 
-@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("rows", range(1, onnx_decode_gemv.MAX_ROWS + 1))
 @pytest.mark.parametrize("k", [576, 96, 1536])
 @pytest.mark.parametrize("smooth,bias", [(False, True), (True, False)])
 def test_few_row_w8a8_gemm_is_matmulnbits_at_least_as_accurate_as_the_reference(rows, k, smooth, bias):
