@@ -604,3 +604,14 @@ def test_ort_form_merges_the_gemms_that_read_one_activation(monkeypatch, tmp_pat
         batch = token_batch(vocab, *shape, seed=shape[1])
         outs = {m: s(*(batch[name] for name in s.input_names))[0] for m, s in sessions.items()}
         torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+
+
+def test_a_session_call_never_overwrites_the_tensors_an_earlier_call_returned():
+    """Outputs are handed to torch without a copy: a later run must not write into them (a decode
+    step's KV cache is an earlier step's output)."""
+    graph = h.make_graph([h.make_node("Mul", ["x", "x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, [None, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, [None, 4])])
+    session = OrtSession(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]))
+    first = session(torch.ones(2, 4))[0]
+    second = session(torch.full((2, 4), 3.0))[0]
+    assert torch.equal(first, torch.ones(2, 4)) and torch.equal(second, torch.full((2, 4), 9.0))
