@@ -31,18 +31,14 @@ import math
 import numpy as np
 from onnxscript import ir
 
+from qcompiler.lowering.onnx_sibling_matmuls import constant_array
+
 _MMITF = ("com.microsoft", "MatMulIntegerToFloat")
 MAX_ROWS = 1  # a decode step of one sequence: faster at one row; at four rows the kernel alone was
 # 8-28% slower than the u8 x s8 integer GEMM (docs/results/cpu_decode_kernels.md)
 BLOCKS = (64, 32, 16)  # activation block sizes, the first that divides the input features
 _U8_ZERO = 128
 
-
-def _constant(value) -> "np.ndarray | None":
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def _rows(value: ir.Value):
@@ -54,7 +50,7 @@ def _rows(value: ir.Value):
 
 
 def _is(value, expected) -> bool:
-    array = _constant(value)
+    array = constant_array(value)
     return array is not None and array.size == 1 and array.reshape(-1)[0] == expected
 
 
@@ -108,7 +104,7 @@ def _candidate(node: ir.Node, outputs: set):
         return None
     x, scale = found
     rows = _rows(x)
-    weight, w_scale = _constant(node.inputs[1]), _constant(node.inputs[3])
+    weight, w_scale = constant_array(node.inputs[1]), constant_array(node.inputs[3])
     if rows is None or rows > MAX_ROWS or weight is None or weight.dtype != np.uint8 or weight.ndim != 2 or w_scale is None:
         return None
     if not (_is(node.inputs[2], 1.0) and _is(node.inputs[4], _U8_ZERO) and _is(node.inputs[5], _U8_ZERO)):
@@ -167,9 +163,9 @@ def _rewrite(graph: ir.Graph, node: ir.Node, index: int, x, weight, w_scale, blo
     graph.insert_before(node, new)
     for old, part in targets:
         new_value = parts[part if part is not None else 0]
-        name, old.name = old.name, None  # a graph output keeps its name (a session's outputs are named)
+        kept, old.name = old.name, None  # a graph output keeps its name (a session's outputs are named)
         ir.convenience.replace_all_uses_with(old, new_value, replace_graph_outputs=True)
-        new_value.name = name
+        new_value.name = kept
 
 
 def _float_nbits(node: ir.Node, outputs: set) -> bool:

@@ -23,7 +23,8 @@ import numpy as np
 from onnxscript import ir
 
 
-def _constant(value) -> "np.ndarray | None":
+def constant_array(value) -> "np.ndarray | None":
+    """The array of a constant ``ir.Value`` (an initializer or folded constant), else None."""
     if value is None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
@@ -39,7 +40,7 @@ def _int8_candidate(node: ir.Node) -> bool:
     weight zero point."""
     if len(node.inputs) != 6:
         return False
-    weight, scale, zero = (_constant(node.inputs[i]) for i in (_B, _B_SCALE, _B_ZP))
+    weight, scale, zero = (constant_array(node.inputs[i]) for i in (_B, _B_SCALE, _B_ZP))
     if weight is None or weight.ndim != 2 or scale is None or zero is None or zero.size != 1:
         return False
     return scale.size in (1, weight.shape[1])
@@ -48,16 +49,16 @@ def _int8_candidate(node: ir.Node) -> bool:
 def _int8_key(node: ir.Node) -> tuple:
     """The same activation, activation scale and zero point (the same values), equal weight zero
     points, weights of one type and depth."""
-    zero, weight = _constant(node.inputs[_B_ZP]), _constant(node.inputs[_B])
+    zero, weight = constant_array(node.inputs[_B_ZP]), constant_array(node.inputs[_B])
     return (id(node.inputs[_A]), id(node.inputs[_A_SCALE]), id(node.inputs[_A_ZP]), zero.dtype.str,
             zero.reshape(-1).tolist()[0], weight.dtype.str, weight.shape[0])
 
 
 def _int8_merged(group: list, const: Callable) -> tuple:
     """(inputs, attributes, output widths) of the merged ``MatMulIntegerToFloat``."""
-    weights = [_constant(n.inputs[_B]) for n in group]
+    weights = [constant_array(n.inputs[_B]) for n in group]
     widths = [w.shape[1] for w in weights]
-    scales = [np.broadcast_to(_constant(n.inputs[_B_SCALE]).reshape(-1), (w,)) for n, w in zip(group, widths)]
+    scales = [np.broadcast_to(constant_array(n.inputs[_B_SCALE]).reshape(-1), (w,)) for n, w in zip(group, widths)]
     first = group[0]
     inputs = [first.inputs[_A], const("weight", np.concatenate(weights, axis=1)), first.inputs[_A_SCALE],
               const("scale", np.concatenate(scales)), first.inputs[_A_ZP], first.inputs[_B_ZP]]
@@ -77,27 +78,27 @@ def _nbits_candidate(node: ir.Node) -> bool:
     """Activation, constant codes and scales, optional constant zero points; no group index, no bias."""
     if len(node.inputs) < 3 or len(node.inputs) > 4 or any(k not in _NBITS_SAME + ("N",) for k in node.attributes):
         return False
-    codes, scales = _constant(node.inputs[1]), _constant(node.inputs[2])
-    zeros = _constant(node.inputs[3]) if len(node.inputs) == 4 and node.inputs[3] is not None else None
+    codes, scales = constant_array(node.inputs[1]), constant_array(node.inputs[2])
+    zeros = constant_array(node.inputs[3]) if len(node.inputs) == 4 and node.inputs[3] is not None else None
     if codes is None or codes.ndim != 3 or scales is None or scales.size % codes.shape[0]:
         return False
     return len(node.inputs) == 3 or node.inputs[3] is None or zeros is not None
 
 
 def _nbits_key(node: ir.Node) -> tuple:
-    codes = _constant(node.inputs[1])
-    zeros = _constant(node.inputs[3]) if len(node.inputs) == 4 and node.inputs[3] is not None else None
+    codes = constant_array(node.inputs[1])
+    zeros = constant_array(node.inputs[3]) if len(node.inputs) == 4 and node.inputs[3] is not None else None
     return (id(node.inputs[0]), tuple(_attribute(node, a) for a in _NBITS_SAME), codes.dtype.str, codes.shape[1:],
-            _constant(node.inputs[2]).dtype.str, None if zeros is None else zeros.dtype.str)
+            constant_array(node.inputs[2]).dtype.str, None if zeros is None else zeros.dtype.str)
 
 
 def _nbits_merged(group: list, const: Callable) -> tuple:
-    codes = [_constant(n.inputs[1]) for n in group]
+    codes = [constant_array(n.inputs[1]) for n in group]
     widths = [c.shape[0] for c in codes]
     inputs = [group[0].inputs[0], const("codes", np.concatenate(codes, axis=0)),
-              const("scales", np.concatenate([_constant(n.inputs[2]).reshape(-1) for n in group]))]
+              const("scales", np.concatenate([constant_array(n.inputs[2]).reshape(-1) for n in group]))]
     if len(group[0].inputs) == 4 and group[0].inputs[3] is not None:  # per output row: rows concatenate
-        inputs.append(const("zeros", np.concatenate([_constant(n.inputs[3]).reshape(-1) for n in group])))
+        inputs.append(const("zeros", np.concatenate([constant_array(n.inputs[3]).reshape(-1) for n in group])))
     attributes = {a: _attribute(group[0], a) for a in _NBITS_SAME if a in group[0].attributes}
     return inputs, {**attributes, "N": sum(widths)}, widths
 

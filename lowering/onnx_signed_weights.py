@@ -12,15 +12,13 @@ from __future__ import annotations
 import numpy as np
 from onnxscript import ir
 
+from qcompiler.lowering.onnx_sibling_matmuls import constant_array
+
 from qcompiler.runtimes.ort_int8_probe import signed_weights_exact
 
 _MMITF = ("com.microsoft", "MatMulIntegerToFloat")
 _B, _B_ZP = 1, 5
 
-
-def _constant(value):
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
 
 
 def signed_int8_weights(model: ir.Model) -> int:
@@ -33,7 +31,7 @@ def signed_int8_weights(model: ir.Model) -> int:
     for node in graph:
         if (node.domain, node.op_type) != _MMITF or len(node.inputs) < 6:
             continue
-        weight, weight_zero = _constant(node.inputs[_B]), _constant(node.inputs[_B_ZP])
+        weight, weight_zero = constant_array(node.inputs[_B]), constant_array(node.inputs[_B_ZP])
         if weight is None or weight.dtype != np.uint8 or weight_zero is None or weight_zero.size != 1 \
                 or weight_zero.dtype != np.uint8 or int(weight_zero.reshape(-1)[0]) != 128:
             continue
