@@ -14,7 +14,8 @@ Its activation scales are per block of a row instead of per row: every block's s
 the row's, so each activation is rounded at least as finely as the q-op reference rounds it
 (the weights' codes and per-channel scales are the same; tested against float64 next to the
 reference in tests/unit/test_onnx_host_kernels.py). ``MatMulNBits`` drops a NaN in its input;
-the rewrite adds the row's sum times zero to the output, as the quantization it replaces did.
+the rewrite adds the row times a zero column to the output, as the quantization it replaces
+carried it with the row's sum times zero.
 
 A 4-bit ``MatMulNBits`` (w4a16) over as few rows runs at accuracy level 4 too: int8 activations
 per block of its group, about twice as fast at one row; it adds the rounding of int8 activations
@@ -128,13 +129,13 @@ def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _nan_carried(graph: ir.Graph, x: ir.Value, y: ir.Value, name: str) -> list:
-    """Nodes computing ``y`` plus the sum of ``x``'s row times zero: ``MatMulNBits`` at accuracy
-    level 4 drops a NaN of its input, and this carries it to the row's outputs."""
-    total = ir.Node("", "ReduceSum", [x, _const(graph, f"{name}_axis", np.asarray([-1], np.int64))],
-                    [ir.AttrInt64("keepdims", 1)], name=f"{name}_nan_sum")
-    zero = ir.Node("", "Mul", [total.outputs[0], _const(graph, f"{name}_zero", np.asarray(0.0, np.float32))],
-                   name=f"{name}_nan_zero")
-    return [total, zero, ir.Node("", "Add", [y, zero.outputs[0]], name=f"{name}_nan_add")]
+    """Nodes computing ``y`` plus ``x``'s row times a zero column: ``MatMulNBits`` at accuracy
+    level 4 drops a NaN of its input, and this carries it (and an infinity, as NaN) to the row's
+    outputs. One float ``MatMul`` against zeros is the row's sum times zero in one node."""
+    column = f"_qc_nan_zero_column_{x.shape[-1]}"  # one per input width, shared by the GEMVs
+    zeros = graph.initializers.get(column) or _const(graph, column, np.zeros((x.shape[-1], 1), np.float32))
+    carrier = ir.Node("", "MatMul", [x, zeros], name=f"{name}_nan_carrier")
+    return [carrier, ir.Node("", "Add", [y, carrier.outputs[0]], name=f"{name}_nan_add")]
 
 
 def _rewrite(graph: ir.Graph, node: ir.Node, index: int, x, weight, w_scale, block: int, uses) -> None:

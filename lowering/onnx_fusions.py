@@ -9,11 +9,12 @@ for no rewrite (docs/experiments.md, "Compile time and memory of ``generate()`` 
 ``optimize=True`` would also apply onnxscript's opset-23 fusions, among them ``RotaryEmbedding``,
 whose cos/sin caches keep the batch size 1 of ``position_ids``: ONNX Runtime 1.32 rejects the
 fused node for any batch above 1 (tests/integration/test_architectures.py). Only its RMSNormalization fusion
-is kept here. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
+is kept here; ``lowering.onnx_rotary`` fuses RoPE with the model's own per-row tables instead. Each rule is an ``onnxscript`` rewrite rule that replaces a subgraph by one op computing
 the same values, so none changes what the model computes: a table entry is a speed decision.
 
 * ``GRAPH_FUSIONS``: rewrites a pattern rule cannot state, such as ``merge_sibling_matmuls``
-  (``ort``): the integer GEMMs that read one quantized activation become one.
+  (``ort``): the integer GEMMs that read one quantized activation become one; ``fuse_rotary``
+  (``ort``): RoPE's six ops per query and key tensor become one ``RotaryEmbedding``.
 * ``Attention3D`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
   ``[B, S, H*D]`` projections into ``[B, H, S, D]`` heads, a 4-D ``Attention``, and the inverse
   ``Transpose`` + ``Reshape``. Opset 23's ``Attention`` takes the 3-D projections itself
@@ -30,6 +31,7 @@ from onnxscript.rewriter.rules.common import slice_split_rule
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
 from qcompiler.lowering.onnx_decode_gemv import few_row_gemvs
+from qcompiler.lowering.onnx_rotary import fuse_rotary
 from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
 from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
 
@@ -90,7 +92,7 @@ LIBRARY_FUSIONS = {
 
 # whole-graph rewrites per form, after the rules (each returns how many nodes it removed)
 GRAPH_FUSIONS = {
-    "ort": [merge_sibling_matmuls],
+    "ort": [merge_sibling_matmuls, fuse_rotary],
     "tensorrt": [],
 }
 
