@@ -4,7 +4,8 @@ Each row runs in a process of its own (its peak memory is its own) with ``--thre
 
 * first output: a fresh model's first ``generate()`` of one token after a 61-token prompt, compile
   included (qcompile: ``model.forward = torch.compile(model.forward, backend="qcompile",
-  options={"recipe": ...}, dynamic=True)``, as the README says; a cold ``$QCOMPILE_CACHE``);
+  options={"recipe": ...}, dynamic=True)``, as the README says; a cold ``$QCOMPILE_CACHE`` and a
+  cold ``$TORCHINDUCTOR_CACHE_DIR`` for every row);
 * first 64: the first 64-token ``generate()`` (prefill included), which compiles the decode graph;
 * tokens/s: 64 new tokens after the 61-token prompt, prefill included, once everything is compiled;
 * 2nd prompt: time to the first output of a ``generate()`` with a 127-token prompt (a new prompt
@@ -12,7 +13,8 @@ Each row runs in a process of its own (its peak memory is its own) with ``--thre
 * peak memory: the process's peak resident set after those calls (before perplexity);
 * perplexity on held-out Wikipedia windows (disjoint from any calibration text).
 
-Rows: eager FP32; qcompile w8a8, w8a16, w4a16 (RTN, symmetric, group 32: asymmetric g32 would
+Rows: eager FP32; ``torch.compile`` FP32 (Inductor, ``dynamic=True``: the compile time qcompile's
+first call is judged against); qcompile w8a8, w8a16, w4a16 (RTN, symmetric, group 32: asymmetric g32 would
 only find the GGUF's own grid again) and w4a16-gptq; ONNX Runtime's ``quantize_dynamic`` of the
 same FP32 graphs (the peer: per-tensor u8 activations, per-channel s8 weights); llama.cpp Q8_0 and
 Q4_0 through ``llama-cpp-python`` (an optional benchmark dependency, built from source: ``pip
@@ -36,6 +38,7 @@ import time
 
 ROWS = {  # label -> (kind, options)
     "eager fp32": ("eager", None),
+    "torch.compile fp32 (Inductor)": ("inductor", None),
     "qcompile w8a8": ("qcompile", {"recipe": "w8a8"}),
     # the tied lm_head in INT8 too, as llama.cpp's Q8_0 file has it
     "qcompile w8a8 quantize_tied": ("qcompile", {"recipe": "w8a8", "quantize_tied": True}),
@@ -104,11 +107,13 @@ def torch_row(kind: str, options, args) -> dict:
     from qcompiler.bundled import zoo
 
     out = {}
-    if kind != "eager" and qcompiler.get_recipe(options["recipe"]).rounds_weights:
+    if kind == "inductor":
+        model.forward = torch.compile(model.forward, dynamic=True)
+    if kind not in ("eager", "inductor") and qcompiler.get_recipe(options["recipe"]).rounds_weights:
         t = time.perf_counter()
         qcompiler.calibrate(model, cal.split(1), recipe=options, progress=False)
         out["calibration_s"] = time.perf_counter() - t
-    if kind != "eager":
+    if kind not in ("eager", "inductor"):
         model.forward = torch.compile(model.forward, backend="qcompile", options=options, dynamic=True)
     swapped = set()
 
@@ -243,21 +248,17 @@ def main():
     if args.row:
         print("RESULT " + json.dumps(run_row(args.row, args)), flush=True)
         return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cold_caches import cold_cache_env
+
     labels = [label for label in ROWS if any(sel == label or sel in label for sel in args.rows)]
     results = {}
     with tempfile.TemporaryDirectory() as cold:
         for label in labels:
             print(f"measuring {label} ...", file=sys.stderr, flush=True)
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            if ROWS[label][0] != "llama.cpp":  # a cold qcompile cache (the model copy is reused)
-                from qcompiler.bundled import zoo
-
-                env["QCOMPILE_CACHE"] = os.path.join(cold, label.replace(" ", "_"))
-                os.makedirs(env["QCOMPILE_CACHE"], exist_ok=True)
-                for name in ("smollm2-135m-fp32", "wiki-ids-smollm2.pt"):
-                    src = zoo.cache_dir() / name
-                    if src.exists():
-                        os.symlink(src, os.path.join(env["QCOMPILE_CACHE"], name))
+            if ROWS[label][0] != "llama.cpp":  # cold compile caches (the model copies are reused)
+                env.update(cold_cache_env(cold, label))
             cmd = [sys.executable, os.path.abspath(__file__), "--row", label, "--threads", str(args.threads),
                    "--repeats", str(args.repeats), "--windows", str(args.windows), "--window", str(args.window),
                    "--calib", str(args.calib)]

@@ -20,7 +20,9 @@ seconds idle): this machine is noisy, read the ratios.
                                    [--markdown docs/results/cpu_speed.md]
 
 How to read it: 'vs eager' is eager FP32's median time over this row's (above 1 is faster); 'first s'
-the first call including compilation (and, for the ORT rows, export and session creation);
+the first call including compilation (and, for the ORT rows, export and session creation), with
+cold compile caches (the run gets an empty ``$QCOMPILE_CACHE`` and ``$TORCHINDUCTOR_CACHE_DIR``; the
+libraries are imported already);
 accuracy is against eager FP32 on held-out data, so a fast row with a large perplexity change is
 not a win.
 """
@@ -164,6 +166,11 @@ def main(argv=None):
                    help="time the rows after eager in reverse order (does a row's place in the rotation matter?)")
     p.add_argument("--markdown", help="also write the table as a stamped results page (docs/results/...)")
     args = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cold_caches import cold_cache_env
+
+    cold = tempfile.TemporaryDirectory(prefix="qcompile-cpu-speed-")  # removed when main returns
+    os.environ.update(cold_cache_env(cold.name, "cpu_speed"))
     rows = []
     for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, knob):

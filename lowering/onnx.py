@@ -84,7 +84,9 @@ def freeze(gm: fx.GraphModule, example_inputs, pinned: Optional[dict] = None) ->
     Returns (graph module, example runtime inputs, their indices among ``example_inputs``).
     """
     pinned = pinned or {}
-    gm = copy.deepcopy(gm)
+    # a new module over a copy of the graph: the weights are shared, not copied (a deep copy of the
+    # module would hold a second copy of every quantized weight while the export runs)
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     keep = set(fed_inputs(gm, example_inputs))
     freeze_scalars(gm, {i: example_inputs[i].item() for i in set(runtime_inputs(gm, example_inputs)) - keep})

@@ -72,7 +72,7 @@ def _content_key(frozen: fx.GraphModule, feeds, shapes) -> str:
     digest.update(_versions().encode())
     for name, value in sorted(frozen.state_dict(keep_vars=False).items()):
         digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
-        digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # read in place
     return digest.hexdigest()
 
 
@@ -156,7 +156,9 @@ class OrtGraph:
     """Runs a graph's ONNX Runtime session: torch tensors in, torch tensors out.
 
     An integer input no tensor size measures (``unmeasured_ints``) is a constant of the exported
-    file: a call with another value gets a session of its own, exported then and kept.
+    file: a call with another value gets a session of its own, exported then and kept. A graph
+    without such inputs never exports again, so once its session holds the quantized weights the
+    graph's own copies are released (``release_constants``): the process holds them once.
     """
 
     running_target = "ort"
@@ -167,6 +169,8 @@ class OrtGraph:
         self.gm, self.slots = gm, sorted(pinned)
         self.first = tuple(pinned.values())
         self.sessions = {self.first: _session(gm, example_inputs, pinned)}
+        if not self.slots:
+            release_constants(gm)
 
     @property
     def session(self) -> OrtSession:
@@ -196,6 +200,17 @@ class OrtGraph:
         session, inputs, layout = self._session_for(args)
         feeds = [args[i] for i in inputs]
         return layout_outputs(layout, session(*feeds), feeds)
+
+
+def release_constants(gm: fx.GraphModule) -> None:
+    """Replace the constants ``gm`` owns (its quantized weights, scales) by shape-only tensors on
+    the meta device: the graph still reads as it did (``explain``, its code), the bytes are gone,
+    and running it raises instead of computing with them. The model's own parameters, graph
+    inputs, are not touched."""
+    for module in gm.modules():
+        for name, value in list(module._buffers.items()):
+            if value is not None and value.device.type != "meta":
+                module._buffers[name] = torch.empty_like(value, device="meta")
 
 
 class Fallback:

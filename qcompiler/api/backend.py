@@ -26,6 +26,7 @@ from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.lowering.devices import input_device
 from qcompiler.lowering.scalars import freeze_scalars, item_only
 from qcompiler.passes.pipeline import run_passes
+from qcompiler.runtimes.host_memory import return_freed_memory
 
 # the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
 GRAPHS = "_qcompile_graphs"
@@ -160,6 +161,7 @@ class CompiledGraph:
         gm = _copy_dynamo_graph(self.original)
         freeze_scalars(gm, self.frozen_scalars)
         rewritten = run_passes(gm, self.example_inputs, self.recipe)
+        return_freed_memory()  # the passes' weight-sized temporaries, before the lowering allocates
         params = rewritten.params
         self.watch = _Watch(params)
         # the graph's weights as quantized: an in-place change since (load_state_dict, an optimizer
@@ -170,6 +172,7 @@ class CompiledGraph:
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
+        return_freed_memory(collect=True)  # the export's temporaries
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]

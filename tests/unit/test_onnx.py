@@ -371,6 +371,57 @@ def test_ort_target_runs_when_the_cache_cannot_be_written(monkeypatch):
     assert list(ort.cache_folder("onnx").iterdir()) == []  # nothing half-written left
 
 
+def test_ort_target_holds_the_quantized_weights_once():
+    """Once a graph's session holds the quantized weights, the graph's own copies are released
+    (shape-only meta tensors): results stay those of the reference, on new shapes too, and
+    explain still reads the graph."""
+    from qcompiler.api.backend import compiled_graphs
+
+    torch.manual_seed(0)
+    model = Stack().eval()
+    fast = torch.compile(model, backend="qcompile", options={"target": "ort"})
+    reference = torch.compile(model, backend="qcompile", options={"target": "reference"})
+    for b, t in [(2, 8), (3, 17), (4, 5)]:
+        x = torch.randn(b, t, 48)
+        assert sqnr_db(reference(x), fast(x)) > 40
+    graphs = compiled_graphs(fast)
+    assert graphs and all(g.running_target == "ort" for g in graphs)
+    for g in graphs:
+        constants = list(g.graph_module.buffers())
+        assert constants and all(c.device.type == "meta" for c in constants)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the model's own weights untouched
+    assert any(r.scheme == "w8a8" for r in qcompiler.explain(fast) if r.op == "linear")
+
+
+def test_an_export_leaves_no_graph_behind():
+    """The exporter's ONNX graph (with its copies of the weights) is freed after the export: the
+    pattern rules, which live as long as the process, forget what they last matched."""
+    import gc
+
+    from onnxscript import ir
+
+    from qcompiler.lowering.onnx_fusions import MATCHING_RULES
+
+    def live_graphs():
+        gc.collect()
+        return sum(isinstance(o, ir.Graph) for o in gc.get_objects())
+
+    m = QOp("dynamic", 64, 384)
+    before = live_graphs()
+    proto = to_onnx(m, (torch.randn(2, 4, 384),), "ort")
+    assert proto.graph.node
+    assert live_graphs() == before
+    assert all(getattr(getattr(rule, "_matcher", None), "_graph", None) is None for rule in MATCHING_RULES)
+
+
+def test_freed_heap_memory_is_handed_back_where_the_c_library_can():
+    import sys
+
+    from qcompiler.runtimes.host_memory import return_freed_memory
+
+    assert return_freed_memory(collect=True) is sys.platform.startswith("linux")
+
+
 def test_disk_cache_keeps_the_most_recently_used_files(tmp_path):
     import os
 
