@@ -182,7 +182,7 @@ def forget_matches(rules) -> None:
     """Drop the last match each rule's matcher keeps. onnxscript's matcher holds the graph it last
     matched, its last node and match (``_graph``, ``_current_node``, ``_match``) on the rule
     object, and these rules are module constants: the exported graph, with every weight the
-    exporter copied, would outlive the export (SmolLM2-135M: 0.3 GB per graph kind)."""
+    exporter copied, would outlive the export."""
     for rule in rules:
         matcher = getattr(rule, "_matcher", None)
         for attribute in ("_graph", "_current_node", "_tracer"):

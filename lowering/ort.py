@@ -32,6 +32,7 @@ from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, fed_inputs, freeze, isolate
                                      root_message, symbolic_shapes, to_onnx, unmeasured_ints)
 from qcompiler.lowering.ort_kernels import kernel_counts
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
+from qcompiler.runtimes.host_memory import return_freed_memory
 from qcompiler.runtimes.ort_int8_probe import signed_weights_exact
 from qcompiler.runtimes.ort_session import OrtSession
 
@@ -121,7 +122,9 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
             pass
     export = lambda: isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes,
                                                   host=True))
-    if _saved(export(), path, data):
+    saved = _saved(export(), path, data)
+    return_freed_memory(collect=True)  # the export's graphs are reference cycles: only the collector frees them
+    if saved:
         return OrtSession(str(path))  # the session reads the file: no copy of the proto in this process
     proto = export()  # saving moved the weights out of the first proto; this one is kept whole
     if proto.ByteSize() >= PROTOBUF_LIMIT:
@@ -203,14 +206,13 @@ class OrtGraph:
 
 
 def release_constants(gm: fx.GraphModule) -> None:
-    """Replace the constants ``gm`` owns (its quantized weights, scales) by shape-only tensors on
-    the meta device: the graph still reads as it did (``explain``, its code), the bytes are gone,
-    and running it raises instead of computing with them. The model's own parameters, graph
-    inputs, are not touched."""
-    for module in gm.modules():
-        for name, value in list(module._buffers.items()):
-            if value is not None and value.device.type != "meta":
-                module._buffers[name] = torch.empty_like(value, device="meta")
+    """Replace the constants registered on ``gm`` itself (the passes' quantized weights and scales)
+    by shape-only tensors on the meta device: the graph still reads as it did (``explain``, its
+    code), the bytes are gone, and running it raises instead of computing with them. Only the
+    root's own entries are rebound: a submodule may be the user's, and no tensor is changed."""
+    for name, value in list(gm._buffers.items()):
+        if value is not None and value.device.type != "meta":
+            gm._buffers[name] = torch.empty_like(value, device="meta")
 
 
 class Fallback:

@@ -2,28 +2,23 @@
 
 Quantizing a model's weights and exporting its graph allocate and free many weight-sized
 temporaries. glibc's allocator keeps freed memory in its arenas for reuse, so a process that
-compiled a model stays hundreds of megabytes above what it holds (SmolLM2-135M: about 0.4 GB
-after the passes alone). ``return_freed_memory`` asks the allocator to give it back
+compiled a model stays well above what it holds (docs/experiments.md, "Memory: what a compile
+left behind"). ``return_freed_memory`` asks the allocator to give it back
 (``malloc_trim``); where the C library has no such call (macOS, Windows, musl) it does nothing.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import sys
 
 
 def _malloc_trim():
-    """glibc's ``malloc_trim``, or None where the C library has none (the library is loaded
-    already: opening it again only looks it up)."""
+    """glibc's ``malloc_trim`` among the symbols the process has loaded, or None where the C
+    library has none."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
 
 
 def return_freed_memory(collect: bool = False) -> bool:

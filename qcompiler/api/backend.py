@@ -172,7 +172,7 @@ class CompiledGraph:
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
-        return_freed_memory(collect=True)  # the export's temporaries
+        return_freed_memory()  # the lowering's temporaries
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]

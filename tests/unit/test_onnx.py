@@ -387,9 +387,10 @@ def test_ort_target_holds_the_quantized_weights_once():
     graphs = compiled_graphs(fast)
     assert graphs and all(g.running_target == "ort" for g in graphs)
     for g in graphs:
-        constants = list(g.graph_module.buffers())
+        constants = list(g.graph_module._buffers.values())
         assert constants and all(c.device.type == "meta" for c in constants)
-    assert all(p.device.type == "cpu" for p in model.parameters())  # the model's own weights untouched
+    # the model's own weights and buffers untouched
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
     assert any(r.scheme == "w8a8" for r in qcompiler.explain(fast) if r.op == "linear")
 
 
