@@ -14,7 +14,9 @@ the same values, so none changes what the model computes: a table entry is a spe
 
 * ``GRAPH_FUSIONS``: rewrites a pattern rule cannot state, such as ``merge_sibling_matmuls``
   (``ort``): the integer GEMMs that read one quantized activation become one; ``fuse_rotary``
-  (``ort``): RoPE's six ops per query and key tensor become one ``RotaryEmbedding``.
+  (``ort``): RoPE's six ops per query and key tensor become one ``RotaryEmbedding``;
+  ``fold_attention_heads`` (``ort``): a decoder's head splits, RoPE and cache ``Concat`` around a
+  4-D ``Attention`` become the 3-D op with the past keys and values as its inputs.
 * ``Attention3D`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
   ``[B, S, H*D]`` projections into ``[B, H, S, D]`` heads, a 4-D ``Attention``, and the inverse
   ``Transpose`` + ``Reshape``. Opset 23's ``Attention`` takes the 3-D projections itself
@@ -30,6 +32,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules.common import slice_split_rule
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
+from qcompiler.lowering.onnx_attention_cache import fold_attention_heads
 from qcompiler.lowering.onnx_decode_gemv import few_row_gemvs
 from qcompiler.lowering.onnx_rotary import fuse_rotary
 from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
@@ -92,7 +95,7 @@ LIBRARY_FUSIONS = {
 
 # whole-graph rewrites per form, after the rules (each returns how many nodes it removed)
 GRAPH_FUSIONS = {
-    "ort": [merge_sibling_matmuls, fuse_rotary],
+    "ort": [merge_sibling_matmuls, fuse_rotary, fold_attention_heads],
     "tensorrt": [],
 }
 
