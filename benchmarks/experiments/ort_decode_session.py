@@ -1,16 +1,18 @@
 """One ONNX Runtime decode step of SmolLM2-135M w8a8, as the ``ort`` target exports it: what the
-file layout and the merged integer GEMMs cost or save, and the tied ``lm_head`` alone.
+file layout and the graph fusions cost or save, and the tied ``lm_head`` alone.
 
-Exports the decode graph of ``generate()`` (``dynamic=True``, as the README compiles it) twice,
-with and without ``onnx_fusions.GRAPH_FUSIONS`` (the q/k/v and gate/up GEMMs merged), then times
-each file's session on a cache of ``--cache-len`` tokens in a process of its own: its creation,
-the median step of ``--runs``, and the process's peak resident memory. The merged file is also
-timed with its weights inline (one protobuf, as the cache kept them before) against the side file
-(``<name>.data``) the cache keeps now. Last, the ``lm_head`` shape (1 x 576 x 49152, FP32) as one
+Exports the decode graph of ``generate()`` (``dynamic=True``, as the README compiles it) three
+times: with every ``onnx_fusions.GRAPH_FUSIONS`` rewrite (the q/k/v and gate/up GEMMs merged, RoPE
+as one op, the head splits and the cache's ``Concat`` folded into a 3-D ``Attention``), without
+the attention fold, and without any of them. Then it times each file's session on a cache of
+``--cache-len`` tokens, in a process of its own per file and round (the files' rounds in turn):
+its creation, the median step of ``--runs``, and the process's peak resident memory. The fused
+file is also timed with its weights inline (one protobuf) against the side file
+(``<name>.data``) the cache keeps. Last, the ``lm_head`` shape (1 x 576 x 49152, FP32) as one
 ONNX Runtime ``MatMul`` against torch's ``F.linear``.
 
-    python benchmarks/experiments/ort_decode_session.py [--threads 2] [--cache-len 200] [--runs 50]
-                                                        [--markdown docs/results/ort_decode_session.md]
+    python benchmarks/experiments/ort_decode_session.py [--threads 2] [--cache-len 200] [--runs 200]
+                                                        [--rounds 2] [--markdown docs/results/ort_decode_session.md]
 """
 from __future__ import annotations
 
@@ -28,7 +30,13 @@ def _peak_gb() -> float:
         return next(int(line.split()[1]) / 1e6 for line in f if line.startswith("VmHWM"))
 
 
-def export(folder: str, merged: bool) -> None:
+# label -> the graph fusions the export keeps (None: all of them)
+VARIANTS = {"all graph fusions": None,
+            "without the attention fold": "fold_attention_heads",
+            "without graph fusions (GEMMs merged, RoPE, attention)": "*"}
+
+
+def export(folder: str, variant: str) -> None:
     """Compile SmolLM2 w8a8 and generate two tokens: the prefill and decode files land in ``folder``."""
     os.environ["QCOMPILE_CACHE"] = folder
     import torch
@@ -36,8 +44,10 @@ def export(folder: str, merged: bool) -> None:
     from qcompiler.bundled import zoo
     from qcompiler.lowering import onnx_fusions
 
-    if not merged:
-        onnx_fusions.GRAPH_FUSIONS["ort"] = []
+    dropped = VARIANTS[variant]
+    if dropped is not None:
+        onnx_fusions.GRAPH_FUSIONS["ort"] = [f for f in onnx_fusions.GRAPH_FUSIONS["ort"]
+                                             if dropped != "*" and f.__name__ != dropped]
     lm, tok = zoo.load_smollm2()
     lm.forward = torch.compile(lm.forward, backend="qcompile", options={"recipe": "w8a8"}, dynamic=True)
     ids = tok("The history of the city begins", return_tensors="pt").input_ids
@@ -122,14 +132,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-len", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2, help="timing processes per file, the files in turn")
     parser.add_argument("--markdown", help="write the table to this page (stamped)")
-    parser.add_argument("--export", nargs=2, help=argparse.SUPPRESS)  # internal: folder, merged|separate
+    parser.add_argument("--export", nargs=2, help=argparse.SUPPRESS)  # internal: folder, variant
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: an ONNX file
     parser.add_argument("--lm-head", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export:
-        export(args.export[0], args.export[1] == "merged")
+        export(args.export[0], args.export[1])
         print("RESULT {}")
         return
     if args.time:
@@ -145,28 +156,36 @@ def main():
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
-        for variant in ("merged", "separate"):
-            folder = os.path.join(tmp, variant)
+        for index, variant in enumerate(VARIANTS):
+            folder = os.path.join(tmp, str(index))
             os.makedirs(folder)
             for name in ("smollm2-135m-fp32",):  # the converted model is data, not a compiled artifact
                 if (zoo.cache_dir() / name).exists():
                     os.symlink(zoo.cache_dir() / name, os.path.join(folder, name))
             _child("--export", folder, variant)
-            files[f"{variant} GEMMs, weights in a side file"] = _decode_file(folder)
+            files[f"{variant}, weights in a side file"] = _decode_file(folder)
         inline = os.path.join(tmp, "inline.onnx")
-        onnx.save(onnx.load(files["merged GEMMs, weights in a side file"]), inline)
-        files["merged GEMMs, weights inline"] = inline
+        onnx.save(onnx.load(files["all graph fusions, weights in a side file"]), inline)
+        files["all graph fusions, weights inline"] = inline
         common = ["--threads", str(args.threads), "--cache-len", str(args.cache_len), "--runs", str(args.runs)]
+        timed = {label: [] for label in files}
+        for _ in range(args.rounds):
+            for label, path in files.items():
+                timed[label].append(_child("--time", path, *common))
+                print(label, timed[label][-1], file=sys.stderr, flush=True)
         for label, path in files.items():
-            nodes = len(onnx.load(path, load_external_data=False).graph.node)
-            rows[label] = dict(_child("--time", path, *common), nodes=nodes)
-            print(label, rows[label], file=sys.stderr, flush=True)
+            rounds = timed[label]
+            rows[label] = {"nodes": len(onnx.load(path, load_external_data=False).graph.node),
+                           "steps": [r["step_ms"] for r in rounds], "session_s": max(r["session_s"] for r in rounds),
+                           "peak_gb": max(r["peak_gb"] for r in rounds)}
         head = _child("--lm-head", *common)
-    lines = [f"SmolLM2-135M w8a8 decode step, cache {args.cache_len} tokens, {args.threads} threads, median of "
-             f"{args.runs}; peak: the resident memory of the process that made and ran the session.", "",
-             "| file | nodes | step ms | session s | peak GB |", "|---|---|---|---|---|"]
-    lines += [f"| {label} | {r['nodes']} | {r['step_ms']:.1f} | {r['session_s']:.2f} | {r['peak_gb']:.2f} |"
-              for label, r in rows.items()]
+    lines = [f"SmolLM2-135M w8a8 decode step, cache {args.cache_len} tokens, {args.threads} threads; step: the "
+             f"median of {args.runs} steps in each of {args.rounds} processes (the files in turn); session and "
+             "peak: the largest over those processes (peak: the resident memory of the process that made and "
+             "ran the session).", "",
+             "| file | nodes | step ms per round | session s | peak GB |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {r['nodes']} | {' / '.join(f'{s:.2f}' for s in r['steps'])} | {r['session_s']:.2f} "
+              f"| {r['peak_gb']:.2f} |" for label, r in rows.items()]
     lines += ["", "lm_head 1 x 576 x 49152 FP32: " + ", ".join(f"{k} {v:.2f} ms" for k, v in head.items())]
     body = "\n".join(lines)
     print(body)
@@ -174,7 +193,7 @@ def main():
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from results_page import write_page
 
-        write_page(args.markdown, "ONNX Runtime decode step: file layout and merged GEMMs",
+        write_page(args.markdown, "ONNX Runtime decode step: file layout and graph fusions",
                    f"{__doc__.split(chr(10) + chr(10), 1)[1].split('    python')[0].strip()}\n\n{body}\n")
 
 
