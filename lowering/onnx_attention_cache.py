@@ -15,10 +15,14 @@ three transposes before the op, a reshape, a transpose and a reshape after it, a
 ONNX Runtime's CPU kernels compute the same values (tests/unit/test_onnx_attention_cache.py
 compares the logits and the present cache with and without the rewrite, bit for bit).
 
-Only chains whose every step is one of these are taken, each intermediate value read by the next
-step alone. The present keys and values may be read anywhere (the op returns them). A past is
-folded into the op only without ``is_causal``: the op's causal mask over a past is aligned to
-the end of the keys, the 4-D op's over concatenated keys to their start.
+Where a mask is given, transformers repeats the key and value heads for the query heads in the
+graph (``repeat_kv``: ``Unsqueeze``, ``Expand``, ``Reshape``); the 3-D op groups the query heads
+over the unrepeated ones the same way, so the repeat is folded too, and the mask stays the op's
+input. Only chains whose every step is one of these are taken, each intermediate value read by
+the next step alone. The present keys and values may be read anywhere (the op returns them; a
+sliding window's crop may read them before the 4-D op, and the 3-D op then goes before it). A
+past is folded into the op only without ``is_causal``: the op's causal mask over a past is
+aligned to the end of the keys, the 4-D op's over concatenated keys to their start.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from typing import NamedTuple, Optional
 
 import onnx_ir.passes.common as common_passes
 from onnxscript import ir
+
+from qcompiler.lowering.onnx_sibling_matmuls import constant_array
 
 _HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
 
@@ -40,6 +46,7 @@ class Cached(NamedTuple):
     projection: Projection
     past: Optional[ir.Value]  # [B, H, P, D], the cache's keys or values before this step
     present: ir.Value  # what the graph reads as this step's keys or values (the Concat's output)
+    reader: ir.Node  # the node of the chain that reads ``present`` (the op, or the head repeat)
 
 
 def _node(value, op_type: str):
@@ -107,8 +114,38 @@ def _projection(value: ir.Value, user: ir.Node, shared: bool = False) -> Optiona
     return Projection(*found, None) if found is not None else None
 
 
+def _same(a, b) -> bool:
+    return a == b and (isinstance(a, int) or a.value is not None)
+
+
+def _unrepeated(value: ir.Value, attention: ir.Node):
+    """(heads, the node that reads them) behind transformers' ``repeat_kv`` (``Unsqueeze`` at axis 2,
+    ``Expand`` to ``[B, H, n, T, D]``, ``Reshape`` to ``[B, H*n, T, D]``) that ``attention`` reads,
+    or (``value``, ``attention``) when there is none. The 3-D op groups query heads over the
+    unrepeated key and value heads as the repeat did (query head i reads key head i // (Hq / H))."""
+    reshape = _node(value, "Reshape")
+    expand = _node(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = _node(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    if unsqueeze is None or not (_only_use(value, attention) and _only_use(reshape.inputs[0], reshape)
+                                 and _only_use(expand.inputs[0], expand)) or len(unsqueeze.inputs) != 2:
+        return value, attention
+    heads, wide, merged = unsqueeze.inputs[0], expand.outputs[0], value
+    axes = constant_array(unsqueeze.inputs[1])
+    if axes is None or axes.reshape(-1).tolist() != [2] or any(v.shape is None for v in (heads, wide, merged)) \
+            or (heads.shape.rank(), wide.shape.rank(), merged.shape.rank()) != (4, 5, 4):
+        return value, attention
+    h, n = _dim(heads, 1), _dim(wide, 2)
+    if h is None or n is None or _dim(wide, 1) != h or _dim(merged, 1) != h * n or not all(
+            _same(heads.shape[i], wide.shape[j]) and _same(heads.shape[i], merged.shape[i])
+            for i, j in ((0, 0), (2, 3), (3, 4))):
+        return value, attention
+    return heads, unsqueeze
+
+
 def _cached(value: ir.Value, attention: ir.Node) -> Optional[Cached]:
-    """The key or value input of ``attention``: new heads, after a past along the sequence axis or not."""
+    """The key or value input of ``attention``: new heads, after a past along the sequence axis or
+    not, repeated for the query heads or not."""
+    value, reader = _unrepeated(value, attention)
     concat = _node(value, "Concat")
     if concat is not None:
         axis = concat.attributes.get("axis")
@@ -116,9 +153,9 @@ def _cached(value: ir.Value, attention: ir.Node) -> Optional[Cached]:
                 or concat.inputs[0].shape is None or concat.inputs[0].shape.rank() != 4:
             return None
         found = _projection(concat.inputs[1], concat)
-        return Cached(found, concat.inputs[0], value) if found is not None else None
-    found = _projection(value, attention, shared=True)
-    return Cached(found, None, value) if found is not None else None
+        return Cached(found, concat.inputs[0], value, reader) if found is not None else None
+    found = _projection(value, reader, shared=True)
+    return Cached(found, None, value, reader) if found is not None else None
 
 
 def _sole_user(value: ir.Value):
@@ -154,12 +191,9 @@ def _merged(attention: ir.Node) -> Optional[ir.Value]:
     return merged
 
 
-def _read_elsewhere(value: ir.Value, attention: ir.Node) -> Optional[bool]:
-    """Whether ``value`` is an output of the graph; None when a node besides ``attention`` reads it
-    (the op's present output would come after that reader)."""
-    if any(use.node is not attention for use in value.uses()):
-        return None
-    return value.is_graph_output()
+def _other_readers(cached: Cached) -> list:
+    """The nodes besides the chain that read the present keys or values (a sliding window's crop)."""
+    return [use.node for use in cached.present.uses() if use.node is not cached.reader]
 
 
 def _match(attention: ir.Node):
@@ -176,10 +210,8 @@ def _match(attention: ir.Node):
     causal = attention.attributes.get("is_causal")
     if key.past is not None and causal is not None and causal.as_int():
         return None
-    if any(_read_elsewhere(c.present, attention) is None for c in (key, value)):
-        return None
     merged = _merged(attention)
-    if merged is None or key.projection.heads != value.projection.heads:
+    if merged is None or key.projection.heads != value.projection.heads or query.heads % key.projection.heads:
         return None
     return query, key, value, merged
 
@@ -205,21 +237,40 @@ def _take_over(old: ir.Value, new: ir.Value) -> None:
     new.name = kept
 
 
+def _anchor(graph: ir.Graph, old: ir.Node, key: Cached, value: Cached, needed: list):
+    """Where the 3-D op goes: before the 4-D op, or before an earlier reader of the present keys
+    or values (the op returns them); None when one of ``needed`` is computed only after that."""
+    order = {id(node): i for i, node in enumerate(graph)}
+    anchor = min([old, *_other_readers(key), *_other_readers(value)], key=lambda node: order[id(node)])
+    for input_ in needed:
+        producer = input_.producer() if input_ is not None else None
+        if producer is not None and order[id(producer)] >= order[id(anchor)]:
+            return None
+    return anchor
+
+
 def fold_attention_heads(model: ir.Model) -> int:
     """Rewrite every 4-D ``Attention`` of ``model``'s main graph whose inputs are split heads
-    (through RoPE, after a past) into the 3-D op with the past as its inputs; returns how many
-    (the nodes they leave unused are for the caller's unused-node pass)."""
+    (through RoPE, after a past, repeated or not) into the 3-D op with the past as its inputs;
+    returns how many (the nodes they leave unused are for the caller's unused-node pass)."""
     graph = model.graph
     # the rewrites before this one leave their replaced nodes for the unused-node pass, and a
     # dead reader would make a head split look shared
     common_passes.RemoveUnusedNodesPass()(model)
     found = [(node, m) for node in graph if (m := _match(node)) is not None]
-    for count, (old, (query, key, value, merged)) in enumerate(found):
-        inputs = [_rotated(graph, query, old, f"_qc_attention_{count}_rope_q"),
-                  _rotated(graph, key.projection, old, f"_qc_attention_{count}_rope_k"),
-                  value.projection.flat, old.inputs[3] if len(old.inputs) > 3 else None]
+    count = 0
+    for old, (query, key, value, merged) in found:
+        mask = old.inputs[3] if len(old.inputs) > 3 else None
+        tables = [x for p in (query, key.projection) if p.rope is not None for x in p.rope.inputs[1:3]]
+        anchor = _anchor(graph, old, key, value, [query.flat, key.projection.flat, value.projection.flat, mask,
+                                                  key.past, value.past, *tables])
+        if anchor is None:
+            continue
+        inputs = [_rotated(graph, query, anchor, f"_qc_attention_{count}_rope_q"),
+                  _rotated(graph, key.projection, anchor, f"_qc_attention_{count}_rope_k"),
+                  value.projection.flat, mask]
         cached = key.past is not None
-        presents = cached or any(_read_elsewhere(c.present, old) for c in (key, value))
+        presents = cached or any(c.present.is_graph_output() or _other_readers(c) for c in (key, value))
         if cached:
             inputs += [key.past, value.past]
         while inputs[-1] is None:
@@ -229,9 +280,10 @@ def fold_attention_heads(model: ir.Model) -> int:
                             [*attributes, ir.AttrInt64("q_num_heads", query.heads),
                              ir.AttrInt64("kv_num_heads", key.projection.heads)],
                             num_outputs=3 if presents else 1, name=f"_qc_attention_{count}")
-        graph.insert_before(old, [attention])
+        graph.insert_before(anchor, [attention])
         _take_over(merged, attention.outputs[0])
         if len(attention.outputs) == 3:
             _take_over(key.present, attention.outputs[1])
             _take_over(value.present, attention.outputs[2])
-    return len(found)
+        count += 1
+    return count

@@ -1,7 +1,8 @@
 """The ort form's attention rewrite (``lowering.onnx_attention_cache``): a decoder's head splits,
 RoPE and cache ``Concat`` around a 4-D ``Attention`` become the 3-D op with the past keys and values
-as its inputs, computing what the 4-D graph computes (bit for bit in ONNX Runtime) and matching
-float64; a causal mask over a past, or a head split read elsewhere, keeps the 4-D graph."""
+as its inputs (heads repeated for a mask, a sliding window's crop), computing what the 4-D graph
+computes (bit for bit in ONNX Runtime) and matching float64; a causal mask over a past, or a head
+split read elsewhere, keeps the 4-D graph."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,18 +26,43 @@ class CachedAttention(nn.Module):
         self.heads, self.kv_heads, self.causal, self.leak = heads, kv_heads, causal, leak
         self.rope = Rope(head) if rope else None
 
-    def forward(self, q, k, v, past_k, past_v, position_ids):
+    def split(self, q, k, v, past_k, past_v, position_ids):
         batch, seq, _ = q.shape
         q, k, v = (x.view(batch, seq, h, -1).transpose(1, 2)
                    for x, h in ((q, self.heads), (k, self.kv_heads), (v, self.kv_heads)))
         if self.rope is not None:
             q, k = self.rope(q, k, position_ids)
-        k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        return q, torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+
+    def merge(self, y, q):
+        out = y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        return out + q.sum() if self.leak else out  # leak: a head split read by something else as well
+
+    def forward(self, q, k, v, past_k, past_v, position_ids):
+        q, k, v = self.split(q, k, v, past_k, past_v, position_ids)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=self.heads != self.kv_heads)
-        out = y.transpose(1, 2).reshape(batch, seq, -1)
-        if self.leak:  # a head split read by something else as well
-            out = out + q.sum()
-        return out, k, v
+        return self.merge(y, q), k, v
+
+
+class MaskedAttention(CachedAttention):
+    """transformers' path when a mask is given: the key and value heads repeated for the query
+    heads in the graph (``repeat_kv``), a boolean mask (left padding); with ``window``, the cache
+    returned cropped to its last ``window`` positions."""
+
+    window = None
+
+    def forward(self, q, k, v, past_k, past_v, position_ids, mask):
+        q, k, v = self.split(q, k, v, past_k, past_v, position_ids)
+        batch, kv_heads, total, head = k.shape
+        groups = self.heads // kv_heads
+
+        def repeat(x):
+            return x[:, :, None].expand(batch, kv_heads, groups, total, head).reshape(batch, kv_heads * groups, total, head)
+
+        # a sliding window's cache keeps the last ``window`` positions, cropped before attention runs
+        kept = (k, v) if self.window is None else (k[:, :, -self.window:], v[:, :, -self.window:])
+        y = F.scaled_dot_product_attention(q, repeat(k), repeat(v), attn_mask=mask)
+        return self.merge(y, q), *kept
 
 
 def _inputs(batch, heads, kv_heads, head, seq, past, seed=0):
@@ -57,9 +83,19 @@ def _export(model, example, fold: bool = True):
     fusions = onnx_fusions.GRAPH_FUSIONS["ort"]
     kept = [f for f in fusions if fold or f is not fold_attention_heads]
     past = torch.export.Dim("past")
+    shapes = (None, None, None, {2: past}, {2: past}, None) + (({3: past + 1},) if len(example) > 6 else ())
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(onnx_fusions.GRAPH_FUSIONS, "ort", kept)
-        return to_onnx(model, example, "ort", dynamic_shapes=(None, None, None, {2: past}, {2: past}, None))
+        return to_onnx(model, example, "ort", dynamic_shapes=shapes)
+
+
+def _masked(inputs, seed):
+    """``inputs`` with a boolean mask: each row's first positions padded (row 0 none)."""
+    batch, past = inputs[3].shape[0], inputs[3].shape[2]
+    mask = torch.ones(batch, 1, 1, past + 1, dtype=torch.bool)
+    for row in range(1, batch):
+        mask[row, ..., : min(past, (row + seed) % 4 + 1)] = False
+    return (*inputs, mask)
 
 
 def _folded(proto) -> bool:
@@ -86,6 +122,24 @@ def test_decode_attention_is_one_op_with_the_past_and_computes_the_same(batch, h
         for g, s, exact in zip(got, same, _float64(model, inputs)):
             assert g.shape == exact.shape
             assert torch.equal(g, s)  # ONNX Runtime's 3-D op: the 4-D graph's values exactly
+            assert rel_err(g, exact) < 1e-5
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head,window", [(2, 9, 3, 64, None), (3, 4, 1, 16, None),
+                                                              (2, 4, 4, 8, None), (2, 4, 2, 16, 4)])
+def test_repeated_heads_and_a_mask_fold_too(batch, heads, kv_heads, head, window):
+    model = MaskedAttention(heads, kv_heads, head)
+    model.window = window
+    example = _masked(_inputs(batch, heads, kv_heads, head, seq=1, past=6), 0)
+    folded, plain = _export(model, example), _export(model, example, fold=False)
+    ops = [n.op_type for n in folded.graph.node]
+    assert _folded(folded) and not _folded(plain)
+    assert not {"Expand", "Transpose", "Reshape"} & set(ops), ops
+    fast, slow = OrtSession(folded), OrtSession(plain)
+    for trial, past in enumerate([6, 17, 3]):
+        inputs = _masked(_inputs(batch, heads, kv_heads, head, 1, past, seed=trial + 1), trial)
+        for g, s, exact in zip(fast(*inputs), slow(*inputs), _float64(model, inputs)):
+            assert torch.equal(g, s)
             assert rel_err(g, exact) < 1e-5
 
 
