@@ -4,8 +4,7 @@ The exporter writes a decoder layer's attention over heads: each projection ``[B
 reshaped to ``[B, S, H, D]`` and transposed to ``[B, H, S, D]``, RoPE (one ``RotaryEmbedding``
 after ``lowering.onnx_rotary``) turns the query and key heads, a ``Concat`` puts the cache's past
 keys and values before the new ones, and the 4-D ``Attention``'s output is transposed and reshaped
-back to ``[B, S, H*D]``. ``lowering.onnx_fusions.Attention3D`` takes the case with nothing between
-the reshapes and the op (encoders); RoPE and the cache stand in its way in a decoder.
+back to ``[B, S, H*D]``; an encoder has the same splits and merge, without RoPE or a cache.
 
 Opset 23 states the same computation with fewer nodes: ``Attention`` takes the 3-D projections
 (``q_num_heads``, ``kv_num_heads``) and the past keys and values as inputs of its own, and returns
@@ -31,10 +30,8 @@ from typing import NamedTuple, Optional
 import onnx_ir.passes.common as common_passes
 from onnxscript import ir
 
+from qcompiler.lowering.onnx_graph import HEADS, int_dim, producer, replace_keeping_name
 from qcompiler.lowering.onnx_sibling_matmuls import constant_array
-
-_HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
-
 
 class Projection(NamedTuple):
     flat: ir.Value  # [B, S, H*D], before the heads were split
@@ -49,23 +46,9 @@ class Cached(NamedTuple):
     reader: ir.Node  # the node of the chain that reads ``present`` (the op, or the head repeat)
 
 
-def _node(value, op_type: str):
-    node = value.producer() if value is not None else None
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type != op_type:
-        return None
-    return node
-
-
 def _only_use(value: ir.Value, node: ir.Node) -> bool:
     """``value`` is read by ``node`` alone (and is no output of the graph)."""
     return not value.is_graph_output() and all(use.node is node for use in value.uses())
-
-
-def _dim(value, axis: int):
-    shape = value.shape
-    if shape is None or shape.rank() <= axis or not isinstance(shape[axis], int):
-        return None
-    return shape[axis]
 
 
 def _perm(node: ir.Node):
@@ -76,18 +59,18 @@ def _perm(node: ir.Node):
 def _split_heads(value: ir.Value, user: ir.Node, shared: bool = False):
     """(flat, heads) when ``value`` is ``Transpose(Reshape(flat), perm=[0, 2, 1, 3])`` cutting the
     last dimension of a ``[B, S, H*D]`` value into heads, read by ``user`` alone unless ``shared``."""
-    transpose = _node(value, "Transpose")
-    if transpose is None or _perm(transpose) != _HEADS or not (shared or _only_use(value, user)):
+    transpose = producer(value, "Transpose")
+    if transpose is None or _perm(transpose) != HEADS or not (shared or _only_use(value, user)):
         return None
     split = transpose.inputs[0]
-    reshape = _node(split, "Reshape")
+    reshape = producer(split, "Reshape")
     if reshape is None or not _only_use(split, transpose):
         return None
     flat = reshape.inputs[0]
     if flat.shape is None or split.shape is None or flat.shape.rank() != 3 or split.shape.rank() != 4:
         return None
-    heads, size = _dim(split, 2), _dim(split, 3)
-    if heads is None or size is None or _dim(flat, 2) != heads * size:
+    heads, size = int_dim(split, 2), int_dim(split, 3)
+    if heads is None or size is None or int_dim(flat, 2) != heads * size:
         return None
     if flat.shape[0] != split.shape[0] or flat.shape[1] != split.shape[1]:
         return None
@@ -104,7 +87,7 @@ def _plain_rope(node: ir.Node) -> bool:
 
 def _projection(value: ir.Value, user: ir.Node, shared: bool = False) -> Optional[Projection]:
     """The projection behind the heads ``value`` that ``user`` reads (through RoPE or not)."""
-    rope = _node(value, "RotaryEmbedding")
+    rope = producer(value, "RotaryEmbedding")
     if rope is not None:
         if not (shared or _only_use(value, user)) or not _plain_rope(rope):
             return None
@@ -123,9 +106,9 @@ def _unrepeated(value: ir.Value, attention: ir.Node):
     ``Expand`` to ``[B, H, n, T, D]``, ``Reshape`` to ``[B, H*n, T, D]``) that ``attention`` reads,
     or (``value``, ``attention``) when there is none. The 3-D op groups query heads over the
     unrepeated key and value heads as the repeat did (query head i reads key head i // (Hq / H))."""
-    reshape = _node(value, "Reshape")
-    expand = _node(reshape.inputs[0], "Expand") if reshape is not None else None
-    unsqueeze = _node(expand.inputs[0], "Unsqueeze") if expand is not None else None
+    reshape = producer(value, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape is not None else None
+    unsqueeze = producer(expand.inputs[0], "Unsqueeze") if expand is not None else None
     if unsqueeze is None or not (_only_use(value, attention) and _only_use(reshape.inputs[0], reshape)
                                  and _only_use(expand.inputs[0], expand)) or len(unsqueeze.inputs) != 2:
         return value, attention
@@ -134,8 +117,8 @@ def _unrepeated(value: ir.Value, attention: ir.Node):
     if axes is None or axes.reshape(-1).tolist() != [2] or any(v.shape is None for v in (heads, wide, merged)) \
             or (heads.shape.rank(), wide.shape.rank(), merged.shape.rank()) != (4, 5, 4):
         return value, attention
-    h, n = _dim(heads, 1), _dim(wide, 2)
-    if h is None or n is None or _dim(wide, 1) != h or _dim(merged, 1) != h * n or not all(
+    h, n = int_dim(heads, 1), int_dim(wide, 2)
+    if h is None or n is None or int_dim(wide, 1) != h or int_dim(merged, 1) != h * n or not all(
             _same(heads.shape[i], wide.shape[j]) and _same(heads.shape[i], merged.shape[i])
             for i, j in ((0, 0), (2, 3), (3, 4))):
         return value, attention
@@ -146,7 +129,7 @@ def _cached(value: ir.Value, attention: ir.Node) -> Optional[Cached]:
     """The key or value input of ``attention``: new heads, after a past along the sequence axis or
     not, repeated for the query heads or not."""
     value, reader = _unrepeated(value, attention)
-    concat = _node(value, "Concat")
+    concat = producer(value, "Concat")
     if concat is not None:
         axis = concat.attributes.get("axis")
         if len(concat.inputs) != 2 or axis is None or axis.as_int() not in (2, -2) \
@@ -178,15 +161,15 @@ def _merged(attention: ir.Node) -> Optional[ir.Value]:
     if node is not None and node.op_type == "Reshape" and _known(value) and _known(node.outputs[0]) \
             and list(node.outputs[0].shape) == list(value.shape):
         value, node = node.outputs[0], _sole_user(node.outputs[0])  # the exporter's view to the shape it has
-    if node is None or node.op_type != "Transpose" or _perm(node) != _HEADS:
+    if node is None or node.op_type != "Transpose" or _perm(node) != HEADS:
         return None
     value, node = node.outputs[0], _sole_user(node.outputs[0])
     if node is None or node.op_type != "Reshape" or value.shape is None or value.shape.rank() != 4:
         return None
     merged = node.outputs[0]
     if merged.shape is None or merged.shape.rank() != 3 or merged.shape[0] != value.shape[0] \
-            or merged.shape[1] != value.shape[1] or _dim(value, 2) is None or _dim(value, 3) is None \
-            or _dim(merged, 2) != _dim(value, 2) * _dim(value, 3):
+            or merged.shape[1] != value.shape[1] or int_dim(value, 2) is None or int_dim(value, 3) is None \
+            or int_dim(merged, 2) != int_dim(value, 2) * int_dim(value, 3):
         return None
     return merged
 
@@ -227,14 +210,6 @@ def _rotated(graph: ir.Graph, projection: Projection, before: ir.Node, name: str
     rope.outputs[0].shape, rope.outputs[0].type = projection.flat.shape, projection.flat.type
     graph.insert_before(before, [rope])
     return rope.outputs[0]
-
-
-def _take_over(old: ir.Value, new: ir.Value) -> None:
-    """Every use of ``old`` (a graph output too, which keeps its name) reads ``new``."""
-    new.shape, new.type = old.shape, old.type
-    kept, old.name = old.name, None
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    new.name = kept
 
 
 def _anchor(graph: ir.Graph, old: ir.Node, key: Cached, value: Cached, needed: list):
@@ -281,9 +256,9 @@ def fold_attention_heads(model: ir.Model) -> int:
                              ir.AttrInt64("kv_num_heads", key.projection.heads)],
                             num_outputs=3 if presents else 1, name=f"_qc_attention_{count}")
         graph.insert_before(anchor, [attention])
-        _take_over(merged, attention.outputs[0])
+        replace_keeping_name(merged, attention.outputs[0])
         if len(attention.outputs) == 3:
-            _take_over(key.present, attention.outputs[1])
-            _take_over(value.present, attention.outputs[2])
+            replace_keeping_name(key.present, attention.outputs[1])
+            replace_keeping_name(value.present, attention.outputs[2])
         count += 1
     return count

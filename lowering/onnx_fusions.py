@@ -15,13 +15,9 @@ the same values, so none changes what the model computes: a table entry is a spe
 * ``GRAPH_FUSIONS``: rewrites a pattern rule cannot state, such as ``merge_sibling_matmuls``
   (``ort``): the integer GEMMs that read one quantized activation become one; ``fuse_rotary``
   (``ort``): RoPE's six ops per query and key tensor become one ``RotaryEmbedding``;
-  ``fold_attention_heads`` (``ort``): a decoder's head splits, RoPE and cache ``Concat`` around a
-  4-D ``Attention`` become the 3-D op with the past keys and values as its inputs.
-* ``Attention3D`` (``ort``): the exporter writes attention as ``Reshape`` + ``Transpose`` of
-  ``[B, S, H*D]`` projections into ``[B, H, S, D]`` heads, a 4-D ``Attention``, and the inverse
-  ``Transpose`` + ``Reshape``. Opset 23's ``Attention`` takes the 3-D projections itself
-  (``q_num_heads`` / ``kv_num_heads``), and ONNX Runtime's CPU kernel then skips the four
-  transposes (benchmarks/ort_profile.py).
+  ``fold_attention_heads`` (``ort``): the head splits and merge around a 4-D ``Attention`` (in a
+  decoder with RoPE and the cache's ``Concat``) become the 3-D op, with the past keys and values
+  as its inputs; ONNX Runtime's CPU kernel then skips the transposes (benchmarks/ort_profile.py).
 """
 from __future__ import annotations
 
@@ -38,52 +34,9 @@ from qcompiler.lowering.onnx_rotary import fuse_rotary
 from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
 from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
 
-_HEADS = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
-
-
-def _int_dim(value, axis: int):
-    shape = value.shape
-    if shape is None or shape.rank() <= axis or not isinstance(shape[axis], int):
-        return None
-    return shape[axis]
-
-
-class Attention3D(pattern.RewriteRuleClassBase):
-    """4-D ``Attention`` between head-splitting and head-merging reshapes -> 3-D ``Attention``."""
-
-    def __init__(self):
-        super().__init__("Attention3D", remove_nodes=True)
-
-    def pattern(self, op, q, k, v, q_shape, k_shape, v_shape, mask, out_shape):
-        heads = [op.Transpose(op.Reshape(x, shape, _outputs=[f"{name}_split"]), perm=_HEADS)
-                 for name, x, shape in (("q", q, q_shape), ("k", k, k_shape), ("v", v, v_shape))]
-        attention = op.Attention(*heads, pattern.Var("mask", can_match_none=True), _outputs=["attention"])
-        return op.Reshape(op.Transpose(attention, perm=_HEADS), out_shape, _outputs=["merged"])
-
-    def check(self, context, q, k, v, q_split, k_split, v_split, merged, **_):
-        result = pattern.MatchResult()
-        # the split must keep [B, S] and cut the last dimension into (heads, head size), and the
-        # merge must undo it: both read from the shapes the exporter recorded
-        for flat, split in ((q, q_split), (k, k_split), (v, v_split)):
-            if flat.shape is None or split.shape is None or flat.shape.rank() != 3 or split.shape.rank() != 4:
-                return result.fail("attention inputs are not [B, S, H*D] split into [B, S, H, D]", flat)
-            heads, size = _int_dim(split, 2), _int_dim(split, 3)
-            if heads is None or size is None or _int_dim(flat, 2) != heads * size:
-                return result.fail("head count or size unknown, or not a split of the last dimension", split)
-            if flat.shape[0] != split.shape[0] or flat.shape[1] != split.shape[1]:
-                return result.fail("the split changes the batch or sequence dimension", split)
-        if merged.shape is None or merged.shape.rank() != 3 or _int_dim(merged, 2) != \
-                _int_dim(q_split, 2) * _int_dim(v_split, 3):
-            return result.fail("the output is not merged back into [B, S, H*Dv]", merged)
-        return result
-
-    def rewrite(self, op, q, k, v, q_split, k_split, mask, attention, **_):
-        return op.Attention(q, k, v, mask, **attention.producer().attributes,
-                            q_num_heads=_int_dim(q_split, 2), kv_num_heads=_int_dim(k_split, 2))
-
 
 FUSIONS = {
-    "ort": [Attention3D.rule()],
+    "ort": [],  # the attention rewrite is a graph fusion: RoPE and the cache sit inside its pattern
     "tensorrt": [],  # opset 21 has no Attention op; TensorRT does its own fusions
 }
 # onnxscript's own fusions applied per form (opset 23 only: the ort form)

@@ -21,18 +21,11 @@ from __future__ import annotations
 import numpy as np
 from onnxscript import ir
 
+from qcompiler.lowering.onnx_graph import producer, replace_keeping_name
 from qcompiler.lowering.onnx_sibling_matmuls import constant_array
 
 _ELEMENTWISE = {"Cos", "Sin", "Cast", "Identity"}  # unary: equal halves stay equal
 _SCALED = {"Mul", "Div"}  # with a scalar constant: likewise
-
-
-def _op(value, *types):
-    """The producer of ``value`` when it is a default-domain node of one of ``types``, else None."""
-    node = value.producer() if value is not None else None
-    if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in types:
-        return None
-    return node
 
 
 def _last_axis(node: ir.Node, rank) -> bool:
@@ -72,7 +65,7 @@ def _equal_halves(table) -> bool:
 
 def _table(value):
     """The ``[B, S, D]`` table behind a ``[B, 1, S, D]`` cos/sin operand with equal halves, else None."""
-    unsqueeze = _op(value, "Unsqueeze")
+    unsqueeze = producer(value, "Unsqueeze")
     if unsqueeze is None or len(unsqueeze.inputs) != 2:
         return None
     axes = constant_array(unsqueeze.inputs[1])
@@ -84,7 +77,7 @@ def _table(value):
 
 def _slice_of(value, x, start: int, end: int) -> bool:
     """``value`` is ``x[..., start:end]`` (a ``Slice`` of the last axis; an end past it reads to the end)."""
-    node = _op(value, "Slice")
+    node = producer(value, "Slice")
     if node is None or node.inputs[0] is not x or len(node.inputs) < 4:
         return False
     starts, ends, axes = (constant_array(node.inputs[i]) for i in (1, 2, 3))
@@ -100,7 +93,7 @@ def _slice_of(value, x, start: int, end: int) -> bool:
 
 def _split_halves(first, second, x, half: int) -> bool:
     """``first``, ``second`` are the two outputs of an even ``Split`` of ``x``'s last axis."""
-    split = _op(first, "Split")
+    split = producer(first, "Split")
     if split is None or split is not second.producer() or split.inputs[0] is not x or len(split.outputs) != 2 \
             or not _last_axis(split, 4) or first is not split.outputs[0] or second is not split.outputs[1]:
         return False
@@ -113,10 +106,10 @@ def _split_halves(first, second, x, half: int) -> bool:
 def _halves(rotated, x, half: int) -> bool:
     """``rotated`` is ``Concat(-x[..., half:], x[..., :half])`` along the last axis (the halves cut
     by two ``Slice`` nodes or one ``Split``)."""
-    concat = _op(rotated, "Concat")
+    concat = producer(rotated, "Concat")
     if concat is None or len(concat.inputs) != 2 or not _last_axis(concat, 4):
         return False
-    neg = _op(concat.inputs[0], "Neg")
+    neg = producer(concat.inputs[0], "Neg")
     if neg is None:
         return False
     second, first = neg.inputs[0], concat.inputs[1]
@@ -135,7 +128,7 @@ def _match(add: ir.Node):
     if add.domain not in ("", "ai.onnx") or add.op_type != "Add" or len(add.inputs) != 2:
         return None
     for plain, turned in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
-        left, right = _op(plain, "Mul"), _op(turned, "Mul")
+        left, right = producer(plain, "Mul"), producer(turned, "Mul")
         if left is None or right is None:
             continue
         for x, cos in _products(left):
@@ -187,12 +180,7 @@ def fuse_rotary(model: ir.Model) -> int:
             continue
         rope = ir.Node("", "RotaryEmbedding", [x, half(cos_table, add), half(sin_table, add)],
                        [ir.AttrInt64("interleaved", 0)], name=f"_qc_rope_{count}")
-        out = rope.outputs[0]
-        out.shape, out.type = add.outputs[0].shape, add.outputs[0].type
         graph.insert_before(add, [rope])
-        old = add.outputs[0]
-        kept, old.name = old.name, None  # a graph output keeps its name
-        ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
-        out.name = kept
+        replace_keeping_name(add.outputs[0], rope.outputs[0])
         count += 1
     return count
