@@ -14,7 +14,8 @@ Each row runs in a process of its own (its peak memory is its own) with ``--thre
 * perplexity on held-out Wikipedia windows (disjoint from any calibration text).
 
 Rows: eager FP32; ``torch.compile`` FP32 (Inductor, ``dynamic=True``: the compile time qcompile's
-first call is judged against); qcompile w8a8, w8a16, w4a16 (RTN, symmetric, group 32: asymmetric g32 would
+first call is judged against); qcompile w8a8 (with and without the tied lm_head), w8a8-blocks
+(activations per block of 32 channels), w8a16, w4a16 (RTN, symmetric, group 32: asymmetric g32 would
 only find the GGUF's own grid again) and w4a16-gptq; ONNX Runtime's ``quantize_dynamic`` of the
 same FP32 graphs (the peer: per-tensor u8 activations, per-channel s8 weights); llama.cpp Q8_0 and
 Q4_0 through ``llama-cpp-python`` (an optional benchmark dependency, built from source: ``pip
@@ -42,6 +43,8 @@ ROWS = {  # label -> (kind, options)
     "qcompile w8a8": ("qcompile", {"recipe": "w8a8"}),
     # the tied lm_head in INT8 too, as llama.cpp's Q8_0 file has it
     "qcompile w8a8 quantize_tied": ("qcompile", {"recipe": "w8a8", "quantize_tied": True}),
+    # activations per block of 32 channels (llama.cpp Q8_0's grain), tied lm_head in INT8
+    "qcompile w8a8-blocks": ("qcompile", {"recipe": "w8a8-blocks"}),
     "qcompile w8a16": ("qcompile", {"recipe": "w8a16"}),
     "qcompile w4a16 g32 sym (RTN)": ("qcompile", {"recipe": "w4a16", "group_size": 32, "symmetric": True}),
     "qcompile w4a16-gptq g32 sym": ("qcompile", {"recipe": "w4a16-gptq", "group_size": 32, "symmetric": True}),

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, fx
 
 from qcompiler import torch_compat
-from qcompiler.ir import attention, attention_static
+from qcompiler.ir import attention, attention_static, ops
 from qcompiler.ir.ops import REFERENCE
 from qcompiler.runtimes.disk_cache import code_version
 
@@ -29,6 +29,18 @@ def linear_w8a8_float_gemm(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Ten
                            bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """``(xq @ wq.T) * x_scale * w_scale + bias`` with a float32 GEMM."""
     y = torch.matmul(xq.to(torch.float32), wq.to(torch.float32).t()) * (x_scale * w_scale)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def linear_w8a8_blocks_float_gemm(x: Tensor, smooth_inv: Optional[Tensor], wq: Tensor, w_scale: Tensor,
+                                  bias: Optional[Tensor], block_size: int, out_dtype: torch.dtype) -> Tensor:
+    """``linear_w8a8_blocks`` as one float32 GEMM: each block's codes times its scale (the
+    dequantized activation, exact in float32) against the int8 weights as floats, then the
+    weight scales; the same sum as the reference's, in float32."""
+    xq, sx = ops.quantize_per_block_ref(x, block_size, smooth_inv)
+    y = torch.matmul(ops.dequantize_blocks(xq, sx, block_size), wq.to(torch.float32).t()) * w_scale
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(out_dtype)
@@ -46,6 +58,7 @@ def attention_q8_static_float_gemm(q, k, v, attn_mask, is_causal: bool, scale: O
 
 
 IMPLEMENTATIONS = {**REFERENCE, qops.linear_w8a8.default: linear_w8a8_float_gemm,
+                   qops.linear_w8a8_blocks.default: linear_w8a8_blocks_float_gemm,
                    qops.attention_q8.default: attention_q8_float_gemm,
                    qops.attention_q8_static.default: attention_q8_static_float_gemm}
 

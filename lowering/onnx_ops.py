@@ -11,7 +11,8 @@ Two forms of the same integer math (``FORMS``):
   uint8 with zero point 128 (``u = q + 128``): on x86 CPUs without VNNI, ORT's u8 x s8 kernels
   sum pairs of products in int16 and saturate (measured: errors of 20% of the output), while
   its u8 x u8 kernels are exact and as fast. Dynamic per-token activations are quantized by
-  plain ONNX ops and multiplied with ``MatMulInteger``; INT4 weights run in ``MatMulNBits``.
+  plain ONNX ops and multiplied with ``MatMulInteger``; INT4 weights, and INT8 weights whose
+  activations are quantized per block of channels, run in ``MatMulNBits``.
 
 Every function receives the q-op's arguments as the exporter's symbolic values, in the q-op's
 own layout (``[N, K]`` weights, ``qcompiler.ir.int4`` packing); layout changes are written as ONNX
@@ -67,7 +68,7 @@ MatMulIntegerToFloat = Op(Opset("com.microsoft", 1), "MatMulIntegerToFloat", _co
                              ("a_zero_point", "T2", True), ("b_zero_point", "T2", True), ("bias", "T1", True)], []))
 MatMulNBits = Op(Opset("com.microsoft", 1), "MatMulNBits", _contrib_schema(
     "MatMulNBits", [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True)],
-    ["K", "N", "bits", "block_size"]))
+    ["K", "N", "bits", "block_size", "accuracy_level"]))
 
 
 class UnsupportedForm(ValueError):
@@ -120,6 +121,13 @@ def trt_quantize_per_token(x, smooth_inv=None, qdtype=None):
     raise UnsupportedForm(
         "dynamic per-token activation quantization has no TensorRT explicit-quantization form "
         "(TensorRT needs constant per-tensor activation scales): export a static recipe "
+        "(w8a8-static, w8a8-smoothquant, fp8-static) for TensorRT, or use form='ort' for ONNX Runtime")
+
+
+def trt_linear_w8a8_blocks(x, smooth_inv, wq, w_scale, bias, block_size, out_dtype):
+    raise UnsupportedForm(
+        "activation quantization per block of channels (w8a8-blocks) has no TensorRT explicit-quantization "
+        "form (TensorRT needs constant per-tensor activation scales): export a static recipe "
         "(w8a8-static, w8a8-smoothquant, fp8-static) for TensorRT, or use form='ort' for ONNX Runtime")
 
 
@@ -241,6 +249,31 @@ def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
     # the token scales (one pass over the output where Cast, Mul, Mul took three)
     one = _const(1.0, np.float32)
     y = op.Mul(MatMulIntegerToFloat(xq, _u8_weight_kn(wq), one, w_scale, zp, zp), x_scale)
+    return _out(_bias(y, bias), out_dtype)
+
+
+def ort_linear_w8a8_blocks(x, smooth_inv, wq, w_scale, bias, block_size, out_dtype):
+    """ONNX Runtime's ``MatMulNBits`` with 8-bit weights at accuracy level 4: it quantizes its float
+    input to int8 itself, symmetric, one scale per block of ``block_size`` input channels (zeros
+    padding a short last block), the q-op's own rounding (tests/unit/test_linear_blocks.py), and
+    takes the int8 dot products of each block. The weights' codes go in as uint8 blocks with
+    ``MatMulNBits``' default 8-bit zero point 128, each channel's scale repeated per block.
+    ``MatMulNBits`` drops a NaN of its input (it returns finite outputs for a NaN row): the row
+    times a zero column, added to the output, carries it as the reference does."""
+    n, k = wq.shape[0], x.shape[-1]
+    if not isinstance(k, int) or not isinstance(n, int):
+        raise UnsupportedForm("linear_w8a8_blocks needs static feature sizes to export")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise UnsupportedForm(f"MatMulNBits takes blocks of a power of two >= 16 channels, got {block_size}")
+    blocks = -(-k // block_size)
+    u8 = op.Cast(op.Add(op.Cast(wq, to=ir.DataType.INT16), _const(_U8_ZERO, np.int16)), to=ir.DataType.UINT8)
+    padded = op.Pad(u8, _const([0, 0, 0, blocks * block_size - k], np.int64), _const(_U8_ZERO, np.uint8))
+    codes = op.Reshape(padded, _const([n, blocks, block_size], np.int64))
+    scales = op.Reshape(op.Expand(op.Unsqueeze(w_scale, _const([1], np.int64)), _const([n, blocks], np.int64)),
+                        _const([-1], np.int64))
+    xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
+    y = MatMulNBits(xs, codes, scales, K=k, N=n, bits=8, block_size=block_size, accuracy_level=4)
+    y = op.Add(y, op.MatMul(xs, _const(np.zeros((k, 1)), np.float32)))
     return _out(_bias(y, bias), out_dtype)
 
 
@@ -431,6 +464,7 @@ TRANSLATIONS = {
         qops.quantize_per_tensor.default: trt_quantize_per_tensor,
         qops.quantize_per_token.default: trt_quantize_per_token,
         qops.linear_w8a8.default: trt_linear_w8a8,
+        qops.linear_w8a8_blocks.default: trt_linear_w8a8_blocks,
         qops.linear_w8a16.default: linear_w8a16,
         qops.linear_w4a16.default: trt_linear_w4a16,
         qops.embedding_int8.default: trt_embedding_int8,
@@ -441,6 +475,7 @@ TRANSLATIONS = {
         qops.quantize_per_tensor.default: ort_quantize_per_tensor,
         qops.quantize_per_token.default: ort_quantize_per_token,
         qops.linear_w8a8.default: ort_linear_w8a8,
+        qops.linear_w8a8_blocks.default: ort_linear_w8a8_blocks,
         qops.linear_w8a16.default: ort_linear_w8a16,
         qops.linear_w4a16.default: ort_linear_w4a16,
         qops.embedding_int8.default: ort_embedding_int8,

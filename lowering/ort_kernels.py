@@ -14,8 +14,11 @@ def _attribute(node, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
-def describe(node, types: dict):
-    """One GEMM node's kernel in words, or None for a node that is not a GEMM with constant weights."""
+def describe(node, types: dict, columns: dict):
+    """One GEMM node's kernel in words, or None for a node that is not a GEMM with constant weights
+    (``types``: initializer name -> data type; ``columns``: initializer name -> its last dimension).
+    A ``MatMul`` by one constant column is the NaN carrier beside a ``MatMulNBits``
+    (``onnx_decode_gemv``), not a linear."""
     if node.op_type == "MatMulNBits":
         bits, level, block = (_attribute(node, "bits", 4), _attribute(node, "accuracy_level", 0),
                               _attribute(node, "block_size", 0))
@@ -24,7 +27,7 @@ def describe(node, types: dict):
     if node.op_type == "MatMulIntegerToFloat" and len(node.input) > 1:
         kind = "u8 x s8 (exact with VNNI)" if types.get(node.input[1]) == _INT8 else "u8 x u8"
         return f"MatMulIntegerToFloat {kind}, int8 activations per token or tensor"
-    if node.op_type == "MatMul" and node.input[1] in types:
+    if node.op_type == "MatMul" and node.input[1] in types and columns.get(node.input[1]) != 1:
         return "MatMul, float weights and activations"
     return None
 
@@ -32,5 +35,6 @@ def describe(node, types: dict):
 def kernel_counts(model) -> collections.Counter:
     """How many GEMMs of ``model`` (an ``onnx.ModelProto``, weights loaded or not) run each kernel."""
     types = {t.name: t.data_type for t in model.graph.initializer}
-    found = (describe(node, types) for node in model.graph.node)
+    columns = {t.name: t.dims[-1] if t.dims else None for t in model.graph.initializer}
+    found = (describe(node, types, columns) for node in model.graph.node)
     return collections.Counter(d for d in found if d is not None)

@@ -26,11 +26,13 @@ from torch import Tensor, fx
 from qcompiler.calibration.observers import static_scale
 from qcompiler.calibration.state import stats_for
 from qcompiler.errors import CalibrationError
-from qcompiler.ir.ops import quantize_per_channel_ref, quantize_per_tensor_ref, quantize_per_token_ref
+from qcompiler.ir.ops import (dequantize_blocks, quantize_per_block_ref, quantize_per_channel_ref,
+                              quantize_per_tensor_ref, quantize_per_token_ref)
 from qcompiler.passes.graph_utils import add_constant
 from qcompiler.passes.match import graph_parameters, owning_module
 from qcompiler.passes.meta import ActivationPlan, node_value
 from qcompiler.passes.prepared import checked_prepared
+from qcompiler.schemes.per_block_8bit import ACT_BLOCK
 
 aten = torch.ops.aten
 _MIN = 1e-5  # as in the SmoothQuant reference code: keeps s finite for dead channels
@@ -48,6 +50,9 @@ def fake_quant_activation(x: Tensor, smooth_inv: Optional[Tensor], stats, recipe
     if recipe.activation == "dynamic":
         q, scale = quantize_per_token_ref(x, smooth_inv, recipe.qdtype)
         return q.float() * scale
+    if recipe.activation == "blocks":
+        q, scale = quantize_per_block_ref(x, ACT_BLOCK, smooth_inv, recipe.qdtype)
+        return dequantize_blocks(q, scale, ACT_BLOCK)
     scale = static_scale(stats, smooth_inv, recipe, clip)
     return quantize_per_tensor_ref(x, scale, smooth_inv, recipe.qdtype).float() * scale
 

@@ -16,9 +16,10 @@ from qcompiler.errors import OptionError
 
 FLOAT = "fp"  # the override / auto-format value that keeps a module in floating point
 NUMBER_FORMATS = ("int", "fp8")
-# activations: None = weight-only; "dynamic" = per token at run time; "static" = per tensor with a
-# scale fixed from calibration (the form TensorRT's explicit quantization needs)
-ACTIVATION_SCHEMES = (None, "dynamic", "static")
+# activations: None = weight-only; "dynamic" = per token at run time; "blocks" = per block of 32
+# input channels at run time (INT8; llama.cpp Q8_0's grain); "static" = per tensor with a scale
+# fixed from calibration (the form TensorRT's explicit quantization needs)
+ACTIVATION_SCHEMES = (None, "dynamic", "blocks", "static")
 # an activation number format other than the weights' (None: the weights' own)
 ACTIVATION_FORMATS = (None, "int8", "fp8")
 # Bounded at 0.8, SmoothQuant's own Llama setting: the per-layer output-error search picks the
@@ -121,7 +122,8 @@ class Weights:
 class Activations:
     """How the inputs of quantized linears are quantized.
 
-    activation: None (weight-only), "dynamic" (per token) or "static" (per tensor, calibrated).
+    activation: None (weight-only), "dynamic" (per token), "blocks" (per block of 32 input channels
+        of a token, INT8 only) or "static" (per tensor, calibrated).
     activation_format: "int8" or "fp8", or None for the weights' own format.
     observer: how a static scale is chosen from calibration data
         (``qcompiler.calibration.observers.OBSERVERS``); percentile: for the "percentile" observer.

@@ -273,6 +273,9 @@ def resolve(options: Optional[Mapping] = None, default: str = "w8a8") -> Recipe:
 
 
 register_recipe(Recipe("w8a8", description="INT8 weights per channel, INT8 activations dynamic per token"))
+register_recipe(Recipe("w8a8-blocks", activation="blocks", quantize_tied=True,
+                       description="INT8 weights per channel, INT8 activations per block of 32 channels (llama.cpp "
+                                   "Q8_0's grain; ONNX Runtime's MatMulNBits on the CPU); a tied lm_head too"))
 register_recipe(Recipe("w8a8-static", activation="static",
                        description="INT8 weights per channel, INT8 activations per tensor (calibrated)"))
 # alpha 0.5: the per-layer search (alpha="auto") overfits small calibration sets (a tiny Gemma-3

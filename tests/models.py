@@ -103,6 +103,8 @@ class QOp(nn.Module):
         if self.kind == "static":
             xq = qops.quantize_per_tensor(x, self.xs, self.inv, self.qdtype)
             return qops.linear_w8a8(xq, self.xs, self.wq, self.ws, self.bias, torch.float32)
+        if self.kind == "blocks":
+            return qops.linear_w8a8_blocks(x, self.inv, self.wq, self.ws, self.bias, self.group, torch.float32)
         if self.kind == "w8a16":
             return qops.linear_w8a16(x, self.wq, self.ws, self.bias)
         return qops.linear_w4a16(x, self.w4, self.s4, self.z4, self.inv, self.group, self.bias)

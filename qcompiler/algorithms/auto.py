@@ -36,6 +36,7 @@ from qcompiler.calibration.stats import PreparedWeight
 from qcompiler.errors import CalibrationError, OptionError
 from qcompiler.ir import int4, ops
 from qcompiler.recipes import FLOAT, get_recipe
+from qcompiler.schemes.per_block_8bit import ACT_BLOCK
 
 SENSITIVITY_ROWS = 512
 # The budget is checked on a few held-out batches, so their mean loss increase is an estimate: a
@@ -64,6 +65,15 @@ def _fake_quant_tokens(x: Tensor, qdtype) -> Tensor:
     return (q.to(torch.float32) * s).to(x.dtype)
 
 
+def _fake_quant_blocks(x: Tensor, qdtype) -> Tensor:
+    q, s = ops.quantize_per_block_ref(x, ACT_BLOCK, None, qdtype)
+    return ops.dequantize_blocks(q, s, ACT_BLOCK).to(x.dtype)
+
+
+# a recipe's run-time activation quantization, as the sensitivity search simulates it
+_ACT_FAKE_QUANT = {"dynamic": _fake_quant_tokens, "blocks": _fake_quant_blocks}
+
+
 class _Candidate:
     """One linear in one format: its effective float weight on demand, and its sensitivity."""
 
@@ -73,8 +83,9 @@ class _Candidate:
         self.error = float("nan")
 
     @property
-    def act_quant(self) -> bool:
-        return self.recipe.activation == "dynamic"
+    def act_quant(self):
+        """The activation's fake quantization (x, qdtype) -> x, or None (weight-only)."""
+        return _ACT_FAKE_QUANT.get(self.recipe.activation)
 
     def weight(self) -> Tensor:
         if self.prepared is not None:
@@ -118,7 +129,7 @@ def _rounded(li, r, weight) -> _Candidate:
 
 def _sensitivity(c: _Candidate, x: Tensor, w: Tensor) -> float:
     y = x @ w.t()
-    x_hat = _fake_quant_tokens(x, c.recipe.qdtype) if c.act_quant else x
+    x_hat = c.act_quant(x, c.recipe.qdtype) if c.act_quant else x
     return ((x_hat @ c.weight().t() - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)).item()
 
 
@@ -166,7 +177,7 @@ def choose(model: nn.Module, batches: list, recipe, *, loss_fn=None, max_rows: i
             params[f"{names[mod]}.weight"] = stored_weight(mod, c.weight()).to(mod.weight.dtype)
             if c.act_quant:
                 hooks.append(mod.register_forward_pre_hook(
-                    lambda m, a, _q=c.recipe.qdtype: (_fake_quant_tokens(a[0], _q), *a[1:])))
+                    lambda m, a, _q=c.recipe.qdtype, _f=c.act_quant: (_f(a[0], _q), *a[1:])))
         losses = []
         try:
             with torch.no_grad():

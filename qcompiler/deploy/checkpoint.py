@@ -73,6 +73,9 @@ def _why_not(recipe: Recipe) -> Optional[str]:
         return "the recipe quantizes no weights"
     if recipe.activation == "static":
         return "static activation scales are not written by this exporter yet; use 'w8a8' (dynamic per token)"
+    if recipe.activation == "blocks":
+        return ("activation scales per block of channels are not written by this exporter (vLLM runs per-token "
+                "ones); use 'w8a8', or export ONNX")
     if recipe.embedding is not None:
         return "INT8 embedding tables have no compressed-tensors form; leave embedding=None"
     return None

@@ -16,7 +16,11 @@ Conventions shared by every op (and by every lowering, ONNX included):
 * Weights are ``[N, K]`` (as ``F.linear`` takes them), scales per output channel ``[N]``; they are
   quantized once when the graph is compiled (``quantize_per_channel_ref``, a plain function: no
   graph ever carries a float weight to quantize at run time).
-* Activation scales are per token (shape ``x.shape[:-1] + (1,)``) or per tensor (0-d).
+* Activation scales are per token (shape ``x.shape[:-1] + (1,)``), per tensor (0-d), or per block
+  of ``block_size`` consecutive input channels of a token (``linear_w8a8_blocks``: shape
+  ``x.shape[:-1] + (ceil(K / block_size),)``, a last block shorter than the others when K is not a
+  multiple; llama.cpp's Q8_0 and ONNX Runtime's ``MatMulNBits`` at accuracy level 4 round the
+  activations this way).
 * ``smooth_inv`` is the SmoothQuant reciprocal scale ``1/s`` over the last dimension, applied
   inside the activation quantize step (never as a separate pass over the activation).
 """
@@ -103,6 +107,29 @@ def quantize_per_tensor_ref(x: Tensor, scale: Tensor, smooth_inv: Optional[Tenso
     return _round_clamp(_apply_smooth(x, smooth_inv) / scale, qdtype)
 
 
+def quantize_per_block_ref(x: Tensor, block_size: int, smooth_inv: Optional[Tensor] = None,
+                           qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
+    """Dynamic per block of ``block_size`` input channels: (``qdtype`` like x, float32 scale
+    ``x.shape[:-1] + (ceil(K / block_size),)``); a last, shorter block has a scale of its own.
+
+    The values are multiplied by ``qmax / amax`` rather than divided by the scale (one rounding
+    of the quotient instead of two): ONNX Runtime's ``MatMulNBits`` quantizes its input so, and
+    the two differ at about one value in a million, a near-tie rounded the other way."""
+    xs = _apply_smooth(x, smooth_inv)
+    k = xs.shape[-1]
+    blocks = -(-k // block_size)
+    grouped = torch.nn.functional.pad(xs, (0, blocks * block_size - k)).reshape(*xs.shape[:-1], blocks, block_size)
+    amax = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_AMAX)
+    scale = scale_from_amax(amax, qdtype)
+    codes = _round_clamp(grouped * (QMAXES[qdtype] / amax), qdtype).reshape(*xs.shape[:-1], blocks * block_size)[..., :k]
+    return codes, scale.squeeze(-1)
+
+
+def dequantize_blocks(q: Tensor, scale: Tensor, block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Per-block codes and scales (``quantize_per_block_ref``) -> ``dtype`` values of q's shape."""
+    return q.to(dtype) * scale.to(dtype).repeat_interleave(block_size, dim=-1)[..., :q.shape[-1]]
+
+
 def _quantize_per_tensor_fake(x, scale, smooth_inv=None, qdtype=torch.int8):
     return x.new_empty(x.shape, dtype=qdtype)
 
@@ -126,6 +153,26 @@ def linear_w8a8_ref(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(out_dtype)
+
+
+def linear_w8a8_blocks_ref(x: Tensor, smooth_inv: Optional[Tensor], wq: Tensor, w_scale: Tensor,
+                           bias: Optional[Tensor], block_size: int, out_dtype: torch.dtype) -> Tensor:
+    """INT8 x INT8 linear with activations quantized per block of ``block_size`` input channels.
+
+    ``y = sum_b sx_b * (xq_b @ wq_b.T) * w_scale + bias`` over the blocks b of each row: every
+    block's integer dot product exact, weighted by its own activation scale (float64 here).
+    """
+    xq, sx = quantize_per_block_ref(x, block_size, smooth_inv)
+    y = torch.matmul(dequantize_blocks(xq, sx, block_size, torch.float64), wq.to(torch.float64).t())
+    y = y * w_scale.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
+def _linear_w8a8_blocks_fake(x, smooth_inv, wq, w_scale, bias, block_size, out_dtype):
+    _feature_size_is_weights(x, wq.shape[1])
+    return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)
 
 
 def _feature_size_is_weights(x, k: int) -> None:
@@ -197,6 +244,7 @@ def _define(name: str, ref, fake):
 quantize_per_token = _define("quantize_per_token", quantize_per_token_ref, _quantize_per_token_fake)
 quantize_per_tensor = _define("quantize_per_tensor", quantize_per_tensor_ref, _quantize_per_tensor_fake)
 linear_w8a8 = _define("linear_w8a8", linear_w8a8_ref, _linear_w8a8_fake)
+linear_w8a8_blocks = _define("linear_w8a8_blocks", linear_w8a8_blocks_ref, _linear_w8a8_blocks_fake)
 linear_w8a16 = _define("linear_w8a16", linear_w8a16_ref, _linear_w8a16_fake)
 linear_w4a16 = _define("linear_w4a16", linear_w4a16_ref, _linear_w4a16_fake)
 embedding_int8 = _define("embedding_int8", embedding_int8_ref, _embedding_int8_fake)
@@ -249,6 +297,7 @@ REFERENCE = {
     torch.ops.qcompile.quantize_per_token.default: quantize_per_token_ref,
     torch.ops.qcompile.quantize_per_tensor.default: quantize_per_tensor_ref,
     torch.ops.qcompile.linear_w8a8.default: linear_w8a8_ref,
+    torch.ops.qcompile.linear_w8a8_blocks.default: linear_w8a8_blocks_ref,
     torch.ops.qcompile.linear_w8a16.default: linear_w8a16_ref,
     torch.ops.qcompile.linear_w4a16.default: linear_w4a16_ref,
     torch.ops.qcompile.embedding_int8.default: embedding_int8_ref,

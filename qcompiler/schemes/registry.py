@@ -16,9 +16,10 @@ from qcompiler.errors import OptionError
 
 WEIGHT_FORMATS = ("int8", "fp8", "int4")
 ACTIVATION_FORMATS = (None, "int8", "fp8")
-# None = weight-only; "dynamic" = per token at run time; "static" = per tensor, fixed at calibration
-ACTIVATION_SCALES = (None, "dynamic", "static")
-_SCALE_TEXT = {None: "", "dynamic": " per token", "static": " per tensor (calibrated)"}
+# None = weight-only; "dynamic" = per token at run time; "blocks" = per block of input channels at
+# run time; "static" = per tensor, fixed at calibration
+ACTIVATION_SCALES = (None, "dynamic", "blocks", "static")
+_SCALE_TEXT = {None: "", "dynamic": " per token", "blocks": " per block of channels", "static": " per tensor (calibrated)"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ BUILT_IN = {
     SchemeKey("fp8"): "qcompiler.schemes.weight_only_8bit:WeightOnly8Bit",
     SchemeKey("int8", "int8", "dynamic"): "qcompiler.schemes.per_token_8bit:PerToken8Bit",
     SchemeKey("fp8", "fp8", "dynamic"): "qcompiler.schemes.per_token_8bit:PerToken8Bit",
+    SchemeKey("int8", "int8", "blocks"): "qcompiler.schemes.per_block_8bit:PerBlock8Bit",
     SchemeKey("int8", "int8", "static"): "qcompiler.schemes.per_tensor_8bit:PerTensor8Bit",
     SchemeKey("fp8", "fp8", "static"): "qcompiler.schemes.per_tensor_8bit:PerTensor8Bit",
     SchemeKey("int4"): "qcompiler.schemes.int4_grouped:Int4Grouped",

@@ -78,7 +78,7 @@ def test_ort_form_carries_int8_as_uint8_for_exact_u8u8_kernels():
     assert rel_err(_run(proto, x).double(), m(x).double()) < 2e-6
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "w8a16", "w4a16", "static"])
+@pytest.mark.parametrize("kind", ["dynamic", "blocks", "w8a16", "w4a16", "static"])
 def test_nan_input_never_passes_silently(kind):
     """A NaN in one row: the other rows as the reference computes them, and the NaN row NaN on
     ONNX Runtime as in the reference. A static q-op alone is the exception, on every target: its
@@ -107,10 +107,10 @@ def test_tensorrt_form_refuses_dynamic_activations_with_the_fix_in_the_message()
 
 # ----------------------------------------------------------------------------- whole models
 
-RECIPES = ["w8a8", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic", "w8a16", "fp8", "fp8-static",
+RECIPES = ["w8a8", "w8a8-blocks", "w8a8-static", "w8a8-smoothquant", "w8a8-smoothquant-dynamic", "w8a16", "fp8", "fp8-static",
            "w4a16", "w4a16-awq", "w4a16-gptq"]
 STATIC = {"w8a8-static", "w8a8-smoothquant", "fp8-static", "w8a16", "w4a16", "w4a16-awq", "w4a16-gptq"}
-MIN_SQNR = {"w8a8": 30, "w8a8-static": 25, "w8a8-smoothquant": 25, "w8a8-smoothquant-dynamic": 30, "w8a16": 35,
+MIN_SQNR = {"w8a8": 30, "w8a8-blocks": 30, "w8a8-static": 25, "w8a8-smoothquant": 25, "w8a8-smoothquant-dynamic": 30, "w8a16": 35,
             "fp8": 25, "fp8-static": 22, "w4a16": 17, "w4a16-awq": 20, "w4a16-gptq": 20}
 
 

@@ -142,7 +142,7 @@ def test_opcheck_fake_and_schema(op, make):
 def test_reference_table_covers_every_op():
     assert set(ops.REFERENCE) == {getattr(qops, n).default for n in (
         "quantize_per_token", "quantize_per_tensor",
-        "linear_w8a8", "linear_w8a16", "linear_w4a16", "embedding_int8", "attention_q8", "attention_q8_static",
+        "linear_w8a8", "linear_w8a8_blocks", "linear_w8a16", "linear_w4a16", "embedding_int8", "attention_q8", "attention_q8_static",
         "kv_dequantize", "attention_quantized_kv")}
 
 

@@ -66,7 +66,7 @@ def test_every_recipe_finds_a_scheme_made_for_its_key(name):
     if key is None:  # weights stay float ("auto" assigns recipes per layer)
         return
     scheme = SCHEMES.get(key)
-    assert scheme.key == key and scheme.qop in ("linear_w8a8", "linear_w8a16", "linear_w4a16")
+    assert scheme.key == key and scheme.qop in ("linear_w8a8", "linear_w8a8_blocks", "linear_w8a16", "linear_w4a16")
     assert scheme.describe(get_recipe(name))
 
 
