@@ -7,7 +7,8 @@ tokens; one decode step with a 256-token KV cache), each as
     applied to that FP32 ONNX graph; once as is, once with reduce_range=True, ORT's advice for
     AVX2 CPUs whose u8 x s8 kernels saturate) | qcompile w8a8 / inductor (the other CPU target, for
     ``target="auto"``) | qcompile w8a8 / ort | qcompile w8a8-smoothquant / ort
-  | qcompile w8a16 / ort
+  | qcompile w8a16 / ort | SmolLM2 only: qcompile w8a8 with the tied lm_head quantized, and
+    w8a8-blocks (activations per block of 32 channels) / ort
 with the ONNX model size and the accuracy of each against eager FP32 (MiniLM: mean and least
 cosine of sentence embeddings over held-out sentences; SmolLM2: perplexity on held-out windows).
 The ORT rows run through ``torch.compile(..., backend="qcompile", options={"target": "ort"})``;
@@ -61,6 +62,8 @@ CONFIGS = [  # label, backend, options
     # the tied lm_head too, as the peer does (MiniLM has no tied linear: LM rows only)
     ("qcompile w8a8 quantize_tied / ort", "qcompile", {"recipe": "w8a8", "quantize_tied": True, "target": "ort",
                                                         "_workloads": "SmolLM2"}),
+    # activations per block of 32 channels (MatMulNBits), the tied lm_head too
+    ("qcompile w8a8-blocks / ort", "qcompile", {"recipe": "w8a8-blocks", "target": "ort", "_workloads": "SmolLM2"}),
 ]
 
 

@@ -6,7 +6,7 @@ from conftest import rel_err
 from qcompiler.ir import ops
 from qcompiler.lowering import LOWERINGS, get_lowering
 from qcompiler.lowering.inductor import (IMPLEMENTATIONS, attention_q8_float_gemm, attention_q8_static_float_gemm,
-                                        linear_w8a8_float_gemm)
+                                        linear_w8a8_blocks_float_gemm, linear_w8a8_float_gemm)
 
 qops = torch.ops.qcompile
 
@@ -27,11 +27,11 @@ def test_inductor_w8a8_float_gemm_matches_reference(m, k, n, out_dtype):
 
 def test_every_inductor_implementation_is_a_qop_or_its_reference():
     # the float-GEMM implementations are each tested against their reference (above; attention:
-    # tests/unit/test_attention.py, test_attention_static.py)
+    # tests/unit/test_attention.py, test_attention_static.py; blocks: tests/unit/test_linear_blocks.py)
     assert set(IMPLEMENTATIONS) == set(ops.REFERENCE)
     for op, impl in IMPLEMENTATIONS.items():
-        assert impl is ops.REFERENCE[op] or impl in (linear_w8a8_float_gemm, attention_q8_float_gemm,
-                                                     attention_q8_static_float_gemm)
+        assert impl is ops.REFERENCE[op] or impl in (linear_w8a8_float_gemm, linear_w8a8_blocks_float_gemm,
+                                                     attention_q8_float_gemm, attention_q8_static_float_gemm)
 
 
 def test_inductor_graphs_are_cached_across_processes():
