@@ -205,15 +205,20 @@ def ort_quantize_per_tensor(x, scale, smooth_inv=None, qdtype=None):
     return op.QuantizeLinear(_smoothed(x, smooth_inv), scale, _const(_U8_ZERO, np.uint8))
 
 
-def ort_quantize_per_token(x, smooth_inv=None, qdtype=None):
-    qtype = _qtype(qdtype)
-    xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
+def _token_scale(xs, qmax: float):
+    """Each row's scale, ``max(amax, MIN_AMAX) / qmax``, NaN for a row holding NaN or Inf."""
     amax = op.Max(op.ReduceMax(op.Abs(xs), _const([-1], np.int64), keepdims=1), _const(ops._MIN_AMAX, np.float32))
     # ONNX Runtime's ReduceMax and Max skip NaN; the reference's row scale is NaN for a row holding
     # NaN (or Inf - Inf), so the row's output is too: a row sum times zero carries it (one more pass
     # over the activation, read alongside the ReduceMax's)
     amax = op.Add(amax, op.Mul(op.ReduceSum(xs, _const([-1], np.int64), keepdims=1), _const(0.0, np.float32)))
-    scale = op.Div(amax, _const(ops.QMAXES[ops.FP8 if _is_fp8(qtype) else torch.int8], np.float32))
+    return op.Div(amax, _const(qmax, np.float32))
+
+
+def ort_quantize_per_token(x, smooth_inv=None, qdtype=None):
+    qtype = _qtype(qdtype)
+    xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
+    scale = _token_scale(xs, ops.QMAXES[ops.FP8 if _is_fp8(qtype) else torch.int8])
     if _is_fp8(qtype):
         limit = ops.QMAXES[ops.FP8]
         q = op.Cast(op.Clip(op.Div(xs, scale), _const(-limit, np.float32), _const(limit, np.float32)), to=qtype)
@@ -229,10 +234,14 @@ def ort_quantize_per_token(x, smooth_inv=None, qdtype=None):
     return op.QuantizeLinear(xs, scale, zero, axis=-1, block_size=k), scale
 
 
+def _u8(wq):
+    """int8 codes -> uint8 (+128), folded to an initializer at export."""
+    return op.Cast(op.Add(op.Cast(wq, to=ir.DataType.INT16), _const(_U8_ZERO, np.int16)), to=ir.DataType.UINT8)
+
+
 def _u8_weight_kn(wq):
     """``[N, K]`` int8 -> ``[K, N]`` uint8 (+128), folded to an initializer at export."""
-    shifted = op.Cast(op.Add(op.Cast(wq, to=ir.DataType.INT16), _const(_U8_ZERO, np.int16)), to=ir.DataType.UINT8)
-    return op.Transpose(shifted, perm=[1, 0])
+    return op.Transpose(_u8(wq), perm=[1, 0])
 
 
 def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
@@ -252,29 +261,65 @@ def ort_linear_w8a8(xq, x_scale, wq, w_scale, bias, out_dtype):
     return _out(_bias(y, bias), out_dtype)
 
 
+# At most this many rows (a static count: a decode step) run ``MatMulNBits``' per-block int8
+# activations; at more, its kernel is slower than the float GEMM, and the two per-token passes of
+# ``ops.quantize_two_pass_ref`` through ``MatMulIntegerToFloat`` are faster than either (4 rows:
+# MatMulNBits faster on 4 of 5 SmolLM2 shapes; 16 and 256 rows: the two passes faster on all:
+# docs/results/cpu_decode_kernels_xeon_amx.md)
+BLOCK_KERNEL_MAX_ROWS = 4
+
+
+def _static_rows(x):
+    """The row count of ``x`` (all but its last dimension) where every size is static, else None."""
+    sizes = list(x.shape)[:-1]
+    return int(np.prod(sizes)) if all(isinstance(d, int) for d in sizes) else None
+
+
 def ort_linear_w8a8_blocks(x, smooth_inv, wq, w_scale, bias, block_size, out_dtype):
-    """ONNX Runtime's ``MatMulNBits`` with 8-bit weights at accuracy level 4: it quantizes its float
-    input to int8 itself, symmetric, one scale per block of ``block_size`` input channels (zeros
-    padding a short last block), the q-op's own rounding (tests/unit/test_linear_blocks.py), and
-    takes the int8 dot products of each block. The weights' codes go in as uint8 blocks with
-    ``MatMulNBits``' default 8-bit zero point 128, each channel's scale repeated per block.
-    ``MatMulNBits`` drops a NaN of its input (it returns finite outputs for a NaN row): the row
-    times a zero column, added to the output, carries it as the reference does."""
+    """A few static rows (a decode step): ONNX Runtime's ``MatMulNBits`` with 8-bit weights at
+    accuracy level 4. It quantizes its float input to int8 itself, symmetric, one scale per block
+    of ``block_size`` input channels (zeros padding a short last block), the q-op's own rounding
+    (tests/unit/test_linear_blocks.py), and takes the int8 dot products of each block. The
+    weights' codes go in as uint8 blocks with ``MatMulNBits``' default 8-bit zero point 128, each
+    channel's scale repeated per block. ``MatMulNBits`` drops a NaN of its input (it returns
+    finite outputs for a NaN row): the row times a zero column, added to the output, carries it
+    as the reference does.
+
+    More rows, or a dynamic count (prefill, encoders): ``_two_pass_gemm``, which rounds every
+    product at least as finely as the per-block reference."""
     n, k = wq.shape[0], x.shape[-1]
     if not isinstance(k, int) or not isinstance(n, int):
         raise UnsupportedForm("linear_w8a8_blocks needs static feature sizes to export")
+    xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
+    rows = _static_rows(x)
+    if rows is None or rows > BLOCK_KERNEL_MAX_ROWS:
+        return _out(_bias(_two_pass_gemm(xs, wq, w_scale, k), bias), out_dtype)
     if block_size < 16 or block_size & (block_size - 1):
         raise UnsupportedForm(f"MatMulNBits takes blocks of a power of two >= 16 channels, got {block_size}")
     blocks = -(-k // block_size)
-    u8 = op.Cast(op.Add(op.Cast(wq, to=ir.DataType.INT16), _const(_U8_ZERO, np.int16)), to=ir.DataType.UINT8)
-    padded = op.Pad(u8, _const([0, 0, 0, blocks * block_size - k], np.int64), _const(_U8_ZERO, np.uint8))
+    padded = op.Pad(_u8(wq), _const([0, 0, 0, blocks * block_size - k], np.int64), _const(_U8_ZERO, np.uint8))
     codes = op.Reshape(padded, _const([n, blocks, block_size], np.int64))
     scales = op.Reshape(op.Expand(op.Unsqueeze(w_scale, _const([1], np.int64)), _const([n, blocks], np.int64)),
                         _const([-1], np.int64))
-    xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
     y = MatMulNBits(xs, codes, scales, K=k, N=n, bits=8, block_size=block_size, accuracy_level=4)
     y = op.Add(y, op.MatMul(xs, _const(np.zeros((k, 1)), np.float32)))
     return _out(_bias(y, bias), out_dtype)
+
+
+def _two_pass_gemm(xs, wq, w_scale, k: int):
+    """``ops.quantize_two_pass_ref``'s codes of ``xs`` (the same divisions and roundings, each code
+    an exact integer before it is stored as uint8 + 128) through two ``MatMulIntegerToFloat``s of
+    one weight, the second with activation scale 1/254; their sum times the token scales."""
+    scale = _token_scale(xs, ops.QMAX)
+    t = op.Div(xs, scale)
+    hi = op.Round(t)
+    lo = op.Round(op.Mul(op.Sub(t, hi), _const(float(ops.TWO_PASS_FINE), np.float32)))
+    one, zp = _const(1.0, np.float32), _const(_U8_ZERO, np.uint8)
+    weight = _u8_weight_kn(wq)
+    high = MatMulIntegerToFloat(op.QuantizeLinear(hi, one, zp), weight, one, w_scale, zp, zp)
+    low = MatMulIntegerToFloat(op.QuantizeLinear(lo, one, zp), weight, _const(1 / ops.TWO_PASS_FINE, np.float32),
+                               w_scale, zp, zp)
+    return op.Mul(op.Add(high, low), scale)
 
 
 def ort_linear_w8a16(x, wq, w_scale, bias):

@@ -1,22 +1,30 @@
 """Which ONNX Runtime kernel each GEMM of an ort-form file runs: the lines ``explain`` prints.
 
-Read from the file's nodes and its weights' types (not its weights' bytes), so a session made
-from a cached file is described without loading the weights.
+Read from the file's nodes, its weights' types and its scalar constants (not its weights' bytes),
+so a session made from a cached file is described without loading the weights.
 """
 from __future__ import annotations
 
 import collections
+from typing import Optional
+
+import onnx
+from onnx import numpy_helper
+
+from qcompiler.ir.ops import TWO_PASS_FINE
 
 _INT8 = 3  # onnx.TensorProto.INT8
+_FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
 def _attribute(node, name: str, default: int) -> int:
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
-def describe(node, types: dict, columns: dict):
+def describe(node, types: dict, columns: dict, scalars: Optional[dict] = None):
     """One GEMM node's kernel in words, or None for a node that is not a GEMM with constant weights
-    (``types``: initializer name -> data type; ``columns``: initializer name -> its last dimension).
+    (``types``: initializer name -> data type; ``columns``: initializer name -> its last dimension;
+    ``scalars``: float scalar initializer name -> value).
     A ``MatMul`` by one constant column is the NaN carrier beside a ``MatMulNBits``
     (``onnx_decode_gemv``), not a linear."""
     if node.op_type == "MatMulNBits":
@@ -26,6 +34,9 @@ def describe(node, types: dict, columns: dict):
         return f"MatMulNBits, {bits}-bit weights, {activations}"
     if node.op_type == "MatMulIntegerToFloat" and len(node.input) > 1:
         kind = "u8 x s8 (exact with VNNI)" if types.get(node.input[1]) == _INT8 else "u8 x u8"
+        a_scale = (scalars or {}).get(node.input[2])
+        if a_scale is not None and abs(a_scale * TWO_PASS_FINE - 1) < 1e-6:
+            return f"MatMulIntegerToFloat {kind}, int8 codes of the per-token rounding residual (second pass)"
         return f"MatMulIntegerToFloat {kind}, int8 activations per token or tensor"
     if node.op_type == "MatMul" and node.input[1] in types and columns.get(node.input[1]) != 1:
         return "MatMul, float weights and activations"
@@ -36,5 +47,7 @@ def kernel_counts(model) -> collections.Counter:
     """How many GEMMs of ``model`` (an ``onnx.ModelProto``, weights loaded or not) run each kernel."""
     types = {t.name: t.data_type for t in model.graph.initializer}
     columns = {t.name: t.dims[-1] if t.dims else None for t in model.graph.initializer}
-    found = (describe(node, types, columns) for node in model.graph.node)
+    scalars = {t.name: float(numpy_helper.to_array(t)) for t in model.graph.initializer
+               if not t.dims and t.data_type == _FLOAT and t.data_location != onnx.TensorProto.EXTERNAL}
+    found = (describe(node, types, columns, scalars) for node in model.graph.node)
     return collections.Counter(d for d in found if d is not None)

@@ -4,8 +4,10 @@ For SmolLM2-135M's linear shapes (merged q/k/v, o, merged gate/up, down, the tie
 M rows of float activations, each form as a one-GEMM ONNX model run by ONNX Runtime (2 threads,
 no spinning, as the ``ort`` target runs): the float ``MatMul``; the ort form's w8a8 linear
 (per-token quantization, ``MatMulIntegerToFloat``, the token-scale ``Mul``) with unsigned and
-with signed weights; ``MatMulNBits`` 8-bit and 4-bit at accuracy levels 0 (float activations) and 4
-(int8 activations per block). Median microseconds of ``--runs`` runs and the relative error of
+with signed weights; the same with the rounding residual quantized again per token and both
+int8 halves through one ``MatMulIntegerToFloat`` of 2M rows (the ``w8a8-blocks`` prefill form);
+``MatMulNBits`` 8-bit and 4-bit at accuracy levels 0 (float activations) and 4 (int8 activations
+per block of 64, and 8-bit at blocks of 32: the ``w8a8-blocks`` decode form). Median microseconds of ``--runs`` runs and the relative error of
 the output against float64. The facts ``lowering.onnx_decode_gemv`` and
 ``lowering.onnx_signed_weights`` rest on.
 
@@ -57,6 +59,28 @@ def per_token_w8a8(k, wq, w_scale, signed, threads):
     return session(nodes, k, inits, threads)
 
 
+def two_pass_w8a8(k, wq, w_scale, threads):
+    """The ort form of ``w8a8-blocks`` at more than one row: per-token int8 codes of x (t = x / s,
+    s = amax / 127; codes round(t)), then codes of what that rounding left, on a grid 254 times
+    finer (round((t - round(t)) * 254)), each through a u8 x s8 ``MatMulIntegerToFloat`` (the
+    second with activation scale 1/254), the two added and scaled by the token scales (NaN
+    carrier left out)."""
+    nodes = [h.make_node("Abs", ["x"], ["a"]), h.make_node("ReduceMax", ["a", "axis"], ["amax0"], keepdims=1),
+             h.make_node("Max", ["amax0", "tiny"], ["amax"]), h.make_node("Div", ["amax", "q127"], ["s"]),
+             h.make_node("Div", ["x", "s"], ["t"]), h.make_node("Round", ["t"], ["hi"]),
+             h.make_node("QuantizeLinear", ["hi", "one", "z"], ["q1"]), h.make_node("Sub", ["t", "hi"], ["lo"]),
+             h.make_node("QuantizeLinear", ["lo", "fine", "z"], ["q2"]),
+             h.make_node("MatMulIntegerToFloat", ["q1", "w", "one", "w_scale", "z", "w_zero"], ["y1"], domain="com.microsoft"),
+             h.make_node("MatMulIntegerToFloat", ["q2", "w", "fine", "w_scale", "z", "w_zero"], ["y2"], domain="com.microsoft"),
+             h.make_node("Add", ["y1", "y2"], ["y0"]), h.make_node("Mul", ["y0", "s"], ["y"])]
+    inits = [nh.from_array(np.asarray([-1], np.int64), "axis"), nh.from_array(np.asarray(127, np.float32), "q127"),
+             nh.from_array(np.asarray(1e-30, np.float32), "tiny"), nh.from_array(np.asarray(128, np.uint8), "z"),
+             nh.from_array(wq.T.copy(), "w"), nh.from_array(np.asarray(1, np.float32), "one"),
+             nh.from_array(np.asarray(1 / 254, np.float32), "fine"),
+             nh.from_array(w_scale, "w_scale"), nh.from_array(np.asarray(0, np.int8), "w_zero")]
+    return session(nodes, k, inits, threads)
+
+
 def nbits(k, n, w, bits, block, level, threads):
     blocks = k // block
     wb = w.reshape(n, blocks, block)
@@ -104,7 +128,9 @@ def main(argv=None):
             forms = {"float MatMul": session([h.make_node("MatMul", ["x", "wt"], ["y"])], k,
                                              [nh.from_array(w.T.copy(), "wt")], args.threads),
                      "w8a8 per token, MatMulIntegerToFloat u8 x u8": per_token_w8a8(k, wq, w_scale, False, args.threads),
-                     "w8a8 per token, MatMulIntegerToFloat u8 x s8": per_token_w8a8(k, wq, w_scale, True, args.threads)}
+                     "w8a8 per token, MatMulIntegerToFloat u8 x s8": per_token_w8a8(k, wq, w_scale, True, args.threads),
+                     "w8a8 two passes per token, one u8 x s8 MatMulIntegerToFloat": two_pass_w8a8(k, wq, w_scale, args.threads),
+                     "MatMulNBits 8-bit block 32, accuracy level 4": nbits(k, n, w, 8, 32, 4, args.threads)}
             for bits in (8, 4):
                 for level in (0, 4):
                     if bits == 8 and level == 0 and n * k > 10**7:

@@ -170,6 +170,42 @@ def linear_w8a8_blocks_ref(x: Tensor, smooth_inv: Optional[Tensor], wq: Tensor, 
     return y.to(out_dtype)
 
 
+# The second pass's grid: what the first pass's rounding leaves is at most half a code, and
+# 254 half-codes still fit int8.
+TWO_PASS_FINE = 254
+
+
+def quantize_two_pass_ref(x: Tensor, smooth_inv: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token int8 codes of x and of what their rounding left, on a grid ``TWO_PASS_FINE``
+    times finer: ``(hi, lo, scale)`` with ``t = x / scale``, ``hi = round(t)``,
+    ``lo = round((t - hi) * 254)``, so ``x ~ (hi + lo / 254) * scale`` within ``scale / 508``.
+
+    The ort form of ``linear_w8a8_blocks`` at more than a few rows computes this (two integer GEMMs
+    at ``MatMulIntegerToFloat``'s speed, where ``MatMulNBits``' per-block activations are slower
+    than a float GEMM): a row's grid is 254 times finer than its per-token one, so each product is
+    at least as exact as the per-block reference's (tests/unit/test_linear_blocks.py). A row
+    holding NaN or Inf gets a NaN scale (its sum times zero), as the ONNX form carries it."""
+    xs = _apply_smooth(x, smooth_inv)
+    scale = scale_from_amax(xs.abs().amax(dim=-1, keepdim=True)) + xs.sum(dim=-1, keepdim=True) * 0
+    t = xs / scale
+    hi = torch.round(t)
+    lo = torch.round((t - hi) * TWO_PASS_FINE)
+    finite = torch.isfinite(scale)
+    return (torch.where(finite, hi, 0).to(torch.int8), torch.where(finite, lo, 0).to(torch.int8), scale)
+
+
+def linear_w8a8_two_pass_ref(x: Tensor, smooth_inv: Optional[Tensor], wq: Tensor, w_scale: Tensor,
+                             bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``(hi @ wq.T + lo @ wq.T / 254) * scale * w_scale + bias`` of ``quantize_two_pass_ref``'s
+    codes, the integer products exact (float64 here)."""
+    hi, lo, scale = quantize_two_pass_ref(x, smooth_inv)
+    y = int_matmul(hi, wq) + int_matmul(lo, wq) / TWO_PASS_FINE
+    y = y * scale.to(torch.float64) * w_scale.to(torch.float64)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
 def _linear_w8a8_blocks_fake(x, smooth_inv, wq, w_scale, bias, block_size, out_dtype):
     _feature_size_is_weights(x, wq.shape[1])
     return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=out_dtype)
