@@ -1,4 +1,4 @@
-"""Number formats shared by every q-op: the 8-bit types, their ranges, and symmetric rounding.
+"""Number formats shared by every q-op: the 8-bit types, their ranges, symmetric rounding, and a row's blocks.
 
 INT8 ``q = clamp(round_half_even(x / scale), -128, 127)``; FP8 E4M3 ``q = fp8(clamp(x / scale,
 -448, 448))``; ``scale = amax / qmax`` in float32, never zero (see ``qcompiler.ir.ops``).
@@ -35,3 +35,15 @@ def quantize_rows(x: Tensor, qdtype: torch.dtype = torch.int8) -> tuple:
     x = x.to(torch.float32)
     scale = scale_from_amax(x.abs().amax(dim=-1, keepdim=True), qdtype)
     return round_clamp(x / scale, qdtype), scale
+
+
+def split_blocks(x: Tensor, block_size: int) -> Tensor:
+    """``[..., K]`` -> ``[..., ceil(K / block_size), block_size]``, zeros padding a short last block."""
+    k = x.shape[-1]
+    blocks = -(-k // block_size)
+    return torch.nn.functional.pad(x, (0, blocks * block_size - k)).reshape(*x.shape[:-1], blocks, block_size)
+
+
+def join_blocks(grouped: Tensor, k: int) -> Tensor:
+    """``split_blocks`` undone: ``[..., blocks, block_size]`` -> ``[..., K]``, the padding dropped."""
+    return grouped.reshape(*grouped.shape[:-2], -1)[..., :k]

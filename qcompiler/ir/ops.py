@@ -33,7 +33,8 @@ from torch import Tensor
 
 from qcompiler import torch_compat
 from qcompiler.ir import attention, attention_static, kv, kv_attention
-from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, round_clamp as _round_clamp
+from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, join_blocks, split_blocks
+from qcompiler.ir.numerics import round_clamp as _round_clamp
 from qcompiler.ir.numerics import scale_from_amax  # noqa: F401  (part of this module's interface)
 
 # Integer products are at most 128 * 128; float32 represents every integer up to 2**24 exactly,
@@ -116,12 +117,10 @@ def quantize_per_block_ref(x: Tensor, block_size: int, smooth_inv: Optional[Tens
     of the quotient instead of two): ONNX Runtime's ``MatMulNBits`` quantizes its input so, and
     the two differ at about one value in a million, a near-tie rounded the other way."""
     xs = _apply_smooth(x, smooth_inv)
-    k = xs.shape[-1]
-    blocks = -(-k // block_size)
-    grouped = torch.nn.functional.pad(xs, (0, blocks * block_size - k)).reshape(*xs.shape[:-1], blocks, block_size)
+    grouped = split_blocks(xs, block_size)
     amax = grouped.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_AMAX)
     scale = scale_from_amax(amax, qdtype)
-    codes = _round_clamp(grouped * (QMAXES[qdtype] / amax), qdtype).reshape(*xs.shape[:-1], blocks * block_size)[..., :k]
+    codes = join_blocks(_round_clamp(grouped * (QMAXES[qdtype] / amax), qdtype), xs.shape[-1])
     return codes, scale.squeeze(-1)
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from qcompiler.ir import int4
-from qcompiler.ir.numerics import FP8, MIN_AMAX, QMAX, QMAXES, QMIN, scale_from_amax
+from qcompiler.ir.numerics import FP8, MIN_AMAX, QMAX, QMAXES, QMIN, join_blocks, scale_from_amax, split_blocks
 
 # a learned scale never reaches 0 (the smallest normal float32: any scale a calibration gives is larger)
 _MIN_SCALE = torch.finfo(torch.float32).tiny
@@ -115,13 +115,11 @@ def per_token(x: Tensor, qdtype: torch.dtype) -> Tensor:
 def per_block(x: Tensor, block_size: int, qdtype: torch.dtype) -> Tensor:
     """Activations on the 8-bit grid of their own block's scale (``ops.quantize_per_block_ref``)."""
     x = x.to(torch.float32)
-    k = x.shape[-1]
-    blocks = -(-k // block_size)
-    grouped = torch.nn.functional.pad(x, (0, blocks * block_size - k)).reshape(*x.shape[:-1], blocks, block_size)
+    grouped = split_blocks(x, block_size)
     low, high = _grid(qdtype)
     amax = grouped.detach().abs().amax(dim=-1, keepdim=True).clamp_min(MIN_AMAX)
     s = scale_from_amax(amax, qdtype)
-    return (codes(grouped * (high / amax), low, high, qdtype) * s).reshape(*x.shape[:-1], blocks * block_size)[..., :k]
+    return join_blocks(codes(grouped * (high / amax), low, high, qdtype) * s, x.shape[-1])
 
 
 class _FakeInt4(torch.autograd.Function):
