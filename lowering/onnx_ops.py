@@ -294,7 +294,7 @@ def ort_linear_w8a8_blocks(x, smooth_inv, wq, w_scale, bias, block_size, out_dty
     xs = _smoothed(op.Cast(x, to=ir.DataType.FLOAT), smooth_inv)
     rows = _static_rows(x)
     if rows is None or rows > BLOCK_KERNEL_MAX_ROWS:
-        return _out(_bias(_two_pass_gemm(xs, wq, w_scale, k), bias), out_dtype)
+        return _out(_bias(_two_pass_gemm(xs, wq, w_scale), bias), out_dtype)
     if block_size < 16 or block_size & (block_size - 1):
         raise UnsupportedForm(f"MatMulNBits takes blocks of a power of two >= 16 channels, got {block_size}")
     blocks = -(-k // block_size)
@@ -307,7 +307,7 @@ def ort_linear_w8a8_blocks(x, smooth_inv, wq, w_scale, bias, block_size, out_dty
     return _out(_bias(y, bias), out_dtype)
 
 
-def _two_pass_gemm(xs, wq, w_scale, k: int):
+def _two_pass_gemm(xs, wq, w_scale):
     """``ops.quantize_two_pass_ref``'s codes of ``xs`` (the same divisions and roundings, each code
     an exact integer before it is stored as uint8 + 128) through two ``MatMulIntegerToFloat``s of
     one weight, the second with activation scale 1/254; their sum times the token scales."""
