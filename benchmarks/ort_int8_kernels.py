@@ -50,9 +50,11 @@ def per_token_quantize():
                 h.make_node("Reshape", ["zp", "flat"], ["z1"]),
                 h.make_node("QuantizeLinear", ["x2", "s1", "z1"], ["y2"], axis=0),
                 h.make_node("Shape", ["x"], ["x_shape"]), h.make_node("Reshape", ["y2", "x_shape"], ["y"])]}
-        # as the ort target runs them (no spinning); the forms interleaved, median of 300 runs each
+        # as the ort target runs them (workers spinning during a run only); the forms interleaved,
+        # median of 300 runs each
+        spin = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
         sessions = {name: session(nodes, inputs, [nh.from_array(v, n) for n, v in consts.items()
-                                                  if any(n in node.input for node in nodes)], **{"session.intra_op.allow_spinning": "0"})
+                                                  if any(n in node.input for node in nodes)], **spin)
                     for name, nodes in forms.items()}
         feeds = {"x": x, "s": scale}
         times = {name: [] for name in forms}

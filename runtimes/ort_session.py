@@ -48,11 +48,13 @@ def session_options(threads: Optional[int] = None):
     # becomes a u8 x s8 MatMulIntegerToFloat that saturates on CPUs without VNNI (docs/experiments.md, "ONNX export").
     # The ort form already states its integer kernels explicitly, so nothing is lost.
     so.add_session_config_entry("session.disable_quant_qdq", "1")
-    # ORT's worker threads busy-wait after each run by default. Ours share the cores with torch's
-    # thread pool and with the other graphs' ONNX Runtime runs, and the spinning starves them
-    # (SmolLM2 decode on 2 cores, measured with benchmarks/experiments/ort_spinning.py: both the FP32
-    # and the w8a8 graph, and eager torch run in turn with them, are faster without it).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ORT's worker threads busy-wait between nodes, and by default after each run too. After a run
+    # they share the cores with torch's thread pool, the Python around the call (transformers'
+    # generate()) and the other graphs' sessions, and the spinning starves them; inside a run it
+    # spares a thread wake-up per parallel node. So they spin during a run only
+    # (benchmarks/experiments/ort_spinning.py, docs/results/ort_spinning.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     return so
 
 

@@ -2,7 +2,7 @@
 
 For SmolLM2-135M's linear shapes (merged q/k/v, o, merged gate/up, down, the tied lm_head) and
 M rows of float activations, each form as a one-GEMM ONNX model run by ONNX Runtime (2 threads,
-no spinning, as the ``ort`` target runs): the float ``MatMul``; the ort form's w8a8 linear
+with the ``ort`` target's session options): the float ``MatMul``; the ort form's w8a8 linear
 (per-token quantization, ``MatMulIntegerToFloat``, the token-scale ``Mul``) with unsigned and
 with signed weights; the same with the rounding residual quantized again per token and both
 int8 halves through one ``MatMulIntegerToFloat`` of 2M rows (the ``w8a8-blocks`` prefill form);
@@ -28,6 +28,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+from qcompiler.runtimes.ort_session import session_options
+
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]  # (K, N)
 
 
@@ -35,11 +37,7 @@ def session(nodes, k, inits, threads):
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [None, k])],
                          [onnx.ValueInfoProto(name="y")], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def per_token_w8a8(k, wq, w_scale, signed, threads):

@@ -580,11 +580,13 @@ def test_ort_form_feeds_attention_the_projections_without_transposes(heads, head
 
 
 def test_ort_sessions_do_not_busy_wait_between_runs():
-    # spinning workers starve torch's threads and the other graphs' sessions (docs/experiments.md, "ONNX export")
+    # workers spinning after a run starve torch's threads, generate()'s Python and the other graphs'
+    # sessions; inside a run the spinning pays (docs/results/ort_spinning.md)
     from qcompiler.runtimes.ort_session import session_options
 
     so = session_options()
-    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
     assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
 
 
