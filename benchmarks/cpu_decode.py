@@ -16,8 +16,9 @@ Each row runs in a process of its own (its peak memory is its own) with ``--thre
 Rows: eager FP32; ``torch.compile`` FP32 (Inductor, ``dynamic=True``: the compile time qcompile's
 first call is judged against); qcompile w8a8 (with and without the tied lm_head), w8a8-blocks
 (activations per block of 32 channels), w8a16, w4a16 (RTN, symmetric, group 32: asymmetric g32 would
-only find the GGUF's own grid again) and w4a16-gptq (each also with the tied lm_head in INT4, as
-Q4_0 quantizes its tied output); ONNX Runtime's ``quantize_dynamic`` of the
+only find the GGUF's own grid again) and w4a16-gptq (each also with the tied lm_head in INT4, and
+with the tied embedding / lm_head table in INT8 per row, ``embedding="int8"``: llama.cpp's Q4_0
+file stores that table as Q8_0); ONNX Runtime's ``quantize_dynamic`` of the
 same FP32 graphs (the peer: per-tensor u8 activations, per-channel s8 weights); llama.cpp Q8_0 and
 Q4_0 through ``llama-cpp-python`` (an optional benchmark dependency, built from source: ``pip
 install llama-cpp-python``; requantized from the bundled Q4_1 GGUF with ``allow_requantize``; its
@@ -49,11 +50,16 @@ ROWS = {  # label -> (kind, options)
     "qcompile w8a16": ("qcompile", {"recipe": "w8a16"}),
     "qcompile w4a16 g32 sym (RTN)": ("qcompile", {"recipe": "w4a16", "group_size": 32, "symmetric": True}),
     "qcompile w4a16-gptq g32 sym": ("qcompile", {"recipe": "w4a16-gptq", "group_size": 32, "symmetric": True}),
-    # the tied lm_head in INT4 too (llama.cpp's Q4_0 file quantizes its tied output as well)
+    # the tied lm_head in INT4 too
     "qcompile w4a16 g32 sym (RTN) quantize_tied": ("qcompile", {"recipe": "w4a16", "group_size": 32, "symmetric": True,
                                                                  "quantize_tied": True}),
     "qcompile w4a16-gptq g32 sym quantize_tied": ("qcompile", {"recipe": "w4a16-gptq", "group_size": 32,
                                                                "symmetric": True, "quantize_tied": True}),
+    # the tied embedding / lm_head table in INT8 per row, as llama.cpp's Q4_0 file stores it (Q8_0)
+    "qcompile w4a16 g32 sym (RTN) embedding int8": ("qcompile", {"recipe": "w4a16", "group_size": 32,
+                                                                  "symmetric": True, "embedding": "int8"}),
+    "qcompile w4a16-gptq g32 sym embedding int8": ("qcompile", {"recipe": "w4a16-gptq", "group_size": 32,
+                                                                "symmetric": True, "embedding": "int8"}),
     "ORT quantize_dynamic (peer)": ("peer", {"recipe": "w8a8", "skip": ["*"], "target": "ort"}),
     "llama.cpp Q8_0": ("llama.cpp", 7),   # LLAMA_FTYPE_MOSTLY_Q8_0
     "llama.cpp Q4_0": ("llama.cpp", 2),   # LLAMA_FTYPE_MOSTLY_Q4_0

@@ -21,6 +21,14 @@ A 4-bit ``MatMulNBits`` (w4a16) over as few rows runs at accuracy level 4 too: i
 per block of its group, about twice as fast at one row; it adds the rounding of int8 activations
 (under 1% of an output's norm: tests/unit/test_onnx_host_kernels.py) to the recipe's float-activation result, and ``explain`` says so.
 
+A weight-only INT8 linear (w8a16, and a language model's ``lm_head`` reading an INT8 embedding
+table) is written as a float ``MatMul`` of its dequantized weight, which ONNX Runtime folds into a
+float32 copy when the session loads: over one row that GEMV streams four bytes per weight. Over as
+few rows it becomes the same 8-bit ``MatMulNBits`` on the stored codes (one scale per output
+channel, repeated per block), at accuracy level 4 like the 4-bit one: int8 activations per block,
+an error of the same size as the 4-bit kernel's added to the recipe's float-activation result, and
+``explain`` says so.
+
 Only graphs whose row count is static and at most ``MAX_ROWS`` are rewritten: at four rows the
 integer GEMM of ``MatMulIntegerToFloat`` (u8 x s8 on a VNNI CPU) was already faster, at hundreds
 twice as fast (prefill, encoders).
@@ -171,7 +179,7 @@ def _rewrite(graph: ir.Graph, node: ir.Node, index: int, x, weight, w_scale, blo
 
 def _float_nbits(node: ir.Node, outputs: set) -> bool:
     """A 4-bit ``MatMulNBits`` with float activations (accuracy level 0) over a few static rows."""
-    if (node.domain, node.op_type) != ("com.microsoft", "MatMulNBits") or node.outputs[0] in outputs:
+    if (node.domain, node.op_type) != ("com.microsoft", "MatMulNBits"):
         return False
     bits, level = node.attributes.get("bits"), node.attributes.get("accuracy_level")
     rows = _rows(node.inputs[0]) if node.inputs[0] is not None else None
@@ -189,18 +197,71 @@ def _int8_activations(graph: ir.Graph, node: ir.Node, index: int) -> None:
     graph.insert_after(node, carried)
     for consumer, slot in uses:
         consumer.replace_input_with(slot, out)
+    if y.is_graph_output():  # a language model's lm_head: the carried value takes the output's place and name
+        name, y.name = y.name, f"_qc_gemv4_{index}_uncarried"
+        graph.outputs[:] = [out if value is y else value for value in graph.outputs]
+        out.name = name
+
+
+def _dequantized_weight(value: ir.Value):
+    """(int8 codes [K, N], per-channel scales) when ``value`` is the ort form's dequantized INT8
+    weight ``Mul(Cast(Transpose(codes), FLOAT), scales)`` (``ort_linear_w8a16``; the optimizer may
+    have folded the ``Transpose`` into the constant) of constants, else None."""
+    mul = value.producer() if value is not None else None
+    if mul is None or (mul.domain, mul.op_type) not in (("", "Mul"), ("ai.onnx", "Mul")):
+        return None
+    cast = mul.inputs[0].producer() if mul.inputs[0] is not None else None
+    if cast is None or cast.op_type != "Cast" or cast.attributes.get("to") is None \
+            or cast.attributes["to"].as_int() != ir.DataType.FLOAT.value:
+        return None
+    stored = cast.inputs[0]
+    transpose = stored.producer() if stored is not None else None
+    if transpose is not None:
+        perm = transpose.attributes.get("perm") if transpose.op_type == "Transpose" else None
+        if perm is None or list(perm.as_ints()) != [1, 0]:
+            return None
+        codes = constant_array(transpose.inputs[0])
+        codes = codes.T if codes is not None else None
+    else:
+        codes = constant_array(stored)
+    scales = constant_array(mul.inputs[1])
+    if codes is None or codes.dtype != np.int8 or codes.ndim != 2 or scales is None \
+            or scales.size not in (1, codes.shape[1]) or scales.dtype != np.float32:
+        return None
+    return codes, scales
+
+
+def _weight_only_int8(node: ir.Node, outputs: set):
+    """What the rewrite needs of a few-row float ``MatMul`` of a dequantized INT8 weight, or None."""
+    if (node.domain, node.op_type) not in (("", "MatMul"), ("ai.onnx", "MatMul")) or len(node.inputs) != 2:
+        return None
+    x = node.inputs[0]
+    rows = _rows(x) if x is not None else None
+    found = _dequantized_weight(node.inputs[1])
+    if rows is None or rows > MAX_ROWS or found is None or x.dtype != ir.DataType.FLOAT:
+        return None
+    codes, scales = found
+    block = next((b for b in BLOCKS if codes.shape[0] % b == 0), None)
+    if block is None or x.shape[-1] != codes.shape[0]:
+        return None
+    unsigned = (codes.astype(np.int16) + _U8_ZERO).astype(np.uint8)  # [K, N] as the integer GEMMs store it
+    return x, unsigned, scales, block, ([(node.outputs[0], None)], None)
 
 
 def few_row_gemvs(model: ir.Model) -> int:
-    """Rewrite every few-row w8a8 GEMM of ``model``'s main graph (and its quantization) into
-    ``MatMulNBits``, and run few-row 4-bit ``MatMulNBits`` on int8 activations; returns how many
+    """Rewrite every few-row w8a8 GEMM of ``model``'s main graph (and its quantization) and every
+    few-row weight-only INT8 GEMM into ``MatMulNBits``, and run few-row 4-bit ``MatMulNBits`` on
+    int8 activations; returns how many
     were rewritten (the nodes they leave unused are for the caller's unused-node pass)."""
     graph = model.graph
     outputs = set(graph.outputs)
     found = [(node, c) for node in graph if (c := _candidate(node, outputs)) is not None]
     for index, (node, candidate) in enumerate(found):
         _rewrite(graph, node, index, *candidate)
+    weight_only = [(node, c) for node in graph if (c := _weight_only_int8(node, outputs)) is not None]
+    for index, (node, candidate) in enumerate(weight_only, start=len(found)):
+        _rewrite(graph, node, index, *candidate)
     four_bit = [node for node in graph if _float_nbits(node, outputs)]
     for index, node in enumerate(four_bit):
         _int8_activations(graph, node, index)
-    return len(found) + len(four_bit)
+    return len(found) + len(weight_only) + len(four_bit)

@@ -81,16 +81,20 @@ LAYOUT_OPS = {"BitwiseAnd", "BitwiseOr", "BitShift", "Unsqueeze", "Squeeze", "Co
               "Cast", "Sub", "Add", "Transpose", "Pad", "Constant"}
 # a constant cast to float is a dequantization, which the file must not store expanded
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+_INT8_TYPES = {ir.DataType.INT8, ir.DataType.UINT8}
 
 
 def _fold_layout(node: ir.Node):
-    """True (fold, any size) for a ``LAYOUT_OPS`` node, except a cast to float; None (onnxscript's
-    default rules: small constants only) for every other node."""
+    """True (fold, any size) for a ``LAYOUT_OPS`` node, except a cast to float; False for a cast of
+    8-bit integers to float (a dequantized weight stays INT8 in the file, whatever its size, and the
+    host rewrites can find its codes); None (onnxscript's default rules: small constants only) for
+    every other node."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in LAYOUT_OPS:
         return None
     to = node.attributes.get("to")
     if node.op_type == "Cast" and to is not None and ir.DataType(to.as_int()) in _FLOAT_TYPES:
-        return None
+        source = node.inputs[0].dtype if node.inputs and node.inputs[0] is not None else None
+        return False if source in _INT8_TYPES else None
     return True
 
 

@@ -1,10 +1,10 @@
-"""The ``ort`` target's rewrites for the CPU it runs on: few-row GEMMs as ``MatMulNBits`` with
-int8 activations, and INT8 weights stored signed where u8 x s8 is exact.
+"""The ``ort`` target's rewrites for the CPU it runs on: few-row GEMMs (w8a8, w8a16, w4a16) as
+``MatMulNBits`` with int8 activations, and INT8 weights stored signed where u8 x s8 is exact.
 
 Each rewritten graph runs in ONNX Runtime on fresh random inputs against float64 (the linear of
 the same quantized weights): a few-row w8a8 GEMM must be at least as accurate as the q-op
-reference (it rounds activations per block of a row, never more coarsely than per row), a 4-bit
-one within the error of int8 activations, the signed weights bit for bit the unsigned ones; a
+reference (it rounds activations per block of a row, never more coarsely than per row), a
+weight-only one (4- or 8-bit) within the error of int8 activations, the signed weights bit for bit the unsigned ones; a
 NaN must reach its row's outputs.
 """
 import numpy as np
@@ -69,22 +69,32 @@ def test_a_portable_export_has_no_host_rewrites():
     assert weights and all(t.data_type == 2 for t in weights)  # uint8, exact on every CPU
 
 
-def test_few_row_w4a16_gemm_takes_int8_activations_within_their_error():
-    torch.manual_seed(0)
-    m = QOp("w4a16", 96, 576, group=32)
+@pytest.mark.parametrize("kind,bits", [("w4a16", 4), ("w8a16", 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_row_weight_only_gemm_takes_int8_activations_within_their_error(kind, bits, bias):
+    torch.manual_seed(bits)
+    m = QOp(kind, 96, 576, group=32, bias=bias)
     proto = to_onnx(m, (torch.randn(1, 1, 576),), "ort", dynamic=False, host=True)
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert nodes and all(a.i == 4 for n in nodes for a in n.attribute if a.name == "accuracy_level")
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
+    assert nodes and all(a.get("accuracy_level") == 4 and a.get("bits", 4) == bits for a in attrs), attrs
+    assert "Cast" not in _ops(proto)  # no float copy of an INT8 weight is left to fold
     session = OrtSession(proto)
     for seed in range(5):
         torch.manual_seed(seed)
         x = torch.randn(1, 1, 576)
         reference = m(x).double()
-        # int8 activations rounded per block of 32: well under 1% of the output's norm on normal data
+        # int8 activations rounded per block of 32-64: well under 1% of the output's norm on normal data
         assert 1e-5 < rel_err(session(x)[0], reference) < 1e-2, seed
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "w4a16"])
+def test_many_row_weight_only_int8_gemms_stay_float():
+    m = QOp("w8a16", 64, 576)
+    proto = to_onnx(m, (torch.randn(1, onnx_decode_gemv.MAX_ROWS + 1, 576),), "ort", dynamic=False, host=True)
+    assert "MatMulNBits" not in _ops(proto) and "MatMul" in _ops(proto)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "w4a16", "w8a16"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_reaches_the_row_through_the_rewritten_gemm(kind, bad):
     torch.manual_seed(1)
@@ -127,7 +137,8 @@ def test_the_probe_says_why_when_it_refuses():
 
 
 @pytest.mark.parametrize("recipe,decode_kernel", [("w8a8", "MatMulNBits, 8-bit weights, int8 activations per block"),
-                                                  ("w4a16", "MatMulNBits, 4-bit weights, int8 activations per block")])
+                                                  ("w4a16", "MatMulNBits, 4-bit weights, int8 activations per block"),
+                                                  ("w8a16", "MatMulNBits, 8-bit weights, int8 activations per block")])
 def test_explain_names_the_kernel_of_each_gemm_of_generate(recipe, decode_kernel):
     import qcompiler
     from tiny_models import build, token_batch
@@ -138,5 +149,6 @@ def test_explain_names_the_kernel_of_each_gemm_of_generate(recipe, decode_kernel
         model.generate(**token_batch(vocab, 1, 9), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     text = str(qcompiler.explain(model))
     assert decode_kernel in text, text  # the decode step's GEMMs
-    prefill = "MatMulIntegerToFloat" if recipe == "w8a8" else "MatMulNBits, 4-bit weights, float activations"
-    assert prefill in text, text  # the prompt's, many rows
+    prefill = {"w8a8": "MatMulIntegerToFloat", "w4a16": "MatMulNBits, 4-bit weights, float activations",
+               "w8a16": None}[recipe]  # w8a16's prompt: a float MatMul of a weight ONNX Runtime dequantizes
+    assert prefill is None or prefill in text, text  # the prompt's, many rows
