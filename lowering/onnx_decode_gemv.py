@@ -231,7 +231,7 @@ def _dequantized_weight(value: ir.Value):
     return codes, scales
 
 
-def _weight_only_int8(node: ir.Node, outputs: set):
+def _weight_only_int8(node: ir.Node):
     """What the rewrite needs of a few-row float ``MatMul`` of a dequantized INT8 weight, or None."""
     if (node.domain, node.op_type) not in (("", "MatMul"), ("ai.onnx", "MatMul")) or len(node.inputs) != 2:
         return None
@@ -251,14 +251,14 @@ def _weight_only_int8(node: ir.Node, outputs: set):
 def few_row_gemvs(model: ir.Model) -> int:
     """Rewrite every few-row w8a8 GEMM of ``model``'s main graph (and its quantization) and every
     few-row weight-only INT8 GEMM into ``MatMulNBits``, and run few-row 4-bit ``MatMulNBits`` on
-    int8 activations; returns how many
-    were rewritten (the nodes they leave unused are for the caller's unused-node pass)."""
+    int8 activations; returns how many were rewritten (the nodes they leave unused are for the
+    caller's unused-node pass)."""
     graph = model.graph
     outputs = set(graph.outputs)
     found = [(node, c) for node in graph if (c := _candidate(node, outputs)) is not None]
     for index, (node, candidate) in enumerate(found):
         _rewrite(graph, node, index, *candidate)
-    weight_only = [(node, c) for node in graph if (c := _weight_only_int8(node, outputs)) is not None]
+    weight_only = [(node, c) for node in graph if (c := _weight_only_int8(node)) is not None]
     for index, (node, candidate) in enumerate(weight_only, start=len(found)):
         _rewrite(graph, node, index, *candidate)
     four_bit = [node for node in graph if _float_nbits(node, outputs)]
