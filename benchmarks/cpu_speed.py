@@ -78,16 +78,49 @@ def peer_quantize(src: str, dst: str, **quantize_options):
 
 
 def peer_session(session, **quantize_options):
-    """The same graph's FP32 ONNX model through ``peer_quantize``."""
-    import onnx
+    """The same graph's FP32 ONNX model through ``peer_quantize`` (``PeerSession``)."""
+    return PeerSession(session, **quantize_options)
 
-    from qcompiler.runtimes.ort_session import OrtSession
 
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
-        onnx.save(session.model, src)
-        peer_quantize(src, dst, **quantize_options)
-        return OrtSession(onnx.load(dst))
+class PeerSession:
+    """A qcompile session's FP32 graph quantized by ``peer_quantize``, made at its first call: the
+    model parameters the session takes as inputs (``OrtSession.parameter_names``, bound to the
+    model's memory) become constants of the peer's file, since ``quantize_dynamic`` quantizes the
+    MatMuls of constant weights only. Called as the session is: with every input."""
+
+    def __init__(self, session, **quantize_options):
+        self.source, self.options, self.inner = session, quantize_options, None
+        self.input_names = session.input_names
+
+    def _build(self, tensors) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        from qcompiler.runtimes.ort_session import OrtSession
+
+        model = self.source.model
+        baked = set(self.source.parameter_names)
+        values = {n: t for n, t in zip(self.input_names, tensors) if n in baked}
+        kept = [i for i in model.graph.input if i.name not in baked]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        model.graph.initializer.extend(numpy_helper.from_array(v.detach().float().numpy(), n) for n, v in values.items())
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
+            onnx.save(model, src, save_as_external_data=True, location="fp32.onnx.data")
+            peer_quantize(src, dst, use_external_data_format=True, **self.options)
+            self.inner = OrtSession(onnx.load(dst))
+        self.baked = baked
+
+    @property
+    def model(self):
+        """The peer's quantized file (after the first call)."""
+        return self.inner.model
+
+    def __call__(self, *tensors):
+        if self.inner is None:
+            self._build(tensors)
+        return self.inner(*[t for n, t in zip(self.input_names, tensors) if n not in self.baked])
 
 
 def ort_graphs(fn):

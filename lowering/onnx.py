@@ -2,9 +2,10 @@
 
 The q-op graph (weights already quantized by the passes) goes through the ``torch.onnx``
 exporter, with each q-op translated by ``lowering.onnx_ops`` (one function per q-op and form).
-Before export, model parameters become stored constants and Dynamo's symbolic-size inputs are
-rewritten as ``sym_size`` of the tensors they measure, so the ONNX graph's only inputs are the
-model's own tensors, with their batch and sequence dimensions left dynamic.
+Before export, model parameters become stored constants (the ORT form may keep its large float ones
+as inputs: ``shared_parameters``) and Dynamo's symbolic-size inputs are rewritten as ``sym_size`` of
+the tensors they measure, so the ONNX graph's only inputs are the model's own tensors, with their
+batch and sequence dimensions left dynamic.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from qcompiler.lowering import onnx_fusions
 from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
 from qcompiler.lowering.scalars import freeze_scalars, item_only
 
-__all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_inputs"]
+__all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_inputs", "shared_parameters"]
 
 
 def _symbol(value) -> Optional[str]:
@@ -49,6 +50,23 @@ def fed_inputs(gm: fx.GraphModule, example_inputs) -> list:
     they are constants of the model, and export cannot take a data-dependent value."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [i for i in runtime_inputs(gm, example_inputs) if not item_only(placeholders[i], example_inputs[i])]
+
+
+SHARED_PARAMETER_BYTES = 2**20
+
+
+def shared_parameters(gm: fx.GraphModule, example_inputs, min_bytes: int = SHARED_PARAMETER_BYTES) -> list:
+    """Indices of the floating-point parameters of at least ``min_bytes`` that the graph reads as
+    they are: an embedding table, a float ``lm_head``, a linear the recipe skipped (quantized weights
+    are the passes' own constants, never parameters).
+
+    An ONNX Runtime session can take them as inputs bound to the model's own memory at every call
+    (``freeze``'s ``shared``) instead of constants of its file: as constants each session holds a
+    copy of each, and two of a tied table that an ``lm_head`` reads transposed."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, (node, v) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(v, nn.Parameter) and v.is_floating_point() and node.users
+            and v.numel() * v.element_size() >= min_bytes]
 
 
 def unmeasured_ints(gm: fx.GraphModule, example_inputs) -> dict:
@@ -76,11 +94,12 @@ def _hint(value) -> int:
     return value.node.hint if isinstance(value, torch.SymInt) else int(value)
 
 
-def freeze(gm: fx.GraphModule, example_inputs, pinned: Optional[dict] = None) -> tuple:
+def freeze(gm: fx.GraphModule, example_inputs, pinned: Optional[dict] = None, shared: Sequence[int] = ()) -> tuple:
     """Copy of ``gm`` whose parameters are constants and whose SymInt inputs are ``sym_size`` calls.
 
     ``pinned`` (placeholder index -> int, from ``unmeasured_ints``) gives the integer inputs that
     become constants; any other integer input no tensor measures is an ``UnsupportedForm``.
+    ``shared`` (from ``shared_parameters``) gives the parameters that stay inputs.
     Returns (graph module, example runtime inputs, their indices among ``example_inputs``).
     """
     pinned = pinned or {}
@@ -88,7 +107,7 @@ def freeze(gm: fx.GraphModule, example_inputs, pinned: Optional[dict] = None) ->
     # module would hold a second copy of every quantized weight while the export runs)
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    keep = set(fed_inputs(gm, example_inputs))
+    keep = set(fed_inputs(gm, example_inputs)) | set(shared)
     freeze_scalars(gm, {i: example_inputs[i].item() for i in set(runtime_inputs(gm, example_inputs)) - keep})
     sizes = {}  # symbol -> (placeholder, dim) measuring it
     for i in sorted(keep):
@@ -100,6 +119,9 @@ def freeze(gm: fx.GraphModule, example_inputs, pinned: Optional[dict] = None) ->
     first = next((placeholders[i] for i in sorted(keep)), None)
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if i in keep:
+            continue
+        if isinstance(value, torch.Tensor) and not node.users:  # a weight the passes replaced: not hashed, not kept
+            gm.graph.erase_node(node)
             continue
         if isinstance(value, torch.Tensor):
             name = f"_frozen_{i}"

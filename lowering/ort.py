@@ -29,7 +29,7 @@ from torch import fx, nn
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
 from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, fed_inputs, freeze, isolated, layout_outputs, output_layout,
-                                     root_message, symbolic_shapes, to_onnx, unmeasured_ints)
+                                     root_message, shared_parameters, symbolic_shapes, to_onnx, unmeasured_ints)
 from qcompiler.lowering.ort_kernels import kernel_counts
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
 from qcompiler.runtimes.host_memory import return_freed_memory
@@ -82,14 +82,15 @@ def _session(gm: fx.GraphModule, example_inputs, pinned: dict):
     exported now; the integer inputs ``pinned`` gives are constants of the file (``output_layout``
     says where the session's outputs go among the graph's)."""
     params = [v for v in example_inputs if isinstance(v, nn.Parameter)]
-    fed = fed_inputs(gm, example_inputs)
+    shared = shared_parameters(gm, example_inputs)
+    fed = sorted(set(fed_inputs(gm, example_inputs)) | set(shared))
     shapes = symbolic_shapes(gm, fed)
-    frozen, feeds, fed = freeze(gm, example_inputs, pinned)
+    frozen, feeds, fed = freeze(gm, example_inputs, pinned, shared)
     layout = output_layout(frozen)
     key = _content_key(frozen, feeds, shapes)
     if key in _SESSIONS:
         return _SESSIONS[key], fed, layout
-    session = _exported(frozen, feeds, shapes, key)
+    session = _exported(frozen, feeds, shapes, key, [k for k, i in enumerate(fed) if i in shared])
     _SESSIONS[key] = session
     if params:  # the session holds the weights: drop it with the model
         weakref.finalize(params[0], _SESSIONS.pop, key, None)
@@ -105,16 +106,17 @@ def exporter_files() -> list:
     return source_files(sys.modules[__name__])
 
 
-def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
+def _exported(frozen: fx.GraphModule, feeds, shapes, key: str, shared: list) -> OrtSession:
     """A session of the graph's ORT form: its file from the disk cache, or exported and kept
     there. The file keeps its weights in a side file (``<name>.data``), which ONNX Runtime maps
     into memory instead of copying them out of a parsed ``ModelProto`` (less memory per session:
-    docs/results/ort_decode_session.md), and files of any size can be kept."""
+    docs/results/ort_decode_session.md), and files of any size can be kept. ``shared``: the
+    positions of the inputs that are model parameters (``shared_parameters``)."""
     path = cache_folder("onnx") / f"{key}-{code_version(*exporter_files())[:16]}.onnx"
     data = path.with_name(path.name + ".data")
     if path.exists() and data.exists():
         try:
-            session = OrtSession(str(path))
+            session = OrtSession(str(path), parameters=shared)
             touch(path)
             touch(data)
             return session
@@ -125,13 +127,13 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str) -> OrtSession:
     saved = _saved(export(), path, data)
     return_freed_memory(collect=True)  # the export's graphs are reference cycles: only the collector frees them
     if saved:
-        return OrtSession(str(path))  # the session reads the file: no copy of the proto in this process
+        return OrtSession(str(path), parameters=shared)  # the session reads the file: no copy of the proto in this process
     proto = export()  # saving moved the weights out of the first proto; this one is kept whole
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise OSError(f"the ONNX file of this graph ({proto.ByteSize() / 2**30:.1f} GB) could not be written "
                       f"to {path.parent}, and ONNX Runtime takes a model this large from a file only: "
                       f"point $QCOMPILE_CACHE at a writable folder with room for it")
-    return OrtSession(proto)
+    return OrtSession(proto, parameters=shared)
 
 
 def _saved(proto, path, data) -> bool:
@@ -188,7 +190,7 @@ class OrtGraph:
         """Per session: how many GEMMs run each ONNX Runtime kernel (``explain`` prints them)."""
         lines = []
         for values, (session, _, _) in self.sessions.items():
-            counts = kernel_counts(session.graph)
+            counts = kernel_counts(session.graph, getattr(session, "parameter_names", ()))
             pinned = f" (constants {dict(zip(self.slots, values))})" if self.slots else ""
             lines += [f"{n} x {kernel}{pinned}" for kernel, n in counts.items()]
         return lines

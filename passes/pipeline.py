@@ -30,11 +30,11 @@ class Rewritten:
     plans: dict
 
 
-def run_passes(gm: fx.GraphModule, example_inputs, recipe) -> Rewritten:
-    """Rewrite ``gm`` in place for ``recipe``."""
+def run_passes(gm: fx.GraphModule, example_inputs, recipe, replaced=None) -> Rewritten:
+    """Rewrite ``gm`` in place for ``recipe``; ``replaced``: ``quantize``'s callback."""
     matches = match(gm, example_inputs, recipe)
     plans = smooth(gm, example_inputs, matches)
-    decisions = embed(gm, example_inputs, recipe, quantize(gm, matches, plans))
+    decisions = embed(gm, example_inputs, recipe, quantize(gm, matches, plans, replaced))
     params = itertools.chain((m.param for _, m, _ in matches), (x for x in example_inputs if isinstance(x, nn.Parameter)))
     decisions += quantize_attention(gm, example_inputs, recipe, model_state(params))
     return Rewritten(decisions, [m.param for _, m, _ in matches], matches, plans)

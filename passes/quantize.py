@@ -213,8 +213,10 @@ def _record(layer: Layer, outcome: Outcome, loss) -> Decision:
                     clip=layer.clip if recipe.activation == "static" else None, smoothing=smoothing)
 
 
-def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
-    """Rewrite matched linears into q-ops; return one ``Decision`` per matched linear."""
+def quantize(gm: fx.GraphModule, matches: list, plans: dict, replaced=None) -> list:
+    """Rewrite matched linears into q-ops; return one ``Decision`` per matched linear.
+    ``replaced(param)`` is called for each weight Parameter as soon as the graph reads its
+    quantized copy instead (the backend lets a mapped weight's pages go before the next is read)."""
     decisions = []
     for node, m, bias in matches:
         if m.recipe is None:
@@ -233,6 +235,8 @@ def quantize(gm: fx.GraphModule, matches: list, plans: dict) -> list:
             outcome = _decide(layer, scheme, qweight, sqnr, loss, prepared.reason if trained else None)
             node = _emit(gm, layer, outcome, x_scale)
             d = _record(layer, outcome, loss)
+            if replaced is not None and d.scheme != FLOATING_POINT:
+                replaced(m.param)
         node.meta[META_KEY] = d
         decisions.append(d)
     # no dead-code elimination: FX would treat in-place call_methods (KV-cache updates) as pure

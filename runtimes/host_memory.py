@@ -5,11 +5,13 @@ temporaries. glibc's allocator keeps freed memory in its arenas for reuse, so a 
 compiled a model stays well above what it holds (docs/experiments.md, "Memory: what a compile
 left behind"). ``return_freed_memory`` asks the allocator to give it back
 (``malloc_trim``); where the C library has no such call (macOS, Windows, musl) it does nothing.
+``release_file_pages`` lets the kernel reclaim the pages of mapped weights a compile replaced.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 
 
@@ -33,3 +35,51 @@ def return_freed_memory(collect: bool = False) -> bool:
         return False
     trim(0)
     return True
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (a file's are read again when touched)
+
+
+def _file_mappings() -> list:
+    """(start, end) of every mapping of a file in this process (``/proc/self/maps`` lines with an
+    inode); empty where the file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0":
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def release_file_pages(tensors) -> int:
+    """Drop the resident pages of CPU tensors that are views of a mapped file (a checkpoint loaded
+    with ``mmap``, as transformers loads safetensors) and that nothing reads any more, such as the
+    floating-point weights a compile replaced by their quantized copies. The kernel reclaims them
+    (``madvise(MADV_PAGEOUT)``) and reads them from the file again if they are touched, so no value
+    changes and nothing breaks; a page the process has written is anonymous memory and stays.
+    Returns how many bytes were asked for (0 where the system has no such call)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    spans = _file_mappings()
+    madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None)
+    if not spans or madvise is None:
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = os.sysconf("SC_PAGE_SIZE")
+    asked = 0
+    for t in tensors:
+        if t.device.type != "cpu" or t.numel() == 0:
+            continue
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if not any(s <= lo and hi <= e for s, e in spans):
+            continue
+        lo, hi = -(-lo // page) * page, hi // page * page  # whole pages only: a neighbour's stay
+        if hi > lo and madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+            asked += hi - lo
+    return asked

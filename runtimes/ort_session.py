@@ -64,9 +64,10 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 
 class OrtSession:
-    """Runs one ONNX model; ``__call__(*tensors) -> list of tensors`` in the model's output order."""
+    """Runs one ONNX model; ``__call__(*tensors) -> list of tensors`` in the model's output order.
+    ``parameters``: the positions of the inputs that are model parameters (``parameter_names``)."""
 
-    def __init__(self, model, threads: Optional[int] = None):
+    def __init__(self, model, threads: Optional[int] = None, parameters: Sequence[int] = ()):
         ort = require_onnxruntime()
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         self._source = model  # a path is read again only when ``model`` is asked for
@@ -74,6 +75,9 @@ class OrtSession:
         self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # the inputs that are the model's own parameters, bound to its memory at every call (a tool
+        # that rebuilds the file, a peer quantizer say, may make them constants again)
+        self.parameter_names = [self.input_names[k] for k in parameters]
 
     @property
     def model(self):

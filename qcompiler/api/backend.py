@@ -26,7 +26,7 @@ from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.lowering.devices import input_device
 from qcompiler.lowering.scalars import freeze_scalars, item_only
 from qcompiler.passes.pipeline import run_passes
-from qcompiler.runtimes.host_memory import return_freed_memory
+from qcompiler.runtimes.host_memory import release_file_pages, return_freed_memory
 
 # the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
 GRAPHS = "_qcompile_graphs"
@@ -160,8 +160,11 @@ class CompiledGraph:
         self._check_prepared_weights(self.example_inputs)
         gm = _copy_dynamo_graph(self.original)
         freeze_scalars(gm, self.frozen_scalars)
-        rewritten = run_passes(gm, self.example_inputs, self.recipe)
+        # a weight mapped from a checkpoint file that its quantized copy replaced gives its pages
+        # back at once: the float model is never resident whole beside the quantized one
+        rewritten = run_passes(gm, self.example_inputs, self.recipe, replaced=lambda p: release_file_pages([p]))
         return_freed_memory()  # the passes' weight-sized temporaries, before the lowering allocates
+        release_file_pages(_replaced_parameters(gm, self.example_inputs))  # tables the embedding pass replaced
         params = rewritten.params
         self.watch = _Watch(params)
         # the graph's weights as quantized: an in-place change since (load_state_dict, an optimizer
@@ -172,7 +175,7 @@ class CompiledGraph:
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
-        return_freed_memory()  # the lowering's temporaries
+        return_freed_memory(collect=True)  # the lowering's temporaries (its frozen copy of the graph is a cycle)
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
@@ -273,6 +276,13 @@ class CompiledGraph:
             self._rebuild(args)
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
+
+
+def _replaced_parameters(gm: fx.GraphModule, example_inputs) -> list:
+    """The parameters the rewritten graph no longer reads (the passes replaced them by quantized
+    copies): the pages of those mapped from a checkpoint file can go (``release_file_pages``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [v for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter) and not n.users]
 
 
 def _mode_modules(module: Optional[nn.Module], example_inputs) -> list:

@@ -677,3 +677,80 @@ def test_a_session_call_never_overwrites_the_tensors_an_earlier_call_returned():
     first = session(torch.ones(2, 4))[0]
     second = session(torch.full((2, 4), 3.0))[0]
     assert torch.equal(first, torch.ones(2, 4)) and torch.equal(second, torch.full((2, 4), 9.0))
+
+
+class _TiedLM(nn.Module):
+    """A 1 MiB embedding table that a tied output projection reads again transposed, with a linear
+    between them for the recipe to quantize."""
+
+    def __init__(self, vocab: int = 2048, dim: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.proj(self.embed(ids))))
+
+
+def test_ort_sessions_read_large_float_parameters_from_the_model():
+    """A float table of 1 MiB or more is an input of the session bound to the model's own memory,
+    not a constant of its file (no copy per session, none transposed): results match the
+    reference, on a new shape too, and follow an in-place change of the table."""
+    from qcompiler.api.backend import compiled_graphs
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    fast = torch.compile(model, backend="qcompile", options={"target": "ort", "recipe": "w8a8"})
+    reference = torch.compile(model, backend="qcompile", options={"target": "reference", "recipe": "w8a8"})
+    for shape in [(2, 7), (3, 11)]:
+        ids = torch.randint(0, 2048, shape)
+        assert sqnr_db(reference(ids), fast(ids)) > 40
+    graphs = [g for g in compiled_graphs(fast) if g.running_target == "ort"]
+    assert graphs
+    table = model.embed.weight.numel()
+    for g in graphs:
+        session = g.fn.session
+        assert len(session.parameter_names) == 1
+        sizes = [math.prod(t.dims) for t in session.graph.graph.initializer]
+        assert sizes and max(sizes) < table  # neither the table nor its transpose is stored
+        assert "1 x MatMul, float weights read in place from the model's parameters" in g.fn.kernel_lines()
+    with torch.no_grad():
+        model.embed.weight.mul_(-0.5)
+    ids = torch.randint(0, 2048, (2, 7))
+    assert sqnr_db(reference(ids), fast(ids)) > 40
+    with torch.no_grad():
+        want = model(ids)
+    assert sqnr_db(want, fast(ids)) > 25
+
+
+def _rss_file_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile"))
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
+def test_pages_of_mapped_weights_can_go_and_come_back_unchanged(tmp_path):
+    """``release_file_pages``: a tensor mapped from a file gives its resident pages back (the
+    process's file-backed resident set falls), its values read the same afterwards, a page the
+    process wrote keeps its new value, and a tensor in anonymous memory is left alone."""
+    import os
+
+    from qcompiler.runtimes.host_memory import release_file_pages
+
+    n = 16 * 2**20 // 4
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        np.random.default_rng(0).standard_normal(n, dtype=np.float32).tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))  # private, copy on write
+    stored = torch.from_numpy(np.fromfile(path, dtype=np.float32))
+    assert torch.equal(mapped, stored)  # reads every page in
+    mapped[0] = 1e6  # this page is now the process's own
+    before = _rss_file_bytes()
+    assert release_file_pages([mapped]) >= 15 * 2**20
+    assert _rss_file_bytes() < before - 8 * 2**20
+    assert mapped[0] == 1e6 and torch.equal(mapped[1:], stored[1:])
+    assert release_file_pages([torch.randn(2**20)]) == 0
