@@ -8,11 +8,27 @@ from torch import Tensor
 SQNR_ROWS = 256  # rows a layer is measured on: enough for a stable dB figure, few enough to compile fast
 
 
+SUM_CHUNK = 1 << 20  # elements summed at a time: float64 copies of a whole embedding table are GBs
+
+
+def _sums(ref: Tensor, approx: Tensor) -> tuple:
+    """(|ref - approx|^2, |ref|^2) in float64, a chunk of ``SUM_CHUNK`` elements at a time where
+    the two have one shape (a weight-sized pair never has a whole float64 copy)."""
+    if ref.shape != approx.shape:
+        ref, approx = ref.double(), approx.double()
+        return (ref - approx).pow(2).sum().item(), ref.pow(2).sum().item()
+    ref, approx = ref.reshape(-1), approx.reshape(-1)
+    noise = signal = 0.0
+    for i in range(0, max(ref.numel(), 1), SUM_CHUNK):
+        r, a = ref[i:i + SUM_CHUNK].double(), approx[i:i + SUM_CHUNK].double()
+        noise += (r - a).pow(2).sum().item()
+        signal += r.pow(2).sum().item()
+    return noise, signal
+
+
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     """10 log10(|ref|^2 / |ref - approx|^2); +inf when exact, NaN never passes silently."""
-    ref, approx = ref.double(), approx.double()
-    noise = (ref - approx).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    noise, signal = _sums(ref, approx)
     if math.isnan(noise) or math.isnan(signal):
         return float("nan")
     return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)

@@ -408,3 +408,26 @@ def test_dynamic_recipes_measure_no_static_loss():
     calibrated(model, [x])
     *_, decisions = run_passes(model, x, get_recipe("w8a8-smoothquant-dynamic"))
     assert all(d.scheme == "w8a8-smoothquant-dynamic" and d.static_loss_db is None for d in decisions)
+
+
+@pytest.mark.parametrize("size", [0, 7, 3 * (1 << 20) + 5])
+@pytest.mark.parametrize("nan_at", [None, -1])
+def test_sqnr_sums_a_weight_sized_pair_in_chunks_with_the_same_result(size, nan_at):
+    """``sqnr_db`` sums float64 chunks of a large pair (no whole float64 copy of an embedding
+    table): the result is the one-shot float64 formula's, and a NaN anywhere still comes out."""
+    import math
+
+    g = torch.Generator().manual_seed(size)
+    ref = torch.randn(size, generator=g)
+    approx = ref + 1e-3 * torch.randn(size, generator=g)
+    if nan_at is not None and size:
+        approx[nan_at] = float("nan")
+    noise = (ref.double() - approx.double()).pow(2).sum().item()
+    signal = ref.double().pow(2).sum().item()
+    got = sqnr_db(ref.reshape(-1, 1), approx.reshape(-1, 1))
+    if math.isnan(noise):
+        assert math.isnan(got)
+    elif noise == 0:
+        assert got == float("inf")
+    else:
+        assert got == pytest.approx(10 * math.log10(signal / noise), rel=1e-9)
