@@ -86,11 +86,15 @@ def _session(gm: fx.GraphModule, example_inputs, pinned: dict):
     fed = sorted(set(fed_inputs(gm, example_inputs)) | set(shared))
     shapes = symbolic_shapes(gm, fed)
     frozen, feeds, fed = freeze(gm, example_inputs, pinned, shared)
-    layout = output_layout(frozen)
-    key = _content_key(frozen, feeds, shapes)
-    if key in _SESSIONS:
-        return _SESSIONS[key], fed, layout
-    session = _exported(frozen, feeds, shapes, key, [k for k, i in enumerate(fed) if i in shared])
+    try:
+        layout = output_layout(frozen)
+        key = _content_key(frozen, feeds, shapes)
+        if key in _SESSIONS:
+            return _SESSIONS[key], fed, layout
+        session = _exported(frozen, feeds, shapes, key, [k for k, i in enumerate(fed) if i in shared])
+    finally:
+        # the frozen copy is a reference cycle: without this its weights would wait for the collector
+        frozen._buffers.clear()
     _SESSIONS[key] = session
     if params:  # the session holds the weights: drop it with the model
         weakref.finalize(params[0], _SESSIONS.pop, key, None)

@@ -5,7 +5,8 @@ temporaries. glibc's allocator keeps freed memory in its arenas for reuse, so a 
 compiled a model stays well above what it holds (docs/experiments.md, "Memory: what a compile
 left behind"). ``return_freed_memory`` asks the allocator to give it back
 (``malloc_trim``); where the C library has no such call (macOS, Windows, musl) it does nothing.
-``release_file_pages`` lets the kernel reclaim the pages of mapped weights a compile replaced.
+``FilePages`` (and ``release_file_pages``) lets the kernel reclaim the pages of mapped weights a
+compile replaced.
 """
 from __future__ import annotations
 
@@ -57,29 +58,42 @@ def _file_mappings() -> list:
     return spans
 
 
+class FilePages:
+    """The process's file mappings, read once (``/proc/self/maps``), to release the pages of many
+    tensors one by one as they stop being read (``release``) without reading them again each time.
+    A mapping made after this object is not seen: make another for it."""
+
+    def __init__(self):
+        linux = sys.platform.startswith("linux")
+        self.spans = _file_mappings() if linux else []
+        self.madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None) if self.spans else None
+        if self.madvise is not None:
+            self.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.page = os.sysconf("SC_PAGE_SIZE") if linux else 0
+
+    def release(self, tensors) -> int:
+        """Drop the resident pages of CPU tensors that are views of a mapped file (a checkpoint
+        loaded with ``mmap``, as transformers loads safetensors) and that nothing reads any more,
+        such as the floating-point weights a compile replaced by their quantized copies. The kernel
+        reclaims them (``madvise(MADV_PAGEOUT)``) and reads them from the file again if they are
+        touched, so no value changes and nothing breaks; a page the process has written is
+        anonymous memory and stays. Returns how many bytes were asked for (0 where the system has
+        no such call)."""
+        if self.madvise is None:
+            return 0
+        page, asked = self.page, 0
+        for t in tensors:
+            if t.device.type != "cpu" or t.numel() == 0:
+                continue
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            if not any(s <= lo and hi <= e for s, e in self.spans):
+                continue
+            lo, hi = -(-lo // page) * page, hi // page * page  # whole pages only: a neighbour's stay
+            if hi > lo and self.madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
+                asked += hi - lo
+        return asked
+
+
 def release_file_pages(tensors) -> int:
-    """Drop the resident pages of CPU tensors that are views of a mapped file (a checkpoint loaded
-    with ``mmap``, as transformers loads safetensors) and that nothing reads any more, such as the
-    floating-point weights a compile replaced by their quantized copies. The kernel reclaims them
-    (``madvise(MADV_PAGEOUT)``) and reads them from the file again if they are touched, so no value
-    changes and nothing breaks; a page the process has written is anonymous memory and stays.
-    Returns how many bytes were asked for (0 where the system has no such call)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    spans = _file_mappings()
-    madvise = getattr(ctypes.CDLL(None, use_errno=True), "madvise", None)
-    if not spans or madvise is None:
-        return 0
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = os.sysconf("SC_PAGE_SIZE")
-    asked = 0
-    for t in tensors:
-        if t.device.type != "cpu" or t.numel() == 0:
-            continue
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        if not any(s <= lo and hi <= e for s, e in spans):
-            continue
-        lo, hi = -(-lo // page) * page, hi // page * page  # whole pages only: a neighbour's stay
-        if hi > lo and madvise(lo, hi - lo, MADV_PAGEOUT) == 0:
-            asked += hi - lo
-    return asked
+    """``FilePages().release(tensors)``: the pages of these tensors' mapped file views go back."""
+    return FilePages().release(tensors)

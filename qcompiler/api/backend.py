@@ -26,7 +26,7 @@ from qcompiler.lowering import auto_choice, get_lowering
 from qcompiler.lowering.devices import input_device
 from qcompiler.lowering.scalars import freeze_scalars, item_only
 from qcompiler.passes.pipeline import run_passes
-from qcompiler.runtimes.host_memory import release_file_pages, return_freed_memory
+from qcompiler.runtimes.host_memory import FilePages, return_freed_memory
 
 # the attribute of a weight Parameter that lists (weakly) the compiled graphs using it
 GRAPHS = "_qcompile_graphs"
@@ -162,9 +162,10 @@ class CompiledGraph:
         freeze_scalars(gm, self.frozen_scalars)
         # a weight mapped from a checkpoint file that its quantized copy replaced gives its pages
         # back at once: the float model is never resident whole beside the quantized one
-        rewritten = run_passes(gm, self.example_inputs, self.recipe, replaced=lambda p: release_file_pages([p]))
+        pages = FilePages()
+        rewritten = run_passes(gm, self.example_inputs, self.recipe, replaced=lambda p: pages.release([p]))
         return_freed_memory()  # the passes' weight-sized temporaries, before the lowering allocates
-        release_file_pages(_replaced_parameters(gm, self.example_inputs))  # tables the embedding pass replaced
+        pages.release(_replaced_parameters(gm, self.example_inputs))  # tables the embedding pass replaced
         params = rewritten.params
         self.watch = _Watch(params)
         # the graph's weights as quantized: an in-place change since (load_state_dict, an optimizer
@@ -175,7 +176,7 @@ class CompiledGraph:
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
-        return_freed_memory(collect=True)  # the lowering's temporaries (its frozen copy of the graph is a cycle)
+        return_freed_memory()  # the lowering's temporaries
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
@@ -280,7 +281,7 @@ class CompiledGraph:
 
 def _replaced_parameters(gm: fx.GraphModule, example_inputs) -> list:
     """The parameters the rewritten graph no longer reads (the passes replaced them by quantized
-    copies): the pages of those mapped from a checkpoint file can go (``release_file_pages``)."""
+    copies): the pages of those mapped from a checkpoint file can go (``FilePages.release``)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [v for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter) and not n.users]
 

@@ -737,7 +737,7 @@ def test_pages_of_mapped_weights_can_go_and_come_back_unchanged(tmp_path):
     process wrote keeps its new value, and a tensor in anonymous memory is left alone."""
     import os
 
-    from qcompiler.runtimes.host_memory import release_file_pages
+    from qcompiler.runtimes.host_memory import FilePages, release_file_pages
 
     n = 16 * 2**20 // 4
     path = tmp_path / "weights.bin"
@@ -754,3 +754,4 @@ def test_pages_of_mapped_weights_can_go_and_come_back_unchanged(tmp_path):
     assert _rss_file_bytes() < before - 8 * 2**20
     assert mapped[0] == 1e6 and torch.equal(mapped[1:], stored[1:])
     assert release_file_pages([torch.randn(2**20)]) == 0
+    assert FilePages().release([mapped, torch.randn(2**20)]) >= 15 * 2**20  # one read of the mappings, many tensors
