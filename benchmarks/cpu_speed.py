@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from qcompiler.api.backend import compiled_graphs
@@ -104,12 +105,25 @@ class PeerSession:
         kept = [i for i in model.graph.input if i.name not in baked]
         del model.graph.input[:]
         model.graph.input.extend(kept)
-        model.graph.initializer.extend(numpy_helper.from_array(v.detach().float().numpy(), n) for n, v in values.items())
+        arrays = {n: v.detach().float().numpy() for n, v in values.items()}
+        # a weight the graph reads through a Transpose (ONNX Runtime fuses it into its MatMul) is
+        # baked transposed, so that quantize_dynamic finds a MatMul of a constant weight
+        for node in [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in arrays]:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            arrays[node.output[0]] = np.ascontiguousarray(np.transpose(arrays[node.input[0]], perm))
+            model.graph.node.remove(node)
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        model.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in arrays.items() if n in used)
         with tempfile.TemporaryDirectory() as d:
             src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
             onnx.save(model, src, save_as_external_data=True, location="fp32.onnx.data")
             peer_quantize(src, dst, use_external_data_format=True, **self.options)
-            self.inner = OrtSession(onnx.load(dst))
+            quantized = onnx.load(dst)
+        floats = [n.name for n in quantized.graph.node if n.op_type == "MatMul" and n.input[1] in arrays]
+        if floats or not any(n.op_type == "MatMulInteger" for n in quantized.graph.node):
+            raise RuntimeError(f"quantize_dynamic left the MatMuls {floats[:3]} of constant weights in float: "
+                               f"the peer would not be the peer")
+        self.inner = OrtSession(quantized)
         self.baked = baked
 
     @property
