@@ -176,7 +176,10 @@ class CompiledGraph:
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
-        return_freed_memory()  # the lowering's temporaries
+        # the lowering's temporaries; the passes' and the lowering's graphs are reference cycles that
+        # hold weight-sized tensors until the collector runs, which costs about 0.2 s in a process of
+        # many objects: worth it for a real model's graph, not for a small one
+        return_freed_memory(collect=_weight_bytes(self.example_inputs) >= COLLECT_WEIGHT_BYTES)
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
@@ -277,6 +280,13 @@ class CompiledGraph:
             self._rebuild(args)
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
+
+
+COLLECT_WEIGHT_BYTES = 64 * 2**20  # a graph reading this many bytes of parameters runs the collector after its build
+
+
+def _weight_bytes(example_inputs) -> int:
+    return sum(v.numel() * v.element_size() for v in example_inputs if isinstance(v, nn.Parameter))
 
 
 def _replaced_parameters(gm: fx.GraphModule, example_inputs) -> list:
