@@ -81,8 +81,24 @@ def exact_matmul(xq: Tensor, wq: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- quantize ops
 
 
+CHANNEL_CHUNK = 1 << 20  # elements of a weight quantized at a time: a whole table's float temporaries are GBs
+
+
 def quantize_per_channel_ref(w: Tensor, qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
-    """Weight ``[N, K]`` -> (``qdtype`` ``[N, K]``, float32 scale ``[N]``), one scale per output row."""
+    """Weight ``[N, K]`` -> (``qdtype`` ``[N, K]``, float32 scale ``[N]``), one scale per output row.
+    Rows are independent: a large weight without gradients (an embedding table) goes a block of
+    rows at a time, so its float temporaries are those of a block, not of the table."""
+    rows = max(1, CHANNEL_CHUNK // max(1, w.shape[-1]))
+    if w.requires_grad or w.shape[0] <= rows:
+        return _per_channel(w, qdtype)
+    codes = torch.empty(w.shape, dtype=qdtype, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], rows):
+        codes[start:start + rows], scale[start:start + rows] = _per_channel(w[start:start + rows], qdtype)
+    return codes, scale
+
+
+def _per_channel(w: Tensor, qdtype: torch.dtype) -> tuple[Tensor, Tensor]:
     amax = w.detach().to(torch.float32).abs().amax(dim=-1)
     scale = scale_from_amax(amax, qdtype)
     return _round_clamp(w.to(torch.float32) / scale[:, None], qdtype), scale
