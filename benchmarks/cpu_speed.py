@@ -280,7 +280,8 @@ def main(argv=None):
         torch._dynamo.reset()
         gc.collect()
     legend = ("'vs eager': eager FP32 time / this time, >1 is faster; medians of interleaved rounds; "
-              "ONNX MiB: the serialized models the ORT rows run")
+              "ONNX MiB: the serialized models the ORT rows run, without the float parameters a qcompile "
+              "session reads in place from the model (the peer's file holds them)")
     print(f"({legend})")
     if args.markdown:
         from results_page import write_page
