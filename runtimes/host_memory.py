@@ -5,8 +5,7 @@ temporaries. glibc's allocator keeps freed memory in its arenas for reuse, so a 
 compiled a model stays well above what it holds (docs/experiments.md, "Memory: what a compile
 left behind"). ``return_freed_memory`` asks the allocator to give it back
 (``malloc_trim``); where the C library has no such call (macOS, Windows, musl) it does nothing.
-``FilePages`` (and ``release_file_pages``) lets the kernel reclaim the pages of mapped weights a
-compile replaced.
+``FilePages`` lets the kernel reclaim the pages of mapped weights a compile replaced.
 """
 from __future__ import annotations
 
@@ -93,7 +92,3 @@ class FilePages:
                 asked += hi - lo
         return asked
 
-
-def release_file_pages(tensors) -> int:
-    """``FilePages().release(tensors)``: the pages of these tensors' mapped file views go back."""
-    return FilePages().release(tensors)

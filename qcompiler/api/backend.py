@@ -177,8 +177,8 @@ class CompiledGraph:
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
         # the lowering's temporaries; the passes' and the lowering's graphs are reference cycles that
-        # hold weight-sized tensors until the collector runs, which costs about 0.2 s in a process of
-        # many objects: worth it for a real model's graph, not for a small one
+        # hold weight-sized tensors until the collector runs, whose cost grows with the process's
+        # objects: worth it for a real model's graph, not for each of many small ones
         return_freed_memory(collect=_weight_bytes(self.example_inputs) >= COLLECT_WEIGHT_BYTES)
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])

@@ -732,12 +732,12 @@ def _rss_file_bytes() -> int:
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
 def test_pages_of_mapped_weights_can_go_and_come_back_unchanged(tmp_path):
-    """``release_file_pages``: a tensor mapped from a file gives its resident pages back (the
+    """``FilePages.release``: a tensor mapped from a file gives its resident pages back (the
     process's file-backed resident set falls), its values read the same afterwards, a page the
     process wrote keeps its new value, and a tensor in anonymous memory is left alone."""
     import os
 
-    from qcompiler.runtimes.host_memory import FilePages, release_file_pages
+    from qcompiler.runtimes.host_memory import FilePages
 
     n = 16 * 2**20 // 4
     path = tmp_path / "weights.bin"
@@ -750,8 +750,8 @@ def test_pages_of_mapped_weights_can_go_and_come_back_unchanged(tmp_path):
     assert torch.equal(mapped, stored)  # reads every page in
     mapped[0] = 1e6  # this page is now the process's own
     before = _rss_file_bytes()
-    assert release_file_pages([mapped]) >= 15 * 2**20
+    assert FilePages().release([mapped]) >= 15 * 2**20
     assert _rss_file_bytes() < before - 8 * 2**20
     assert mapped[0] == 1e6 and torch.equal(mapped[1:], stored[1:])
-    assert release_file_pages([torch.randn(2**20)]) == 0
+    assert FilePages().release([torch.randn(2**20)]) == 0
     assert FilePages().release([mapped, torch.randn(2**20)]) >= 15 * 2**20  # one read of the mappings, many tensors
