@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from qcompiler.errors import MissingDependency
+from qcompiler.runtimes.ort_slow_fusions import disabled_optimizers, op_types
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
           torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
@@ -65,14 +66,19 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 class OrtSession:
     """Runs one ONNX model; ``__call__(*tensors) -> list of tensors`` in the model's output order.
-    ``parameters``: the positions of the inputs that are model parameters (``parameter_names``)."""
+    ``parameters``: the positions of the inputs that are model parameters (``parameter_names``).
+    ``disabled``: the ONNX Runtime optimizers to run without; by default those ``SLOW_FUSIONS``
+    turns off for this model's ops (``disabled_optimizers`` says which were)."""
 
-    def __init__(self, model, threads: Optional[int] = None, parameters: Sequence[int] = ()):
+    def __init__(self, model, threads: Optional[int] = None, parameters: Sequence[int] = (),
+                 disabled: Optional[Sequence[str]] = None):
         ort = require_onnxruntime()
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         self._source = model  # a path is read again only when ``model`` is asked for
         self._ort = ort
-        self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS)
+        self.disabled_optimizers = list(disabled_optimizers(op_types(self.graph.graph)) if disabled is None else disabled)
+        self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS,
+                                            disabled_optimizers=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # the inputs that are the model's own parameters, bound to its memory at every call (a tool
