@@ -23,17 +23,15 @@ import torch
 
 from qcompiler.api.backend import compiled_graphs
 from qcompiler.bundled import zoo
-from qcompiler.runtimes.ort_session import session_options
+from qcompiler.runtimes.ort_session import inference_session, session_options
 import qcompiler
 
 
 def profiled_session(path_or_bytes, prefix: str):
-    import onnxruntime as ort
-
     so = session_options()
     so.enable_profiling = True
     so.profile_file_prefix = prefix
-    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+    return inference_session(path_or_bytes, so)
 
 
 def per_op(session, runs: int) -> collections.Counter:

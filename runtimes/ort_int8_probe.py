@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.runtimes.ort_session import require_onnxruntime, session_options
+from qcompiler.runtimes.ort_session import inference_session
 
 _K = 64  # long enough to take the vectorised kernel
 
@@ -31,9 +31,8 @@ def _probe_model():
 
 def signed_weights_exact() -> tuple:
     """(True, "") where u8 x s8 products are exact here, else (False, why)."""
-    ort = require_onnxruntime()
     model, weight = _probe_model()
-    session = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+    session = inference_session(model.SerializeToString(), threads=1)
     a = np.full((16, _K), 255, np.uint8)  # 255 * 127 twice overflows a 16-bit pair sum
     got = session.run(None, {"a": a})[0]
     exact = a.astype(np.int64) @ weight.astype(np.int64)

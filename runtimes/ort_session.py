@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from qcompiler.errors import MissingDependency
+from qcompiler.runtimes.denormals import flushing
 from qcompiler.runtimes.ort_slow_fusions import disabled_optimizers, op_types
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
@@ -56,7 +57,20 @@ def session_options(threads: Optional[int] = None):
     # (benchmarks/experiments/ort_spinning.py, docs/results/ort_spinning.md).
     so.add_session_config_entry("session.intra_op.allow_spinning", "1")
     so.add_session_config_entry("session.force_spinning_stop", "1")
+    # denormal floats flushed to zero on the session's worker threads (``runtimes.denormals``; the
+    # calling thread is flushed around each run)
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
+
+
+def inference_session(model, options=None, threads: Optional[int] = None, disabled: Sequence[str] = ()):
+    """``onnxruntime.InferenceSession`` of ``model`` (bytes or a path) on the CPU, with ``options``
+    (default: ``session_options(threads)``), made so that the calling thread keeps its
+    denormal mode (``runtimes.denormals``)."""
+    ort = require_onnxruntime()
+    with flushing():  # ONNX Runtime would leave the process's first session's flushing on this thread
+        return ort.InferenceSession(model, options or session_options(threads), providers=PROVIDERS,
+                                    disabled_optimizers=list(disabled))
 
 
 # qcompile's sessions run on ONNX Runtime's CPU provider (the 'ort' target is the CPU target; on a
@@ -77,8 +91,7 @@ class OrtSession:
         self._source = model  # a path is read again only when ``model`` is asked for
         self._ort = ort
         self.disabled_optimizers = list(disabled_optimizers(op_types(self.graph.graph)) if disabled is None else disabled)
-        self.session = ort.InferenceSession(data, session_options(threads), providers=PROVIDERS,
-                                            disabled_optimizers=self.disabled_optimizers)
+        self.session = inference_session(data, threads=threads, disabled=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # the inputs that are the model's own parameters, bound to its memory at every call (a tool
@@ -118,7 +131,8 @@ class OrtSession:
                 binding.bind_input(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        with flushing():
+            self.session.run_with_iobinding(binding)
         return [_to_torch(v) for v in binding.get_outputs()]
 
 

@@ -23,12 +23,11 @@ import time
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from qcompiler.runtimes.ort_session import session_options
+from qcompiler.runtimes.ort_session import inference_session
 
 SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]  # (K, N)
 
@@ -37,7 +36,7 @@ def session(nodes, k, inits, threads):
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [None, k])],
                          [onnx.ValueInfoProto(name="y")], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    return inference_session(model.SerializeToString(), threads=threads)
 
 
 def per_token_w8a8(k, wq, w_scale, signed, threads):

@@ -57,12 +57,11 @@ def export(folder: str, variant: str) -> None:
 
 def time_session(path: str, threads: int, cache_len: int, runs: int) -> dict:
     import numpy as np
-    import onnxruntime as ort
 
-    from qcompiler.runtimes.ort_session import session_options
+    from qcompiler.runtimes.ort_session import inference_session
 
     t = time.perf_counter()
-    session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+    session = inference_session(path, threads=threads)
     made = time.perf_counter() - t
     rng = np.random.default_rng(0)
     feeds = {}
@@ -81,11 +80,10 @@ def time_session(path: str, threads: int, cache_len: int, runs: int) -> dict:
 
 def lm_head(threads: int, runs: int) -> dict:
     import numpy as np
-    import onnxruntime as ort
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from qcompiler.runtimes.ort_session import session_options
+    from qcompiler.runtimes.ort_session import inference_session
 
     torch.set_num_threads(threads)
     n, k = 49152, 576
@@ -96,7 +94,7 @@ def lm_head(threads: int, runs: int) -> dict:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, n])],
                               [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+    session = inference_session(model.SerializeToString(), threads=threads)
     tw, tx = torch.from_numpy(w), torch.from_numpy(x)
     out = {}
     for name, fn in (("ORT MatMul", lambda: session.run(None, {"x": x})),

@@ -46,10 +46,9 @@ def _median_us(f, calls: int) -> float:
 
 def kernel_rows(calls: int) -> list:
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from qcompiler.runtimes.ort_session import session_options
+    from qcompiler.runtimes.ort_session import inference_session, session_options
 
     vi = helper.make_tensor_value_info
     rows = []
@@ -70,7 +69,7 @@ def kernel_rows(calls: int) -> list:
                     with tempfile.TemporaryDirectory() as d:
                         so = session_options(THREADS)
                         so.optimized_model_filepath = os.path.join(d, "o.onnx")
-                        s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+                        s = inference_session(model, so, disabled=disabled)
                         fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node if n.op_type.startswith("Skip")]
                     timed[label] = (_median_us(lambda: s.run(None, feeds), calls), fused)
                 (on, fused), (off, _) = timed["on"], timed["off"]
@@ -161,7 +160,7 @@ def main(argv=None):
     kernels = kernel_rows(args.calls * 10)
     models = model_rows(args.calls, not args.no_lm)
     body = "\n".join([
-        __doc__.split("\n\n")[1].replace("\n", " ").strip(), "",
+        "\n\n".join(__doc__.split("\n\n")[1:3]).strip(), "",
         f"{THREADS} threads.", "",
         "| norm | B x S x C | sum an output | fused op with the rewrite on | rewrite on us | rewrite off us | on / off |",
         "|---|---|---|---|---|---|---|", *kernels, "",

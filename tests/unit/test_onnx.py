@@ -588,6 +588,7 @@ def test_ort_sessions_do_not_busy_wait_between_runs():
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert so.get_session_config_entry("session.force_spinning_stop") == "1"
     assert so.get_session_config_entry("session.disable_quant_qdq") == "1"
+    assert so.get_session_config_entry("session.set_denormal_as_zero") == "1"  # runtimes/denormals.py
 
 
 @pytest.mark.parametrize("target", ["auto", "ort"])

@@ -7,13 +7,12 @@ keeps every rewrite.
 """
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import rel_err
-from qcompiler.runtimes.ort_session import OrtSession, session_options
+from qcompiler.runtimes.ort_session import OrtSession, inference_session, session_options
 from qcompiler.runtimes.ort_slow_fusions import SLOW_FUSIONS, disabled_optimizers, op_types
 
 C = 64
@@ -41,7 +40,7 @@ EXAMPLES = {"SkipLayerNormFusion": (lambda: _residual_norm("layer"), "SkipLayerN
 def _optimized_ops(model, disabled, tmp_path) -> set:
     so = session_options(1)
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    inference_session(model.SerializeToString(), so, disabled=disabled)
     return {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
 
 
