@@ -5,6 +5,7 @@ without a copy on the CPU. Session options are the ones the ``ort`` target was m
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from typing import Optional, Sequence
 
@@ -39,7 +40,7 @@ def require_onnx():
     return onnx
 
 
-def session_options(threads: Optional[int] = None):
+def session_options(threads: Optional[int] = None, flush_denormals: bool = True):
     ort = require_onnxruntime()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -59,7 +60,8 @@ def session_options(threads: Optional[int] = None):
     so.add_session_config_entry("session.force_spinning_stop", "1")
     # denormal floats flushed to zero on the session's worker threads (``runtimes.denormals``; the
     # calling thread is flushed around each run)
-    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if flush_denormals:
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return so
 
 
@@ -82,16 +84,18 @@ class OrtSession:
     """Runs one ONNX model; ``__call__(*tensors) -> list of tensors`` in the model's output order.
     ``parameters``: the positions of the inputs that are model parameters (``parameter_names``).
     ``disabled``: the ONNX Runtime optimizers to run without; by default those ``SLOW_FUSIONS``
-    turns off for this model's ops (``disabled_optimizers`` says which were)."""
+    turns off for this model's ops (``disabled_optimizers`` says which were). ``flush_denormals``:
+    denormal floats flushed to zero in a run (``runtimes.denormals``; off only to measure it)."""
 
     def __init__(self, model, threads: Optional[int] = None, parameters: Sequence[int] = (),
-                 disabled: Optional[Sequence[str]] = None):
+                 disabled: Optional[Sequence[str]] = None, flush_denormals: bool = True):
         ort = require_onnxruntime()
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         self._source = model  # a path is read again only when ``model`` is asked for
         self._ort = ort
         self.disabled_optimizers = list(disabled_optimizers(op_types(self.graph.graph)) if disabled is None else disabled)
-        self.session = inference_session(data, threads=threads, disabled=self.disabled_optimizers)
+        self.flush_denormals = flush_denormals
+        self.session = inference_session(data, session_options(threads, flush_denormals), disabled=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # the inputs that are the model's own parameters, bound to its memory at every call (a tool
@@ -131,7 +135,7 @@ class OrtSession:
                 binding.bind_input(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
         for name in self.output_names:
             binding.bind_output(name, "cpu")
-        with flushing():
+        with flushing() if self.flush_denormals else contextlib.nullcontext():
             self.session.run_with_iobinding(binding)
         return [_to_torch(v) for v in binding.get_outputs()]
 

@@ -28,7 +28,7 @@ SLOW_FUSIONS = (
     # MiniLM sessions 1.06-1.18x faster without it. Opset 23's RMSNormalization (the ort form's,
     # Llama-like decoders) is not fused by it: such models keep the rewrite.
     SlowFusion("SkipLayerNormFusion", lambda op_types: "LayerNormalization" in op_types,
-               "docs/results/ort_fusions_xeon_amx.md"),
+               "docs/results/ort_session_settings_xeon_amx.md"),
 )
 
 

@@ -65,6 +65,12 @@ def test_a_run_flushes_its_denormal_results_and_leaves_the_thread_as_it_was():
     assert (x[:1] * 0.25).item() != 0.0  # the same product in torch, after the run, is a denormal again
 
 
+def test_a_session_made_to_keep_denormals_keeps_them():
+    """``flush_denormals=False`` (to measure the setting) computes with denormals, as torch does."""
+    (y,) = OrtSession(_scale_model(0.25), threads=2, flush_denormals=False)(torch.tensor([TINY, 1.0]))
+    assert y[0].item() == (torch.tensor([TINY]) * 0.25).item() != 0.0 and y[1] == 0.25
+
+
 _FIRST_SESSION = """
 import numpy as np, onnxruntime as ort, sys
 sys.path.insert(0, {tests!r})

@@ -1,5 +1,5 @@
-"""ONNX Runtime's own rewrites on the ``ort`` target's graphs: the facts ``runtimes/ort_slow_fusions.py``
-rests on.
+"""The ``ort`` target's session settings, each against ONNX Runtime's default: the facts
+``runtimes/ort_slow_fusions.py`` and ``runtimes/denormals.py`` rest on.
 
 Two tables, 2 threads (the ``ort`` target's session options), medians:
 
@@ -9,11 +9,15 @@ Two tables, 2 threads (the ``ort`` target's session options), medians:
   makes the pair one ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization``) and with
   that rewrite off; whether the fused op ran, microseconds;
 * models: the ``ort`` target's sessions of MiniLM (8 x 128, 1 x 32) and SmolLM2-135M (a decode step
-  on a cache of 256, a 256-token prefill), FP32 and quantized, each made twice from the same file:
-  with ONNX Runtime's rewrites all on, and with those ``SLOW_FUSIONS`` turns off for the model
-  (the target's sessions); calls of the two alternate, ms.
+  on a cache of 256, a 256-token prefill), FP32 and quantized, each made four times from the same
+  file: ONNX Runtime's defaults (every rewrite on, denormals kept); the rewrites ``SLOW_FUSIONS``
+  turns off for the model off; denormal floats flushed to zero (on the session's workers and, for
+  the run, the calling thread); both, as the target runs them. The calls of the four alternate,
+  the order turned around every round, ms; the outputs of each are compared with the defaults' (a
+  quantized model's differ where a float difference of the last bit moves an activation across a
+  rounding boundary).
 
-    python benchmarks/experiments/ort_fusions.py [--calls 20] [--no-lm] [--markdown docs/results/ort_fusions_xeon_amx.md]
+    python benchmarks/experiments/ort_session_settings.py [--calls 20] [--no-lm] [--markdown docs/results/ort_session_settings_xeon_amx.md]
 """
 from __future__ import annotations
 
@@ -85,11 +89,31 @@ def _sessions(fn):
     return [g for g in compiled_graphs(fn) if g.running_target == "ort"]
 
 
-def _remade(session, disabled):
+VARIANTS = {  # label: (optimizers to run without: None = the rule's, flush denormals)
+    "ORT defaults": ([], False),
+    "slow fusions off": (None, False),
+    "denormals flushed": ([], True),
+    "both (the ort target)": (None, True),
+}
+
+
+def _remade(session, disabled, flush):
     from qcompiler.runtimes.ort_session import OrtSession
 
-    return OrtSession(session._source, threads=THREADS, disabled=disabled,
+    return OrtSession(session._source, threads=THREADS, disabled=disabled, flush_denormals=flush,
                       parameters=[session.input_names.index(n) for n in session.parameter_names])
+
+
+def _largest_difference(outputs: dict) -> str:
+    """The largest absolute difference of each other variant's output (logits, last hidden state)
+    from the defaults', in ``VARIANTS`` order ("0": bit for bit)."""
+
+    def first(out):
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+    base = first(outputs["ORT defaults"])
+    found = [float((first(outputs[k]) - base).abs().max()) for k in list(VARIANTS)[1:]]
+    return " / ".join(f"{d:.1e}" if d else "0" for d in found)
 
 
 def model_rows(calls: int, lm: bool) -> list:
@@ -118,8 +142,9 @@ def model_rows(calls: int, lm: bool) -> list:
         nxt = held_w[1:2, :1]
 
         def step(f):
-            f(input_ids=nxt, past_key_values=past, use_cache=True)
+            out = f(input_ids=nxt, past_key_values=past, use_cache=True)
             past.crop(-1)
+            return out
 
         for label, recipe in (("fp32", None), ("w8a8-blocks", "w8a8-blocks")):
             options = {"recipe": recipe or "w8a8", **({} if recipe else {"skip": ["*"]}), "target": "ort",
@@ -133,20 +158,21 @@ def model_rows(calls: int, lm: bool) -> list:
         for workload, label, fn, call in cases:
             call()
             graphs = _sessions(fn)
-            variants = {"all on": [_remade(g.fn.session, []) for g in graphs],
-                        "qcompile's": [_remade(g.fn.session, None) for g in graphs]}
-            turned_off = sorted({o for s in variants["qcompile's"] for o in s.disabled_optimizers}) or ["none"]
-            times = {k: [] for k in variants}
-            for _ in range(calls):
-                for k, sessions in variants.items():
-                    for g, s in zip(graphs, sessions):
+            variants = {k: [_remade(g.fn.session, d, f) for g in graphs] for k, (d, f) in VARIANTS.items()}
+            turned_off = sorted({o for s in variants["slow fusions off"] for o in s.disabled_optimizers}) or ["none"]
+            times, outputs = {k: [] for k in variants}, {}
+            for round_ in range(calls):
+                for k in (list(variants) if round_ % 2 else list(variants)[::-1]):
+                    for g, s in zip(graphs, variants[k]):
                         g.fn.session = s
-                    call()
+                    outputs[k] = call()
                     t = time.perf_counter()
                     call()
                     times[k].append(time.perf_counter() - t)
-            on, ours = (statistics.median(times[k]) * 1e3 for k in ("all on", "qcompile's"))
-            rows.append(f"| {workload} | {label} | {', '.join(turned_off)} | {on:.2f} | {ours:.2f} | {on / ours:.2f}x |")
+            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            base = ms["ORT defaults"]
+            cells = " | ".join(f"{ms[k]:.2f} ({base / ms[k]:.2f}x)" for k in VARIANTS)
+            rows.append(f"| {workload} | {label} | {', '.join(turned_off)} | {cells} | {_largest_difference(outputs)} |")
             print(rows[-1], file=sys.stderr)
     return rows
 
@@ -164,11 +190,12 @@ def main(argv=None):
         f"{THREADS} threads.", "",
         "| norm | B x S x C | sum an output | fused op with the rewrite on | rewrite on us | rewrite off us | on / off |",
         "|---|---|---|---|---|---|---|", *kernels, "",
-        "| workload | model | rewrites qcompile turns off | all rewrites on ms | qcompile's session ms | speed-up |",
-        "|---|---|---|---|---|---|", *models, ""])
+        "| workload | model | rewrites the rule turns off | " + " | ".join(f"{k} ms" for k in VARIANTS)
+        + " | largest output difference from the defaults (" + " / ".join(list(VARIANTS)[1:]) + ") |",
+        "|---|---|---|" + "---|" * len(VARIANTS) + "---|", *models, ""])
     print(body)
     if args.markdown:
-        write_page(args.markdown, "ONNX Runtime's own rewrites on the ort target's graphs", body)
+        write_page(args.markdown, "The ort target's session settings against ONNX Runtime's defaults", body)
 
 
 if __name__ == "__main__":
