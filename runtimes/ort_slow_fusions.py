@@ -23,9 +23,9 @@ class SlowFusion:
 
 SLOW_FUSIONS = (
     # Add + LayerNormalization -> SkipLayerNormalization, which ONNX Runtime makes where the sum is
-    # not an output of its own (a post-norm encoder's residual): the fused CPU kernel ran about 3x
-    # slower than the pair from 32 rows up (MiniLM 8x128: 1.09 against 0.34 ms a norm), whole
-    # MiniLM sessions 1.06-1.18x faster without it. Opset 23's RMSNormalization (the ort form's,
+    # not an output of its own (a post-norm encoder's residual): the fused CPU kernel ran 2.8-3.8x
+    # slower than the pair from 32 rows up (MiniLM 8x128: 1120 against 327 us a norm), MiniLM's
+    # sessions 1.08-1.19x faster without it. Opset 23's RMSNormalization (the ort form's,
     # Llama-like decoders) is not fused by it: such models keep the rewrite.
     SlowFusion("SkipLayerNormFusion", lambda op_types: "LayerNormalization" in op_types,
                "docs/results/ort_session_settings_xeon_amx.md"),
