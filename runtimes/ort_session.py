@@ -95,6 +95,7 @@ class OrtSession:
         self._ort = ort
         self.disabled_optimizers = list(disabled_optimizers(op_types(self.graph.graph)) if disabled is None else disabled)
         self.flush_denormals = flush_denormals
+        self._binder = DirectBinding if DirectBinding.available() else PublicBinding
         self.session = inference_session(data, session_options(threads, flush_denormals), disabled=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -122,7 +123,7 @@ class OrtSession:
     def __call__(self, *tensors: torch.Tensor) -> list:
         if len(tensors) != len(self.input_names):
             raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)}")
-        binding = self.session.io_binding()
+        binding = self._binder(self.session)
         keep = []  # contiguous copies must outlive the run
         for name, t in zip(self.input_names, tensors):
             t = t.detach().contiguous().cpu()
@@ -132,12 +133,78 @@ class OrtSession:
                 keep.append(value)
                 binding.bind_ortvalue_input(name, value)
             else:
-                binding.bind_input(name, "cpu", 0, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+                binding.bind_input(name, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
         for name in self.output_names:
-            binding.bind_output(name, "cpu")
+            binding.bind_output(name)
         with flushing() if self.flush_denormals else contextlib.nullcontext():
-            self.session.run_with_iobinding(binding)
-        return [_to_torch(v) for v in binding.get_outputs()]
+            binding.run()
+        return [_to_torch(v) for v in binding.outputs()]
+
+
+class PublicBinding:
+    """Binds through onnxruntime's documented ``IOBinding``."""
+
+    def __init__(self, session):
+        self.session, self.binding = session, session.io_binding()
+
+    def bind_input(self, name, dtype, shape, pointer) -> None:
+        self.binding.bind_input(name, "cpu", 0, dtype, shape, pointer)
+
+    def bind_ortvalue_input(self, name, value) -> None:
+        self.binding.bind_ortvalue_input(name, value)
+
+    def bind_output(self, name) -> None:
+        self.binding.bind_output(name, "cpu")
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+
+    def outputs(self) -> list:
+        return self.binding.get_outputs()
+
+
+class DirectBinding:
+    """Binds through the extension module under ``IOBinding`` (the same calls, without the wrapper's
+    per-tensor device objects and checks: about 2.4 us less per input or output, a few hundred
+    microseconds of a decode step that binds every layer's cache). ``available()`` says whether
+    this onnxruntime has it; ``OrtSession`` uses ``PublicBinding`` otherwise."""
+
+    def __init__(self, session):
+        from onnxruntime.capi import _pybind_state
+
+        self.session = session._sess
+        self.binding = _pybind_state.SessionIOBinding(self.session)
+        self.cpu = _cpu_device()
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            return hasattr(_pybind_state, "SessionIOBinding") and _cpu_device() is not None
+        except (ImportError, AttributeError, TypeError):
+            return False
+
+    def bind_input(self, name, dtype, shape, pointer) -> None:
+        self.binding.bind_input(name, self.cpu, dtype, shape, pointer)
+
+    def bind_ortvalue_input(self, name, value) -> None:
+        self.binding.bind_ortvalue_input(name, value._ortvalue)
+
+    def bind_output(self, name) -> None:
+        self.binding.bind_output(name, self.cpu)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding, None)
+
+    def outputs(self) -> list:
+        found = self.binding.get_outputs()
+        return [found[i] for i in range(len(found))]
+
+
+def _cpu_device():
+    """The extension module's CPU ``OrtDevice`` (the one ``IOBinding`` makes for "cpu")."""
+    return require_onnxruntime().OrtDevice.make("cpu", 0)._get_c_device()
 
 
 def _to_torch(value) -> torch.Tensor:
