@@ -65,14 +65,30 @@ def session_options(threads: Optional[int] = None, flush_denormals: bool = True)
     return so
 
 
-def inference_session(model, options=None, threads: Optional[int] = None, disabled: Sequence[str] = ()):
+def graph_of(model):
+    """The ``onnx.ModelProto`` of ``model`` (a path, bytes or a proto), a file's weights unread."""
+    if isinstance(model, str):
+        return require_onnx().load(model, load_external_data=False)
+    if isinstance(model, bytes):
+        return require_onnx().load_from_string(model)
+    return model
+
+
+def slow_fusions_of(model) -> list:
+    """The ONNX Runtime optimizers ``SLOW_FUSIONS`` turns off for ``model`` (a path, bytes or a proto)."""
+    return disabled_optimizers(op_types(graph_of(model).graph))
+
+
+def inference_session(model, options=None, threads: Optional[int] = None, disabled: Optional[Sequence[str]] = None):
     """``onnxruntime.InferenceSession`` of ``model`` (bytes or a path) on the CPU, with ``options``
-    (default: ``session_options(threads)``), made so that the calling thread keeps its
-    denormal mode (``runtimes.denormals``)."""
+    (default: ``session_options(threads)``), without the optimizers ``disabled`` (default: those
+    ``slow_fusions_of(model)``), made so that the calling thread keeps its denormal mode
+    (``runtimes.denormals``)."""
     ort = require_onnxruntime()
+    disabled = slow_fusions_of(model) if disabled is None else list(disabled)
     with flushing():  # ONNX Runtime would leave the process's first session's flushing on this thread
         return ort.InferenceSession(model, options or session_options(threads), providers=PROVIDERS,
-                                    disabled_optimizers=list(disabled))
+                                    disabled_optimizers=disabled)
 
 
 # qcompile's sessions run on ONNX Runtime's CPU provider (the 'ort' target is the CPU target; on a
@@ -93,7 +109,7 @@ class OrtSession:
         data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
         self._source = model  # a path is read again only when ``model`` is asked for
         self._ort = ort
-        self.disabled_optimizers = list(disabled_optimizers(op_types(self.graph.graph)) if disabled is None else disabled)
+        self.disabled_optimizers = slow_fusions_of(model) if disabled is None else list(disabled)
         self.flush_denormals = flush_denormals
         self._binder = DirectBinding if DirectBinding.available() else PublicBinding
         self.session = inference_session(data, session_options(threads, flush_denormals), disabled=self.disabled_optimizers)
@@ -116,9 +132,7 @@ class OrtSession:
     @property
     def graph(self):
         """The ``onnx.ModelProto`` without its weights' bytes (a cached file's side file unread)."""
-        if isinstance(self._source, str):
-            return require_onnx().load(self._source, load_external_data=False)
-        return self.model
+        return graph_of(self._source)
 
     def __call__(self, *tensors: torch.Tensor) -> list:
         if len(tensors) != len(self.input_names):

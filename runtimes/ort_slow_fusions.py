@@ -43,7 +43,7 @@ def op_types(graph) -> frozenset:
     return frozenset(found)
 
 
-def disabled_optimizers(types: Iterable[str], table=SLOW_FUSIONS) -> list:
-    """The optimizers of ``table`` a model with these op types runs without."""
+def disabled_optimizers(types: Iterable[str]) -> list:
+    """The optimizers of ``SLOW_FUSIONS`` a model with these op types runs without."""
     types = frozenset(types)
-    return [fusion.optimizer for fusion in table if fusion.applies(types)]
+    return [fusion.optimizer for fusion in SLOW_FUSIONS if fusion.applies(types)]

@@ -52,6 +52,7 @@ def test_each_slow_fusion_is_an_optimizer_onnx_runtime_runs_and_the_rule_turns_o
     rule = disabled_optimizers(op_types(model.graph))
     assert fusion.optimizer in rule
     assert fused_op not in _optimized_ops(model, rule, tmp_path)
+    assert fused_op not in _optimized_ops(model, None, tmp_path)  # every session qcompile makes takes the rule
 
 
 @pytest.mark.parametrize("norm,disabled", [("layer", ["SkipLayerNormFusion"]), ("rms", [])])
