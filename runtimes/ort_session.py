@@ -178,10 +178,10 @@ class PublicBinding:
 
 
 class DirectBinding:
-    """Binds through the extension module under ``IOBinding`` (the same calls, without the wrapper's
-    per-tensor device objects and checks: about 2.4 us less per input or output, a few hundred
-    microseconds of a decode step that binds every layer's cache). ``available()`` says whether
-    this onnxruntime has it; ``OrtSession`` uses ``PublicBinding`` otherwise."""
+    """Binds through the extension module under ``IOBinding``: the same calls, without the wrapper's
+    per-tensor device objects and checks (a decode step binds every layer's cache; the saving is
+    not measured by a benchmark page). ``available()`` says whether this onnxruntime has it;
+    ``OrtSession`` uses ``PublicBinding`` otherwise."""
 
     def __init__(self, session):
         from onnxruntime.capi import _pybind_state
