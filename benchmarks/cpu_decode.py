@@ -22,7 +22,9 @@ file stores that table as Q8_0); ONNX Runtime's ``quantize_dynamic`` of the
 same FP32 graphs (the peer: per-tensor u8 activations, per-channel s8 weights); llama.cpp Q8_0 and
 Q4_0 through ``llama-cpp-python`` (an optional benchmark dependency, built from source: ``pip
 install llama-cpp-python``; requantized from the bundled Q4_1 GGUF with ``allow_requantize``; its
-perplexity from its own logits on the same token ids). A row that cannot run says why.
+state reset before every ``generate()``, so that it computes the prompt as the other rows do
+instead of reusing the previous call's cached prefix; its perplexity from its own logits on the
+same token ids). A row that cannot run says why.
 
     python benchmarks/cpu_decode.py [--rows eager w8a8 ...] [--threads 2] [--windows 8] [--window 256]
                                     [--markdown docs/results/cpu_decode.md]
@@ -195,6 +197,9 @@ def llama_row(ftype: int, args) -> dict:
     llm = llama_cpp.Llama(path, n_threads=args.threads, n_threads_batch=args.threads, n_ctx=512, verbose=False)
 
     def generate(length: int, new: int) -> list:
+        # reset() first: llama-cpp-python's generate() otherwise reuses the cached prefix of the
+        # previous call's prompt and skips its prefill, which every other row computes each time
+        llm.reset()
         produced = []
         for token in llm.generate(prompt[0, :length].tolist(), top_k=1, temp=0.0, reset=True):
             produced.append(token)
