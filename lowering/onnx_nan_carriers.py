@@ -24,23 +24,21 @@ from onnxscript import ir
 
 from qcompiler.lowering.onnx_sibling_matmuls import constant_array
 
-_ONNX = ("", "ai.onnx")
 _MS = "com.microsoft"
 # (domain, op) -> the input slots through which a non-finite value reaches every output of the
-# node (every input where None). Not ``Split`` or ``Slice`` (an element reaches one part only), nor
-# ops that may drop a NaN (``Max``, ``Relu``, ``MatMulNBits`` at accuracy level 4, ...).
+# node (every input where None); the default domain is "" (``_op``). Not ``Split`` or ``Slice`` (an
+# element reaches one part only), nor ops that may drop a NaN (``Max``, ``Relu``, ``MatMulNBits``
+# at accuracy level 4, ...).
 PROPAGATES = {
-    **{(d, op): None for d in _ONNX for op in ("Add", "Sub", "Mul", "Div", "Concat", "MatMul", "Gemm")},
-    **{(d, op): (0,) for d in _ONNX for op in ("Identity", "Reshape", "Transpose", "Squeeze",
-                                                "Unsqueeze", "Expand", "RMSNormalization",
-                                                "LayerNormalization")},
+    **{("", op): None for op in ("Add", "Sub", "Mul", "Div", "Concat", "MatMul", "Gemm")},
+    **{("", op): (0,) for op in ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand",
+                                 "RMSNormalization", "LayerNormalization")},
     (_MS, "FusedMatMul"): None,
     (_MS, "SimplifiedLayerNormalization"): (0,),
     (_MS, "SkipSimplifiedLayerNormalization"): (0, 1),
     (_MS, "SkipLayerNormalization"): (0, 1),
 }
-NORMS = {(d, "RMSNormalization") for d in _ONNX} | {(d, "LayerNormalization") for d in _ONNX} | \
-    {(_MS, "SimplifiedLayerNormalization")}
+NORMS = {("", "RMSNormalization"), ("", "LayerNormalization"), (_MS, "SimplifiedLayerNormalization")}
 
 
 def _op(node: ir.Node):
@@ -48,8 +46,10 @@ def _op(node: ir.Node):
 
 
 def _zero_column(value: ir.Value) -> bool:
-    array = constant_array(value)
-    return array is not None and array.ndim == 2 and array.shape[1] == 1 and not array.any()
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or len(tensor.shape) != 2 or tensor.shape[1] != 1:
+        return False  # no weight's bytes read unless it is one column
+    return not tensor.numpy().any()
 
 
 def carriers(graph: ir.Graph) -> list:
