@@ -32,7 +32,6 @@ from qcompiler.lowering.onnx_attention_cache import fold_attention_heads
 from qcompiler.lowering.onnx_decode_gemv import few_row_gemvs
 from qcompiler.lowering.onnx_nan_carriers import drop_redundant_carriers
 from qcompiler.lowering.onnx_rotary import fuse_rotary
-from qcompiler.lowering.onnx_skip_norm import fuse_skip_norms
 from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
 from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
 
@@ -58,7 +57,7 @@ GRAPH_FUSIONS = {
 # rewrites for the CPU the session runs on, after the graph fusions: applied to the ``ort`` target's
 # own sessions (``optimize(..., host=True)``), never to a file exported for deployment elsewhere
 HOST_FUSIONS = {
-    "ort": [few_row_gemvs, drop_redundant_carriers, fuse_skip_norms, signed_int8_weights],
+    "ort": [few_row_gemvs, drop_redundant_carriers, signed_int8_weights],
     "tensorrt": [],
 }
 

@@ -1,13 +1,14 @@
-"""What the decode-step host rewrites of the ``ort`` target save: SmolLM2-135M's one-token graph
-with and without ``onnx_nan_carriers.drop_redundant_carriers`` and ``onnx_skip_norm.fuse_skip_norms``.
+"""What a decode-step host rewrite of the ``ort`` target saves: SmolLM2-135M's one-token graph
+with and without ``onnx_nan_carriers.drop_redundant_carriers`` (``REWRITES``: a rewrite to judge
+is added there and to ``VARIANTS``).
 
-The decode graph is compiled once with neither rewrite (``onnx_fusions.HOST_FUSIONS`` without
+The decode graph is compiled once without the rewrites (``onnx_fusions.HOST_FUSIONS`` without
 them, and an empty export cache, which would otherwise hold the file with both), after a prompt of
 ``--cache`` tokens; the rewrites are then applied to copies of that file.
 Each variant gets ``--copies`` sessions, made interleaved (a process's first-made session ran
 slower in earlier measurements), and every round calls all sessions with the same inputs, in an
 order reversed each round. Median milliseconds per run of ONNX Runtime's session, node count,
-and the largest logit difference from the file with neither rewrite.
+and the largest logit difference from the file without the rewrites.
 
     python benchmarks/experiments/decode_rewrites.py [--recipe w8a8-blocks] [--cache 100] [--rounds 30] [--markdown PAGE]
 """
@@ -24,13 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cold_caches import cold_cache_env  # noqa: E402
 from results_page import write_page  # noqa: E402
 
-REWRITES = ["drop_redundant_carriers", "fuse_skip_norms"]
-VARIANTS = {"neither": [], "carriers dropped": ["drop_redundant_carriers"],
-            "skip norms fused": ["fuse_skip_norms"], "both (the target)": REWRITES}
+REWRITES = ["drop_redundant_carriers"]  # in HOST_FUSIONS' order
+VARIANTS = {"neither": [], "carriers dropped (the target)": ["drop_redundant_carriers"]}
 
 
 def decode_file(recipe: str, cache: int, threads: int):
-    """(the decode graph's ONNX bytes with neither rewrite, its inputs for one step)."""
+    """(the decode graph's ONNX bytes without the rewrites, its inputs for one step)."""
     import torch
 
     from qcompiler.api.backend import compiled_graphs
@@ -67,12 +67,11 @@ def variant(data: bytes, rewrites: list) -> bytes:
     import onnx_ir.passes.common as common_passes
     from onnxscript import ir
 
-    from qcompiler.lowering import onnx_nan_carriers, onnx_skip_norm
+    from qcompiler.lowering import onnx_nan_carriers
 
-    functions = {"drop_redundant_carriers": onnx_nan_carriers.drop_redundant_carriers,
-                 "fuse_skip_norms": onnx_skip_norm.fuse_skip_norms}
+    functions = {"drop_redundant_carriers": onnx_nan_carriers.drop_redundant_carriers}
     model = ir.serde.deserialize_model(onnx.load_from_string(data))
-    for name in REWRITES:  # in HOST_FUSIONS' order
+    for name in REWRITES:
         if name in rewrites:
             functions[name](model)
     common_passes.RemoveUnusedNodesPass()(model)
