@@ -210,7 +210,25 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
             input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None,
             host: bool = False):
     """Export ``module`` (a q-op graph, or any module holding q-ops) to an ``onnx.ModelProto``;
-    ``host``: for a session on this machine (``onnx_fusions.HOST_FUSIONS``), not a portable file."""
+    ``host``: for a session on this machine (``onnx_fusions.HOST_FUSIONS``), not a portable file.
+    ``export_ir`` with the same arguments gives the graph before serialization."""
+    return proto_of(export_ir(module, inputs, form, kwargs=kwargs, input_names=input_names, dynamic=dynamic,
+                              dynamic_shapes=dynamic_shapes, host=host))
+
+
+def proto_of(model):
+    """The ``onnx.ModelProto`` of ``model`` (an ``ir.Model``), every weight copied into it."""
+    from onnxscript import ir
+
+    return ir.serde.serialize_model(model)
+
+
+def export_ir(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwargs: Optional[dict] = None,
+              input_names: Optional[Sequence[str]] = None, dynamic: bool = True, dynamic_shapes=None,
+              host: bool = False):
+    """``to_onnx``'s graph as onnxscript's ``ir.Model``, optimized and its tied weights stored once.
+    Its weights are the exporter's tensors: ``save_ir`` writes them to a file without first
+    copying every one into a ``ModelProto``."""
     if form not in FORMS:
         raise OptionError(f"unknown ONNX form {form!r}; valid forms: {list(FORMS)}")
     module = _inline(module)
@@ -236,59 +254,72 @@ def to_onnx(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kwar
                 raise UnsupportedForm(str(cause)) from None
             raise
     onnx_fusions.optimize(program.model, form, host=host)
-    return share_tied(program.model_proto)
+    return share_tied(program.model)
+
+
+def save_ir(model, path: str, data: str) -> None:
+    """Write ``model`` (an ``ir.Model``) to ``path`` with its weights in ``data``, a file name
+    beside it, one tensor at a time; ``model`` is left as it was."""
+    from onnxscript import ir
+
+    ir.save(model, path, external_data=data)
 
 
 # initializers smaller than this are not worth a hash (biases, scales, shape constants)
 _TIED_MIN_ELEMENTS = 4096
+_HASH_CHUNK_BYTES = 2**22  # a transposed table is hashed this many bytes of rows at a time
 
 
-def _fingerprint(array) -> tuple:
+def _fingerprint(array: np.ndarray) -> tuple:
+    """dtype, shape and a hash of ``array``'s values in row-major order, reading a contiguous
+    array in place and copying any other a few rows at a time."""
     import hashlib
 
-    return array.dtype.str, array.shape, hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).digest()
+    digest = hashlib.blake2b(digest_size=16)
+    if array.flags.c_contiguous:
+        digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+    else:
+        step = max(1, _HASH_CHUNK_BYTES // max(1, array[0].nbytes)) if array.ndim and len(array) else 1
+        for start in range(0, len(array), step):
+            digest.update(np.ascontiguousarray(array[start:start + step]).reshape(-1).view(np.uint8))
+    return array.dtype.str, array.shape, digest.digest()
 
 
 def share_tied(model):
-    """Store a tied weight once: an initializer equal to an earlier one is dropped (its readers
-    read the earlier one), and one equal to an earlier one's transpose becomes a ``Transpose`` of it
-    (a language model's input embedding ``[V, D]`` and its tied output projection, which the
-    translations and the exporter's folding store as ``[D, V]``; the INT8 table of a quantized
-    embedding alike)."""
-    from onnx import helper, numpy_helper
+    """Store a tied weight once in ``model`` (an ``ir.Model``, changed in place and returned): an
+    initializer equal to an earlier one is dropped (its readers read the earlier one), and one
+    equal to an earlier one's transpose becomes a ``Transpose`` of it (a language model's input
+    embedding ``[V, D]`` and its tied output projection, which the translations and the exporter's
+    folding store as ``[D, V]``; the INT8 table of a quantized embedding alike). A weight that is
+    itself a graph output keeps its own copy."""
+    from onnxscript import ir
 
     graph = model.graph
-    seen, renames, transposes, kept = {}, {}, [], []
-    for t in graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n < _TIED_MIN_ELEMENTS or len(t.dims) != 2 or t.data_type in (16, 22, 23):  # bfloat16, int4, uint4
-            kept.append(t)
+    outputs = {id(v) for v in graph.outputs}
+    seen = {}
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if (tensor is None or len(tensor.shape) != 2 or tensor.size < _TIED_MIN_ELEMENTS
+                or tensor.dtype in (ir.DataType.BFLOAT16, ir.DataType.INT4, ir.DataType.UINT4)):
             continue
-        array = numpy_helper.to_array(t)
+        array = tensor.numpy()
         key = _fingerprint(array)
-        if key in seen and seen[key][1] is False:
-            renames[t.name] = seen[key][0]
+        if key in seen and id(value) not in outputs:
+            earlier, transposed = seen[key]
+            if transposed:
+                node = ir.node("Transpose", [earlier], attributes={"perm": [1, 0]}, name=f"tied_{name}")
+                graph.insert_before(graph.node(0), node) if len(graph) else graph.append(node)
+                replacement = node.outputs[0]
+                replacement.dtype, replacement.shape = value.dtype, value.shape
+            else:
+                replacement = earlier
+            value.replace_all_uses_with(replacement)
+            graph.initializers.pop(name)
+            if transposed:
+                replacement.name = name
             continue
-        if key in seen:
-            transposes.append(helper.make_node("Transpose", [seen[key][0]], [t.name], perm=[1, 0],
-                                               name=f"tied_{t.name}"))
-            continue
-        seen.setdefault(key, (t.name, False))
-        seen.setdefault(_fingerprint(array.T), (t.name, True))
-        kept.append(t)
-    if not renames and not transposes:
-        return model
-    _rename_inputs(graph.node, renames)
-    for out in graph.output:
-        if out.name in renames:  # a graph output that is a weight (rare): keep its name
-            transposes.append(helper.make_node("Identity", [renames[out.name]], [out.name]))
-    nodes = transposes + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+        seen.setdefault(key, (value, False))
+        seen.setdefault(_fingerprint(array.T), (value, True))
     return model
 
 

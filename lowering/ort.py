@@ -29,7 +29,8 @@ from torch import fx, nn
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
 from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, fed_inputs, freeze, isolated, layout_outputs, output_layout,
-                                     root_message, shared_parameters, symbolic_shapes, to_onnx, unmeasured_ints)
+                                     proto_of, root_message, save_ir, export_ir, shared_parameters, symbolic_shapes,
+                                     unmeasured_ints)
 from qcompiler.lowering.ort_kernels import kernel_counts
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
 from qcompiler.runtimes.host_memory import return_freed_memory
@@ -126,13 +127,16 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str, shared: list) -> 
             return session
         except Exception:  # noqa: BLE001 - a damaged or partial file is exported again
             pass
-    export = lambda: isolated(lambda: to_onnx(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes,
-                                                  host=True))
-    saved = _saved(export(), path, data)
-    return_freed_memory(collect=True)  # the export's graphs are reference cycles: only the collector frees them
+    model = isolated(lambda: export_ir(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes,
+                                       host=True))
+    saved = _saved(model, path, data)
     if saved:
-        return OrtSession(str(path), parameters=shared)  # the session reads the file: no copy of the proto in this process
-    proto = export()  # saving moved the weights out of the first proto; this one is kept whole
+        del model
+        return_freed_memory(collect=True)  # the export's graphs are reference cycles: only the collector frees them
+        return OrtSession(str(path), parameters=shared)  # the session reads the file: no copy of the weights in this process
+    proto = proto_of(model)
+    del model
+    return_freed_memory(collect=True)
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise OSError(f"the ONNX file of this graph ({proto.ByteSize() / 2**30:.1f} GB) could not be written "
                       f"to {path.parent}, and ONNX Runtime takes a model this large from a file only: "
@@ -140,16 +144,13 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str, shared: list) -> 
     return OrtSession(proto, parameters=shared)
 
 
-def _saved(proto, path, data) -> bool:
-    """Write ``proto`` to ``path`` with its weights in ``data``, both whole or neither, even with
-    processes racing; False where the disk refused (full, read-only)."""
-    import onnx
-
+def _saved(model, path, data) -> bool:
+    """Write ``model`` (an ``ir.Model``) to ``path`` with its weights in ``data``, both whole or
+    neither, even with processes racing; False where the disk refused (full, read-only)."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temp.mkdir(exist_ok=True)
-        onnx.save(proto, str(temp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data.name)
+        save_ir(model, str(temp / path.name), data.name)
         (temp / data.name).touch()  # a graph without large constants writes no side file: an empty one
         os.replace(temp / data.name, data)  # the weights first: a file names its side file
         os.replace(temp / path.name, path)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from onnxscript import ir
 from torch import nn
 
 import qcompiler
@@ -200,8 +201,22 @@ def test_share_tied_keeps_one_copy_and_the_graph_runs():
                                    opset_imports=[onnx.helper.make_opsetid("", 21)])
     xs = torch.from_numpy(np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32))
     before = OrtSession(model.SerializeToString())(xs)[0]
-    shared = share_tied(model)
+    shared = ir.serde.serialize_model(share_tied(ir.serde.deserialize_model(model)))
     onnx.checker.check_model(shared, full_check=True)
     assert len(shared.graph.initializer) == 1
     assert torch.equal(OrtSession(shared.SerializeToString())(xs)[0], before)
     assert not onnx_check.check(shared)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int8, np.uint8])
+@pytest.mark.parametrize("shape", [(7, 5), (300, 17), (1, 4096)])
+def test_a_fingerprint_reads_a_transpose_as_its_contiguous_copy(monkeypatch, dtype, shape):
+    from qcompiler.lowering import onnx as qonnx
+
+    monkeypatch.setattr(qonnx, "_HASH_CHUNK_BYTES", 64)  # many chunks
+    a = (np.random.default_rng(0).standard_normal(shape) * 50).astype(dtype)
+    assert qonnx._fingerprint(a.T) == qonnx._fingerprint(np.ascontiguousarray(a.T))
+    assert qonnx._fingerprint(a) != qonnx._fingerprint(np.ascontiguousarray(a.T))
+    b = a.copy()
+    b.reshape(-1)[-1] += 1  # the last value only
+    assert qonnx._fingerprint(b.T) != qonnx._fingerprint(a.T)

@@ -313,8 +313,8 @@ def test_ort_target_exports_once_for_dynamic_shapes(monkeypatch):
     from qcompiler.lowering import ort
 
     exports = []
-    real = ort.to_onnx
-    monkeypatch.setattr(ort, "to_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    real = ort.export_ir
+    monkeypatch.setattr(ort, "export_ir", lambda *a, **k: exports.append(1) or real(*a, **k))
     torch.manual_seed(0)
     model = Stack().eval()
     fast = torch.compile(model, backend="qcompile", options={"target": "ort"})
@@ -344,8 +344,8 @@ def test_ort_target_keeps_exported_files_for_later_processes(monkeypatch, damage
     assert data.stat().st_size > 48 * 48  # the weights are in the side file
     assert sorted(p.name for p in kept[0].parent.iterdir()) == sorted([kept[0].name, data.name])  # no temp left
     exports = []
-    real = ort.to_onnx
-    monkeypatch.setattr(ort, "to_onnx", lambda *a, **k: exports.append(1) or real(*a, **k))
+    real = ort.export_ir
+    monkeypatch.setattr(ort, "export_ir", lambda *a, **k: exports.append(1) or real(*a, **k))
     for damaged in (False, True):
         if damaged and damage == "truncated file":
             kept[0].write_bytes(kept[0].read_bytes()[:100])
@@ -362,7 +362,10 @@ def test_ort_target_keeps_exported_files_for_later_processes(monkeypatch, damage
 
 
 def test_ort_target_runs_when_the_cache_cannot_be_written(monkeypatch):
-    """A full or read-only cache folder costs a second export, never the compile."""
+    """A full or read-only cache folder never fails the compile, nor exports twice: the session
+    takes the graph from memory."""
+    from onnxscript import ir
+
     from qcompiler.lowering import ort
 
     torch.manual_seed(0)
@@ -372,10 +375,13 @@ def test_ort_target_runs_when_the_cache_cannot_be_written(monkeypatch):
     def full_disk(*_, **__):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save", full_disk)
+    monkeypatch.setattr(ir, "save", full_disk)
+    exports, real = [], ort.export_ir
+    monkeypatch.setattr(ort, "export_ir", lambda *a, **k: exports.append(1) or real(*a, **k))
     torch._dynamo.reset()
     got = torch.compile(model, backend="qcompile", options={"target": "ort"})(x)
     assert rel_err(got, want) < 1e-5
+    assert len(exports) == 1
     assert list(ort.cache_folder("onnx").iterdir()) == []  # nothing half-written left
 
 
@@ -600,7 +606,7 @@ def test_ort_export_failure_falls_back_only_under_auto(monkeypatch, target):
 
     def broken(*a, **k):
         raise RuntimeError("planted exporter failure")
-    monkeypatch.setattr(ort, "to_onnx", broken)
+    monkeypatch.setattr(ort, "export_ir", broken)
     torch.manual_seed(0)
     model = Stack().eval()
     x = torch.randn(2, 8, 48)
