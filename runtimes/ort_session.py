@@ -115,6 +115,7 @@ class OrtSession:
         self.session = inference_session(data, session_options(threads, flush_denormals), disabled=self.disabled_optimizers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._bfloat16_outputs = [o.type == "tensor(bfloat16)" for o in self.session.get_outputs()]
         # the inputs that are the model's own parameters, bound to its memory at every call (a tool
         # that rebuilds the file, a peer quantizer say, may make them constants again)
         self.parameter_names = [self.input_names[k] for k in parameters]
@@ -138,12 +139,14 @@ class OrtSession:
         if len(tensors) != len(self.input_names):
             raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)}")
         binding = self._binder(self.session)
-        keep = []  # contiguous copies must outlive the run
+        keep = []  # copies made here must outlive the run
         for name, t in zip(self.input_names, tensors):
-            t = t.detach().contiguous().cpu()
-            keep.append(t)
+            if not (t.is_cpu and t.is_contiguous()):  # a decode step's inputs are: bound as they are
+                t = t.detach().contiguous().cpu()
+                keep.append(t)
             if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hand ORT the bits with their ONNX type
-                value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.int16).numpy(), onnx.TensorProto.BFLOAT16)
+                value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                    t.detach().view(torch.int16).numpy(), onnx.TensorProto.BFLOAT16)
                 keep.append(value)
                 binding.bind_ortvalue_input(name, value)
             else:
@@ -152,7 +155,8 @@ class OrtSession:
             binding.bind_output(name)
         with flushing() if self.flush_denormals else contextlib.nullcontext():
             binding.run()
-        return [_to_torch(v) for v in binding.outputs()]
+        return [_to_torch(v) if bfloat16 else torch.from_numpy(v.numpy())
+                for v, bfloat16 in zip(binding.outputs(), self._bfloat16_outputs)]
 
 
 class PublicBinding:

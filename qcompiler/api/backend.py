@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import time
 import warnings
 import weakref
@@ -62,6 +63,16 @@ def _lowering_options(lowering, cuda_graphs, device_type: str) -> dict:
         able = sorted(name for name, low in LOWERINGS.items() if low.cuda_graphs)
         raise OptionError(f"cuda_graphs=True: target {lowering.name!r} cannot run in CUDA graphs; use one of {able}")
     return {"cuda_graphs": True}
+
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _picker(slots: list):
+    """``args -> tuple(args[i] for i in slots)``, one C call (``operator.itemgetter``)."""
+    if len(slots) > 1:
+        return operator.itemgetter(*slots)
+    return lambda args: tuple(args[i] for i in slots)
 
 
 class _Watch:
@@ -138,6 +149,7 @@ class CompiledGraph:
         # inside a repeated layer): parameters are graph inputs, but the quantized weights were
         # made from these. Another instance's parameters get a graph of their own (``_variant``).
         self.param_slots = [i for i, v in enumerate(self.example_inputs) if isinstance(v, nn.Parameter)]
+        self._params_of = _picker(self.param_slots)  # a call reads every parameter twice: at C speed
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.scalar_slots = [i for i, (n, v) in enumerate(zip(placeholders, self.example_inputs)) if item_only(n, v)]
         self.variants = {}
@@ -185,7 +197,7 @@ class CompiledGraph:
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
 
     def _same_params(self, args) -> bool:
-        return all(args[i] is self.example_inputs[i] for i in self.param_slots)
+        return all(map(operator.is_, self._params_of(args), self._params_of(self.example_inputs)))
 
     def _variant(self, args) -> "CompiledGraph":
         """This graph quantized and lowered for the parameters in ``args`` (made once per set).
@@ -222,7 +234,7 @@ class CompiledGraph:
         return graph
 
     def _versions(self, args) -> tuple:
-        return tuple(args[i]._version for i in self.param_slots)
+        return tuple(map(_VERSION, self._params_of(args)))
 
     def _check_prepared_weights(self, args) -> None:
         """A weight AWQ / GPTQ prepared codes for, changed since (in place, or a saved state

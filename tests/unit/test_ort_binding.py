@@ -49,6 +49,18 @@ def test_each_binding_runs_every_type_to_the_expected_outputs(binder, seed):
         assert out.dtype == ref.dtype and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("binder", [PublicBinding, DirectBinding])
+def test_contiguous_inputs_that_require_grad_are_bound_as_they_are(binder):
+    if binder is DirectBinding and not DirectBinding.available():
+        pytest.skip("this onnxruntime has no extension-module binding")
+    session = OrtSession(_model(), threads=1)
+    session._binder = binder
+    x, i, m, h = _inputs(3)
+    x, h = x.contiguous().requires_grad_(), h.contiguous().requires_grad_()
+    for out, ref in zip(session(x, i, m, h), _expected(x.detach(), i, m, h.detach())):
+        assert not out.requires_grad and out.dtype == ref.dtype and torch.equal(out, ref)
+
+
 def test_the_session_binds_directly_where_it_can_and_falls_back_where_it_cannot(monkeypatch):
     assert OrtSession(_model(), threads=1)._binder is (DirectBinding if DirectBinding.available() else PublicBinding)
     monkeypatch.setattr(ort_session.DirectBinding, "available", staticmethod(lambda: False))
