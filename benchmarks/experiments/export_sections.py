@@ -1,0 +1,116 @@
+"""Where ``qcompiler.export_onnx`` of SmolLM2-135M spends its time, step by step.
+
+``qcompiler.export_onnx(model, example, path, recipe=..., form=..., calibration=...)`` as the
+README writes it (8 calibration windows of 512 tokens, an example of 2 x 16 tokens), once with
+the default dynamic batch and sequence and once with static sizes, each in a process of its own.
+Timers wrapped around the steps it calls:
+
+* calibration (``qcompiler.calibrate``);
+* ``torch.export.export``: the model's own trace, then the exporter's trace of the q-op graph;
+* qcompile's passes;
+* the exporter's decompositions (``run_decompositions`` with its ONNX table: a third trace) and
+  its type-promotion pass;
+* the translation of the traced graph into ONNX;
+* qcompile's ONNX optimizer and fusions (``lowering.onnx_fusions.optimize``);
+* the ONNX check and ONNX Runtime load of the written file.
+
+"export" is the whole call less the calibration; "other" is what no timer covers.
+
+    python benchmarks/experiments/export_sections.py [--recipe w8a8] [--form ort] [--markdown PAGE]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from results_page import write_page  # noqa: E402
+
+STEPS = [  # (module, function, label)
+    ("qcompiler.deploy.export_onnx", "calibrate", "calibration"),
+    ("torch.export", "export", "torch.export (2 traces)"),
+    ("qcompiler.passes.pipeline", "run_passes", "passes"),
+    ("torch.onnx._internal.exporter._fx_passes", "decompose_with_registry", "decompositions"),
+    ("torch.onnx._internal.exporter._fx_passes", "insert_type_promotion_nodes", "type promotion"),
+    ("torch.onnx._internal.exporter._core", "_exported_program_to_onnx_program", "translation"),
+    ("qcompiler.lowering.onnx_fusions", "optimize", "ONNX optimizer"),
+    ("qcompiler.deploy.export_onnx", "_validate", "check and load"),
+]
+
+
+def measure(recipe: str, form: str, static: bool) -> dict:
+    import torch
+
+    import qcompiler
+    from qcompiler.bundled import zoo
+
+    times = {label: 0.0 for _, _, label in STEPS}
+
+    def wrap(module: str, name: str, label: str) -> None:
+        owner = importlib.import_module(module)
+        fn = getattr(owner, name)
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[label] += time.perf_counter() - t
+        setattr(owner, name, timed)
+
+    for module, name, label in STEPS:
+        wrap(module, name, label)
+    torch.manual_seed(0)
+    model, tok = zoo.load_smollm2()
+    cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 8, 4)
+    example = {"input_ids": held[:2, :16], "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    shapes = {"input_ids": {}, "attention_mask": {}, "use_cache": None} if static else None
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        qcompiler.export_onnx(model, example, os.path.join(tmp, "model.onnx"), recipe=recipe, form=form,
+                              calibration=cal.split(1), dynamic_shapes=shapes)
+        total = time.perf_counter() - t
+    times["export"] = total - times["calibration"]
+    times["other"] = total - sum(times[label] for _, _, label in STEPS)
+    return times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="w8a8")
+    p.add_argument("--form", default="ort")
+    p.add_argument("--markdown")
+    p.add_argument("--child", choices=["dynamic", "static"])
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.recipe, args.form, args.child == "static")))
+        return
+    columns = ["export"] + [label for _, _, label in STEPS] + ["other"]
+    rows = []
+    for sizes in ("dynamic", "static"):  # each in a process of its own
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sizes, "--recipe", args.recipe,
+                              "--form", args.form], capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"{sizes}: {out.stderr[-2000:]}")
+        r = json.loads(lines[-1])
+        rows.append(f"| {sizes} | " + " | ".join(f"{r[c]:.1f}" for c in columns) + " |")
+        print(rows[-1], flush=True)
+    table = "\n".join(["| sizes | " + " | ".join(f"{c} s" for c in columns) + " |",
+                       "|" + "---|" * (len(columns) + 1), *rows])
+    body = (__doc__.split("\n\n", 1)[1].split("\n    python")[0].strip()
+            + f"\n\nRecipe `{args.recipe}`, form `{args.form}`.\n\n" + table)
+    if args.markdown:
+        write_page(args.markdown, "Where an ONNX export of SmolLM2-135M goes", body)
+
+
+if __name__ == "__main__":
+    main()
