@@ -291,11 +291,10 @@ def share_tied(model):
     equal to an earlier one's transpose becomes a ``Transpose`` of it (a language model's input
     embedding ``[V, D]`` and its tied output projection, which the translations and the exporter's
     folding store as ``[D, V]``; the INT8 table of a quantized embedding alike). A weight that is
-    itself a graph output keeps its own copy."""
+    itself a graph input or output keeps its own copy."""
     from onnxscript import ir
 
     graph = model.graph
-    outputs = {id(v) for v in graph.outputs}
     seen = {}
     for name, value in list(graph.initializers.items()):
         tensor = value.const_value
@@ -304,15 +303,17 @@ def share_tied(model):
             continue
         array = tensor.numpy()
         key = _fingerprint(array)
-        if key in seen and id(value) not in outputs:
+        if key in seen and not value.is_graph_output() and not value.is_graph_input():
             earlier, transposed = seen[key]
+            replacement = earlier
             if transposed:
                 node = ir.node("Transpose", [earlier], attributes={"perm": [1, 0]}, name=f"tied_{name}")
-                graph.insert_before(graph.node(0), node) if len(graph) else graph.append(node)
+                if len(graph):
+                    graph.insert_before(graph.node(0), node)
+                else:
+                    graph.append(node)
                 replacement = node.outputs[0]
                 replacement.dtype, replacement.shape = value.dtype, value.shape
-            else:
-                replacement = earlier
             value.replace_all_uses_with(replacement)
             graph.initializers.pop(name)
             if transposed:

@@ -208,6 +208,25 @@ def test_share_tied_keeps_one_copy_and_the_graph_runs():
     assert not onnx_check.check(shared)
 
 
+def test_share_tied_leaves_a_weight_that_is_a_graph_output():
+    from qcompiler.lowering.onnx import share_tied
+
+    w = np.random.default_rng(2).standard_normal((96, 64)).astype(np.float32)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 96])
+    outputs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 64]),
+               onnx.helper.make_tensor_value_info("w2", onnx.TensorProto.FLOAT, [96, 64])]
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], outputs,
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.copy(), "w2")]),
+        opset_imports=[onnx.helper.make_opsetid("", 21)])
+    shared = ir.serde.serialize_model(share_tied(ir.serde.deserialize_model(model)))
+    onnx.checker.check_model(shared, full_check=True)
+    assert sorted(t.name for t in shared.graph.initializer) == ["w", "w2"]
+    xs = torch.from_numpy(np.random.default_rng(3).standard_normal((2, 96)).astype(np.float32))
+    y, w2 = OrtSession(shared.SerializeToString())(xs)
+    assert torch.equal(w2, torch.from_numpy(w)) and torch.allclose(y, xs @ torch.from_numpy(w), atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int8, np.uint8])
 @pytest.mark.parametrize("shape", [(7, 5), (300, 17), (1, 4096)])
 def test_a_fingerprint_reads_a_transpose_as_its_contiguous_copy(monkeypatch, dtype, shape):
