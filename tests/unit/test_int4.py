@@ -119,3 +119,20 @@ def test_centred_codes_times_scales_is_the_dequantized_weight():
         p = int4.quantize(torch.randn(8, 100), 32, symmetric)
         w = (int4.centred_codes(p) * p.scale[..., None]).reshape(8, -1)[:, :100]
         assert torch.equal(w, p.dequantize())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", ["none", "scalar", "per group"])
+@pytest.mark.parametrize("shape,group_size", [((37, 64), 32), ((50, 72), 32), ((9, 130), 64)])
+def test_a_large_weight_quantized_by_blocks_of_rows_is_the_same(monkeypatch, symmetric, clip, shape, group_size):
+    g = torch.Generator().manual_seed(shape[0] + group_size)
+    w = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3
+    ratios = {"none": 1.0, "scalar": 0.9,
+              "per group": 0.5 + 0.5 * torch.rand(shape[0], int4.groups(shape[1], group_size), generator=g)}[clip]
+    whole = int4.quantize(w, group_size, symmetric, ratios)
+    monkeypatch.setattr(int4, "ROW_CHUNK_ELEMENTS", 7 * shape[1])  # blocks of 7 rows, a shorter last one
+    blocks = int4.quantize(w, group_size, symmetric, ratios)
+    assert torch.equal(blocks.packed, whole.packed) and torch.equal(blocks.scale, whole.scale)
+    assert (blocks.zero is None) == symmetric and (symmetric or torch.equal(blocks.zero, whole.zero))
+    if clip == "none":  # and both are a round-to-nearest of w (clipping adds its own error)
+        assert rel_err(blocks.dequantize(), w) < 0.2
