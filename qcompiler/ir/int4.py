@@ -21,6 +21,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from qcompiler.ir.numerics import row_blocks
+
 BITS = 4
 UMAX = 2**BITS - 1                    # 15
 SYMMETRIC_ZERO = 2 ** (BITS - 1)      # 8
@@ -116,25 +118,19 @@ def dequantize(packed: Tensor, scale: Tensor, zero: Optional[Tensor], group_size
     return dequantize_codes(unpack(packed), scale, zero, group_size, k)
 
 
-ROW_CHUNK_ELEMENTS = 1 << 20  # elements of a weight quantized at a time: a whole table's float temporaries are GBs
-
-
 def quantize(w: Tensor, group_size: int, symmetric: bool, clip: Union[float, Tensor] = 1.0) -> PackedInt4:
-    """Round-to-nearest INT4 of ``w`` ``[N, K]`` (optionally with per-group clip ratios). Rows are
-    independent: a large weight without gradients (a tied embedding table) goes a block of rows at
-    a time, so its float temporaries are those of a block, not of the table (the same result)."""
-    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, w.shape[1]))
-    if w.requires_grad or w.shape[0] <= rows:
-        scale, zero = scale_zero(w, group_size, symmetric, clip)
-        return PackedInt4(pack(codes(w, scale, zero, group_size)), scale, zero, group_size, w.shape[1])
+    """Round-to-nearest INT4 of ``w`` ``[N, K]`` (optionally with per-group clip ratios ``[N, G]``).
+    Rows are independent: a large weight goes a block of rows at a time (``numerics.row_blocks``)."""
     parts = []
-    for start in range(0, w.shape[0], rows):
-        part_clip = clip[start:start + rows] if isinstance(clip, Tensor) and clip.dim() else clip
-        scale, zero = scale_zero(w[start:start + rows], group_size, symmetric, part_clip)
-        parts.append((pack(codes(w[start:start + rows], scale, zero, group_size)), scale, zero))
+    for rows in row_blocks(w):
+        part_clip = clip[rows] if isinstance(clip, Tensor) and clip.dim() else clip
+        scale, zero = scale_zero(w[rows], group_size, symmetric, part_clip)
+        parts.append((pack(codes(w[rows], scale, zero, group_size)), scale, zero))
+    if len(parts) == 1:
+        return PackedInt4(*parts[0], group_size, w.shape[1])
     packed, scales, zeros = zip(*parts)
-    zero = None if zeros[0] is None else torch.cat(zeros)
-    return PackedInt4(torch.cat(packed), torch.cat(scales), zero, group_size, w.shape[1])
+    return PackedInt4(torch.cat(packed), torch.cat(scales), None if zeros[0] is None else torch.cat(zeros),
+                      group_size, w.shape[1])
 
 
 def from_codes(q: Tensor, scale: Tensor, zero: Optional[Tensor], group_size: int, k: int) -> PackedInt4:

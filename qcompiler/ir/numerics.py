@@ -1,4 +1,5 @@
-"""Number formats shared by every q-op: the 8-bit types, their ranges, symmetric rounding, and a row's blocks.
+"""Number formats shared by every q-op: the 8-bit types, their ranges, symmetric rounding, a row's blocks,
+and the blocks of rows a large weight is quantized in.
 
 INT8 ``q = clamp(round_half_even(x / scale), -128, 127)``; FP8 E4M3 ``q = fp8(clamp(x / scale,
 -448, 448))``; ``scale = amax / qmax`` in float32, never zero (see ``qcompiler.ir.ops``).
@@ -47,3 +48,16 @@ def split_blocks(x: Tensor, block_size: int) -> Tensor:
 def join_blocks(grouped: Tensor, k: int) -> Tensor:
     """``split_blocks`` undone: ``[..., blocks, block_size]`` -> ``[..., K]``, the padding dropped."""
     return grouped.reshape(*grouped.shape[:-2], -1)[..., :k]
+
+
+WEIGHT_CHUNK_ELEMENTS = 1 << 20  # elements of a weight quantized at a time: a whole table's float temporaries are GBs
+
+
+def row_blocks(w: Tensor) -> list:
+    """Slices of the rows of ``w`` ``[N, K]``, about ``WEIGHT_CHUNK_ELEMENTS`` elements each, to
+    quantize a large weight (an embedding table) a block of rows at a time, its float temporaries
+    those of a block; one slice of every row for a small weight or one that needs gradients."""
+    rows = max(1, WEIGHT_CHUNK_ELEMENTS // max(1, w.shape[-1]))
+    if w.requires_grad or w.shape[0] <= rows:
+        return [slice(None)]
+    return [slice(start, start + rows) for start in range(0, w.shape[0], rows)]

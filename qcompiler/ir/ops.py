@@ -35,6 +35,7 @@ from qcompiler import torch_compat
 from qcompiler.ir import attention, attention_static, kv, kv_attention
 from qcompiler.ir.numerics import FP8, MIN_AMAX as _MIN_AMAX, QMAX, QMAXES, QMIN, join_blocks, split_blocks
 from qcompiler.ir.numerics import round_clamp as _round_clamp
+from qcompiler.ir.numerics import row_blocks
 from qcompiler.ir.numerics import scale_from_amax  # noqa: F401  (part of this module's interface)
 
 # Integer products are at most 128 * 128; float32 represents every integer up to 2**24 exactly,
@@ -81,20 +82,16 @@ def exact_matmul(xq: Tensor, wq: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- quantize ops
 
 
-CHANNEL_CHUNK = 1 << 20  # elements of a weight quantized at a time: a whole table's float temporaries are GBs
-
-
 def quantize_per_channel_ref(w: Tensor, qdtype: torch.dtype = torch.int8) -> tuple[Tensor, Tensor]:
     """Weight ``[N, K]`` -> (``qdtype`` ``[N, K]``, float32 scale ``[N]``), one scale per output row.
-    Rows are independent: a large weight without gradients (an embedding table) goes a block of
-    rows at a time, so its float temporaries are those of a block, not of the table."""
-    rows = max(1, CHANNEL_CHUNK // max(1, w.shape[-1]))
-    if w.requires_grad or w.shape[0] <= rows:
+    Rows are independent: a large weight goes a block of rows at a time (``numerics.row_blocks``)."""
+    blocks = row_blocks(w)
+    if len(blocks) == 1:
         return _per_channel(w, qdtype)
     codes = torch.empty(w.shape, dtype=qdtype, device=w.device)
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for start in range(0, w.shape[0], rows):
-        codes[start:start + rows], scale[start:start + rows] = _per_channel(w[start:start + rows], qdtype)
+    for rows in blocks:
+        codes[rows], scale[rows] = _per_channel(w[rows], qdtype)
     return codes, scale
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from qcompiler.ir import int4, ops
+from qcompiler.ir import int4, numerics, ops
 
 qops = torch.ops.qcompile
 GROUPS = [16, 32, 64, 128]
@@ -130,7 +130,7 @@ def test_a_large_weight_quantized_by_blocks_of_rows_is_the_same(monkeypatch, sym
     ratios = {"none": 1.0, "scalar": 0.9,
               "per group": 0.5 + 0.5 * torch.rand(shape[0], int4.groups(shape[1], group_size), generator=g)}[clip]
     whole = int4.quantize(w, group_size, symmetric, ratios)
-    monkeypatch.setattr(int4, "ROW_CHUNK_ELEMENTS", 7 * shape[1])  # blocks of 7 rows, a shorter last one
+    monkeypatch.setattr(numerics, "WEIGHT_CHUNK_ELEMENTS", 7 * shape[1])  # blocks of 7 rows, a shorter last one
     blocks = int4.quantize(w, group_size, symmetric, ratios)
     assert torch.equal(blocks.packed, whole.packed) and torch.equal(blocks.scale, whole.scale)
     assert (blocks.zero is None) == symmetric and (symmetric or torch.equal(blocks.zero, whole.zero))

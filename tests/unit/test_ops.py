@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from qcompiler.ir import kv, ops
+from qcompiler.ir import kv, numerics, ops
 
 qops = torch.ops.qcompile
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -34,14 +34,14 @@ def test_quantize_per_channel_matches_float64(n, k):
 
 @pytest.mark.parametrize("qdtype", [torch.int8, torch.float8_e4m3fn])
 def test_quantize_per_channel_by_blocks_of_rows_is_the_same_as_whole(monkeypatch, qdtype):
-    """A weight larger than ``CHANNEL_CHUNK`` elements is quantized a block of rows at a time (an
+    """A weight larger than ``numerics.WEIGHT_CHUNK_ELEMENTS`` elements is quantized a block of rows at a time (an
     embedding table's temporaries): the same codes and scales as one pass, bit for bit, with a
     last block shorter than the others and a row of zeros and a NaN row among them."""
     w = torch.randn(103, 40) * torch.rand(103, 1) * 5
     w[17] = 0
     w[60, 3] = float("nan")
     whole = ops._per_channel(w, qdtype)
-    monkeypatch.setattr(ops, "CHANNEL_CHUNK", 7 * 40)  # blocks of 7 rows, the last of 5
+    monkeypatch.setattr(numerics, "WEIGHT_CHUNK_ELEMENTS", 7 * 40)  # blocks of 7 rows, the last of 5
     blocked = ops.quantize_per_channel_ref(w, qdtype)
     assert blocked[0].dtype == qdtype and blocked[0].shape == w.shape
     assert torch.equal(blocked[0].view(torch.uint8), whole[0].view(torch.uint8))
