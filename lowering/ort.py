@@ -28,9 +28,9 @@ from torch import fx, nn
 
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
-from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, fed_inputs, freeze, isolated, layout_outputs, output_layout,
-                                     proto_of, root_message, save_ir, export_ir, shared_parameters, symbolic_shapes,
-                                     unmeasured_ints)
+from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, export_ir, fed_inputs, freeze, isolated, layout_outputs,
+                                     output_layout, proto_of, root_message, save_ir, shared_parameters,
+                                     symbolic_shapes, unmeasured_ints)
 from qcompiler.lowering.ort_kernels import kernel_counts
 from qcompiler.runtimes.disk_cache import cache_folder, code_version, keep, source_files, touch
 from qcompiler.runtimes.host_memory import return_freed_memory
@@ -130,13 +130,11 @@ def _exported(frozen: fx.GraphModule, feeds, shapes, key: str, shared: list) -> 
     model = isolated(lambda: export_ir(frozen, feeds, "ort", dynamic=shapes is not None, dynamic_shapes=shapes,
                                        host=True))
     saved = _saved(model, path, data)
-    if saved:
-        del model
-        return_freed_memory(collect=True)  # the export's graphs are reference cycles: only the collector frees them
-        return OrtSession(str(path), parameters=shared)  # the session reads the file: no copy of the weights in this process
-    proto = proto_of(model)
+    proto = None if saved else proto_of(model)  # the disk refused: the session takes the graph from memory
     del model
-    return_freed_memory(collect=True)
+    return_freed_memory(collect=True)  # the export's graphs are reference cycles: only the collector frees them
+    if saved:
+        return OrtSession(str(path), parameters=shared)  # the session reads the file: no copy of the weights in this process
     if proto.ByteSize() >= PROTOBUF_LIMIT:
         raise OSError(f"the ONNX file of this graph ({proto.ByteSize() / 2**30:.1f} GB) could not be written "
                       f"to {path.parent}, and ONNX Runtime takes a model this large from a file only: "
