@@ -36,7 +36,8 @@ NAMES = {"run": "ONNX Runtime run", "session": "session wrapper", "graph": "comp
          "dynamo": "Dynamo frame", "step": "generate() loop"}
 
 
-def _timed(totals: collections.Counter, key: str, fn):
+def timed(totals: dict, key: str, fn):
+    """``fn``, adding the seconds of each call to ``totals[key]``."""
     def wrapper(*args, **kwargs):
         t = time.perf_counter()
         try:
@@ -60,13 +61,13 @@ def split(recipe: str, repeats: int, threads: int) -> dict:
                (ort_session.OrtSession, "__call__", "session"),
                (backend.CompiledGraph, "__call__", "graph")]
     for cls, name, key in patches:
-        setattr(cls, name, _timed(totals, key, getattr(cls, name)))
+        setattr(cls, name, timed(totals, key, getattr(cls, name)))
     model, tok = zoo.load_smollm2()
     ids = zoo.wiki_token_ids(tok, "smollm2")
     _, held = zoo.lm_windows(ids, 256, 4, 4)
     prompt = held[-1][:PROMPT].unsqueeze(0)
     compiled = torch.compile(model.forward, backend="qcompile", options={"recipe": recipe}, dynamic=True)
-    model.forward = _timed(totals, "dynamo", compiled)
+    model.forward = timed(totals, "dynamo", compiled)
 
     def generate(new: int) -> float:
         t = time.perf_counter()

@@ -21,7 +21,6 @@ Timers wrapped around the steps it calls:
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -32,6 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from results_page import write_page  # noqa: E402
+
+from decode_step_split import timed  # noqa: E402
 
 STEPS = [  # (module, function, label)
     ("qcompiler.deploy.export_onnx", "calibrate", "calibration"),
@@ -52,22 +53,9 @@ def measure(recipe: str, form: str, static: bool) -> dict:
     from qcompiler.bundled import zoo
 
     times = {label: 0.0 for _, _, label in STEPS}
-
-    def wrap(module: str, name: str, label: str) -> None:
-        owner = importlib.import_module(module)
-        fn = getattr(owner, name)
-
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                times[label] += time.perf_counter() - t
-        setattr(owner, name, timed)
-
     for module, name, label in STEPS:
-        wrap(module, name, label)
+        owner = importlib.import_module(module)
+        setattr(owner, name, timed(times, label, getattr(owner, name)))
     torch.manual_seed(0)
     model, tok = zoo.load_smollm2()
     cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 8, 4)
