@@ -1,7 +1,9 @@
 """An ONNX Runtime session behind a Python callable: torch tensors in, torch tensors out.
 
 Inputs are bound by pointer (no copy); outputs are allocated by ONNX Runtime and handed to torch
-without a copy on the CPU. Session options are the ones the ``ort`` target was measured with.
+without a copy on the CPU. Where this onnxruntime has them, a call wraps every input and hands every
+output over in one call each (``BatchedRun``); otherwise it binds them one by one (``DirectBinding``,
+``PublicBinding``). Session options are the ones the ``ort`` target was measured with.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from qcompiler.runtimes.ort_slow_fusions import disabled_optimizers, op_types
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
           torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_, torch.float64: np.float64}
+_NUMPY_DTYPES = {k: np.dtype(v) for k, v in _NUMPY.items()}
 
 
 def require_onnxruntime():
@@ -116,6 +119,7 @@ class OrtSession:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._bfloat16_outputs = [o.type == "tensor(bfloat16)" for o in self.session.get_outputs()]
+        self._batched = BatchedRun(self) if BatchedRun.available() else None
         # the inputs that are the model's own parameters, bound to its memory at every call (a tool
         # that rebuilds the file, a peer quantizer say, may make them constants again)
         self.parameter_names = [self.input_names[k] for k in parameters]
@@ -138,6 +142,8 @@ class OrtSession:
     def __call__(self, *tensors: torch.Tensor) -> list:
         if len(tensors) != len(self.input_names):
             raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)}")
+        if self._batched is not None and all(t.dtype in _NUMPY for t in tensors):  # numpy has no bfloat16
+            return self._batched(tensors)
         binding = self._binder(self.session)
         keep = []  # copies made here must outlive the run
         for name, t in zip(self.input_names, tensors):
@@ -218,6 +224,59 @@ class DirectBinding:
     def outputs(self) -> list:
         found = self.binding.get_outputs()
         return [found[i] for i in range(len(found))]
+
+
+class BatchedRun:
+    """Runs a session through the extension module's batched calls: every input wrapped in one call
+    (``OrtValueVector.push_back_batch``, by pointer), every output handed to torch through DLPack in
+    one call (``to_dlpacks``), as torch's own ONNX Runtime backend ran its sessions. A decode step's
+    63 inputs and 61 outputs cost one Python-to-C++ crossing each way instead of one per tensor.
+    ``available()`` says whether this onnxruntime has the calls; inputs must have numpy dtypes
+    (``OrtSession`` binds a call with bfloat16 inputs one by one)."""
+
+    def __init__(self, session: "OrtSession"):
+        from onnxruntime.capi import _pybind_state
+
+        self._vector = _pybind_state.OrtValueVector
+        self._run = session.session._sess.run_with_ortvaluevector
+        self._options = session._ort.RunOptions()
+        self.input_names, self.output_names = session.input_names, session.output_names
+        self._input_devices = [_cpu_device()] * len(self.input_names)
+        self._output_devices = [_cpu_device()] * len(self.output_names)
+        self.flush_denormals = session.flush_denormals
+        self._placeholder_memory = torch.empty(8, dtype=torch.uint8)  # what an empty input points at (never read)
+        self._placeholder = self._placeholder_memory.data_ptr()
+        # DLPack carries ONNX Runtime's bool as uint8: viewed back as bool (the same bytes)
+        self._bool_outputs = [k for k, o in enumerate(session.session.get_outputs()) if o.type == "tensor(bool)"]
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            vector = _pybind_state.OrtValueVector
+            return (all(hasattr(vector, m) for m in ("push_back_batch", "to_dlpacks"))
+                    and hasattr(_pybind_state.InferenceSession, "run_with_ortvaluevector") and _cpu_device() is not None)
+        except (ImportError, AttributeError, TypeError):
+            return False
+
+    def __call__(self, tensors) -> list:
+        tensors = [t if t.is_cpu and t.is_contiguous() else t.detach().contiguous().cpu() for t in tensors]
+        feeds = self._vector()
+        feeds.reserve(len(tensors))
+        pointers = [t.data_ptr() or self._placeholder for t in tensors]  # an empty tensor's is 0, which ORT refuses
+        feeds.push_back_batch(tensors, pointers, [_NUMPY_DTYPES[t.dtype] for t in tensors],
+                              [t.shape for t in tensors], self._input_devices)
+        fetches = self._vector()
+        with flushing() if self.flush_denormals else contextlib.nullcontext():
+            self.run(feeds, fetches)
+        outputs = fetches.to_dlpacks(torch.utils.dlpack.from_dlpack)
+        for k in self._bool_outputs:
+            outputs[k] = outputs[k].view(torch.bool)
+        return outputs
+
+    def run(self, feeds, fetches) -> None:
+        self._run(self._options, self.input_names, feeds, self.output_names, fetches, self._output_devices)
 
 
 def _cpu_device():

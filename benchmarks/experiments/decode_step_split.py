@@ -6,8 +6,8 @@ prompt, less a 1-token ``generate()`` of the same prompt (its prefill and first 
 left is 64 decode steps, each split by timers wrapped around the layers it passes through, from the
 inside out:
 
-* ONNX Runtime's run (``run_with_iobinding``);
-* qcompile's session wrapper (``runtimes.ort_session.OrtSession``: binding the inputs, outputs to
+* ONNX Runtime's run (``run_with_ortvaluevector``, or ``run_with_iobinding`` where that is missing);
+* qcompile's session wrapper (``runtimes.ort_session.OrtSession``: wrapping the inputs, outputs to
   torch tensors, the denormal mode around the run);
 * qcompile's compiled graph (``lowering.ort.OrtGraph`` and ``api.backend.CompiledGraph``: the
   checks that the parameters are the compiled ones and unchanged);
@@ -57,7 +57,8 @@ def split(recipe: str, repeats: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     totals = collections.Counter()
-    patches = [(ort_session.DirectBinding, "run", "run"), (ort_session.PublicBinding, "run", "run"),
+    patches = [(ort_session.BatchedRun, "run", "run"), (ort_session.DirectBinding, "run", "run"),
+               (ort_session.PublicBinding, "run", "run"),
                (ort_session.OrtSession, "__call__", "session"),
                (backend.CompiledGraph, "__call__", "graph")]
     for cls, name, key in patches:
