@@ -94,6 +94,9 @@ class Lowering:
     preferred: Callable[[list], tuple] = None
     # whether build() takes cuda_graphs=True (Inductor's CUDA graph trees around the compiled graph)
     cuda_graphs: bool = False
+    # whether build() takes the floats Dynamo lifts to graph inputs (``dynamic=True``: a module's
+    # eps) as the constants they were (an ONNX export must): a call bringing others builds again
+    freezes_scalars: bool = False
 
     def check(self, example_inputs) -> None:
         """Raise ``TargetUnavailable`` naming the reason and the fix when the target cannot run."""
@@ -109,13 +112,13 @@ LOWERINGS = {
                          "the q-op graph, q-ops inlined as torch code, compiled by Inductor", cuda_graphs=True),
     "ort": Lowering("ort", _ort_build,
                     "the q-op graph exported to ONNX (ORT form) and run by an ONNX Runtime session",
-                    _ort_can_run, _ort_preferred),
+                    _ort_can_run, _ort_preferred, freezes_scalars=True),
     "triton": Lowering("triton", _triton_build,
                        "q-ops run as qcompile's Triton kernels (CUDA; the CPU only under TRITON_INTERPRET=1), "
                        "the rest of the graph through Inductor", _triton_can_run, cuda_graphs=True),
     "tensorrt": Lowering("tensorrt", _tensorrt_build,
                          "the q-op graph exported to ONNX (TensorRT form) and built into a TensorRT engine, "
-                         "cached on disk", _tensorrt_can_run),
+                         "cached on disk", _tensorrt_can_run, freezes_scalars=True),
 }
 # What target="auto" means on each device type: the first target of the list that is preferred
 # for the graph (``Lowering.preferred``, else ``can_run``), the list ordered by measurement. CPU:

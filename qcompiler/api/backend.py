@@ -152,6 +152,7 @@ class CompiledGraph:
         self._params_of = _picker(self.param_slots)  # a call reads every parameter twice: at C speed
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.scalar_slots = [i for i, (n, v) in enumerate(zip(placeholders, self.example_inputs)) if item_only(n, v)]
+        self._scalars_of = _picker(self.scalar_slots)
         self.variants = {}
         # Dynamo's tracing context (its fake tensors, symbolic sizes and shape environment): a
         # variant compiled later, outside Dynamo, compiles under it, so its sizes stay as dynamic as
@@ -188,6 +189,10 @@ class CompiledGraph:
         self.graph_module = gm
         self.fn = get_lowering(self.target).build(gm, self.example_inputs, strict=self.requested != "auto",
                                                   **self.lowering_options)
+        # the floats Dynamo lifted to inputs, as built, where what runs took them as constants (an
+        # ONNX export must): a call that brings other values builds again (``__call__``)
+        frozen = bool(self.frozen_scalars) or get_lowering(self.running_target).freezes_scalars
+        self.scalar_values = self._scalar_values(self.example_inputs) if frozen else None
         # the lowering's temporaries; the passes' and the lowering's graphs are reference cycles that
         # hold weight-sized tensors until the collector runs, whose cost grows with the process's
         # objects: worth it for a real model's graph, not for each of many small ones
@@ -195,6 +200,15 @@ class CompiledGraph:
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
+
+    def _scalar_values(self, args) -> list:
+        return [t.item() for t in self._scalars_of(args)] if self.scalar_slots else []
+
+    def _same_scalars(self, args) -> bool:
+        """Whether the lifted floats of ``args`` are those the graph was built with (NaN as NaN)."""
+        values = self._scalar_values(args)
+        return values == self.scalar_values or [float(v).hex() for v in values] == [
+            float(v).hex() for v in self.scalar_values]
 
     def _same_params(self, args) -> bool:
         return all(map(operator.is_, self._params_of(args), self._params_of(self.example_inputs)))
@@ -259,6 +273,9 @@ class CompiledGraph:
         and again when a call brings others (compiling it under Dynamo's tracing context after
         Dynamo has installed its guards can specialize a size the guards do not check)."""
         self.example_inputs = list(args)
+        # outside Dynamo a graph cannot read a float Dynamo lifted to a tensor (Inductor refuses the
+        # data-dependent ``.item()``): the values of this call become constants, checked at each call
+        self.frozen_scalars = {i: args[i].item() for i in self.scalar_slots}
         self._build()
         dynamic = any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and _symbolic(v))
                       for v in self._dynamo_values())
@@ -289,6 +306,8 @@ class CompiledGraph:
         if self.watch.stale():
             self._rebuild(args)
         if self._versions(args) != self.versions:  # re-quantize (``_build`` refuses prepared codes)
+            self._rebuild(args)
+        if self.scalar_values and not self._same_scalars(args):  # a module's eps changed, say
             self._rebuild(args)
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)

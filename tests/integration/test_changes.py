@@ -231,6 +231,60 @@ def test_a_dynamic_graph_whose_weights_changed_serves_every_size_after(target):
             assert rel_err(fast(x), model(x)) < 0.05
 
 
+class _FloatAttributes(nn.Module):
+    """An RMS norm and an output scale read from Python floats, as transformers' norms read ``eps``:
+    under ``dynamic=True`` Dynamo passes them to the graph as tensors, not as guarded constants."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.eps, self.scale = nn.Linear(32, 16), 1e-6, 0.5
+
+    def forward(self, x):
+        return self.lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * self.scale
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_module_float_changed_after_compiling_is_followed(target, monkeypatch):
+    """A lowering may take such floats as constants (an ONNX export must): a call that brings other
+    values builds the graph again, and one that brings the same values does not."""
+    from qcompiler.api import backend
+
+    rebuilds = []
+    rebuild = backend.CompiledGraph._rebuild
+    monkeypatch.setattr(backend.CompiledGraph, "_rebuild", lambda self, args: (rebuilds.append(1), rebuild(self, args)))
+    model = _FloatAttributes().eval()
+    fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a8", "target": target}, dynamic=True)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        before = fast(x)
+        assert rel_err(fast(torch.randn(2, 7, 32)), model(torch.randn(2, 7, 32))) >= 0 and not rebuilds
+        model.eps, model.scale = 4.0, -3.0
+        got, want = fast(x), model(x)
+        assert rel_err(want, before) > 0.5  # the change matters
+        assert rel_err(got, want) < 0.05  # and the compiled model follows it
+        model.scale = float("nan")
+        assert torch.isnan(fast(x)).all()
+
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_changed_weights_of_a_graph_reading_module_floats_are_followed_at_every_size(target):
+    """Built again outside Dynamo (weights changed in place), a graph cannot read the floats
+    Dynamo lifted to tensors: it takes their values as constants, and still follows a later change
+    of them and of the sizes."""
+    model = _FloatAttributes().eval()
+    fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a8", "target": target}, dynamic=True)
+    with torch.no_grad():
+        fast(torch.randn(3, 5, 32))
+        model.lin.weight.mul_(-2)
+        for i, shape in enumerate(((3, 5, 32), (2, 7, 32), (4, 3, 32))):
+            if i == 2:
+                model.eps = 2.0
+            x = torch.randn(*shape)
+            assert rel_err(fast(x), model(x)) < 0.05, shape
+
+
 # ----------------------------------------------------------------------------- prepared codes and changed weights
 
 def _gptq(model):
