@@ -15,8 +15,14 @@ inside out:
 * transformers' ``generate()`` loop around the forward (the rest of the step).
 
 Each layer's column is what it adds to the one inside it; median of ``--repeats`` rounds.
+``--dynamo`` adds rows with two Dynamo settings a user may choose, neither qcompile's default:
+``specialize_float`` (``torch._dynamo.config.specialize_float = True``: a module's float attributes
+stay guarded constants instead of tensors made at every call), ``guard_filter`` (``options=
+{"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}``: no guards on the
+modules' attributes and parameters) and ``both``.
 
-    python benchmarks/experiments/decode_step_split.py [--recipes w8a8-blocks w8a8 ...] [--repeats 5] [--markdown PAGE]
+    python benchmarks/experiments/decode_step_split.py [--recipes w8a8-blocks w8a8 ...] [--dynamo default both ...]
+        [--repeats 5] [--markdown PAGE]
 """
 from __future__ import annotations
 
@@ -47,7 +53,10 @@ def timed(totals: dict, key: str, fn):
     return wrapper
 
 
-def split(recipe: str, repeats: int, threads: int) -> dict:
+DYNAMO = ("default", "specialize_float", "guard_filter", "both")
+
+
+def split(recipe: str, repeats: int, threads: int, dynamo: str = "default") -> dict:
     """Milliseconds per decode step that each layer adds (median of ``repeats`` rounds)."""
     import torch
 
@@ -67,7 +76,12 @@ def split(recipe: str, repeats: int, threads: int) -> dict:
     ids = zoo.wiki_token_ids(tok, "smollm2")
     _, held = zoo.lm_windows(ids, 256, 4, 4)
     prompt = held[-1][:PROMPT].unsqueeze(0)
-    compiled = torch.compile(model.forward, backend="qcompile", options={"recipe": recipe}, dynamic=True)
+    options = {"recipe": recipe}
+    if dynamo in ("specialize_float", "both"):
+        torch._dynamo.config.specialize_float = True
+    if dynamo in ("guard_filter", "both"):
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    compiled = torch.compile(model.forward, backend="qcompile", options=options, dynamic=True)
     model.forward = timed(totals, "dynamo", compiled)
 
     def generate(new: int) -> float:
@@ -95,12 +109,12 @@ def split(recipe: str, repeats: int, threads: int) -> dict:
     return {"step_ms": med["step"], "added": added}
 
 
-def _child(recipe: str, repeats: int, threads: int) -> dict:
+def _child(recipe: str, repeats: int, threads: int, dynamo: str) -> dict:
     import json
     import subprocess
 
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", recipe, "--repeats", str(repeats),
-                          "--threads", str(threads)], capture_output=True, text=True)
+                          "--threads", str(threads), "--dynamo", dynamo], capture_output=True, text=True)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"{recipe}: {out.stderr[-2000:]}")
@@ -112,24 +126,26 @@ def main(argv=None):
     p.add_argument("--recipes", nargs="+", default=["w8a8-blocks", "w8a8"])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dynamo", nargs="+", default=["default"], choices=DYNAMO)
     p.add_argument("--markdown")
     p.add_argument("--child")
     args = p.parse_args(argv)
     if args.child:
         import json
 
-        print(json.dumps(split(args.child, args.repeats, args.threads)))
+        print(json.dumps(split(args.child, args.repeats, args.threads, args.dynamo[0])))
         return
     rows = []
     for recipe in args.recipes:  # each in a process of its own
-        r = _child(recipe, args.repeats, args.threads)
-        cells = " | ".join(f"{r['added'][k]:.2f}" for k in LAYERS)
-        rows.append(f"| {recipe} | {r['step_ms']:.2f} | {cells} |")
-        print(rows[-1], flush=True)
-    header = "| recipe | decode step ms | " + " | ".join(f"{NAMES[k]} ms" for k in LAYERS) + " |"
-    table = "\n".join([header, "|" + "---|" * (len(LAYERS) + 2), *rows])
+        for dynamo in args.dynamo:
+            r = _child(recipe, args.repeats, args.threads, dynamo)
+            cells = " | ".join(f"{r['added'][k]:.2f}" for k in LAYERS)
+            rows.append(f"| {recipe} | {dynamo} | {r['step_ms']:.2f} | {cells} |")
+            print(rows[-1], flush=True)
+    header = "| recipe | Dynamo setting | decode step ms | " + " | ".join(f"{NAMES[k]} ms" for k in LAYERS) + " |"
+    table = "\n".join([header, "|" + "---|" * (len(LAYERS) + 3), *rows])
     body = (__doc__.split("\n\n", 1)[1].split("\n    python")[0].strip() + f"\n\n{args.threads} threads, median of "
-            f"{args.repeats} rounds, each recipe in a process of its own.\n\n" + table)
+            f"{args.repeats} rounds, each row in a process of its own.\n\n" + table)
     if args.markdown:
         write_page(args.markdown, "One decode step of generate() through the ort target, layer by layer", body)
 
