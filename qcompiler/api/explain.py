@@ -147,7 +147,22 @@ def explain(model: nn.Module) -> Report:
                            "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}",
                                                  _float_note(g)) if r)) for g in graphs]
     return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model) + _cache_read_notes(graphs)
-                  + _kernel_notes(graphs))
+                  + _kernel_notes(graphs) + _lifted_float_notes(graphs))
+
+
+def _lifted_float_notes(graphs) -> list:
+    """Graphs Dynamo passes Python floats as tensors at every call (``dynamic=True`` lifts a
+    module's float attributes, a norm's eps, to graph inputs), with the setting that keeps them
+    guarded constants instead."""
+    lines = []
+    for i, g in enumerate(graphs):
+        n = len(getattr(g, "scalar_slots", ()))
+        if n:
+            lines.append(f"graph {i}: Dynamo passes {n} Python float(s) (module attributes such as a norm's eps) as "
+                         f"tensors at every call (dynamic=True); torch._dynamo.config.specialize_float = True before "
+                         f"the first call keeps them guarded constants and shortens each call "
+                         f"(docs/experiments.md, 'What is left of the Python')")
+    return lines
 
 
 def _kernel_notes(graphs) -> list:

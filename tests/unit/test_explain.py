@@ -1,4 +1,5 @@
 """explain(): one record per linear/attention op, with scheme, reason and SQNR."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,3 +46,27 @@ def test_weight_bytes_are_about_a_quarter():
     fp32, q = qcompiler.explain(fast).weight_bytes
     assert fp32 == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
     assert q / fp32 < 0.27  # int8 values plus one float32 scale per output channel
+
+
+class _Norm(nn.Module):
+    """A linear after an RMS norm that reads its ``eps`` from a Python float, as transformers' do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.eps = nn.Linear(32, 16), 1e-6
+
+    def forward(self, x):
+        return self.lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+@pytest.mark.parametrize("specialize_float", [False, True])
+def test_floats_dynamo_lifts_to_tensors_are_reported_with_the_setting_that_keeps_them_constant(specialize_float):
+    model = _Norm().eval()
+    fast = torch.compile(model, backend="qcompile", options={"target": "reference"}, dynamic=True)
+    with torch._dynamo.config.patch(specialize_float=specialize_float), torch.no_grad():
+        fast(torch.randn(2, 5, 32))
+    notes = [n for n in qcompiler.explain(fast).notes if "Python float" in n]
+    if specialize_float:
+        assert not notes
+    else:
+        assert len(notes) == 1 and "passes 1 Python float(s)" in notes[0] and "specialize_float = True" in notes[0]
