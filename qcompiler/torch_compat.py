@@ -91,6 +91,40 @@ def forget_restart() -> None:
         state.clear()
 
 
+def _float_symbol(node: fx.Node) -> Optional[str]:
+    """The name of the symbolic float a placeholder's 0-d tensor holds (Dynamo lifted a Python float
+    to it under ``dynamic=True``), or None."""
+    memo = getattr(node.meta.get("example_value"), "item_memo", None)
+    return getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
+
+
+def _module_attribute(node: fx.Node) -> bool:
+    """Whether a graph input comes from an attribute of an ``nn.Module`` (not from a call argument)."""
+    return any("NNModuleSource" in type(s).__name__ for s in source_chain(node))
+
+
+def constant_module_floats(gm: fx.GraphModule) -> None:
+    """Have Dynamo trace the frame again with the Python floats of its modules (a norm's ``eps``,
+    an attention's scaling) as constants it guards by value, where ``dynamic=True`` lifted them to
+    graph inputs that the graph reads only with ``.item()``: Dynamo's own restart, the one Inductor
+    asks for when it cannot keep a float as a tensor. Such a float then costs no tensor and no
+    check at each call, and a lowering that must take it as a constant (an ONNX export) is right
+    by construction. Returns when there is nothing to ask (no such float, a torch without the
+    restart, or one asked for already). The request stays noted as Inductor's do (a frame traced
+    again later, or Inductor's own pass on this graph, finds it; Dynamo forgets it on reset)."""
+    state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+    if state is None or not DYNAMO_RESTART or tracing_context() is None:
+        return
+    names = [_float_symbol(n) for n in gm.graph.nodes if n.op == "placeholder" and n.users
+             and all(u.op == "call_method" and u.target == "item" for u in n.users) and _module_attribute(n)]
+    new = [name for name in names if name and not state.should_specialize(name)]
+    if not new:
+        return
+    for name in new:
+        state.specialize(name)
+    raise DYNAMO_RESTART()
+
+
 def traced_frame_scopes() -> Optional[tuple]:
     """(globals with the source roots, the source roots) of the frame Dynamo is tracing, for
     ``source_value``; None outside a Dynamo trace."""

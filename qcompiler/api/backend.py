@@ -398,6 +398,7 @@ def qcompile_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mappi
         if mode not in (None, "default"):
             raise OptionError(f"backend 'qcompile' takes no mode (got {mode!r}); pass options={{'target': ...}}")
         recipe, target = split_options(options)
+        torch_compat.constant_module_floats(gm)  # may restart Dynamo's trace of the frame
         if recipe.kv_cache is not None:
             _attach_kv_cache(gm, recipe)
         return CompiledGraph(gm, example_inputs, recipe, target, (options or {}).get("cuda_graphs", False),

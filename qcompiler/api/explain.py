@@ -151,14 +151,14 @@ def explain(model: nn.Module) -> Report:
 
 
 def _lifted_float_notes(graphs) -> list:
-    """Graphs Dynamo passes Python floats as tensors at every call (``dynamic=True`` lifts a
-    module's float attributes, a norm's eps, to graph inputs), with the setting that keeps them
-    guarded constants instead."""
+    """Graphs Dynamo passes Python floats as tensors at every call (``dynamic=True`` lifts the
+    float arguments of a call to graph inputs; a module's float attributes, a norm's eps, are made
+    constants by the backend), with the setting that keeps them guarded constants instead."""
     lines = []
     for i, g in enumerate(graphs):
         n = len(getattr(g, "scalar_slots", ()))
         if n:
-            lines.append(f"graph {i}: Dynamo passes {n} Python float(s) (module attributes such as a norm's eps) as "
+            lines.append(f"graph {i}: Dynamo passes {n} Python float(s) (arguments of the call) as "
                          f"tensors at every call (dynamic=True); torch._dynamo.config.specialize_float = True before "
                          f"the first call keeps them guarded constants and shortens each call "
                          f"(docs/experiments.md, 'What is left of the Python')")

@@ -232,23 +232,27 @@ def test_a_dynamic_graph_whose_weights_changed_serves_every_size_after(target):
 
 
 class _FloatAttributes(nn.Module):
-    """An RMS norm and an output scale read from Python floats, as transformers' norms read ``eps``:
-    under ``dynamic=True`` Dynamo passes them to the graph as tensors, not as guarded constants."""
+    """An RMS norm and an output scale read from Python floats, as transformers' norms read ``eps``,
+    and a float argument of the call: under ``dynamic=True`` Dynamo lifts floats to tensor inputs;
+    the backend has it trace the module's as constants it guards by value, the argument stays an
+    input."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.lin, self.eps, self.scale = nn.Linear(32, 16), 1e-6, 0.5
 
-    def forward(self, x):
-        return self.lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * self.scale
+    def forward(self, x, shift: float = 0.0):
+        return self.lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * self.scale + shift
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_module_float_changed_after_compiling_is_followed(target, monkeypatch):
-    """A lowering may take such floats as constants (an ONNX export must): a call that brings other
-    values builds the graph again, and one that brings the same values does not."""
+    """A module float is a constant Dynamo guards: a call after it changed runs a graph built for
+    the new value (an ONNX export must take it as a constant), and a call that brings the same
+    values builds nothing."""
     from qcompiler.api import backend
+    from qcompiler.api.backend import compiled_graphs
 
     rebuilds = []
     rebuild = backend.CompiledGraph._rebuild
@@ -265,6 +269,27 @@ def test_a_module_float_changed_after_compiling_is_followed(target, monkeypatch)
         assert rel_err(got, want) < 0.05  # and the compiled model follows it
         model.scale = float("nan")
         assert torch.isnan(fast(x)).all()
+    graphs = compiled_graphs(fast)
+    assert graphs and all(len(g.scalar_slots) == 1 for g in graphs)  # eps and scale are constants; shift is not
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_float_argument_changed_between_calls_is_followed(target):
+    """A float argument stays a tensor input under dynamic=True; a lowering that took it as a
+    constant (an ONNX export) builds again for a new value, one that reads it follows it as is."""
+    from qcompiler.api.backend import compiled_graphs
+
+    model = _FloatAttributes().eval()
+    fast = torch.compile(model, backend="qcompile", options={"recipe": "w8a8", "target": target}, dynamic=True)
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        for shift in (0.0, 0.0, 5.0, -2.5, float("nan")):
+            got, want = fast(x, shift), model(x, shift)
+            if shift != shift:
+                assert torch.isnan(got).all()
+            else:
+                assert rel_err(got, want) < 0.05, shift
+    assert any(g.scalar_slots for g in compiled_graphs(fast))  # the argument stayed an input
 
 
 

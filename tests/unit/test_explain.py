@@ -49,22 +49,25 @@ def test_weight_bytes_are_about_a_quarter():
 
 
 class _Norm(nn.Module):
-    """A linear after an RMS norm that reads its ``eps`` from a Python float, as transformers' do."""
+    """A linear after an RMS norm whose ``eps`` is a module attribute and whose output scale is a
+    Python float argument of the call."""
 
     def __init__(self):
         super().__init__()
         self.lin, self.eps = nn.Linear(32, 16), 1e-6
 
-    def forward(self, x):
-        return self.lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+    def forward(self, x, scale: float = 1.0):
+        return self.lin(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * scale
 
 
 @pytest.mark.parametrize("specialize_float", [False, True])
 def test_floats_dynamo_lifts_to_tensors_are_reported_with_the_setting_that_keeps_them_constant(specialize_float):
+    """A module's float attributes are constants of the graph (qcompile has Dynamo trace them so);
+    a float argument of the call stays a tensor input under dynamic=True, and explain says so."""
     model = _Norm().eval()
     fast = torch.compile(model, backend="qcompile", options={"target": "reference"}, dynamic=True)
     with torch._dynamo.config.patch(specialize_float=specialize_float), torch.no_grad():
-        fast(torch.randn(2, 5, 32))
+        fast(torch.randn(2, 5, 32), 0.5)
     notes = [n for n in qcompiler.explain(fast).notes if "Python float" in n]
     if specialize_float:
         assert not notes
