@@ -158,7 +158,7 @@ def _lifted_float_notes(graphs) -> list:
     for i, g in enumerate(graphs):
         n = len(getattr(g, "scalar_slots", ()))
         if n:
-            lines.append(f"graph {i}: Dynamo passes {n} Python float(s) (arguments of the call) as "
+            lines.append(f"Dynamo passes {n} Python float(s) (arguments of the call) to graph {i} as "
                          f"tensors at every call (dynamic=True); torch._dynamo.config.specialize_float = True before "
                          f"the first call keeps them guarded constants and shortens each call "
                          f"(docs/experiments.md, 'What is left of the Python')")
