@@ -94,8 +94,8 @@ class Lowering:
     preferred: Callable[[list], tuple] = None
     # whether build() takes cuda_graphs=True (Inductor's CUDA graph trees around the compiled graph)
     cuda_graphs: bool = False
-    # whether build() takes the floats Dynamo lifts to graph inputs (``dynamic=True``: a module's
-    # eps) as the constants they were (an ONNX export must): a call bringing others builds again
+    # whether build() takes the floats Dynamo lifts to graph inputs (``dynamic=True``: a float
+    # argument of the call) as the constants they were (an ONNX export must): others build again
     freezes_scalars: bool = False
 
     def check(self, example_inputs) -> None:

@@ -307,7 +307,7 @@ class CompiledGraph:
             self._rebuild(args)
         if self._versions(args) != self.versions:  # re-quantize (``_build`` refuses prepared codes)
             self._rebuild(args)
-        if self.scalar_values and not self._same_scalars(args):  # a module's eps changed, say
+        if self.scalar_values and not self._same_scalars(args):  # a float argument changed, say
             self._rebuild(args)
         with torch.no_grad():  # an inference compiler: q-ops have no gradients
             return self.fn(*args)
