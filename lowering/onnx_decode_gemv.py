@@ -50,7 +50,7 @@ _U8_ZERO = 128
 
 
 
-def _rows(value: ir.Value):
+def rows_of(value: ir.Value):
     """The static row count of an activation (all dimensions but the last), or None."""
     shape = value.shape
     if shape is None or shape.rank() < 2 or not all(isinstance(d, int) for d in shape):
@@ -112,7 +112,7 @@ def _candidate(node: ir.Node, outputs: set):
     if found is None:
         return None
     x, scale = found
-    rows = _rows(x)
+    rows = rows_of(x)
     weight, w_scale = constant_array(node.inputs[1]), constant_array(node.inputs[3])
     if rows is None or rows > MAX_ROWS or weight is None or weight.dtype != np.uint8 or weight.ndim != 2 or w_scale is None:
         return None
@@ -182,7 +182,7 @@ def _float_nbits(node: ir.Node, outputs: set) -> bool:
     if (node.domain, node.op_type) != ("com.microsoft", "MatMulNBits"):
         return False
     bits, level = node.attributes.get("bits"), node.attributes.get("accuracy_level")
-    rows = _rows(node.inputs[0]) if node.inputs[0] is not None else None
+    rows = rows_of(node.inputs[0]) if node.inputs[0] is not None else None
     return (bits is None or bits.as_int() == 4) and (level is None or level.as_int() == 0) and \
         rows is not None and rows <= MAX_ROWS and node.inputs[0].dtype == ir.DataType.FLOAT
 
@@ -203,7 +203,7 @@ def _int8_activations(graph: ir.Graph, node: ir.Node, index: int) -> None:
         out.name = name
 
 
-def _dequantized_weight(value: ir.Value):
+def dequantized_weight(value: ir.Value):
     """(int8 codes [K, N], per-channel scales) when ``value`` is the ort form's dequantized INT8
     weight ``Mul(Cast(Transpose(codes), FLOAT), scales)`` (``ort_linear_w8a16``; the optimizer may
     have folded the ``Transpose`` into the constant) of constants, else None."""
@@ -236,8 +236,8 @@ def _weight_only_int8(node: ir.Node):
     if (node.domain, node.op_type) not in (("", "MatMul"), ("ai.onnx", "MatMul")) or len(node.inputs) != 2:
         return None
     x = node.inputs[0]
-    rows = _rows(x) if x is not None else None
-    found = _dequantized_weight(node.inputs[1])
+    rows = rows_of(x) if x is not None else None
+    found = dequantized_weight(node.inputs[1])
     if rows is None or rows > MAX_ROWS or found is None or x.dtype != ir.DataType.FLOAT:
         return None
     codes, scales = found

@@ -34,6 +34,7 @@ from qcompiler.lowering.onnx_nan_carriers import drop_redundant_carriers
 from qcompiler.lowering.onnx_rotary import fuse_rotary
 from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
 from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
+from qcompiler.lowering.onnx_weight_only_int8 import two_pass_weight_only_int8
 
 
 FUSIONS = {
@@ -57,7 +58,7 @@ GRAPH_FUSIONS = {
 # rewrites for the CPU the session runs on, after the graph fusions: applied to the ``ort`` target's
 # own sessions (``optimize(..., host=True)``), never to a file exported for deployment elsewhere
 HOST_FUSIONS = {
-    "ort": [few_row_gemvs, drop_redundant_carriers, signed_int8_weights],
+    "ort": [few_row_gemvs, two_pass_weight_only_int8, drop_redundant_carriers, signed_int8_weights],
     "tensorrt": [],
 }
 

@@ -308,18 +308,22 @@ def ort_linear_w8a8_blocks(x, smooth_inv, wq, w_scale, bias, block_size, out_dty
 
 
 def _two_pass_gemm(xs, wq, w_scale):
-    """``ops.quantize_two_pass_ref``'s codes of ``xs`` (the same divisions and roundings, each code
-    an exact integer before it is stored as uint8 + 128) through two ``MatMulIntegerToFloat``s of
-    one weight, the second with activation scale 1/254; their sum times the token scales."""
+    """``ops.quantize_two_pass_ref``'s codes of ``xs`` (stored as uint8 + 128; the residual divided
+    by the float nearest 1/254 where the reference multiplies by 254, which may round a tie the other
+    way) through two ``MatMulIntegerToFloat``s of one weight, the second with activation scale 1/254;
+    their sum times the token scales."""
     scale = _token_scale(xs, ops.QMAX)
     t = op.Div(xs, scale)
-    hi = op.Round(t)
-    lo = op.Round(op.Mul(op.Sub(t, hi), _const(float(ops.TWO_PASS_FINE), np.float32)))
-    one, zp = _const(1.0, np.float32), _const(_U8_ZERO, np.uint8)
+    one, zp, fine = _const(1.0, np.float32), _const(_U8_ZERO, np.uint8), _const(1 / ops.TWO_PASS_FINE, np.float32)
+    # hi = round(t) as a QuantizeLinear of scale 1 (half to even, as the reference), t - hi through
+    # its DequantizeLinear, and that residual's codes on the grid 1/254: five passes over the
+    # activation where Div, Round, Sub, Mul, Round and two QuantizeLinear took seven (Round is one of
+    # ONNX Runtime's slowest elementwise kernels)
+    hi = op.QuantizeLinear(t, one, zp)
+    lo = op.QuantizeLinear(op.Sub(t, op.DequantizeLinear(hi, one, zp)), fine, zp)
     weight = _u8_weight_kn(wq)
-    high = MatMulIntegerToFloat(op.QuantizeLinear(hi, one, zp), weight, one, w_scale, zp, zp)
-    low = MatMulIntegerToFloat(op.QuantizeLinear(lo, one, zp), weight, _const(1 / ops.TWO_PASS_FINE, np.float32),
-                               w_scale, zp, zp)
+    high = MatMulIntegerToFloat(hi, weight, one, w_scale, zp, zp)
+    low = MatMulIntegerToFloat(lo, weight, fine, w_scale, zp, zp)
     return op.Mul(op.Add(high, low), scale)
 
 

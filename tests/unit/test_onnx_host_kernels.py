@@ -1,10 +1,12 @@
 """The ``ort`` target's rewrites for the CPU it runs on: few-row GEMMs (w8a8, w8a16, w4a16) as
-``MatMulNBits`` with int8 activations, and INT8 weights stored signed where u8 x s8 is exact.
+``MatMulNBits`` with int8 activations, many-row weight-only INT8 GEMMs as two per-token int8
+passes, and INT8 weights stored signed where u8 x s8 is exact.
 
 Each rewritten graph runs in ONNX Runtime on fresh random inputs against float64 (the linear of
 the same quantized weights): a few-row w8a8 GEMM must be at least as accurate as the q-op
 reference (it rounds activations per block of a row, never more coarsely than per row), a
-weight-only one (4- or 8-bit) within the error of int8 activations, the signed weights bit for bit the unsigned ones; a
+weight-only one (4- or 8-bit) within the error of int8 activations, a many-row weight-only one within
+the two passes' rounding, the signed weights bit for bit the unsigned ones; a
 NaN must reach its row's outputs.
 """
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 
 from conftest import rel_err
 from models import QOp
+from qcompiler.ir import ops
 from qcompiler.lowering import onnx_decode_gemv
 from qcompiler.lowering.onnx import to_onnx
 from qcompiler.runtimes.ort_int8_probe import signed_weights_exact
@@ -88,10 +91,68 @@ def test_few_row_weight_only_gemm_takes_int8_activations_within_their_error(kind
         assert 1e-5 < rel_err(session(x)[0], reference) < 1e-2, seed
 
 
-def test_many_row_weight_only_int8_gemms_stay_float():
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("k", [576, 96])
+@pytest.mark.parametrize("bias", [True, False])
+def test_many_row_weight_only_int8_gemm_takes_two_int8_passes_within_their_rounding(dynamic, k, bias):
+    torch.manual_seed(k + dynamic)
+    m = QOp("w8a16", 80, k, bias=bias)
+    proto = to_onnx(m, (torch.randn(2, onnx_decode_gemv.MAX_ROWS + 4, k),), "ort", dynamic=dynamic, host=True)
+    exact, why = signed_weights_exact()
+    used = _ops(proto)
+    if not exact:  # the u8 x u8 kernel is no faster than the float GEMM: the float copy stays
+        assert "MatMul" in used and "MatMulIntegerToFloat" not in used, why
+        return
+    assert used.count("MatMulIntegerToFloat") == 2 and "MatMul" not in used and "MatMulNBits" not in used, used
+    assert "Cast" not in used  # no float copy of the INT8 weight is left to fold
+    session = OrtSession(proto)
+    for seed in range(8):
+        torch.manual_seed(200 + seed)
+        shape = (1 + seed % 3, 3 + 11 * seed) if dynamic else (2, onnx_decode_gemv.MAX_ROWS + 4)  # new sizes if dynamic
+        x = torch.randn(*shape, k) * (1 + 5 * torch.rand(k))
+        exact_y = _float64_linear(m, x)
+        two_pass = ops.linear_w8a8_two_pass_ref(x, None, m.wq, m.ws, m.bias, torch.float32)
+        got = session(x)[0]
+        # the two passes carry each activation within s / 508: far under the weights' own rounding,
+        # 1e-4 of the output where one int8 pass (w8a8) leaves about 1e-2
+        assert rel_err(got, exact_y) < 1e-4, seed
+        assert rel_err(got, two_pass) < 1e-6, seed  # the reference's codes
+
+
+def test_many_row_weight_only_int8_linears_of_one_input_share_one_pair_of_gemms():
+    torch.manual_seed(5)
+    ms = [QOp("w8a16", n, 192) for n in (64, 32, 32)]
+
+    class Siblings(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = torch.nn.ModuleList(ms)
+
+        def forward(self, x):
+            return tuple(p(x) for p in self.parts)
+
+    proto = to_onnx(Siblings(), (torch.randn(1, 9, 192),), "ort", host=True)
+    if not signed_weights_exact()[0]:
+        pytest.skip(signed_weights_exact()[1])
+    used = _ops(proto)
+    assert used.count("MatMulIntegerToFloat") == 2 and used.count("QuantizeLinear") == 2 and "Split" in used, used
+    x = torch.randn(2, 13, 192)
+    for got, m in zip(OrtSession(proto)(x), ms):
+        assert rel_err(got, _float64_linear(m, x)) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_reaches_the_row_through_the_two_int8_passes(bad):
+    if not signed_weights_exact()[0]:
+        pytest.skip(signed_weights_exact()[1])
+    torch.manual_seed(3)
     m = QOp("w8a16", 64, 576)
-    proto = to_onnx(m, (torch.randn(1, onnx_decode_gemv.MAX_ROWS + 1, 576),), "ort", dynamic=False, host=True)
-    assert "MatMulNBits" not in _ops(proto) and "MatMul" in _ops(proto)
+    session = OrtSession(to_onnx(m, (torch.randn(1, 6, 576),), "ort", host=True))
+    x = torch.randn(1, 6, 576)
+    x[0, 2, 7] = bad
+    out = session(x)[0]
+    assert out[0, 2].isnan().all(), out[0, 2]
+    assert torch.isfinite(out[0, [0, 1, 3, 4, 5]]).all()
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "w4a16", "w8a16"])
@@ -150,5 +211,6 @@ def test_explain_names_the_kernel_of_each_gemm_of_generate(recipe, decode_kernel
     text = str(qcompiler.explain(model))
     assert decode_kernel in text, text  # the decode step's GEMMs
     prefill = {"w8a8": "MatMulIntegerToFloat", "w4a16": "MatMulNBits, 4-bit weights, float activations",
-               "w8a16": None}[recipe]  # w8a16's prompt: a float MatMul of a weight ONNX Runtime dequantizes
+               "w8a16": "MatMulIntegerToFloat" if signed_weights_exact()[0] else None}[recipe]  # w8a16's prompt: two
+    # int8 passes where u8 x s8 is exact, else a float MatMul of a weight ONNX Runtime dequantizes
     assert prefill is None or prefill in text, text  # the prompt's, many rows
