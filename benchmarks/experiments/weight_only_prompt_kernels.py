@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -60,6 +61,7 @@ def measure(recipe: str, pattern: str, rounds: int):
     from qcompiler.lowering.onnx_weight_only_int8 import two_pass_weight_only_int8
 
     full = list(onnx_fusions.HOST_FUSIONS["ort"])
+    caches = tempfile.mkdtemp()  # the sessions read their files from here until the end
     for name, (model, call, calib, accuracy) in cpu_speed.workloads(False, pattern).items():
         qcompiler.calibrate(model, calib, progress=False)
         built = {}
@@ -67,12 +69,11 @@ def measure(recipe: str, pattern: str, rounds: int):
             onnx_fusions.HOST_FUSIONS["ort"] = full if rewrite else [f for f in full if f is not two_pass_weight_only_int8]
             ort._SESSIONS.clear()
             torch._dynamo.reset()
-            with tempfile.TemporaryDirectory() as cache:
-                os.environ["QCOMPILE_CACHE"] = cache
-                fn = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "ort"})
-                step = call(fn)
-                with torch.no_grad():
-                    step()
+            os.environ["QCOMPILE_CACHE"] = tempfile.mkdtemp(dir=caches)
+            fn = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "ort"})
+            step = call(fn)
+            with torch.no_grad():
+                step()
             built[label] = (fn, step, accuracy(fn) if accuracy else "", _gemm_weight_mib(fn))
         onnx_fusions.HOST_FUSIONS["ort"] = full
         times = {label: [] for label in built}
@@ -87,6 +88,7 @@ def measure(recipe: str, pattern: str, rounds: int):
             yield (f"| {name} | {recipe} | {label} | {statistics.median(times[label]) * 1e3:.2f} | "
                    f"{codes:.1f} | {expanded:.1f} | {acc} |")
         torch._dynamo.reset()
+    shutil.rmtree(caches, ignore_errors=True)
 
 
 def main(argv=None):
