@@ -329,8 +329,10 @@ def _two_pass_gemm(xs, wq, w_scale):
 
 def ort_linear_w8a16(x, wq, w_scale, bias):
     """INT8 weights stored, dequantized once by ORT's constant folding when the session loads:
-    on this CPU no ORT kernel multiplies INT8 weights by float activations both exactly and
-    faster than its float GEMM (benchmarks/cpu_speed.py; docs/experiments.md, "ONNX export")."""
+    no ORT kernel multiplies INT8 weights by float activations both exactly and faster than its
+    float GEMM (benchmarks/cpu_speed.py; docs/experiments.md, "ONNX export"). The ``ort`` target's
+    own sessions run these GEMMs on the stored codes instead (``onnx_decode_gemv`` at one row,
+    ``onnx_weight_only_int8`` at more, where the CPU's u8 x s8 product is exact)."""
     w = op.Mul(op.Cast(op.Transpose(wq, perm=[1, 0]), to=ir.DataType.FLOAT), w_scale)
     return _bias(op.MatMul(x, op.CastLike(w, x)), op.CastLike(bias, x) if bias is not None else None)
 
