@@ -15,15 +15,19 @@ Each activation is then carried within ``s / 508`` of its value (about 15 bits p
 bfloat16 activation has 8 of mantissa), so the output is the float-activation linear's within a
 rounding far below the weights' own (tests/unit/test_onnx_host_kernels.py checks it against
 float64 and against ``ops.linear_w8a8_two_pass_ref``). The integer GEMMs read the INT8 codes the
-file stores, so no float32 copy of the weights is made, and on SmolLM2-135M's shapes the two passes
-ran 1.2x as fast as the float GEMM over a layer at 256 rows and faster on every shape at 4 and 16
-rows (docs/results/cpu_decode_kernels_xeon_amx.md). That holds for the u8 x s8 kernel only: the
-rewrite is made where ``runtimes.ort_int8_probe`` finds that product exact on this CPU (VNNI), and
-``lowering.onnx_signed_weights`` then stores the weights signed; elsewhere the float GEMM stays.
+file stores, so no float32 copy of the weights is made (SmolLM2-135M: 101 MiB of codes where the
+float GEMMs expanded 405 MiB). Alone, on SmolLM2's shapes, the two passes ran 1.2x as fast as the
+float GEMM over a layer at 256 rows and faster on every shape at 4 and 16 rows
+(docs/results/cpu_decode_kernels_xeon_amx.md); inside whole models, with their quantization, they
+take the float GEMM's time within 1.3% (docs/results/weight_only_prompt_kernels_xeon_amx.md).
+That holds for the u8 x s8 kernel only: the rewrite is made where ``runtimes.ort_int8_probe`` finds
+that product exact on this CPU (VNNI), and ``lowering.onnx_signed_weights`` then stores the weights
+signed; elsewhere the float GEMM stays.
 
 The linears that read one activation share its quantization and one pair of GEMMs (their weights
-side by side, as ``lowering.onnx_sibling_matmuls`` merges the integer GEMMs). A row holding NaN or Inf gets a NaN scale (its sum times zero),
-so every output of that row is NaN, as in the reference.
+side by side, as ``lowering.onnx_sibling_matmuls`` merges the integer GEMMs). A row holding NaN
+or Inf gets a NaN scale (its sum times zero), so every output of that row is NaN, as in the
+reference.
 """
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ _PREFIX = "_qc_two_pass"
 
 
 class _Constants:
-    """The rewrite's scalar constants, one initializer each for the whole graph (shared values let
-    ``merge_sibling_matmuls`` see that GEMMs take the same activation scale and zero point)."""
+    """The rewrite's constants by name, each made once per graph (the scalars every pair of GEMMs
+    shares, and each pair's weights, scales and split widths)."""
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
@@ -124,7 +128,8 @@ def two_pass_weight_only_int8(model: ir.Model) -> int:
         tag = f"x{index}"
         nodes, hi, lo, scale = _codes(x, const, tag)
         widths = [codes.shape[1] for _, _, codes, _ in group]
-        unsigned = (np.concatenate([codes for _, _, codes, _ in group], axis=1).astype(np.int16) + _U8_ZERO).astype(np.uint8)
+        codes = np.concatenate([codes for _, _, codes, _ in group], axis=1)
+        unsigned = (codes.astype(np.int16) + _U8_ZERO).astype(np.uint8)
         w_scale = np.concatenate([np.broadcast_to(s.reshape(-1), (w,)) for (_, _, _, s), w in zip(group, widths)])
         weight = const(f"{tag}_weight", unsigned)
         w_scale = const(f"{tag}_weight_scale", w_scale.astype(np.float32))
