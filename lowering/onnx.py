@@ -313,7 +313,8 @@ def share_tied(model):
                 else:
                     graph.append(node)
                 replacement = node.outputs[0]
-                replacement.dtype, replacement.shape = value.dtype, value.shape
+                # a rewrite's initializer may carry its type on its tensor only
+                replacement.dtype, replacement.shape = tensor.dtype, ir.Shape(tensor.shape)
             value.replace_all_uses_with(replacement)
             graph.initializers.pop(name)
             if transposed:

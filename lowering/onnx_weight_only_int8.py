@@ -54,7 +54,9 @@ class _Constants:
         name = f"{_PREFIX}_{name}"
         value = self.graph.initializers.get(name)
         if value is None:
-            value = ir.Value(name=name, const_value=ir.tensor(array))
+            tensor = ir.tensor(array)
+            value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape),
+                             const_value=tensor)
             self.graph.register_initializer(value)
         return value
 
@@ -146,7 +148,7 @@ def two_pass_weight_only_int8(model: ir.Model) -> int:
         graph.insert_before(first, nodes)
         for (node, *_), part in zip(group, parts):
             old = node.outputs[0]
-            part.shape, part.type = old.shape, old.type
+            part.shape, part.type = old.shape, ir.TensorType(ir.DataType.FLOAT)  # MatMulIntegerToFloat's float32
             kept, old.name = old.name, None  # a graph output keeps its name
             ir.convenience.replace_all_uses_with(old, part, replace_graph_outputs=True)
             part.name = kept

@@ -11,6 +11,7 @@ from torch import nn
 import qcompiler
 from conftest import rel_err
 from models import Block, Stack, with_outlier_channels
+from qcompiler.runtimes.ort_int8_probe import signed_weights_exact
 from qcompiler.passes.sqnr import sqnr_db
 
 TARGETS = ["reference", "inductor", "ort", "triton"]  # triton: the CPU interpreter without a GPU
@@ -45,8 +46,12 @@ def test_targets_agree_with_the_reference_and_stay_close_to_fp32(target, recipe)
     ref_q = compile_q(model, recipe=recipe, target="reference")(x)
     torch._dynamo.reset()
     out = compile_q(model, recipe=recipe, target=target)(x)
-    # inductor runs the integer GEMM as a float32 GEMM: identical up to float32 rounding
-    assert rel_err(out, ref_q) < 1e-5
+    # inductor runs the integer GEMM as a float32 GEMM: identical up to float32 rounding. ort runs a
+    # weight-only GEMM of many rows as two int8 passes per token (lowering.onnx_weight_only_int8, on a
+    # CPU where u8 x s8 is exact): each activation within s / 508 of its value, about 3e-5 of the
+    # output here; tests/unit/test_onnx_host_kernels.py holds it to 1e-6 of that kernel's reference
+    two_passes = target == "ort" and recipe == "w8a16" and signed_weights_exact()[0]
+    assert rel_err(out, ref_q) < (1e-4 if two_passes else 1e-5)
     assert sqnr_db(model(x), out) > 30
 
 
