@@ -11,6 +11,9 @@ Each row runs in a process of its own (its peak memory is its own) with ``--thre
 * 2nd prompt: time to the first output of a ``generate()`` with a 127-token prompt (a new prompt
   length: no compile may happen);
 * peak memory: the process's peak resident set after those calls (before perplexity);
+* a recipe calibrated on data (GPTQ) is calibrated in a process of its own, which saves the state
+  (``qcompiler.save``); the row's process loads it (``qcompiler.load``, in its first output's time),
+  as a deployment does: the calibration's time and peak memory are shown beside the first output;
 * perplexity on held-out Wikipedia windows (disjoint from any calibration text).
 
 Rows: eager FP32; ``torch.compile`` FP32 (Inductor, ``dynamic=True``: the compile time qcompile's
@@ -123,13 +126,11 @@ def torch_row(kind: str, options, args) -> dict:
     import qcompiler
     from qcompiler.bundled import zoo
 
-    out = {}
+    out, start = {}, time.perf_counter()
     if kind == "inductor":
         model.forward = torch.compile(model.forward, dynamic=True)
-    if kind not in ("eager", "inductor") and qcompiler.get_recipe(options["recipe"]).rounds_weights:
-        t = time.perf_counter()
-        qcompiler.calibrate(model, cal.split(1), recipe=options, progress=False)
-        out["calibration_s"] = time.perf_counter() - t
+    if args.state:  # calibrated by a process of its own (``calibrate_row``): loaded, as a deployment does
+        qcompiler.load(model, args.state)
     if kind not in ("eager", "inductor"):
         model.forward = torch.compile(model.forward, backend="qcompile", options=options, dynamic=True)
     swapped = set()
@@ -154,7 +155,7 @@ def torch_row(kind: str, options, args) -> dict:
             return model.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=new,
                                   min_new_tokens=new, do_sample=False)
 
-    tokens = timed_generations(generate, out, args.repeats, after_compile=peer_swap)
+    tokens = timed_generations(generate, out, args.repeats, start=start, after_compile=peer_swap)
     out["text"] = tok.decode(tokens[0, PROMPTS[0]:])[:80]
     if kind == "peer":  # the perplexity graph (no cache) is another compile: swap it too
         with torch.no_grad():
@@ -224,6 +225,29 @@ def llama_row(ftype: int, args) -> dict:
     return out
 
 
+def calibrate_row(label: str, args) -> dict:
+    """Calibrate a recipe that rounds its weights on the data (GPTQ) and save the state to
+    ``args.state`` (``qcompiler.save``), in a process of its own: the row's process then loads it."""
+    model, tok, cal, held, prompt, torch = _data(args)
+    torch.set_num_threads(args.threads)
+    import qcompiler
+
+    t = time.perf_counter()
+    qcompiler.calibrate(model, cal.split(1), recipe=ROWS[label][1], progress=False)
+    seconds = time.perf_counter() - t
+    qcompiler.save(model, args.state, recipe=ROWS[label][1])
+    return {"calibration_s": seconds, "calibration_peak_gb": _peak_gb()}
+
+
+def needs_calibration(label: str) -> bool:
+    kind, options = ROWS[label]
+    if kind not in ("qcompile", "peer"):
+        return False
+    import qcompiler
+
+    return qcompiler.get_recipe(options["recipe"]).rounds_weights
+
+
 def run_row(label: str, args) -> dict:
     kind, options = ROWS[label]
     if kind == "llama.cpp":
@@ -247,11 +271,22 @@ def table(results: dict) -> str:
         speed = r["tokens_per_s"] / base["tokens_per_s"] if base.get("tokens_per_s") else None
         mem = r["peak_gb"] / base["peak_gb"] if base.get("peak_gb") else None
         ppl = 100 * (r["perplexity"] / base["perplexity"] - 1) if base.get("perplexity") else None
-        calib = f" (+{r['calibration_s']:.0f} s calibration)" if r.get("calibration_s") else ""
+        calib = (f" (+{r['calibration_s']:.0f} s calibration, another process, peak {r['calibration_peak_gb']:.2f} GB)"
+                 if r.get("calibration_s") else "")
         lines.append(f"| {label} | {r['first_output_s']:.1f}{calib} | {r['first_64_s']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{_fmt(speed, '.2f')}x | {r['second_prompt_s']:.2f} | {r['peak_gb']:.2f} | {_fmt(mem, '.2f')}x | "
                      f"{r['perplexity']:.3f} | {_fmt(ppl, '+.1f')}% |")
     return "\n".join(lines)
+
+
+def _child(cmd: list, env: dict) -> dict:
+    """Run one internal step in a process of its own; its RESULT line, or the error."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"failed: {tail[:200]}"}
+    return json.loads(line[len("RESULT "):])
 
 
 def main():
@@ -264,9 +299,12 @@ def main():
     parser.add_argument("--calib", type=int, default=32, help="GPTQ calibration windows")
     parser.add_argument("--markdown")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
+    parser.add_argument("--state", help=argparse.SUPPRESS)  # internal: the row's saved calibration
+    parser.add_argument("--calibrate", action="store_true", help=argparse.SUPPRESS)  # internal: calibrate_row
     args = parser.parse_args()
     if args.row:
-        print("RESULT " + json.dumps(run_row(args.row, args)), flush=True)
+        measure = calibrate_row if args.calibrate else run_row
+        print("RESULT " + json.dumps(measure(args.row, args)), flush=True)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from cold_caches import cold_cache_env
@@ -282,13 +320,12 @@ def main():
             cmd = [sys.executable, os.path.abspath(__file__), "--row", label, "--threads", str(args.threads),
                    "--repeats", str(args.repeats), "--windows", str(args.windows), "--window", str(args.window),
                    "--calib", str(args.calib)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results[label] = {"error": f"failed: {tail[:200]}"}
-            else:
-                results[label] = json.loads(line[len("RESULT "):])
+            calibration = {}
+            if needs_calibration(label):
+                state = os.path.join(cold, "state-" + "".join(c if c.isalnum() else "_" for c in label))
+                calibration = _child(cmd + ["--calibrate", "--state", state], env)
+                cmd += ["--state", state]
+            results[label] = calibration if "error" in calibration else {**calibration, **_child(cmd, env)}
             print(f"  {results[label]}", file=sys.stderr, flush=True)
     body = table(results)
     print(body)

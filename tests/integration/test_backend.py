@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import qcompiler
+import qcompiler.calibration.state
 from conftest import rel_err
 from models import Block, Stack, with_outlier_channels
 from qcompiler.runtimes.ort_int8_probe import signed_weights_exact

@@ -3,10 +3,13 @@
 The unmarked tests are small slices that run in CI in a few minutes; the ``slow`` ones check
 the acceptance bars on the full split (``pytest -m slow``; benchmarks/accuracy.py prints them).
 """
+import math
+
 import pytest
 import torch
 
 import qcompiler
+import qcompiler.calibration.state
 
 zoo = pytest.importorskip("qcompiler.bundled.zoo")
 pytest.importorskip("transformers")
@@ -92,33 +95,48 @@ def test_smollm2_slice_int4_awq_beats_rtn_and_fp8_stays_close(smollm2):
     qcompiler.calibration.state.forget(model)  # the fixture is shared: leave no INT4 statistics behind
 
 
+def window_nll(model, windows) -> torch.Tensor:
+    """Each window's mean next-token NLL (nats), float64: windows of one length, so their mean is
+    the log-perplexity of all of them."""
+    return torch.tensor([math.log(zoo.perplexity(model, windows[i:i + 1])) for i in range(len(windows))],
+                        dtype=torch.float64)
+
+
 @pytest.mark.slow
 def test_smollm2_acceptance_bars(smollm2):
+    """The INT8 bars on the full split, and ``alpha="auto"`` against fixed alphas.
+
+    The per-layer search is compared with the best fixed alpha per held-out window: the mean of the
+    paired differences must not exceed two of its standard errors (no evidence that the search is
+    worse). Comparing the two perplexities alone asserts an ordering their noise cannot resolve
+    (static int8 activations: the windows' paired differences had a standard error of 0.5%,
+    larger than the gaps between the alphas, docs/experiments.md)."""
     model, tok = smollm2
     cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 16, 16)
-    base = zoo.perplexity(model, held)
+    base = window_nll(model, held)
     bars = {"w8a16": 0.005, "w8a8": 0.03, "w8a8-smoothquant-dynamic": 0.015}
-    results = {}
+    nll = {}
 
-    def measure(recipe):
+    def measure(key, **options):
         torch._dynamo.reset()
-        fast = torch.compile(model, backend="qcompile", options={"recipe": recipe, "target": "reference"})
-        results[recipe] = zoo.perplexity(fast, held) / base - 1
+        fast = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
+        nll[key] = window_nll(fast, held)
 
     qcompiler.calibration.state.forget(model)  # the fixture is shared: start with no statistics
-    measure("w8a16")  # the recipes that need no calibration, measured without it
-    measure("w8a8")
+    measure("w8a16", recipe="w8a16")  # the recipes that need no calibration, measured without it
+    measure("w8a8", recipe="w8a8")
     with qcompiler.calibrate(model, cal.split(1), progress=False):
         pass
-    measure("w8a8-smoothquant-dynamic")
+    measure("w8a8-smoothquant-dynamic", recipe="w8a8-smoothquant-dynamic")
     for alpha in ("auto", 0.5, 0.65, 0.8):
-        torch._dynamo.reset()
-        fast = torch.compile(model, backend="qcompile",
-                             options={"recipe": "w8a8-smoothquant", "alpha": alpha, "target": "reference"})
-        results[alpha] = zoo.perplexity(fast, held) / base - 1
+        measure(alpha, recipe="w8a8-smoothquant", alpha=alpha)
+    results = {k: math.exp((v - base).mean().item()) - 1 for k, v in nll.items()}
     assert all(results[r] <= bars[r] for r in bars), results
     assert results["auto"] <= 0.04, results
-    assert results["auto"] <= min(results[a] for a in (0.5, 0.65, 0.8)), results
+    best = min((0.5, 0.65, 0.8), key=lambda a: results[a])
+    diff = nll["auto"] - nll[best]
+    stderr = diff.std().item() / math.sqrt(len(diff))
+    assert diff.mean().item() <= 2 * stderr, (results, best, diff.mean().item(), stderr)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qcompiler
+import qcompiler.calibration.state
 from conftest import rel_err
 from models import Block, Stack, capture, with_outlier_channels
 from qcompiler.api.explain import findings
