@@ -9,6 +9,7 @@ chosen lowering. The returned ``CompiledGraph`` keeps the original graph so that
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import operator
 import time
@@ -17,7 +18,7 @@ import weakref
 from typing import Mapping, Optional
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
 from qcompiler import torch_compat
 from qcompiler.api.options import split_options
@@ -197,6 +198,7 @@ class CompiledGraph:
         # hold weight-sized tensors until the collector runs, whose cost grows with the process's
         # objects: worth it for a real model's graph, not for each of many small ones
         return_freed_memory(collect=_weight_bytes(self.example_inputs) >= COLLECT_WEIGHT_BYTES)
+        pages.release(_state_tensors(self.example_inputs))  # read by the passes and the lowering
         for p in params:  # explain(model) finds a model's compiled graphs through its weights
             graphs = p.__dict__.setdefault(GRAPHS, [])
             graphs[:] = [r for r in graphs if r() is not None] + [weakref.ref(self)]
@@ -325,6 +327,24 @@ def _replaced_parameters(gm: fx.GraphModule, example_inputs) -> list:
     copies): the pages of those mapped from a checkpoint file can go (``FilePages.release``)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return [v for n, v in zip(placeholders, example_inputs) if isinstance(v, nn.Parameter) and not n.users]
+
+
+def _state_tensors(example_inputs) -> list:
+    """The quantization state's tensors of the graph's weights: calibration rows (the passes read a
+    few hundred of each) and prepared codes (the lowering copies them). A state loaded from a file
+    (``qcompiler.load``) maps them, and their pages can go once the graph is built
+    (``FilePages.release``; the kernel reads them again if a later compile touches them)."""
+    found = []
+    for v in example_inputs:
+        if not isinstance(v, nn.Parameter):
+            continue
+        stats, prepared = state.stats_for(v), state.prepared_for(v)
+        if stats is not None:
+            found.append(stats.rows)
+        weight = getattr(prepared, "weight", None)
+        if dataclasses.is_dataclass(weight):
+            found += [t for t in (getattr(weight, f.name) for f in dataclasses.fields(weight)) if isinstance(t, Tensor)]
+    return found
 
 
 def _mode_modules(module: Optional[nn.Module], example_inputs) -> list:

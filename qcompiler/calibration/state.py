@@ -84,9 +84,12 @@ class QuantState:
         return link[1] if link is not None and link[0] is self else None
 
     def update(self, *, stats: Optional[dict] = None, prepared: Optional[dict] = None,
-               last_run: Optional[dict] = None, attention: Optional[dict] = None) -> None:
+               last_run: Optional[dict] = None, attention: Optional[dict] = None,
+               sources: Optional[dict] = None) -> None:
         """Record new statistics / prepared weights, keyed by weight Parameter or module name
-        (attention statistics by module name)."""
+        (attention statistics by module name). ``sources``: the prepared weights' sketches
+        (``weight_sketch``) by name where the caller has just computed them; the others are
+        computed here."""
         self.attention.update(attention or {})
         for source, target in ((stats, self.stats), (prepared, self.prepared)):
             for key, value in (source or {}).items():
@@ -98,7 +101,8 @@ class QuantState:
         for name in (prepared or {}):
             name = name if isinstance(name, str) else self.name_of(name)
             if name in self.weights:
-                self.sources[name] = weight_sketch(self.weights[name])
+                known = (sources or {}).get(name)
+                self.sources[name] = known if known is not None else weight_sketch(self.weights[name])
         if last_run is not None:
             self.last_run = dict(last_run)
         self.generation += 1

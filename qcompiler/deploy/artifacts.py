@@ -35,6 +35,7 @@ from qcompiler.calibration.stats import ActivationStats, AttentionStats, Prepare
 from qcompiler.errors import CalibrationError, InvalidFile, MissingDependency, OptionError
 from qcompiler.ir.int4 import PackedInt4
 from qcompiler.recipes import PREPARED_KEY_FIELDS, Recipe, get_recipe, resolve
+from qcompiler.runtimes.host_memory import FilePages
 from qcompiler.schemes.base import PerChannelWeight
 
 FORMAT = "qcompile-state"
@@ -243,6 +244,11 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
         with st.safe_open(str(file), framework="pt") as f:
             available = set(f.keys())
             read: dict = {}  # a tensor shared by several layers is read and hashed once
+            # the tensors read are views of the mapped file, and hashing one reads every page of it;
+            # the model's weights too, read for their sketches: released one by one once read (the
+            # kernel reads a page again when it is touched), so that loading does not hold the
+            # whole file and every weight resident at once (most rows are never read again)
+            pages = FilePages()
 
             def get(key: Optional[str]) -> Optional[Tensor]:
                 if key is None:
@@ -256,10 +262,11 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                 if _digest(t) != key:
                     raise InvalidFile(f"{file} is damaged (tensor {key[:12]}... does not match its hash): "
                                       f"save the model's state again")
+                pages.release([t])
                 read[key] = t
                 return t
 
-            stats, prepared, changed = {}, {}, []
+            stats, prepared, changed, sketches = {}, {}, [], {}
             for name, entry in manifest["layers"].items():
                 if name not in names:
                     raise InvalidFile(f"{folder} has state for layer {name!r}, which this model lacks")
@@ -284,7 +291,9 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                         weight = PackedInt4(get(w["packed"]), get(w["scale"]), get(w["zero"]), w["group_size"],
                                             w["in_features"])
                     source = get(p.get("source"))
-                    if source is not None and not sketches_agree(weight_sketch(weights[name]), source):
+                    sketches[name] = weight_sketch(weights[name])  # what the state keeps to notice a change
+                    pages.release([weights[name]])
+                    if source is not None and not sketches_agree(sketches[name], source):
                         changed.append(name)
                     recipe = _recipe_from(p["recipe"])
                     trained = bool(p.get("trained", False))
@@ -311,5 +320,6 @@ def load(model: nn.Module, path: Union[str, os.PathLike]) -> Optional[Recipe]:
                           f"save the model's state again") from None
     state = state_of(model)
     state.clear()
-    state.update(stats=stats, prepared=prepared, last_run=manifest.get("last_run") or {}, attention=attention)
+    state.update(stats=stats, prepared=prepared, last_run=manifest.get("last_run") or {}, attention=attention,
+                 sources=sketches)
     return _recipe_from(manifest.get("recipe"))

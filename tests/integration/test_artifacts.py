@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 import qcompiler
 from artifact_roundtrip import BATCH, SEED, logits, parse
+from qcompiler.calibration.state import linear_layers, state_of
 from qcompiler.passes.meta import FLOATING_POINT
+from qcompiler.runtimes.host_memory import FilePages
 from tiny_models import build, token_batch
 
 HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifact_roundtrip.py")
@@ -124,3 +126,34 @@ def test_cli_quantize_then_export_from_the_saved_state(tmp_path):
     run = qcompile("export", "--model", "climodel:build_without_data", "--recipe", "w8a8-static",
                    "--state", "nowhere", "--out", "c.onnx")
     assert run.returncode == 2 and "not a qcompile artifact" in run.stderr, run.stderr
+
+
+def test_loading_and_compiling_give_the_mapped_state_back(tmp_path, monkeypatch):
+    """A loaded state's tensors are views of its mapped file, and reading one (hashing it) makes
+    every page resident: ``load`` hands each back once read, and each prepared layer's float weight
+    once sketched; a build hands back the rows and codes its graph read. (That the values read
+    after this are the saved ones is the fresh-process round trip above.)"""
+    model = _calibrated("w4a16-gptq")
+    qcompiler.save(model, tmp_path, recipe="w4a16-gptq")
+    released = []
+    release = FilePages.release
+
+    def recording(self, tensors):
+        tensors = list(tensors)
+        released.extend(t.data_ptr() for t in tensors if t.numel())
+        return release(self, tensors)
+
+    monkeypatch.setattr(FilePages, "release", recording)
+    fresh, vocab = build("llama", seed=SEED)
+    qcompiler.load(fresh, tmp_path)
+    state = state_of(fresh)
+    rows = {s.rows.data_ptr() for s in state.stats.values() if s.rows.numel()}
+    codes = {p.weight.packed.data_ptr() for p in state.prepared.values()}
+    weights = {m.weight.data_ptr() for name, m in linear_layers(fresh) if name in state.prepared}
+    assert rows and codes and weights
+    assert rows | codes | weights <= set(released)
+    released.clear()
+    fast = torch.compile(fresh, backend="qcompile", options={"recipe": "w4a16-gptq", "target": "reference"})
+    with torch.no_grad():
+        assert torch.isfinite(fast(**token_batch(vocab, **BATCH)).logits).all()
+    assert rows | codes <= set(released)
