@@ -28,7 +28,7 @@ from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import activation_of
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 from qcompiler.passes.prepared import checked_prepared
-from qcompiler.passes.sqnr import SQNR_ROWS, sqnr_db, token_sqnr_db
+from qcompiler.passes.sqnr import SQNR_ROWS, ErrorSums, sqnr_db
 from qcompiler.schemes.registry import SCHEMES, SchemeKey
 
 WEIGHT_ONLY = "w8a16"  # what a layer whose activations failed a guard runs as, when its weights pass
@@ -97,19 +97,34 @@ def _layer(node, m, bias, plan) -> Layer:
                  bias=None if bias is None else bias.detach().to(torch.float32))
 
 
+MEASURE_BLOCK = 1 << 22  # weight elements measured at a time (``_measure``)
+
+
 def _measure(layer: Layer, scheme, qweight, x_scale) -> tuple:
-    """(output SQNR, static scale's loss in dB) on the calibration rows; (None, None) without them."""
+    """(output SQNR, static scale's loss in dB) on the calibration rows; (None, None) without them.
+
+    Measured a block of output channels at a time (``MEASURE_BLOCK`` weight elements): the
+    scheme's reference dequantizes the weight it is given, and a wide layer whole (a tied
+    ``lm_head``: 49152 x 576) would hold a float copy of it beside two outputs of its width."""
     rows = layer.rows()
     if rows is None:
         return None, None
-    ref = layer.float_output(rows)
-    kw = dict(bias=layer.bias, smooth_inv=layer.smooth_inv, recipe=layer.recipe)
-    out = scheme.reference(rows, qweight, x_scale=x_scale, **kw)
-    loss = None
-    if scheme.key.scale == "static":  # against per-token scales on the same weights
-        per_token = SCHEMES.get(dataclasses.replace(scheme.key, scale="dynamic"))
-        loss = token_sqnr_db(ref, per_token.reference(rows, qweight, x_scale=None, **kw)) - token_sqnr_db(ref, out)
-    return sqnr_db(ref, out), loss
+    weight = layer.match.weight.detach()
+    n = weight.shape[0]
+    static = scheme.key.scale == "static"  # its loss: against per-token scales on the same weights
+    per_token = SCHEMES.get(dataclasses.replace(scheme.key, scale="dynamic")) if static else None
+    out, token = ErrorSums(), ErrorSums()
+    step = max(1, MEASURE_BLOCK // max(1, weight[0].numel()))
+    for lo in range(0, n, step):
+        part = slice(lo, min(n, lo + step))
+        block = qweight.map(lambda _, t: t[part] if t.dim() and t.shape[0] == n else t)
+        bias = None if layer.bias is None else layer.bias[part]
+        ref = F.linear(rows, weight[part].to(torch.float32), bias)
+        kw = dict(bias=bias, smooth_inv=layer.smooth_inv, recipe=layer.recipe)
+        out.add(ref, scheme.reference(rows, block, x_scale=x_scale, **kw))
+        if static:
+            token.add(ref, per_token.reference(rows, block, x_scale=None, **kw))
+    return out.sqnr_db(), (token.token_sqnr_db() - out.token_sqnr_db() if static else None)
 
 
 def _kept_in_float(recipe, sqnr: Optional[float], static_loss: Optional[float]) -> tuple:

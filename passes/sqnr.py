@@ -44,3 +44,29 @@ def token_sqnr_db(ref: Tensor, approx: Tensor) -> float:
     if math.isnan(mean):
         return float("nan")
     return float("inf") if mean == 0 else -10 * math.log10(mean)
+
+
+class ErrorSums:
+    """``sqnr_db`` and ``token_sqnr_db`` of a pair given a block of output columns at a time
+    (``add``), without the whole pair in memory: squared errors and squares summed per row."""
+
+    def __init__(self):
+        self.noise = self.signal = None  # float64 [rows]
+
+    def add(self, ref: Tensor, approx: Tensor) -> None:
+        ref, approx = ref.double().flatten(0, -2), approx.double().flatten(0, -2)
+        noise, signal = (ref - approx).pow(2).sum(-1), ref.pow(2).sum(-1)
+        self.noise = noise if self.noise is None else self.noise + noise
+        self.signal = signal if self.signal is None else self.signal + signal
+
+    def sqnr_db(self) -> float:
+        noise, signal = self.noise.sum().item(), self.signal.sum().item()
+        if math.isnan(noise) or math.isnan(signal):
+            return float("nan")
+        return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+    def token_sqnr_db(self) -> float:
+        mean = (self.noise / self.signal.clamp_min(1e-300)).mean().item()
+        if math.isnan(mean):
+            return float("nan")
+        return float("inf") if mean == 0 else -10 * math.log10(mean)

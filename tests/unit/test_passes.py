@@ -17,7 +17,7 @@ from qcompiler.passes import pipeline
 from qcompiler.passes.graph_utils import qop_arguments
 from qcompiler.passes.match import match
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision
-from qcompiler.passes.sqnr import sqnr_db, token_sqnr_db
+from qcompiler.passes.sqnr import ErrorSums, sqnr_db, token_sqnr_db
 from qcompiler.passes.smooth import choose, group_error, producing_linear, smooth, smooth_scale
 from qcompiler.recipes import get_recipe
 
@@ -432,3 +432,46 @@ def test_sqnr_sums_a_weight_sized_pair_in_chunks_with_the_same_result(size, nan_
         assert got == float("inf")
     else:
         assert got == pytest.approx(10 * math.log10(signal / noise), rel=1e-9)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 7])
+@pytest.mark.parametrize("nan_at", [None, (2, 5)])
+def test_error_sums_over_column_blocks_give_the_whole_pairs_sqnr(blocks, nan_at):
+    """``ErrorSums`` (a layer measured a block of output channels at a time) gives ``sqnr_db`` and
+    ``token_sqnr_db`` of the whole pair, and a NaN in any block still comes out."""
+    import math
+
+    g = torch.Generator().manual_seed(blocks)
+    ref = torch.randn(2, 9, 20, generator=g) * torch.logspace(0, 2, 9).reshape(1, 9, 1)  # rows of many sizes
+    approx = ref + 1e-2 * torch.randn(ref.shape, generator=g)
+    if nan_at is not None:
+        approx[0, nan_at[0], nan_at[1]] = float("nan")
+    sums = ErrorSums()
+    for part in torch.tensor_split(torch.arange(20), blocks):
+        sums.add(ref[..., part], approx[..., part])
+    for got, want in ((sums.sqnr_db(), sqnr_db(ref, approx)), (sums.token_sqnr_db(), token_sqnr_db(ref, approx))):
+        assert (math.isnan(got) and math.isnan(want)) if nan_at else got == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w8a8-smoothquant", "w4a16"])
+def test_a_layer_measured_in_blocks_has_the_sqnr_measured_whole(recipe, monkeypatch):
+    """The quantize pass measures a wide layer a block of output channels at a time (a tied
+    ``lm_head`` whole would be a weight-sized float copy): the decisions' SQNR and static loss are
+    those measured whole, down to float64 summation order."""
+    from qcompiler.passes import quantize
+
+    torch.manual_seed(0)
+    model = Block()
+    x = with_massive_tokens(torch.randn(4, 9, 48))
+    calibrated(model, [x])
+    r = get_recipe(recipe).replace(min_sqnr_db=None, max_static_loss_db=None)
+    *_, whole = run_passes(model, x, r)
+    monkeypatch.setattr(quantize, "MEASURE_BLOCK", 48 * 5)  # five output channels at a time
+    *_, blocked = run_passes(model, x, r)
+    assert [d.module for d in whole] == [d.module for d in blocked]
+    for a, b in zip(whole, blocked):
+        assert a.sqnr_db is not None and a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-9), (a.module, a.sqnr_db, b.sqnr_db)
+        if a.static_loss_db is None:
+            assert b.static_loss_db is None
+        else:
+            assert a.static_loss_db == pytest.approx(b.static_loss_db, rel=1e-6, abs=1e-9)
