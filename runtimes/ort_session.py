@@ -125,6 +125,19 @@ class OrtSession:
         self.parameter_names = [self.input_names[k] for k in parameters]
 
     @property
+    def session(self):
+        """The ``onnxruntime.InferenceSession`` that runs the calls. A tool may replace it (a profiled
+        session of the same model): the batched run's calls are bound to a session, and are bound
+        to the new one."""
+        return self._session
+
+    @session.setter
+    def session(self, session) -> None:
+        self._session = session
+        if getattr(self, "_batched", None) is not None:
+            self._batched = BatchedRun(self)
+
+    @property
     def model(self):
         """What runs (for sizes and for tools that rewrite it): the ``onnx.ModelProto``, loaded
         from the file when the session was made from a path (the session does not hold it)."""

@@ -124,3 +124,21 @@ def test_a_bfloat16_input_is_bound_one_tensor_at_a_time(monkeypatch):
 def test_a_wrong_number_of_inputs_names_them():
     with pytest.raises(ValueError, match="takes 5 inputs"):
         OrtSession(_model(), threads=1)(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_replaced_session_is_the_one_that_runs(runner):
+    """Tools replace ``OrtSession.session`` (a profiled session of the same model): every path,
+    the batched run's bound calls included, runs the new one."""
+    import onnx
+
+    from qcompiler.runtimes.ort_session import inference_session
+
+    session = _session(runner, bfloat16_input=False)  # numpy types only: the batched run takes the call
+    other = onnx.load_from_string(_model(bfloat16_input=False))
+    other.graph.node[0].op_type = "Abs"  # "neg" becomes |x|: the same names, another result
+    session.session = inference_session(other.SerializeToString(), threads=1)
+    inputs = _inputs(9, bfloat16_input=False)
+    outputs = session(*inputs)
+    assert torch.equal(outputs[0], inputs[0].abs())
+    _check(outputs[1:], _expected(*inputs)[1:])
