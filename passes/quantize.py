@@ -28,7 +28,7 @@ from qcompiler.passes.graph_utils import add_constant, replace_node
 from qcompiler.passes.match import activation_of
 from qcompiler.passes.meta import FLOATING_POINT, META_KEY, Decision, node_value
 from qcompiler.passes.prepared import checked_prepared
-from qcompiler.passes.sqnr import SQNR_ROWS, ErrorSums, sqnr_db
+from qcompiler.passes.sqnr import SQNR_ROWS, ErrorSums
 from qcompiler.schemes.registry import SCHEMES, SchemeKey
 
 WEIGHT_ONLY = "w8a16"  # what a layer whose activations failed a guard runs as, when its weights pass
@@ -61,8 +61,10 @@ class Layer:
     def rows(self) -> Optional[Tensor]:
         return None if self.stats is None or not self.stats.rows.shape[0] else self.stats.rows[:SQNR_ROWS]
 
-    def float_output(self, rows: Tensor) -> Tensor:
-        return F.linear(rows, self.match.weight.detach().to(torch.float32), self.bias)
+    def float_output(self, rows: Tensor, part: slice = slice(None)) -> Tensor:
+        """The float linear on ``rows``, its output channels ``part`` only."""
+        bias = None if self.bias is None else self.bias[part]
+        return F.linear(rows, self.match.weight.detach()[part].to(torch.float32), bias)
 
 
 @dataclass(frozen=True)
@@ -97,34 +99,38 @@ def _layer(node, m, bias, plan) -> Layer:
                  bias=None if bias is None else bias.detach().to(torch.float32))
 
 
-MEASURE_BLOCK = 1 << 22  # weight elements measured at a time (``_measure``)
+MEASURE_BLOCK = 1 << 22  # weight elements measured at a time (``_error_sums``)
+
+
+def _error_sums(layer: Layer, scheme, qweight, x: Tensor, x_scale, smooth_inv, against=None) -> tuple:
+    """(``ErrorSums`` of ``scheme`` on input ``x`` against the float linear on the calibration rows,
+    the same for the scheme ``against`` or None), a block of output channels at a time
+    (``MEASURE_BLOCK`` weight elements): a scheme's reference dequantizes the weight it is given,
+    and a wide layer whole (a tied ``lm_head``: 49152 x 576) would hold a float copy of it beside
+    two outputs of its width."""
+    rows, n = layer.rows(), layer.match.weight.shape[0]
+    sums, other = ErrorSums(), (ErrorSums() if against is not None else None)
+    step = max(1, MEASURE_BLOCK // max(1, layer.match.weight[0].numel()))
+    for lo in range(0, n, step):
+        part = slice(lo, min(n, lo + step))
+        block = qweight.map(lambda _, t: t[part] if t.dim() and t.shape[0] == n else t)  # per-output-row fields
+        ref = layer.float_output(rows, part)
+        kw = dict(bias=None if layer.bias is None else layer.bias[part], smooth_inv=smooth_inv, recipe=layer.recipe)
+        sums.add(ref, scheme.reference(x, block, x_scale=x_scale, **kw))
+        if other is not None:
+            other.add(ref, against.reference(x, block, x_scale=None, **kw))
+    return sums, other
 
 
 def _measure(layer: Layer, scheme, qweight, x_scale) -> tuple:
-    """(output SQNR, static scale's loss in dB) on the calibration rows; (None, None) without them.
-
-    Measured a block of output channels at a time (``MEASURE_BLOCK`` weight elements): the
-    scheme's reference dequantizes the weight it is given, and a wide layer whole (a tied
-    ``lm_head``: 49152 x 576) would hold a float copy of it beside two outputs of its width."""
+    """(output SQNR, static scale's loss in dB) on the calibration rows; (None, None) without them."""
     rows = layer.rows()
     if rows is None:
         return None, None
-    weight = layer.match.weight.detach()
-    n = weight.shape[0]
-    static = scheme.key.scale == "static"  # its loss: against per-token scales on the same weights
-    per_token = SCHEMES.get(dataclasses.replace(scheme.key, scale="dynamic")) if static else None
-    out, token = ErrorSums(), ErrorSums()
-    step = max(1, MEASURE_BLOCK // max(1, weight[0].numel()))
-    for lo in range(0, n, step):
-        part = slice(lo, min(n, lo + step))
-        block = qweight.map(lambda _, t: t[part] if t.dim() and t.shape[0] == n else t)
-        bias = None if layer.bias is None else layer.bias[part]
-        ref = F.linear(rows, weight[part].to(torch.float32), bias)
-        kw = dict(bias=bias, smooth_inv=layer.smooth_inv, recipe=layer.recipe)
-        out.add(ref, scheme.reference(rows, block, x_scale=x_scale, **kw))
-        if static:
-            token.add(ref, per_token.reference(rows, block, x_scale=None, **kw))
-    return out.sqnr_db(), (token.token_sqnr_db() - out.token_sqnr_db() if static else None)
+    # a static scale's loss: against per-token scales on the same weights
+    per_token = SCHEMES.get(dataclasses.replace(scheme.key, scale="dynamic")) if scheme.key.scale == "static" else None
+    out, token = _error_sums(layer, scheme, qweight, rows, x_scale, layer.smooth_inv, per_token)
+    return out.sqnr_db(), (None if token is None else token.token_sqnr_db() - out.token_sqnr_db())
 
 
 def _kept_in_float(recipe, sqnr: Optional[float], static_loss: Optional[float]) -> tuple:
@@ -159,8 +165,7 @@ def _weight_only(layer: Layer, why: str, fallback: str) -> Optional[Outcome]:
     qweight = scheme.quantize_weight(layer.weight if layer.folded else raw, layer.recipe, None)
     rows = layer.rows()
     x = rows / layer.plan.scale if layer.folded else rows
-    sqnr = sqnr_db(layer.float_output(rows), scheme.reference(x, qweight, bias=layer.bias, smooth_inv=None,
-                                                              x_scale=None, recipe=layer.recipe))
+    sqnr = _error_sums(layer, scheme, qweight, x, None, None)[0].sqnr_db()
     floor = layer.recipe.min_sqnr_db
     if math.isnan(sqnr) or (floor is not None and sqnr < floor):
         return None

@@ -29,9 +29,7 @@ def _sums(ref: Tensor, approx: Tensor) -> tuple:
 def sqnr_db(ref: Tensor, approx: Tensor) -> float:
     """10 log10(|ref|^2 / |ref - approx|^2); +inf when exact, NaN never passes silently."""
     noise, signal = _sums(ref, approx)
-    if math.isnan(noise) or math.isnan(signal):
-        return float("nan")
-    return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    return _db(noise / max(signal, 1e-300))
 
 
 def token_sqnr_db(ref: Tensor, approx: Tensor) -> float:
@@ -40,10 +38,14 @@ def token_sqnr_db(ref: Tensor, approx: Tensor) -> float:
     what happens to the others (the next LayerNorm gives every token the same weight)."""
     ref, approx = ref.double().flatten(0, -2), approx.double().flatten(0, -2)
     rel = (ref - approx).pow(2).sum(-1) / ref.pow(2).sum(-1).clamp_min(1e-300)
-    mean = rel.mean().item()
-    if math.isnan(mean):
+    return _db(rel.mean().item())
+
+
+def _db(noise_to_signal: float) -> float:
+    """-10 log10 of a noise-to-signal ratio: +inf when exact, NaN as NaN."""
+    if math.isnan(noise_to_signal):
         return float("nan")
-    return float("inf") if mean == 0 else -10 * math.log10(mean)
+    return float("inf") if noise_to_signal == 0 else -10 * math.log10(noise_to_signal)
 
 
 class ErrorSums:
@@ -60,13 +62,7 @@ class ErrorSums:
         self.signal = signal if self.signal is None else self.signal + signal
 
     def sqnr_db(self) -> float:
-        noise, signal = self.noise.sum().item(), self.signal.sum().item()
-        if math.isnan(noise) or math.isnan(signal):
-            return float("nan")
-        return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+        return _db(self.noise.sum().item() / max(self.signal.sum().item(), 1e-300))
 
     def token_sqnr_db(self) -> float:
-        mean = (self.noise / self.signal.clamp_min(1e-300)).mean().item()
-        if math.isnan(mean):
-            return float("nan")
-        return float("inf") if mean == 0 else -10 * math.log10(mean)
+        return _db((self.noise / self.signal.clamp_min(1e-300)).mean().item())

@@ -22,11 +22,6 @@ import qcompiler
 from qcompiler.bundled import zoo
 
 
-def window_nll(model, windows) -> torch.Tensor:
-    return torch.tensor([math.log(zoo.perplexity(model, windows[i:i + 1])) for i in range(len(windows))],
-                        dtype=torch.float64)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.65, 0.8])
@@ -39,7 +34,7 @@ def main():
     torch.set_num_threads(args.threads)
     model, tok = zoo.load_smollm2()
     cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), args.window, args.calib, args.windows)
-    base = window_nll(model, held)
+    base = zoo.window_nll(model, held)
     with qcompiler.calibrate(model, cal.split(1), progress=False):
         pass
     nll = {}
@@ -47,7 +42,7 @@ def main():
         torch._dynamo.reset()
         fast = torch.compile(model, backend="qcompile",
                              options={"recipe": "w8a8-smoothquant", "alpha": alpha, "target": "reference"})
-        nll[alpha] = window_nll(fast, held)
+        nll[alpha] = zoo.window_nll(fast, held)
         print(alpha, math.exp((nll[alpha] - base).mean().item()) - 1, flush=True)
     rows = ["| alpha | perplexity vs FP32 | auto minus this alpha, mean NLL per window (nats) | standard error | "
             "mean / standard error |", "|---|---|---|---|---|"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bz2
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
@@ -154,6 +155,13 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 1, params: Option
         nll += loss.item()
         count += ids[:, 1:].numel()
     return float(torch.exp(torch.tensor(nll / count)))
+
+
+def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """Each window's mean next-token NLL (nats, float64): paired per window, two models' differences
+    have a standard error; windows of one length average to ``log(perplexity(model, windows))``."""
+    return torch.tensor([math.log(perplexity(model, windows[i:i + 1])) for i in range(len(windows))],
+                        dtype=torch.float64)
 
 
 @torch.no_grad()

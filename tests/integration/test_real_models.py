@@ -95,13 +95,6 @@ def test_smollm2_slice_int4_awq_beats_rtn_and_fp8_stays_close(smollm2):
     qcompiler.calibration.state.forget(model)  # the fixture is shared: leave no INT4 statistics behind
 
 
-def window_nll(model, windows) -> torch.Tensor:
-    """Each window's mean next-token NLL (nats), float64: windows of one length, so their mean is
-    the log-perplexity of all of them."""
-    return torch.tensor([math.log(zoo.perplexity(model, windows[i:i + 1])) for i in range(len(windows))],
-                        dtype=torch.float64)
-
-
 @pytest.mark.slow
 def test_smollm2_acceptance_bars(smollm2):
     """The INT8 bars on the full split, and ``alpha="auto"`` against fixed alphas.
@@ -113,14 +106,14 @@ def test_smollm2_acceptance_bars(smollm2):
     larger than the gaps between the alphas, docs/experiments.md)."""
     model, tok = smollm2
     cal, held = zoo.lm_windows(zoo.wiki_token_ids(tok, "smollm2"), 512, 16, 16)
-    base = window_nll(model, held)
+    base = zoo.window_nll(model, held)
     bars = {"w8a16": 0.005, "w8a8": 0.03, "w8a8-smoothquant-dynamic": 0.015}
     nll = {}
 
     def measure(key, **options):
         torch._dynamo.reset()
         fast = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
-        nll[key] = window_nll(fast, held)
+        nll[key] = zoo.window_nll(fast, held)
 
     qcompiler.calibration.state.forget(model)  # the fixture is shared: start with no statistics
     measure("w8a16", recipe="w8a16")  # the recipes that need no calibration, measured without it

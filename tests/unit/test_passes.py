@@ -453,8 +453,9 @@ def test_error_sums_over_column_blocks_give_the_whole_pairs_sqnr(blocks, nan_at)
         assert (math.isnan(got) and math.isnan(want)) if nan_at else got == pytest.approx(want, rel=1e-9)
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-static", "w8a8-smoothquant", "w4a16"])
-def test_a_layer_measured_in_blocks_has_the_sqnr_measured_whole(recipe, monkeypatch):
+@pytest.mark.parametrize("recipe,guard", [("w8a8-static", None), ("w8a8-smoothquant", None), ("w4a16", None),
+                                          ("w8a8-static", 0.0)])  # a guard of 0 dB: the weight-only fallback's SQNR
+def test_a_layer_measured_in_blocks_has_the_sqnr_measured_whole(recipe, guard, monkeypatch):
     """The quantize pass measures a wide layer a block of output channels at a time (a tied
     ``lm_head`` whole would be a weight-sized float copy): the decisions' SQNR and static loss are
     those measured whole, down to float64 summation order."""
@@ -464,8 +465,9 @@ def test_a_layer_measured_in_blocks_has_the_sqnr_measured_whole(recipe, monkeypa
     model = Block()
     x = with_massive_tokens(torch.randn(4, 9, 48))
     calibrated(model, [x])
-    r = get_recipe(recipe).replace(min_sqnr_db=None, max_static_loss_db=None)
+    r = get_recipe(recipe).replace(min_sqnr_db=None, max_static_loss_db=guard)
     *_, whole = run_passes(model, x, r)
+    assert guard is None or any(d.weight_only for d in whole), whole
     monkeypatch.setattr(quantize, "MEASURE_BLOCK", 48 * 5)  # five output channels at a time
     *_, blocked = run_passes(model, x, r)
     assert [d.module for d in whole] == [d.module for d in blocked]
