@@ -21,7 +21,7 @@ from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
 from qcompiler.lowering.shared_qops import share
 from qcompiler.lowering.triton_plan import plan_graph
 from qcompiler.runtimes import (kernel_choice, linear_kernels, tinygemm, triton_attention, triton_kv_attention,
-                                triton_quantize, triton_tuning, triton_w8a8, triton_weight_only)
+                                triton_packed, triton_quantize, triton_tuning, triton_w8a8, triton_weight_only)
 from qcompiler.runtimes.triton_support import require
 
 qops = torch.ops.qcompile
@@ -51,8 +51,8 @@ TRITON_OPS = {getattr(qops, name).default: _register(name, launcher) for name, l
 
 
 # the source a measured kernel choice depends on: a change to any of them re-measures
-KERNEL_SOURCES = tuple(m.__file__ for m in (linear_kernels, kernel_choice, tinygemm, triton_tuning, triton_w8a8,
-                                            triton_weight_only))
+KERNEL_SOURCES = tuple(m.__file__ for m in (linear_kernels, kernel_choice, tinygemm, triton_packed, triton_tuning,
+                                            triton_w8a8, triton_weight_only))
 
 
 def swap_qops(gm: fx.GraphModule) -> fx.GraphModule:

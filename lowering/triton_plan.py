@@ -132,7 +132,8 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
             kernel = family.kernel(choice.kernel)
             start.append(len(prepared_nodes))
             if kernel.prepare is not None:
-                key = (kernel.name, *(id(a) for a in args[1:] if isinstance(a, torch.Tensor)))
+                # keyed by the prepare function: kernels sharing one layout share one copy
+                key = (kernel.prepare, *(id(a) for a in args[1:] if isinstance(a, torch.Tensor)))
                 if key not in made:
                     made[key] = []
                     for t in kernel.prepare(args):  # once per weight: buffers of the graph

@@ -8,6 +8,8 @@ measured (the CPU interpreter), so the tables start with the kernels the lowerin
 * ``linear_w4a16``: qcompile's Triton GEMV (split-K as ``triton_tuning`` picks it, or unsplit:
   no float32 buffer, zero fill or cast), the fused Triton GEMM (codes dequantized in registers),
   torch's tinygemm (``runtimes.tinygemm``), and the weight dequantized in one kernel then cuBLAS.
+  The packed GEMV (M = 1) and GEMM read the weight re-packed once into int32 words
+  (``runtimes.triton_packed``).
 * ``linear_w8a16``: the same, without tinygemm.
 * ``linear_w8a8``: cuBLASLt's FP8 ``_scaled_mm``, qcompile's Triton GEMM (scales in its epilogue),
   and ``torch._int_mm`` followed by the scales (INT8, M > 16).
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from qcompiler import torch_compat
 from qcompiler.ir import ops
-from qcompiler.runtimes import tinygemm, triton_tuning, triton_w8a8, triton_weight_only as wo
+from qcompiler.runtimes import tinygemm, triton_packed as tp, triton_tuning, triton_w8a8, triton_weight_only as wo
 from qcompiler.runtimes.kernel_choice import Family, Kernel
 
 SMALL_M = triton_tuning.SMALL_M
@@ -47,6 +49,23 @@ def _w4(path, split_k=None):
     return lambda a, prepared: wo.linear_w4a16(*a, split_k=split_k, path=path)
 
 
+def _w4_packable(a, m):
+    return tp.packable(4, a[1].shape[1] * 2, a[5])
+
+
+def _one_row(can_run):
+    return lambda a, m: can_run(a, m) if m == 1 else (False, "the packed GEMV takes M = 1")
+
+
+def _w4_packed(path):
+    return lambda a, p: tp.linear_packed(a[0], p[0], p[1], p[2] if len(p) > 2 else None, a[4], a[6], a[1].shape[0],
+                                         4, a[5], path)
+
+
+def _w4_prepare(a):  # one function for both packed rows: the plan re-packs a weight once for both
+    return tp.prepare_w4(a[1], a[2], a[3])
+
+
 def _tinygemm_can_run(a, m):
     x, packed, scale, zero, smooth, group, bias = a
     return tinygemm.can_run(x.dtype, x.device, packed.shape[0], x.shape[-1], packed.shape[1] * 2, group)
@@ -59,7 +78,9 @@ W4A16 = Family(
      Kernel("triton_gemv_unsplit", _w4("gemv", 1), _m_at_most_small),
      Kernel("triton_gemm", _w4("gemm")),
      Kernel("tinygemm", lambda a, p: tinygemm.linear(a[0], p[0], p[1], a[5], a[1].shape[0], a[4], a[6]),
-            _tinygemm_can_run, lambda a: tinygemm.prepare(a[1], a[2], a[3]))),
+            _tinygemm_can_run, lambda a: tinygemm.prepare(a[1], a[2], a[3])),
+     Kernel("triton_packed_gemv", _w4_packed("gemv"), _one_row(_w4_packable), _w4_prepare),
+     Kernel("triton_packed_gemm", _w4_packed("gemm"), _w4_packable, _w4_prepare)),
     reference=ops.linear_w4a16_ref,
     with_rows=lambda a, m: (_rows(a[0], m), *a[1:]),
     shape=lambda a: (a[0].dtype, a[1].shape[0], a[0].shape[-1], a[5], a[3] is None, a[4] is None, a[6] is None),
@@ -74,12 +95,26 @@ def _w8(path, split_k=None):
     return lambda a, prepared: wo.linear_w8a16(*a, split_k=split_k, path=path)
 
 
+def _w8_packable(a, m):
+    return tp.packable(8, a[1].shape[1], 0)
+
+
+def _w8_packed(path):
+    return lambda a, p: tp.linear_packed(a[0], p[0], p[1], None, None, a[3], a[1].shape[0], 8, 0, path)
+
+
+def _w8_prepare(a):
+    return tp.prepare_w8(a[1], a[2])
+
+
 W8A16 = Family(
     "linear_w8a16",
     (Kernel("triton_gemv", _w8("gemv"), _m_at_most_small),
      Kernel("dequant_cublas", _w8("dequant")),
      Kernel("triton_gemv_unsplit", _w8("gemv", 1), _m_at_most_small),
-     Kernel("triton_gemm", _w8("gemm"))),
+     Kernel("triton_gemm", _w8("gemm")),
+     Kernel("triton_packed_gemv", _w8_packed("gemv"), _one_row(_w8_packable), _w8_prepare),
+     Kernel("triton_packed_gemm", _w8_packed("gemm"), _w8_packable, _w8_prepare)),
     reference=ops.linear_w8a16_ref,
     with_rows=lambda a, m: (_rows(a[0], m), *a[1:]),
     shape=lambda a: (a[0].dtype, *a[1].shape, a[3] is None),

@@ -123,6 +123,22 @@ def _weight_only(kernel: str, config, act, bits, has_zero, has_smooth, group=64,
     compile_for_h100(fn, {k: v for k, v in types.items() if k in names}, constexprs, config.num_warps, config.num_stages)
 
 
+def _packed(kernel: str, config, act, bits, has_zero, has_smooth, group=64):
+    """kernel: 'gemv' (M = 1) or 'gemm' of runtimes/triton_packed.py, on int32 words."""
+    from qcompiler.runtimes import triton_packed as tp
+
+    types = {"x_ptr": ACT[act], "y_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
+             "smooth_ptr": ACT[act], "bias_ptr": ACT[act],
+             **_ints("M", "N", "K", "K_W", "M_BUCKET", "stride_xm", "stride_ym")}
+    constexprs = {"BITS": bits, "HAS_ZERO": has_zero, "HAS_SMOOTH": has_smooth, "HAS_BIAS": True,
+                  "GROUP_SIZE": group if bits == 4 else 1 << 30, **config.kwargs}
+    if kernel == "gemm":
+        constexprs.update(PRECISION="ieee" if act == "fp32" else "tf32", UPCAST=False)
+    fn = tp._gemm_packed_kernel if kernel == "gemm" else tp._gemv_packed_kernel
+    names = fn.fn.arg_names
+    compile_for_h100(fn, {k: v for k, v in types.items() if k in names}, constexprs, config.num_warps, config.num_stages)
+
+
 def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
     from qcompiler.runtimes import triton_attention as ta
 
@@ -187,6 +203,20 @@ def cases() -> dict:
             "gemv", tuning.ALL_WEIGHT_ONLY_GEMV[0], *a, 2)
         out[f"gemv1-{name}"] = lambda a=(act, bits, zero, smooth, group): _weight_only(
             "gemv1", tuning.ALL_WEIGHT_ONLY_GEMV1[0], *a, 2)
+    for config in tuning.ALL_PACKED_GEMV:
+        for bits, group in ((4, 32), (4, 128), (8, 0)):
+            out[f"packed-gemv-w{bits}-g{group}-{_config_id(config)}"] = lambda a=(config, bits, group): _packed(
+                "gemv", a[0], "bf16", a[1], a[1] == 4, False, a[2])
+    for config in tuning.ALL_PACKED_GEMM:
+        for bits, group in ((4, 32), (4, 128), (8, 0)):
+            out[f"packed-gemm-w{bits}-g{group}-{_config_id(config)}"] = lambda a=(config, bits, group): _packed(
+                "gemm", a[0], "bf16", a[1], a[1] == 4, False, a[2])
+    for act, bits, zero, smooth, group in WEIGHT_ONLY_VARIANTS:
+        if bits == 4 and group < 8:
+            continue
+        name = f"{act}-w{bits}-{'zero' if zero else 'sym'}-{'smooth' if smooth else 'plain'}" + (f"-g{group}" if group else "")
+        out[f"packed-gemv-{name}"] = lambda a=(act, bits, zero, smooth, group): _packed("gemv", tuning.ALL_PACKED_GEMV[0], *a)
+        out[f"packed-gemm-{name}"] = lambda a=(act, bits, zero, smooth, group): _packed("gemm", tuning.ALL_PACKED_GEMM[0], *a)
     for is_fp8, mask, causal, (bm, bn), d in itertools.product(
             [False, True], [0, 1, 2], [False, True], [(16, 64), (64, 64)], [64, 80]):
         if causal and mask == 2:
