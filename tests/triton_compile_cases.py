@@ -152,6 +152,29 @@ def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
         "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal})
 
 
+def _kv_split(fmt, act, mask, causal, block_m, d):
+    """The split-KV decode kernel and its merge."""
+    import triton.language as tl
+
+    from qcompiler.runtimes import triton_attention as ta, triton_kv_attention as tk
+
+    code = {"int8": "*i8", "fp8": "*u8", "int4": "*u8"}[fmt]
+    block_d = max(16, 1 << (d - 1).bit_length())
+    types = {"q_ptr": ACT[act], "kc_ptr": code, "ks_ptr": "*fp16", "ko_ptr": "*fp16", "kt_ptr": ACT[act],
+             "vc_ptr": code, "vs_ptr": "*fp16", "vo_ptr": "*fp16", "vt_ptr": ACT[act],
+             "mask_ptr": {ta.MASK_NONE: ACT[act], ta.MASK_BOOL: "*i8", ta.MASK_ADD: "*fp32"}[mask],
+             "op_ptr": "*fp32", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "sm_scale": "fp32",
+             **_ints("LQ", "LC", "LT", "HQ", "HKV", "GROUP", "K_GROUP", "V_GROUP", "CHUNK", "SPLITS", "sqb", "sqh",
+                     "sqm", "sktb", "skth", "sktn", "svtb", "svth", "svtn", "smb", "smh", "smm", "smn")}
+    compile_for_h100(tk._kv_split_kernel, types, {
+        "D": d, "BLOCK_M": block_m, "BLOCK_N": 64 if d <= 64 else 32, "BLOCK_D": block_d,
+        "FMT": tk.FORMAT_CODES[fmt], "HAS_OFFSET": fmt == "int4", "MASK": mask, "CAUSAL": causal,
+        "DOT": {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[act]})
+    compile_for_h100(tk._kv_merge_kernel, {"op_ptr": "*fp32", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "o_ptr": ACT[act],
+                                           **_ints("HQ", "LQ", "SPLITS", "sob", "soh", "som")},
+                     {"D": d, "BLOCK_S": 64, "BLOCK_D": block_d})
+
+
 def _kv_attention(fmt, act, mask, causal, block_m, d):
     import triton.language as tl
 
@@ -229,6 +252,9 @@ def cases() -> dict:
         bm, d = ((16, 64), (64, 128))[i % 2]  # decode's and prefill's row tiles, over both key tile sizes
         out[f"kv-attention-{fmt}-{act}-mask{mask}-{'causal' if causal else 'full'}-m{bm}-d{d}"] = (
             lambda a=(fmt, act, mask, causal, bm, d): _kv_attention(*a))
+        bm = (16, 64)[i % 2]  # one query row of a 4- or a 64-head group: the split kernel's row tiles
+        out[f"kv-split-{fmt}-{act}-mask{mask}-{'causal' if causal else 'full'}-m{bm}-d{d}"] = (
+            lambda a=(fmt, act, mask, causal, bm, d): _kv_split(*a))
     return out
 
 
