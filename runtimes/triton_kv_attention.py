@@ -77,6 +77,42 @@ def _step(q, k, v, m_i, l_i, acc, rm, rn, END, LQ, LK, sm_scale, m_base, smm, sm
 
 
 @triton.jit
+def _walk_keys(q, m_i, l_i, acc, rm, start, end, b, hk, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_ptr,
+               vt_ptr, m_base, LQ, LC, LT, HKV, sm_scale, K_GROUP, V_GROUP, sktb, skth, sktn, svtb, svth, svtn,
+               smm, smn, rd, D: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr, HAS_OFFSET: tl.constexpr,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr):
+    """Keys ``[start, end)`` of KV head ``hk`` into the online softmax: first the cache's quantized
+    tokens, dequantized tile by tile, then its floating-point tail."""
+    LK = LC + LT
+    bh = (b * HKV + hk).to(tl.int64)
+    width = D // 2 if FMT == 2 else D
+    kc_base = kc_ptr + bh * LC * width
+    k_scales = bh * (LC // K_GROUP) * D
+    vc_base = vc_ptr + bh * LC * width
+    v_scales = bh * LC * (D // V_GROUP)
+    q_end = tl.minimum(end, LC)
+    for n0 in range(start, q_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        k = _dequantized(kc_base, ks_ptr + k_scales, ko_ptr + k_scales, rn[None, :], rd[:, None],
+                         (rn[None, :] < q_end) & (rd[:, None] < D), D, K_GROUP, 1, D, FMT, HAS_OFFSET)
+        v = _dequantized(vc_base, vs_ptr + v_scales, vo_ptr + v_scales, rn[:, None], rd[None, :],
+                         (rn[:, None] < q_end) & (rd[None, :] < D), D, 1, V_GROUP, D // V_GROUP, FMT, HAS_OFFSET)
+        m_i, l_i, acc = _step(q, k.to(DOT), v.to(DOT), m_i, l_i, acc, rm, rn, q_end, LQ, LK, sm_scale, m_base,
+                              smm, smn, MASK, CAUSAL, DOT == tl.float32)
+    kt_base = kt_ptr + b.to(tl.int64) * sktb + hk * skth
+    vt_base = vt_ptr + b.to(tl.int64) * svtb + hk * svth
+    for t0 in range(tl.maximum(start, LC) - LC, end - LC, BLOCK_N):
+        rt = t0 + tl.arange(0, BLOCK_N)
+        k = tl.load(kt_base + rt[None, :].to(tl.int64) * sktn + rd[:, None],
+                    mask=(rt[None, :] < end - LC) & (rd[:, None] < D), other=0.0)
+        v = tl.load(vt_base + rt[:, None].to(tl.int64) * svtn + rd[None, :],
+                    mask=(rt[:, None] < end - LC) & (rd[None, :] < D), other=0.0)
+        m_i, l_i, acc = _step(q, k.to(DOT), v.to(DOT), m_i, l_i, acc, rm, LC + rt, end, LQ, LK, sm_scale, m_base,
+                              smm, smn, MASK, CAUSAL, DOT == tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _kv_attention_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_ptr, vt_ptr, mask_ptr, o_ptr,
                          LQ, LC, LT, HQ, HKV, GROUP, sm_scale, K_GROUP, V_GROUP,
                          sqb, sqh, sqm, sktb, skth, sktn, svtb, svth, svtn,
@@ -90,32 +126,10 @@ def _kv_attention_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    LK = LC + LT
     m_base = mask_ptr + b.to(tl.int64) * smb + h * smh
-    bh = (b * HKV + hk).to(tl.int64)
-    width = D // 2 if FMT == 2 else D
-    kc_base = kc_ptr + bh * LC * width
-    k_scales = bh * (LC // K_GROUP) * D
-    vc_base = vc_ptr + bh * LC * width
-    v_scales = bh * LC * (D // V_GROUP)
-    for n0 in range(0, LC, BLOCK_N):  # the quantized tokens, dequantized tile by tile
-        rn = n0 + tl.arange(0, BLOCK_N)
-        k = _dequantized(kc_base, ks_ptr + k_scales, ko_ptr + k_scales, rn[None, :], rd[:, None],
-                         (rn[None, :] < LC) & (rd[:, None] < D), D, K_GROUP, 1, D, FMT, HAS_OFFSET)
-        v = _dequantized(vc_base, vs_ptr + v_scales, vo_ptr + v_scales, rn[:, None], rd[None, :],
-                         (rn[:, None] < LC) & (rd[None, :] < D), D, 1, V_GROUP, D // V_GROUP, FMT, HAS_OFFSET)
-        m_i, l_i, acc = _step(q, k.to(DOT), v.to(DOT), m_i, l_i, acc, rm, rn, LC, LQ, LK, sm_scale, m_base, smm, smn,
-                              MASK, CAUSAL, DOT == tl.float32)
-    kt_base = kt_ptr + b.to(tl.int64) * sktb + hk * skth
-    vt_base = vt_ptr + b.to(tl.int64) * svtb + hk * svth
-    for t0 in range(0, LT, BLOCK_N):  # the floating-point tail
-        rt = t0 + tl.arange(0, BLOCK_N)
-        k = tl.load(kt_base + rt[None, :].to(tl.int64) * sktn + rd[:, None],
-                    mask=(rt[None, :] < LT) & (rd[:, None] < D), other=0.0)
-        v = tl.load(vt_base + rt[:, None].to(tl.int64) * svtn + rd[None, :],
-                    mask=(rt[:, None] < LT) & (rd[None, :] < D), other=0.0)
-        m_i, l_i, acc = _step(q, k.to(DOT), v.to(DOT), m_i, l_i, acc, rm, LC + rt, LK, LQ, LK, sm_scale, m_base,
-                              smm, smn, MASK, CAUSAL, DOT == tl.float32)
+    m_i, l_i, acc = _walk_keys(q, m_i, l_i, acc, rm, 0, LC + LT, b, hk, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr,
+                               vo_ptr, vt_ptr, m_base, LQ, LC, LT, HKV, sm_scale, K_GROUP, V_GROUP, sktb, skth, sktn,
+                               svtb, svth, svtn, smm, smn, rd, D, BLOCK_N, FMT, HAS_OFFSET, MASK, CAUSAL, DOT)
     out = acc / l_i[:, None]
     out = tl.where((l_i > 0.0)[:, None] | (l_i != l_i)[:, None], out, 0.0)  # every key masked: zeros
     o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rm[:, None].to(tl.int64) * som + rd[None, :]
@@ -146,35 +160,12 @@ def _kv_split_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_p
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    LK = LC + LT
     m_base = mask_ptr + b.to(tl.int64) * smb + h[:, None].to(tl.int64) * smh  # a base per row (its head)
     start = split * CHUNK
-    end = tl.minimum(start + CHUNK, LK)
-    bh = (b * HKV + hk).to(tl.int64)
-    width = D // 2 if FMT == 2 else D
-    kc_base = kc_ptr + bh * LC * width
-    k_scales = bh * (LC // K_GROUP) * D
-    vc_base = vc_ptr + bh * LC * width
-    v_scales = bh * LC * (D // V_GROUP)
-    q_end = tl.minimum(end, LC)
-    for n0 in range(start, q_end, BLOCK_N):  # this slice's quantized tokens
-        rn = n0 + tl.arange(0, BLOCK_N)
-        k = _dequantized(kc_base, ks_ptr + k_scales, ko_ptr + k_scales, rn[None, :], rd[:, None],
-                         (rn[None, :] < q_end) & (rd[:, None] < D), D, K_GROUP, 1, D, FMT, HAS_OFFSET)
-        v = _dequantized(vc_base, vs_ptr + v_scales, vo_ptr + v_scales, rn[:, None], rd[None, :],
-                         (rn[:, None] < q_end) & (rd[None, :] < D), D, 1, V_GROUP, D // V_GROUP, FMT, HAS_OFFSET)
-        m_i, l_i, acc = _step(q, k.to(DOT), v.to(DOT), m_i, l_i, acc, rm, rn, q_end, LQ, LK, sm_scale, m_base,
-                              smm, smn, MASK, CAUSAL, DOT == tl.float32)
-    kt_base = kt_ptr + b.to(tl.int64) * sktb + hk * skth
-    vt_base = vt_ptr + b.to(tl.int64) * svtb + hk * svth
-    for t0 in range(tl.maximum(start, LC) - LC, end - LC, BLOCK_N):  # and its floating-point tail tokens
-        rt = t0 + tl.arange(0, BLOCK_N)
-        k = tl.load(kt_base + rt[None, :].to(tl.int64) * sktn + rd[:, None],
-                    mask=(rt[None, :] < end - LC) & (rd[:, None] < D), other=0.0)
-        v = tl.load(vt_base + rt[:, None].to(tl.int64) * svtn + rd[None, :],
-                    mask=(rt[:, None] < end - LC) & (rd[None, :] < D), other=0.0)
-        m_i, l_i, acc = _step(q, k.to(DOT), v.to(DOT), m_i, l_i, acc, rm, LC + rt, end, LQ, LK, sm_scale, m_base,
-                              smm, smn, MASK, CAUSAL, DOT == tl.float32)
+    m_i, l_i, acc = _walk_keys(q, m_i, l_i, acc, rm, start, tl.minimum(start + CHUNK, LC + LT), b, hk, kc_ptr, ks_ptr,
+                               ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_ptr, vt_ptr, m_base, LQ, LC, LT, HKV, sm_scale,
+                               K_GROUP, V_GROUP, sktb, skth, sktn, svtb, svth, svtn, smm, smn, rd, D, BLOCK_N, FMT,
+                               HAS_OFFSET, MASK, CAUSAL, DOT)
     row = ((b * HQ + h).to(tl.int64) * LQ + rm) * SPLITS + split
     tl.store(op_ptr + row[:, None] * BLOCK_D + rd[None, :], acc, mask=row_ok[:, None])
     tl.store(mp_ptr + row, m_i, mask=row_ok)
