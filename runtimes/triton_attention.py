@@ -90,7 +90,10 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
     m_base = mask_ptr + b.to(tl.int64) * smb + h * smh
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
-    for n0 in range(0, LK, BLOCK_N):
+    end = LK
+    if CAUSAL:  # keys past the tile's last query row are masked for every row: skipped, not computed
+        end = tl.minimum(LK, (tl.program_id(0) + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         kq = tl.load(k_base + rn[None, :].to(tl.int64) * skn + rd[:, None],
                      mask=(rn[None, :] < LK) & (rd[:, None] < D), other=0)
@@ -112,6 +115,14 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
     out = tl.where((l_i > 0.0)[:, None] | (l_i != l_i)[:, None], out, 0.0)  # every key masked: zeros
     o_ptrs = o_ptr + b.to(tl.int64) * sob + h * soh + rm[:, None].to(tl.int64) * som + rd[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(rm[:, None] < LQ) & (rd[None, :] < D))
+
+
+def query_tile_size(lq: int) -> tuple:
+    """(query rows per program, warps): 16 for decode, 64 for short prompts, 128 rows on 8 warps
+    for long ones (each K and V tile then feeds twice the rows)."""
+    if lq <= 16:
+        return 16, 4
+    return (64, 4) if lq < 256 else (128, 8)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, qdtype) -> None:
@@ -149,7 +160,7 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
             kind, mask = MASK_ADD, mask.to(torch.float32)
         strides = mask.stride()
     if out.numel():
-        block_m = 16 if lq <= 16 else 64
+        block_m, warps = query_tile_size(lq)
         block_n = attention.P_BLOCK  # key tiles are P's scale blocks
         block_d = max(16, triton.next_power_of_2(d))
         grid = (triton.cdiv(lq, block_m), b * hq)
@@ -159,5 +170,5 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
             qq.stride(0), qq.stride(1), qq.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
             vq.stride(0), vq.stride(1), vq.stride(2), vq.stride(3), *strides, out.stride(0), out.stride(1), out.stride(2),
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IS_FP8=qdtype == ops.FP8,
-            QMAX=ops.QMAXES[qdtype], MASK=kind, CAUSAL=bool(is_causal))
+            QMAX=ops.QMAXES[qdtype], MASK=kind, CAUSAL=bool(is_causal), num_warps=warps)
     return out

@@ -127,7 +127,10 @@ def _kv_attention_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, 
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_base = mask_ptr + b.to(tl.int64) * smb + h * smh
-    m_i, l_i, acc = _walk_keys(q, m_i, l_i, acc, rm, 0, LC + LT, b, hk, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr,
+    end = LC + LT
+    if CAUSAL:  # keys past the tile's last query row are masked for every row: skipped
+        end = tl.minimum(end, (tl.program_id(0) + 1) * BLOCK_M)
+    m_i, l_i, acc = _walk_keys(q, m_i, l_i, acc, rm, 0, end, b, hk, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr,
                                vo_ptr, vt_ptr, m_base, LQ, LC, LT, HKV, sm_scale, K_GROUP, V_GROUP, sktb, skth, sktn,
                                svtb, svth, svtn, smm, smn, rd, D, BLOCK_N, FMT, HAS_OFFSET, MASK, CAUSAL, DOT)
     out = acc / l_i[:, None]

@@ -147,9 +147,10 @@ def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
              "o_ptr": ACT[out], "sm_scale": "fp32",
              **_ints("LQ", "LK", "HQ", "HKV", "GROUP", "sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
                      "svd", "smb", "smh", "smm", "smn", "sob", "soh", "som")}
+    warps = {16: 4, 64: 4, 128: 8}[block_m]  # as ta.query_tile_size launches each row tile
     compile_for_h100(ta._attention_kernel, types, {
         "D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(16, 1 << (d - 1).bit_length()),
-        "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal})
+        "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal}, num_warps=warps)
 
 
 def _kv_split(fmt, act, mask, causal, block_m, d):
@@ -246,6 +247,9 @@ def cases() -> dict:
             continue  # the launcher's flag sets: a causal graph carries no additive mask in the cases here
         out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask{mask}-{'causal' if causal else 'full'}-{bm}x{bn}-d{d}"] = (
             lambda a=(is_fp8, mask, causal, bm, bn, d, "bf16"): _attention(*a))
+    for is_fp8, causal, d in itertools.product([False, True], [False, True], [64, 128]):  # long prompts' tiles
+        out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask0-{'causal' if causal else 'full'}-128x64-d{d}"] = (
+            lambda a=(is_fp8, 0, causal, 128, 64, d, "bf16"): _attention(*a))
     masks = [(0, False), (1, False), (2, False), (0, True)]  # none, boolean, additive, causal
     for i, (fmt, act) in enumerate(itertools.product(["int8", "fp8", "int4"], ["bf16", "fp16", "fp32"])):
         mask, causal = masks[i % 4]  # each format and dtype once, each mask kind at least twice

@@ -20,6 +20,7 @@ CASES = [  # (hq, hkv, lq, quantized tokens, tail tokens, head size, mask, causa
     (4, 1, 19, 16, 3, 32, "additive", True),  # MQA, causal, additive mask
     (2, 1, 3, 96, 0, 64, None, False),      # no tail; keys across two tiles
     (2, 2, 5, 0, 11, 16, "bool", False),    # nothing quantized yet
+    (2, 1, 150, 96, 54, 16, None, True),    # causal over three row tiles: key tiles past each skipped
 ]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FLOAT_LINEARS = {"recipe": "w8a16", "skip": ["*"]}  # compiled, every linear in floating point: the eager model's numbers

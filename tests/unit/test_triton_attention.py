@@ -19,6 +19,8 @@ CASES = [  # (hq, hkv, lq, lk, d, mask, causal)
     (4, 2, 5, 70, 16, "bool", False),     # GQA, keys across two tiles
     (4, 1, 19, 19, 32, None, True),       # MQA, causal, query rows across two tiles
     (2, 1, 1, 37, 64, "additive", False),  # decode: one query
+    (2, 1, 150, 150, 16, None, True),     # causal over three 64-row tiles: later key tiles skipped
+    (2, 2, 260, 260, 16, "bool", True),   # 128-row tiles (long prompts), causal and a mask
 ]
 
 
