@@ -1,8 +1,8 @@
 """8-bit attention in Triton: ``qcompile::attention_q8`` as one fused flash-attention-style kernel.
 
-Before the kernel (three small passes): K minus its mean over tokens; Q and K quantized per token
-and V per channel by the activation-quantization kernel (``triton_quantize``, bit-identical to the
-reference's codes). The kernel then takes a tile of query rows and walks the keys in tiles: the
+Before the kernel, three kernels: Q quantized per token (``triton_quantize``), K minus its mean
+over tokens quantized per token, and V per channel in V's own layout
+(``triton_attention_operands``), the codes the reference's. The kernel then takes a tile of query rows and walks the keys in tiles: the
 INT8 product ``Qq Kq^T`` (int32 accumulator; INT8 for both formats, as the reference), the scales, the masks (causal,
 boolean or additive, broadcast through zero strides), an online softmax in float32, ``P`` quantized
 with one scale per row of the key tile (the tile is the reference's block of ``P_BLOCK`` keys), and
@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qcompiler.ir import attention, ops
-from qcompiler.runtimes import triton_quantize
+from qcompiler.runtimes import triton_attention_operands, triton_quantize
 from qcompiler.runtimes.triton_common import as_bytes
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
@@ -144,11 +144,10 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scale = attention.default_scale(d) if scale is None else scale
-    k32 = k.to(torch.float32)
+    # three kernels: Q per token; K smoothed and per token; V per channel, in its own layout
     qq, sq = triton_quantize.quantize_per_token(q.contiguous(), None, attention.QK_DTYPE)
-    kq, sk = triton_quantize.quantize_per_token(attention.smooth_keys(k32).contiguous(), None, attention.QK_DTYPE)
-    vq_t, sv = triton_quantize.quantize_per_token(v.transpose(-1, -2).contiguous(), None, qdtype)  # per channel
-    vq = vq_t.transpose(-1, -2)                                                                      # [B, Hkv, Lk, D] view
+    kq, sk = triton_attention_operands.smoothed_keys(k, attention.QK_DTYPE)
+    vq, sv = triton_attention_operands.values_per_channel(v, qdtype)
     out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
     if attn_mask is None:
         kind, mask, strides = MASK_NONE, sq, (0, 0, 0, 0)

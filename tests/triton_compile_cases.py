@@ -139,6 +139,21 @@ def _packed(kernel: str, config, act, bits, has_zero, has_smooth, group=64):
     compile_for_h100(fn, {k: v for k, v in types.items() if k in names}, constexprs, config.num_warps, config.num_stages)
 
 
+def _attention_operands(act, d, is_fp8):
+    """The keys' and values' quantize kernels of the 8-bit attention, launched as their launchers do."""
+    from qcompiler.runtimes import triton_attention_operands as tao
+
+    block_d = max(16, 1 << (d - 1).bit_length())
+    code = "*u8" if is_fp8 else "*i8"
+    ints = _ints("L", "HKV", "skb", "skh", "skn")
+    compile_for_h100(tao._keys_kernel, {"k_ptr": ACT[act], "q_ptr": "*i8", "scale_ptr": "*fp32", "qmax": "fp32", **ints},
+                     {"D": d, "BLOCK_T": max(1, min(64, 8192 // block_d)), "BLOCK_D": block_d, "ROWS": tao.KEY_ROWS,
+                      "IS_FP8": False})
+    compile_for_h100(tao._values_kernel, {"v_ptr": ACT[act], "q_ptr": code, "scale_ptr": "*fp32", "qmax": "fp32",
+                                          **_ints("L", "HKV", "svb", "svh", "svn")},
+                     {"D": d, "BLOCK_T": 64, "BLOCK_D": tao.VALUE_CHANNELS, "IS_FP8": is_fp8})
+
+
 def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
     from qcompiler.runtimes import triton_attention as ta
 
@@ -247,6 +262,9 @@ def cases() -> dict:
             continue  # the launcher's flag sets: a causal graph carries no additive mask in the cases here
         out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask{mask}-{'causal' if causal else 'full'}-{bm}x{bn}-d{d}"] = (
             lambda a=(is_fp8, mask, causal, bm, bn, d, "bf16"): _attention(*a))
+    for act, d, is_fp8 in [("bf16", 128, False), ("fp16", 64, True), ("fp32", 80, False), ("bf16", 24, True)]:
+        out[f"attention-operands-{act}-d{d}-{'fp8' if is_fp8 else 'int8'}"] = (
+            lambda a=(act, d, is_fp8): _attention_operands(*a))
     for is_fp8, causal, d in itertools.product([False, True], [False, True], [64, 128]):  # long prompts' tiles
         out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask0-{'causal' if causal else 'full'}-128x64-d{d}"] = (
             lambda a=(is_fp8, 0, causal, 128, 64, d, "bf16"): _attention(*a))
