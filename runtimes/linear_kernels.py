@@ -12,7 +12,8 @@ measured (the CPU interpreter), so the tables start with the kernels the lowerin
   (``runtimes.triton_packed``).
 * ``linear_w8a16``: the same, without tinygemm.
 * ``linear_w8a8``: cuBLASLt's FP8 ``_scaled_mm``, qcompile's Triton GEMM (scales in its epilogue),
-  and ``torch._int_mm`` followed by the scales (INT8, M > 16).
+  the same kernel under GEMV configs for M <= 16 (8-bit codes straight into the tensor cores, no
+  conversion), and ``torch._int_mm`` followed by the scales (INT8, M > 16).
 """
 from __future__ import annotations
 
@@ -167,6 +168,7 @@ W8A8 = Family(
     "linear_w8a8",
     (Kernel("scaled_mm", lambda a, p: triton_w8a8._scaled_mm(*a), _scaled_mm_can_run),
      Kernel("triton", lambda a, p: triton_w8a8.linear_w8a8_triton(*a)),
+     Kernel("triton_gemv", lambda a, p: triton_w8a8.linear_w8a8_triton(*a, path="gemv"), _m_at_most_small),
      Kernel("int_mm", _int_mm, _int_mm_can_run)),
     reference=lambda xq, xs, wq, ws, bias, out_dtype: ops.linear_w8a8_ref(xq, xs, wq, ws, bias, torch.float32),
     with_rows=_w8a8_rows,

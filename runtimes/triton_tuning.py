@@ -51,6 +51,20 @@ def w8a8_configs() -> list:
     return _first_when_interpreting(ALL_W8A8)
 
 
+# the W8A8 GEMV (M <= 16): the weight streams once, so the grid must fill the SMs by columns alone
+ALL_W8A8_GEMV = [
+    _cfg(16, 32, 256, 4, 4, GROUP_M=1),
+    _cfg(16, 64, 256, 4, 4, GROUP_M=1),
+    _cfg(16, 32, 512, 4, 3, GROUP_M=1),
+    _cfg(16, 64, 128, 4, 6, GROUP_M=1),
+    _cfg(16, 128, 256, 8, 3, GROUP_M=1),
+]
+
+
+def w8a8_gemv_configs() -> list:
+    return _first_when_interpreting(ALL_W8A8_GEMV)
+
+
 def _m_bucket_arg(named_args, kwargs) -> int:
     # Triton's autotuner passes positional arguments in named_args and keyword ones in kwargs
     return {**named_args, **kwargs}["M_BUCKET"]

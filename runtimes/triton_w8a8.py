@@ -30,10 +30,8 @@ from qcompiler.runtimes.triton_common import as_bytes, rows_2d, store_rounded, t
 from qcompiler.runtimes.triton_support import interpreting
 
 
-@triton.autotune(configs=tuning.w8a8_configs(), key=tuning.AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": tuning.prune_w8a8}, cache_results=True)
 @triton.jit
-def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
+def _w8a8_tiles(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
                  stride_xm, stride_wn, stride_ym, stride_xs,
                  IS_FP8: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -60,6 +58,14 @@ def _w8a8_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKE
         y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
     store_rounded(y_ptrs, y, (rm[:, None] < M) & (rn[None, :] < N))
+
+
+# the same kernel under two config sets: the GEMM, and the GEMV of M <= 16 rows (one 16-row tile,
+# narrow column tiles and deep K steps so a decode step's few rows still fill the SMs)
+_w8a8_kernel = triton.autotune(configs=tuning.w8a8_configs(), key=tuning.AUTOTUNE_KEY,
+                               prune_configs_by={"early_config_prune": tuning.prune_w8a8}, cache_results=True)(_w8a8_tiles)
+_w8a8_gemv_kernel = triton.autotune(configs=tuning.w8a8_gemv_configs(), key=tuning.AUTOTUNE_KEY,
+                                    cache_results=True)(_w8a8_tiles)
 
 
 def check_operands(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor) -> None:
@@ -109,18 +115,23 @@ def linear_w8a8(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
 
 
 def linear_w8a8_triton(xq: Tensor, x_scale: Tensor, wq: Tensor, w_scale: Tensor,
-                       bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
-    """``linear_w8a8`` always on the Triton kernel."""
+                       bias: Optional[Tensor], out_dtype: torch.dtype, path: str = "gemm") -> Tensor:
+    """``linear_w8a8`` always on the Triton kernel, under the GEMM's configs or (``path="gemv"``,
+    M <= ``tuning.SMALL_M``) the GEMV's."""
     check_operands(xq, x_scale, wq, w_scale)
     k, n = wq.shape[1], wq.shape[0]
     x2 = rows_2d(xq)
     m = x2.shape[0]
+    if path not in ("gemm", "gemv") or (path == "gemv" and m > tuning.SMALL_M):
+        raise ValueError(f"linear_w8a8 path {path!r} cannot take M={m}: 'gemv' takes M <= {tuning.SMALL_M}, "
+                         "'gemm' any M")
+    kernel = _w8a8_gemv_kernel if path == "gemv" else _w8a8_kernel
     wq = wq if wq.stride(-1) == 1 else wq.contiguous()
     xs = x_scale.reshape(-1).to(torch.float32).contiguous()
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _w8a8_kernel[grid](
+        kernel[grid](
             as_bytes(x2), as_bytes(wq), xs, w_scale.to(torch.float32).contiguous(),
             bias.contiguous() if bias is not None else xs, y, m, n, k, tuning.m_bucket(m),
             x2.stride(0), wq.stride(0), y.stride(0), 0 if xs.numel() == 1 else 1,

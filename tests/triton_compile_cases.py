@@ -224,6 +224,8 @@ def cases() -> dict:
     for act, is_fp8, smooth, one_tile in itertools.product(ACT, [False, True], [False, True], [False, True]):
         out[f"quantize-{act}-{'fp8' if is_fp8 else 'int8'}-{'smooth' if smooth else 'plain'}-"
             f"{'onetile' if one_tile else 'twopass'}"] = lambda a=(act, is_fp8, smooth, one_tile): _quantize(*a)
+    for config, is_fp8 in itertools.product(tuning.ALL_W8A8_GEMV, [False, True]):  # the GEMV's configs
+        out[f"w8a8-gemv-{'fp8' if is_fp8 else 'int8'}-{_config_id(config)}"] = lambda a=(config, is_fp8, "bf16"): _w8a8(*a)
     for config, is_fp8 in itertools.product(tuning.ALL_W8A8, [False, True]):
         out[f"w8a8-{'fp8' if is_fp8 else 'int8'}-{_config_id(config)}"] = lambda a=(config, is_fp8, "bf16"): _w8a8(*a)
     for out_dtype in ("fp16", "fp32"):

@@ -37,7 +37,7 @@ def test_kernel_compiles_for_sm90(compiled, case_id):
 
 
 def test_every_launch_config_is_a_case():
-    configs = (tuning.ALL_W8A8 + tuning.ALL_WEIGHT_ONLY_GEMV + tuning.ALL_WEIGHT_ONLY_GEMV1 + tuning.ALL_PACKED_GEMV
+    configs = (tuning.ALL_W8A8 + tuning.ALL_W8A8_GEMV + tuning.ALL_WEIGHT_ONLY_GEMV + tuning.ALL_WEIGHT_ONLY_GEMV1 + tuning.ALL_PACKED_GEMV
                + tuning.ALL_PACKED_GEMM)
     ids = " ".join(CASE_IDS)
     assert all(triton_compile_cases._config_id(c) in ids for c in configs)

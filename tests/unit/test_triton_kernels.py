@@ -102,6 +102,25 @@ def test_w8a8_gemm_matches_float64(qdtype, out_dtype, m, k, n, per_token, with_b
     # epilogue adds ~1e-7, and a 16-bit output one rounding, as the float64 reference's does
     assert rel_err(y, truth) <= 1.05 * rel_err(ref, truth) + 2e-7
 
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 40, 24), (5, 576, 17), (16, 100, 70)])
+@pytest.mark.parametrize("per_token", [True, False])
+def test_w8a8_gemv_configs_match_float64(qdtype, m, k, n, per_token):
+    x, w = fresh(m, k, scale=3.0), fresh(n, k)
+    xq, xs = (ops.quantize_per_token_ref(x, None, qdtype) if per_token else
+              (ops.quantize_per_tensor_ref(x, torch.tensor(0.05, device=DEVICE), None, qdtype),
+               torch.tensor(0.05, device=DEVICE)))
+    wq, ws = ops.quantize_per_channel_ref(w, qdtype)
+    bias = fresh(n)
+    y = triton_w8a8.linear_w8a8_triton(xq, xs, wq, ws, bias, torch.bfloat16, path="gemv")
+    truth = f64_w8a8(xq, xs, wq, ws, bias)
+    ref = ops.linear_w8a8_ref(xq, xs, wq, ws, bias, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel_err(y, truth) <= 1.05 * rel_err(ref, truth) + 2e-7
+    with pytest.raises(ValueError, match="'gemv' takes M <= 16"):
+        triton_w8a8.linear_w8a8_triton(xq.repeat(17, 1)[:17], xs.repeat(17, 1)[:17] if per_token else xs, wq, ws,
+                                       bias, torch.bfloat16, path="gemv")
+
 def test_w8a8_rejects_mixed_operands_and_wrong_scales():
     xq, xs = ops.quantize_per_token_ref(fresh(3, 16))
     wq, ws = ops.quantize_per_channel_ref(fresh(8, 16), ops.FP8)
@@ -192,7 +211,8 @@ def test_gemv_split_k_fills_the_gpu_and_keeps_slices_deep():
     assert triton_tuning.m_bucket(100000) == 4096
 
 def test_every_config_set_is_nonempty_and_small():
-    for configs in (triton_tuning.ALL_W8A8, triton_tuning.ALL_WEIGHT_ONLY_GEMV, triton_tuning.ALL_WEIGHT_ONLY_GEMV1):
+    for configs in (triton_tuning.ALL_W8A8, triton_tuning.ALL_W8A8_GEMV, triton_tuning.ALL_WEIGHT_ONLY_GEMV,
+                    triton_tuning.ALL_WEIGHT_ONLY_GEMV1, triton_tuning.ALL_PACKED_GEMV, triton_tuning.ALL_PACKED_GEMM):
         assert 1 <= len(configs) <= 8
 
 def test_cpu_without_the_interpreter_is_refused_with_the_fix(monkeypatch):
