@@ -56,8 +56,6 @@ ALL_W8A8_GEMV = [
     _cfg(16, 32, 256, 4, 4, GROUP_M=1),
     _cfg(16, 64, 256, 4, 4, GROUP_M=1),
     _cfg(16, 32, 512, 4, 3, GROUP_M=1),
-    _cfg(16, 64, 128, 4, 6, GROUP_M=1),
-    _cfg(16, 128, 256, 8, 3, GROUP_M=1),
 ]
 
 
@@ -121,13 +119,12 @@ def weight_only_gemv1_configs() -> list:
 
 
 # the packed-weight kernels (runtimes/triton_packed.py). The GEMV: a program owns BLOCK_N outputs
-# over all of K (no split), so narrow tiles give a 4096-wide layer enough programs for 132 SMs
+# over all of K (no split), so narrow tiles give a 4096-wide layer enough programs for 132 SMs.
+# Few configs per set: each is compiled at a shape's first call on a new machine
 ALL_PACKED_GEMV = [
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 512}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 512}, num_warps=8, num_stages=2),
 ]
 
 
@@ -138,11 +135,9 @@ def packed_gemv_configs() -> list:
 # the packed GEMM: a [BLOCK_K, BLOCK_N] int32 word tile a stage (each word repeated over its codes)
 ALL_PACKED_GEMM = [
     _cfg(16, 64, 128, 4, 4, GROUP_M=8),
-    _cfg(16, 128, 64, 4, 4, GROUP_M=8),
     _cfg(32, 128, 64, 4, 4, GROUP_M=8),
     _cfg(64, 128, 64, 4, 3, GROUP_M=8),
     _cfg(128, 128, 64, 8, 3, GROUP_M=8),
-    _cfg(128, 256, 64, 8, 2, GROUP_M=8),
 ]
 
 
