@@ -37,6 +37,7 @@ from qcompiler.runtimes.triton_support import interpreting
 from qcompiler.runtimes.triton_weight_only import _activation_tile, _nibble_f32, _x_vector
 
 _FLIP_BYTES = tl.constexpr(-2139062144)  # 0x80808080 as an int32: signed INT8 codes -> code + 128 in each byte
+ONE_BITS = 0x3F800000  # float32 1.0
 
 
 def packable(bits: int, k_w: int, group_size: int) -> tuple:
@@ -62,9 +63,11 @@ def prepare_w8(wq: Tensor, w_scale: Tensor) -> tuple:
 
 
 @triton.jit
-def _unit_float(words, J: tl.constexpr, BITS: tl.constexpr):
+def _unit_float(words, J: tl.constexpr, BITS: tl.constexpr, one_bits):
     """Code ``J`` of each word as the float32 ``1 + code / 2**BITS`` (INT8: the code + 128): the field
-    moved into the top of the mantissa of 1.0 by one shift, then one and-or (a single LOP3)."""
+    moved into the top of the mantissa of 1.0 by one shift, then one and-or with ``one_bits`` (1.0's
+    bits, 0x3F800000, a run-time argument: held in a register, the and-or compiles to one LOP3
+    instead of an AND and an OR with two immediates)."""
     TOP: tl.constexpr = 23 - BITS  # the field's lowest bit in the mantissa
     LOW: tl.constexpr = J * BITS
     if LOW <= TOP:
@@ -72,12 +75,12 @@ def _unit_float(words, J: tl.constexpr, BITS: tl.constexpr):
     else:
         f = words >> (LOW - TOP)
     FIELD: tl.constexpr = ((1 << BITS) - 1) << TOP
-    return ((f & FIELD) | 0x3F800000).to(tl.float32, bitcast=True)
+    return ((f & FIELD) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.autotune(configs=tuning.packed_gemv_configs(), key=tuning.AUTOTUNE_KEY, cache_results=True)
 @triton.jit
-def _gemv_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, N, K, K_W, M_BUCKET,
+def _gemv_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, N, K, K_W, M_BUCKET, one_bits,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr,
                         HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -105,22 +108,22 @@ def _gemv_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
             x2, x6 = tl.split(tl.split(a)[1])
             x1, x5 = tl.split(tl.split(b)[0])
             x3, x7 = tl.split(tl.split(b)[1])
-            t += _unit_float(words, 0, BITS) * x0[:, None]  # one fused multiply-add each
-            t += _unit_float(words, 1, BITS) * x1[:, None]
-            t += _unit_float(words, 2, BITS) * x2[:, None]
-            t += _unit_float(words, 3, BITS) * x3[:, None]
-            t += _unit_float(words, 4, BITS) * x4[:, None]
-            t += _unit_float(words, 5, BITS) * x5[:, None]
-            t += _unit_float(words, 6, BITS) * x6[:, None]
-            t += _unit_float(words, 7, BITS) * x7[:, None]
+            t += _unit_float(words, 0, BITS, one_bits) * x0[:, None]  # one fused multiply-add each
+            t += _unit_float(words, 1, BITS, one_bits) * x1[:, None]
+            t += _unit_float(words, 2, BITS, one_bits) * x2[:, None]
+            t += _unit_float(words, 3, BITS, one_bits) * x3[:, None]
+            t += _unit_float(words, 4, BITS, one_bits) * x4[:, None]
+            t += _unit_float(words, 5, BITS, one_bits) * x5[:, None]
+            t += _unit_float(words, 6, BITS, one_bits) * x6[:, None]
+            t += _unit_float(words, 7, BITS, one_bits) * x7[:, None]
         else:
             a, b = tl.split(tl.reshape(xw, [ROWS, 2, 2]))  # byte j = 2q + r
             x0, x2 = tl.split(a)
             x1, x3 = tl.split(b)
-            t += _unit_float(words, 0, BITS) * x0[:, None]
-            t += _unit_float(words, 1, BITS) * x1[:, None]
-            t += _unit_float(words, 2, BITS) * x2[:, None]
-            t += _unit_float(words, 3, BITS) * x3[:, None]
+            t += _unit_float(words, 0, BITS, one_bits) * x0[:, None]
+            t += _unit_float(words, 1, BITS, one_bits) * x1[:, None]
+            t += _unit_float(words, 2, BITS, one_bits) * x2[:, None]
+            t += _unit_float(words, 3, BITS, one_bits) * x3[:, None]
         xrow = tl.sum(xw, axis=1)
         if BITS == 4:
             # groups are whole words; a step holds G_TILE groups, or lies inside one
@@ -221,7 +224,7 @@ def linear_packed(x: Tensor, words: Tensor, scale: Tensor, zero: Optional[Tensor
                 HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None,
                 GROUP_SIZE=group_size if bits == 4 else 1 << 30)
     if path == "gemv":
-        _gemv_packed_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](**args)
+        _gemv_packed_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](one_bits=ONE_BITS, **args)
     else:
         _gemm_packed_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
             M=m, stride_xm=x2.stride(0), stride_ym=y.stride(0),

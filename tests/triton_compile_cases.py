@@ -15,9 +15,11 @@ H100_SHARED_BYTES = 232448  # 227 KB: the most shared memory one block may take 
 ACT = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
-def compile_for_h100(kernel, types: dict, constexprs: dict, num_warps=4, num_stages=3):
+def compile_for_h100(kernel, types: dict, constexprs: dict, num_warps=4, num_stages=3, aligned=()):
     """``kernel`` (a JIT function or an autotuned one) -> the compiled kernel; ``types`` give the
-    runtime arguments' Triton types, ``constexprs`` the values of the rest."""
+    runtime arguments' Triton types, ``constexprs`` the values of the rest; ``aligned`` names the
+    arguments to compile as multiples of 16 (what Triton's launcher specializes when a call's
+    pointer or integer is one: Llama's sizes, torch's allocations)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -31,7 +33,8 @@ def compile_for_h100(kernel, types: dict, constexprs: dict, num_warps=4, num_sta
     if missing:
         raise ValueError(f"no type or value for {sorted(missing)}")
     signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     compiled = triton.compile(src, target=GPUTarget(*H100), options={"num_warps": num_warps, "num_stages": num_stages})
     if "cubin" not in compiled.asm:
         raise RuntimeError("no cubin")
@@ -129,7 +132,7 @@ def _packed(kernel: str, config, act, bits, has_zero, has_smooth, group=64):
 
     types = {"x_ptr": ACT[act], "y_ptr": ACT[act], "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
              "smooth_ptr": ACT[act], "bias_ptr": ACT[act],
-             **_ints("M", "N", "K", "K_W", "M_BUCKET", "stride_xm", "stride_ym")}
+             **_ints("M", "N", "K", "K_W", "M_BUCKET", "stride_xm", "stride_ym", "one_bits")}
     constexprs = {"BITS": bits, "HAS_ZERO": has_zero, "HAS_SMOOTH": has_smooth, "HAS_BIAS": True,
                   "GROUP_SIZE": group if bits == 4 else 1 << 30, **config.kwargs}
     if kernel == "gemm":

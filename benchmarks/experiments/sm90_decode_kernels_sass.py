@@ -3,7 +3,8 @@
 A GEMV at one row streams the weight once; on Hopper it is bound by its instructions per weight
 element before memory bandwidth. Without a GPU the compiled code still shows what each kernel
 asks of the SM: each kernel is compiled to a cubin (``tests/triton_compile_cases.compile_for_h100``,
-Triton's own ptxas) and disassembled with the ``cuobjdump`` Triton ships; the table counts the
+Triton's own ptxas, with the pointers and the sizes compiled as multiples of 16, as Triton's
+launcher specializes a call on 4096 x 11008) and disassembled with the ``cuobjdump`` Triton ships; the table counts the
 instructions of the whole kernel by opcode (the loop body dominates), the registers and shared
 memory per thread block, and local-memory spills. ``per FFMA`` is the number of other ALU
 instructions (integer, conversion, logic, float add / multiply) per fused multiply-add: the work a
@@ -43,6 +44,12 @@ def _mix(sass: str) -> collections.Counter:
     return collections.Counter(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
 
 
+def _aligned(types: dict, *ints) -> list:
+    """The arguments a launch on Llama-sized layers passes as multiples of 16 (Triton's launcher
+    specializes on it): every pointer (torch's allocations) and the named sizes and strides."""
+    return [k for k, v in types.items() if v.startswith("*")] + list(ints)
+
+
 def _rows():
     """(kernel, variant, compiled kernel) for each decode GEMV the kernel choice can take at M = 1."""
     import triton_compile_cases as tc
@@ -57,23 +64,26 @@ def _rows():
         types = {**act, "w_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32", "acc_ptr": "*fp32", "z_ptr": "*u8",
                  **tc._ints("N", "K", "K_W", "M_BUCKET", "stride_wn", "stride_sn", "stride_zn")}
         names = wo._gemv1_kernel.fn.arg_names
+        types = {k: v for k, v in types.items() if k in names}
         yield (f"{name} triton_gemv_unsplit", f"{cfg.kwargs} w{cfg.num_warps}", tc.compile_for_h100(
-            wo._gemv1_kernel, {k: v for k, v in types.items() if k in names},
+            wo._gemv1_kernel, types,
             dict(BITS=bits, HAS_ZERO=bits == 4, HAS_SMOOTH=False, HAS_BIAS=False, GROUP_SIZE=group, SPLIT_K=1,
-                 **cfg.kwargs), cfg.num_warps, cfg.num_stages))
+                 **cfg.kwargs), cfg.num_warps, cfg.num_stages,
+            aligned=_aligned(types, "N", "K", "K_W", "stride_wn", "stride_sn", "stride_zn")))
         for cfg in tuning.ALL_PACKED_GEMV:
-            types = {**act, "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", **tc._ints("N", "K", "K_W", "M_BUCKET")}
+            types = {**act, "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
+                     **tc._ints("N", "K", "K_W", "M_BUCKET", "one_bits")}
             yield (f"{name} triton_packed_gemv", f"{cfg.kwargs} w{cfg.num_warps}", tc.compile_for_h100(
                 tp._gemv_packed_kernel, types,
                 dict(BITS=bits, HAS_ZERO=bits == 4, HAS_SMOOTH=False, HAS_BIAS=False, GROUP_SIZE=group, **cfg.kwargs),
-                cfg.num_warps, cfg.num_stages))
+                cfg.num_warps, cfg.num_stages, aligned=_aligned(types, "N", "K", "K_W")))
     for cfg in tuning.ALL_W8A8_GEMV:
         types = {"x_ptr": "*u8", "w_ptr": "*u8", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
                  "y_ptr": "*bf16", **tc._ints("M", "N", "K", "M_BUCKET", "stride_xm", "stride_wn", "stride_ym",
                                                "stride_xs")}
         yield ("w8a8 fp8 triton_gemv", f"{cfg.kwargs} w{cfg.num_warps}", tc.compile_for_h100(
             tw._w8a8_gemv_kernel, types, dict(IS_FP8=True, HAS_BIAS=False, **cfg.kwargs), cfg.num_warps,
-            cfg.num_stages))
+            cfg.num_stages, aligned=_aligned(types, "N", "K", "stride_xm", "stride_wn", "stride_ym")))
 
 
 def main() -> None:
