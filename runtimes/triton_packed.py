@@ -9,9 +9,11 @@ every byte of the weight is read once per tile. For INT4 the words are qcompile'
 (``qcompiler.ir.int4``: two codes per byte, low nibble first) read four at a time, transposed.
 
 * ``gemm`` (any M, tensor cores): each ``[BLOCK_K, BLOCK_N]`` weight tile is dequantized in
-  registers to exactly the reference's weight (``(code - zero) * scale`` rounded to the
-  activation's dtype; INT8 ``code * scale``) and multiplied with ``tl.dot``; no weight in the
-  activation dtype ever goes to memory, so at M = 16 to a few hundred rows the kernel moves a
+  registers to the reference's weight (``(code - zero) * scale`` rounded to the activation's
+  dtype; INT8 ``code * scale``) by a shift, an and-or and one multiply-add per code (the float32
+  value can differ from the reference's product in its last bit, so a bf16 weight on a rounding
+  tie may round the other way) and multiplied with ``tl.dot``; no weight in the activation dtype
+  ever goes to memory, so at M = 16 to a few hundred rows the kernel moves a
   quarter (INT4) or half (INT8) of the bytes cuBLAS moves for bf16.
 * ``gemv`` (M = 1, CUDA cores): a code becomes a float in one shift and one and-or, the code
   placed in the top bits of the mantissa of 1.0 (``1 + code / 2**bits``, no int-to-float
@@ -34,9 +36,8 @@ from torch import Tensor
 from qcompiler.runtimes import triton_tuning as tuning
 from qcompiler.runtimes.triton_common import cast_rounded, dot_acc, rows_2d, store_rounded, tile_ids
 from qcompiler.runtimes.triton_support import interpreting
-from qcompiler.runtimes.triton_weight_only import _activation_tile, _nibble_f32, _x_vector
+from qcompiler.runtimes.triton_weight_only import _activation_tile, _x_vector
 
-_FLIP_BYTES = tl.constexpr(-2139062144)  # 0x80808080 as an int32: signed INT8 codes -> code + 128 in each byte
 ONE_BITS = 0x3F800000  # float32 1.0
 
 
@@ -58,8 +59,10 @@ def prepare_w4(packed: Tensor, scale: Tensor, zero: Optional[Tensor]) -> tuple:
 
 
 def prepare_w8(wq: Tensor, w_scale: Tensor) -> tuple:
-    """INT8 ``[N, K]`` -> ``(words [K / 4, N] int32, scale [N] f32)``."""
-    return wq.contiguous().view(torch.int32).t().contiguous(), w_scale.to(torch.float32).contiguous()
+    """INT8 ``[N, K]`` -> ``(words [K / 4, N] int32 of the codes + 128, scale [N] f32)``: each byte
+    holds ``code + 128`` in [0, 255] (the sign bit flipped once here, not per call)."""
+    words = (wq.contiguous().view(torch.uint8) ^ 0x80).view(torch.int32)
+    return words.t().contiguous(), w_scale.to(torch.float32).contiguous()
 
 
 @triton.jit
@@ -75,6 +78,17 @@ def _unit_float(words, J: tl.constexpr, BITS: tl.constexpr, one_bits):
     else:
         f = words >> (LOW - TOP)
     FIELD: tl.constexpr = ((1 << BITS) - 1) << TOP
+    return ((f & FIELD) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _unit_float_rows(words, shift, BITS: tl.constexpr, one_bits):
+    """``_unit_float`` with the field's position varying by row (``shift`` ``[BLOCK_K, 1]``: the
+    field's lowest bit): shifted down to bit 0 and up to the mantissa's top, then the one and-or
+    (a rotate by one amount compiled to two shifts and an extra OR)."""
+    u = words.to(tl.uint32, bitcast=True)
+    f = ((u >> shift) << (23 - BITS)).to(tl.int32, bitcast=True)
+    FIELD: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
     return ((f & FIELD) | one_bits).to(tl.float32, bitcast=True)
 
 
@@ -96,8 +110,6 @@ def _gemv_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
         wi = k0 // PER + ri
         words = tl.load(w_ptr + wi[:, None].to(tl.int64) * N + rn[None, :],
                         mask=(wi < K_W // PER)[:, None] & n_ok[None, :], other=0)
-        if BITS == 8:
-            words = words ^ _FLIP_BYTES
         # the activations of a word's codes: one contiguous [ROWS, PER] load, split into PER
         # columns in registers (a load per code position would cost a load per multiply-add)
         xw = _x_vector(x_ptr, smooth_ptr, (k0 + ri * PER)[:, None] + tl.arange(0, PER)[None, :], K, HAS_SMOOTH)
@@ -152,28 +164,34 @@ def _gemv_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
                  prune_configs_by={"early_config_prune": tuning.prune_w8a8})
 @triton.jit
 def _gemm_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, M, N, K, K_W, M_BUCKET,
-                        stride_xm, stride_ym,
+                        stride_xm, stride_ym, one_bits,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tensor-core tiles; each weight tile dequantized in registers to the reference's weight."""
+    """Tensor-core tiles; each weight tile dequantized in registers to the reference's weight:
+    a code as ``v = 1 + code / 2**BITS`` (``_unit_float_rows``), then ``(code - zero) * scale =
+    v * (2**BITS * scale) - (2**BITS + zero) * scale``, one multiply-add with the group's two
+    factors (made once per group row of the tile)."""
     PER: tl.constexpr = 32 // BITS
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
-    shift = ((rk % PER) * BITS)[:, None]
+    shift = ((rk % PER) * BITS)[:, None].to(tl.uint32)  # where code j of a word lies
+    UNIT: tl.constexpr = 16.0 if BITS == 4 else 256.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BITS == 8:
+    if BITS == 8:  # v = 1 + (code + 128) / 256: (code) * s = v * 256 s - 384 s
         row_scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        row_mul = UNIT * row_scale
+        row_add = -(UNIT + 128.0) * row_scale
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = _activation_tile(x_ptr, smooth_ptr, rm, kk, M, K, stride_xm, HAS_SMOOTH)
         # each word feeds PER consecutive rows of the tile: the repeats are L1 hits
         words = tl.load(w_ptr + (kk // PER)[:, None].to(tl.int64) * N + rn[None, :],
                         mask=(kk < K_W)[:, None] & n_ok[None, :], other=0)
-        code = (words >> shift) & ((1 << BITS) - 1)
+        v = _unit_float_rows(words, shift, BITS, one_bits)
         if BITS == 4:
             # one row of scales (and zero points) per group in the tile, broadcast over the group
             # in registers: a [BLOCK_K, BLOCK_N] float32 scale tile would triple the shared memory
@@ -181,15 +199,15 @@ def _gemm_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
             g = k0 // GROUP_SIZE + tl.arange(0, G_TILE)
             at = g[:, None].to(tl.int64) * N + rn[None, :]
             g_ok = n_ok[None, :] & (g < K_W // GROUP_SIZE)[:, None]
-            sc = tl.load(s_ptr + at, mask=g_ok, other=0.0)[:, None, :]
+            sc = tl.load(s_ptr + at, mask=g_ok, other=0.0)
             if HAS_ZERO:
-                z = tl.load(z_ptr + at, mask=g_ok, other=0.0)[:, None, :]
+                z = tl.load(z_ptr + at, mask=g_ok, other=0.0)
             else:
                 z = 8.0
-            c3 = tl.reshape(_nibble_f32(code), [G_TILE, BLOCK_K // G_TILE, BLOCK_N])
-            wf = tl.reshape((c3 - z) * sc, [BLOCK_K, BLOCK_N])
+            v3 = tl.reshape(v, [G_TILE, BLOCK_K // G_TILE, BLOCK_N])
+            wf = tl.reshape(v3 * (UNIT * sc)[:, None, :] - ((UNIT + z) * sc)[:, None, :], [BLOCK_K, BLOCK_N])
         else:
-            wf = (_nibble_f32(code ^ 0x80) - 128.0) * row_scale
+            wf = v * row_mul + row_add
         if UPCAST:  # the interpreter: round to bf16 explicitly (its cast truncates)
             w = cast_rounded(wf, x.dtype)
         else:
@@ -227,7 +245,7 @@ def linear_packed(x: Tensor, words: Tensor, scale: Tensor, zero: Optional[Tensor
         _gemv_packed_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](one_bits=ONE_BITS, **args)
     else:
         _gemm_packed_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)](
-            M=m, stride_xm=x2.stride(0), stride_ym=y.stride(0),
+            M=m, stride_xm=x2.stride(0), stride_ym=y.stride(0), one_bits=ONE_BITS,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             UPCAST=interpreting() and x.dtype == torch.bfloat16, **args)
     return y.reshape(*x.shape[:-1], n)
