@@ -10,7 +10,7 @@ measured (the CPU interpreter), so the tables start with the kernels the lowerin
   torch's tinygemm (``runtimes.tinygemm``), and the weight dequantized in one kernel then cuBLAS.
   The packed GEMV (M = 1) and GEMM read the weight re-packed once into int32 words
   (``runtimes.triton_packed``).
-* ``linear_w8a16``: the same, without tinygemm.
+* ``linear_w8a16``: the same, without tinygemm, and of the packed kernels the GEMV only.
 * ``linear_w8a8``: cuBLASLt's FP8 ``_scaled_mm``, qcompile's Triton GEMM (scales in its epilogue),
   the same kernel under GEMV configs for M <= 16 (8-bit codes straight into the tensor cores, no
   conversion), and ``torch._int_mm`` followed by the scales (INT8, M > 16).
@@ -100,8 +100,8 @@ def _w8_packable(a, m):
     return tp.packable(8, a[1].shape[1], 0)
 
 
-def _w8_packed(path):
-    return lambda a, p: tp.linear_packed(a[0], p[0], p[1], None, None, a[3], a[1].shape[0], 8, 0, path)
+def _w8_packed_gemv(a, p):
+    return tp.linear_packed(a[0], p[0], p[1], None, None, a[3], a[1].shape[0], 8, 0, "gemv")
 
 
 def _w8_prepare(a):
@@ -114,8 +114,7 @@ W8A16 = Family(
      Kernel("dequant_cublas", _w8("dequant")),
      Kernel("triton_gemv_unsplit", _w8("gemv", 1), _m_at_most_small),
      Kernel("triton_gemm", _w8("gemm")),
-     Kernel("triton_packed_gemv", _w8_packed("gemv"), _one_row(_w8_packable), _w8_prepare),
-     Kernel("triton_packed_gemm", _w8_packed("gemm"), _w8_packable, _w8_prepare)),
+     Kernel("triton_packed_gemv", _w8_packed_gemv, _one_row(_w8_packable), _w8_prepare)),
     reference=ops.linear_w8a16_ref,
     with_rows=lambda a, m: (_rows(a[0], m), *a[1:]),
     shape=lambda a: (a[0].dtype, *a[1].shape, a[3] is None),

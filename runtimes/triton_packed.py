@@ -8,9 +8,9 @@ output column in each word (code ``j`` in bits ``j * bits ...``), INT4 scales an
 every byte of the weight is read once per tile. For INT4 the words are qcompile's own bytes
 (``qcompiler.ir.int4``: two codes per byte, low nibble first) read four at a time, transposed.
 
-* ``gemm`` (any M, tensor cores): each ``[BLOCK_K, BLOCK_N]`` weight tile is dequantized in
+* ``gemm`` (INT4, any M, tensor cores): each ``[BLOCK_K, BLOCK_N]`` weight tile is dequantized in
   registers to the reference's weight (``(code - zero) * scale`` rounded to the activation's
-  dtype; INT8 ``code * scale``) by a shift, an and-or and one multiply-add per code (the float32
+  dtype) by two shifts, an and-or and one multiply-add per code (the float32
   value can differ from the reference's product in its last bit, so a bf16 weight on a rounding
   tie may round the other way) and multiplied with ``tl.dot``; no weight in the activation dtype
   ever goes to memory, so at M = 16 to a few hundred rows the kernel moves a
@@ -168,10 +168,10 @@ def _gemm_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_BIAS: tl.constexpr,
                         GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tensor-core tiles; each weight tile dequantized in registers to the reference's weight:
-    a code as ``v = 1 + code / 2**BITS`` (``_unit_float_rows``), then ``(code - zero) * scale =
-    v * (2**BITS * scale) - (2**BITS + zero) * scale``, one multiply-add with the group's two
-    factors (made once per group row of the tile)."""
+    """INT4 (``BITS`` 4 only) on tensor-core tiles; each weight tile dequantized in registers to the
+    reference's weight: a code as ``v = 1 + code / 16`` (``_unit_float_rows``), then ``(code - zero)
+    * scale = v * 16 scale - (16 + zero) * scale``, one multiply-add with the group's two factors
+    (made once per group row of the tile)."""
     PER: tl.constexpr = 32 // BITS
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,12 +179,8 @@ def _gemm_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
     n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     shift = ((rk % PER) * BITS)[:, None].to(tl.uint32)  # where code j of a word lies
-    UNIT: tl.constexpr = 16.0 if BITS == 4 else 256.0
+    UNIT: tl.constexpr = 16.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if BITS == 8:  # v = 1 + (code + 128) / 256: (code) * s = v * 256 s - 384 s
-        row_scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        row_mul = UNIT * row_scale
-        row_add = -(UNIT + 128.0) * row_scale
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = _activation_tile(x_ptr, smooth_ptr, rm, kk, M, K, stride_xm, HAS_SMOOTH)
@@ -192,22 +188,19 @@ def _gemm_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
         words = tl.load(w_ptr + (kk // PER)[:, None].to(tl.int64) * N + rn[None, :],
                         mask=(kk < K_W)[:, None] & n_ok[None, :], other=0)
         v = _unit_float_rows(words, shift, BITS, one_bits)
-        if BITS == 4:
-            # one row of scales (and zero points) per group in the tile, broadcast over the group
-            # in registers: a [BLOCK_K, BLOCK_N] float32 scale tile would triple the shared memory
-            G_TILE: tl.constexpr = BLOCK_K // GROUP_SIZE if GROUP_SIZE < BLOCK_K else 1
-            g = k0 // GROUP_SIZE + tl.arange(0, G_TILE)
-            at = g[:, None].to(tl.int64) * N + rn[None, :]
-            g_ok = n_ok[None, :] & (g < K_W // GROUP_SIZE)[:, None]
-            sc = tl.load(s_ptr + at, mask=g_ok, other=0.0)
-            if HAS_ZERO:
-                z = tl.load(z_ptr + at, mask=g_ok, other=0.0)
-            else:
-                z = 8.0
-            v3 = tl.reshape(v, [G_TILE, BLOCK_K // G_TILE, BLOCK_N])
-            wf = tl.reshape(v3 * (UNIT * sc)[:, None, :] - ((UNIT + z) * sc)[:, None, :], [BLOCK_K, BLOCK_N])
+        # one row of scales (and zero points) per group in the tile, broadcast over the group in
+        # registers: a [BLOCK_K, BLOCK_N] float32 scale tile would triple the shared memory
+        G_TILE: tl.constexpr = BLOCK_K // GROUP_SIZE if GROUP_SIZE < BLOCK_K else 1
+        g = k0 // GROUP_SIZE + tl.arange(0, G_TILE)
+        at = g[:, None].to(tl.int64) * N + rn[None, :]
+        g_ok = n_ok[None, :] & (g < K_W // GROUP_SIZE)[:, None]
+        sc = tl.load(s_ptr + at, mask=g_ok, other=0.0)
+        if HAS_ZERO:
+            z = tl.load(z_ptr + at, mask=g_ok, other=0.0)
         else:
-            wf = v * row_mul + row_add
+            z = 8.0
+        v3 = tl.reshape(v, [G_TILE, BLOCK_K // G_TILE, BLOCK_N])
+        wf = tl.reshape(v3 * (UNIT * sc)[:, None, :] - ((UNIT + z) * sc)[:, None, :], [BLOCK_K, BLOCK_N])
         if UPCAST:  # the interpreter: round to bf16 explicitly (its cast truncates)
             w = cast_rounded(wf, x.dtype)
         else:
@@ -231,6 +224,10 @@ def linear_packed(x: Tensor, words: Tensor, scale: Tensor, zero: Optional[Tensor
     m = x2.shape[0]
     if path == "gemv" and m != 1:
         raise ValueError(f"the packed GEMV takes one row, not M={m}; use path 'gemm'")
+    if path == "gemm" and bits != 4:
+        raise ValueError("the packed GEMM takes INT4 words; INT8 weights are byte-addressable as stored, and "
+                         "triton_weight_only's GEMM spends fewer instructions per weight element on them "
+                         "(docs/results/sm90_decode_kernels_sass.md)")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)

@@ -252,7 +252,7 @@ def cases() -> dict:
             out[f"packed-gemv-w{bits}-g{group}-{_config_id(config)}"] = lambda a=(config, bits, group): _packed(
                 "gemv", a[0], "bf16", a[1], a[1] == 4, False, a[2])
     for config in tuning.ALL_PACKED_GEMM:
-        for bits, group in ((4, 32), (4, 128), (8, 0)):
+        for bits, group in ((4, 32), (4, 128)):
             out[f"packed-gemm-w{bits}-g{group}-{_config_id(config)}"] = lambda a=(config, bits, group): _packed(
                 "gemm", a[0], "bf16", a[1], a[1] == 4, False, a[2])
     for act, bits, zero, smooth, group in WEIGHT_ONLY_VARIANTS:
@@ -260,7 +260,9 @@ def cases() -> dict:
             continue
         name = f"{act}-w{bits}-{'zero' if zero else 'sym'}-{'smooth' if smooth else 'plain'}" + (f"-g{group}" if group else "")
         out[f"packed-gemv-{name}"] = lambda a=(act, bits, zero, smooth, group): _packed("gemv", tuning.ALL_PACKED_GEMV[0], *a)
-        out[f"packed-gemm-{name}"] = lambda a=(act, bits, zero, smooth, group): _packed("gemm", tuning.ALL_PACKED_GEMM[0], *a)
+        if bits == 4:
+            out[f"packed-gemm-{name}"] = lambda a=(act, bits, zero, smooth, group): _packed(
+                "gemm", tuning.ALL_PACKED_GEMM[0], *a)
     for is_fp8, mask, causal, (bm, bn), d in itertools.product(
             [False, True], [0, 1, 2], [False, True], [(16, 64), (64, 64)], [64, 80]):
         if causal and mask == 2:

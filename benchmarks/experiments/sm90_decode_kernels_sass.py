@@ -86,6 +86,46 @@ def _rows():
             cfg.num_stages, aligned=_aligned(types, "N", "K", "stride_xm", "stride_wn", "stride_ym")))
 
 
+def _loop(sass: str) -> tuple:
+    """(instructions, opcode counts) of the kernel's longest backward branch: its K loop."""
+    lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
+    spans = [(a - int(m.group(1), 16), int(m.group(1), 16), a)
+             for l, a in zip(lines, addr) for m in [re.search(r"BRA 0x([0-9a-f]+)", l)] if m and int(m.group(1), 16) < a]
+    _, start, end = max(spans)
+    body = "\n".join(l for l, a in zip(lines, addr) if start <= a <= end)
+    return body.count("\n") + 1, _mix(body)
+
+
+def _gemm_rows():
+    """(kernel, variant, compiled kernel, weight elements a thread dequantizes per K step) of the
+    fused weight-only GEMMs (M > 1), 4096 x 11008-like sizes."""
+    import triton_compile_cases as tc
+
+    from qcompiler.runtimes import triton_packed as tp, triton_tuning as tuning, triton_weight_only as wo
+
+    act = {"x_ptr": "*bf16", "y_ptr": "*bf16", "smooth_ptr": "*bf16", "bias_ptr": "*bf16"}
+    for bits, group in ((4, 128), (8, 1 << 30)):
+        name = "w4a16 g128 asym" if bits == 4 else "w8a16"
+        flags = dict(BITS=bits, HAS_ZERO=bits == 4, HAS_SMOOTH=False, HAS_BIAS=False, GROUP_SIZE=group,
+                     PRECISION="tf32", UPCAST=False)
+        for cfg in tuning.ALL_WEIGHT_ONLY_GEMM[:2]:
+            types = {**act, "w_ptr": "*u8" if bits == 4 else "*i8", "s_ptr": "*fp32", "acc_ptr": "*fp32", "z_ptr": "*u8",
+                     **tc._ints("M", "N", "K", "K_W", "M_BUCKET", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
+                                "stride_ym")}
+            yield (f"{name} triton_gemm", f"{cfg.kwargs} w{cfg.num_warps}", tc.compile_for_h100(
+                wo._gemm_kernel, types, dict(flags, SPLIT_K=1, **cfg.kwargs), cfg.num_warps, cfg.num_stages,
+                aligned=_aligned(types, "N", "K", "K_W", "stride_xm", "stride_wn", "stride_sn", "stride_zn",
+                                 "stride_ym")), cfg.kwargs["BLOCK_K"] * cfg.kwargs["BLOCK_N"] / (32 * cfg.num_warps))
+        for cfg in tuning.ALL_PACKED_GEMM[:3] if bits == 4 else ():  # INT8 is not packed for the GEMM
+            types = {**act, "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32",
+                     **tc._ints("M", "N", "K", "K_W", "M_BUCKET", "stride_xm", "stride_ym", "one_bits")}
+            yield (f"{name} triton_packed_gemm", f"{cfg.kwargs} w{cfg.num_warps}", tc.compile_for_h100(
+                tp._gemm_packed_kernel, types, dict(flags, **cfg.kwargs), cfg.num_warps, cfg.num_stages,
+                aligned=_aligned(types, "N", "K", "K_W", "stride_xm", "stride_ym")),
+                cfg.kwargs["BLOCK_K"] * cfg.kwargs["BLOCK_N"] / (32 * cfg.num_warps))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", help="write the table as a stamped results page")
@@ -102,7 +142,15 @@ def main() -> None:
         per = f"{alu / mix['FFMA']:.1f}" if mix["FFMA"] else "-"
         lines.append(f"| {kernel} | `{variant}` | {usage['REG']} | {compiled.metadata.shared} | {usage['LOCAL']} | "
                      + " | ".join(str(mix[o]) for o in OPCODES) + f" | {per} |")
-    table = "\n".join(lines)
+    gemm = ["| kernel | config | registers | shared bytes | spills | K-loop instructions | per weight element |",
+            "|---|---|---|---|---|---|---|"]
+    for kernel, variant, compiled, elements in _gemm_rows():
+        usage = tc.resource_usage(compiled.asm["cubin"])
+        n, _ = _loop(_sass(compiled.asm["cubin"]))
+        gemm.append(f"| {kernel} | `{variant}` | {usage['REG']} | {compiled.metadata.shared} | {usage['LOCAL']} | {n} | "
+                    f"{n / elements:.1f} |")
+    table = "\n".join(lines) + "\n\nThe fused GEMMs (M > 1): the instructions of one K step of the loop per weight " \
+        "element a thread dequantizes in it (tensor-core, load and address instructions included).\n\n" + "\n".join(gemm)
     print(table)
     if args.markdown:
         from results_page import write_page

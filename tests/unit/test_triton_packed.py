@@ -53,18 +53,17 @@ def test_w4_matches_float64(dtype, m, k, n, group, symmetric):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n", [(1, 40, 24), (1, 576, 70), (5, 100, 33), (33, 576, 17)])
+@pytest.mark.parametrize("m,k,n", [(1, 40, 24), (1, 576, 70), (1, 100, 33)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_w8_matches_float64(dtype, m, k, n, bias):
+def test_w8_gemv_matches_float64(dtype, m, k, n, bias):
     x, w, b = fresh(m, k, dtype=dtype), fresh(n, k), fresh(n) if bias else None
     wq, ws = ops.quantize_per_channel_ref(w)
     words, scale = tp.prepare_w8(wq, ws)
     truth = ops.linear_w8a16_ref(x.double(), wq, ws.double(), None if b is None else b.double())
     ref = ops.linear_w8a16_ref(x, wq, ws, b)
-    for path in ("gemv", "gemm") if m == 1 else ("gemm",):
-        y = tp.linear_packed(x, words, scale, None, None, b, n, 8, 0, path)
-        assert y.dtype == dtype and y.shape == (m, n)
-        assert rel_err(y, truth) <= _tolerance(truth, ref, dtype), path
+    y = tp.linear_packed(x, words, scale, None, None, b, n, 8, 0, "gemv")
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, truth) <= _tolerance(truth, ref, dtype)
 
 
 def test_w8_codes_at_both_ends_of_the_range():
@@ -75,8 +74,7 @@ def test_w8_codes_at_both_ends_of_the_range():
     x = fresh(1, k)
     words, scale = tp.prepare_w8(wq, ws)
     truth = ops.linear_w8a16_ref(x.double(), wq, ws.double(), None)
-    for path in ("gemv", "gemm"):
-        assert rel_err(tp.linear_packed(x, words, scale, None, None, None, n, 8, 0, path), truth) < 1e-5
+    assert rel_err(tp.linear_packed(x, words, scale, None, None, None, n, 8, 0, "gemv"), truth) < 1e-5
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
@@ -98,6 +96,9 @@ def test_packed_words_are_the_codes_in_order():
 def test_what_cannot_be_packed_says_why():
     assert tp.packable(4, 64, 4) == (False, "packed words hold 8 INT4 codes of one group; groups of 4 are smaller")
     assert not tp.packable(8, 42, 0)[0] and "multiple of 4" in tp.packable(8, 42, 0)[1]
+    wq, ws = ops.quantize_per_channel_ref(fresh(8, 32))
+    with pytest.raises(ValueError, match="packed GEMM takes INT4"):
+        tp.linear_packed(fresh(3, 32), *tp.prepare_w8(wq, ws), None, None, None, 8, 8, 0, "gemm")
     with pytest.raises(ValueError, match="takes one row"):
         x, p, _, _ = _w4(2, 32, 8, 32, True, torch.float32, False, False)
         tp.linear_packed(x, *tp.prepare_w4(p.packed, p.scale, None), None, None, None, 8, 4, 32, "gemv")
