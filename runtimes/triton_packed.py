@@ -83,9 +83,9 @@ def _unit_float(words, J: tl.constexpr, BITS: tl.constexpr, one_bits):
 
 @triton.jit
 def _unit_float_rows(words, shift, BITS: tl.constexpr, one_bits):
-    """``_unit_float`` with the field's position varying by row (``shift`` ``[BLOCK_K, 1]``: the
-    field's lowest bit): shifted down to bit 0 and up to the mantissa's top, then the one and-or
-    (a rotate by one amount compiled to two shifts and an extra OR)."""
+    """``_unit_float`` with the field's position a tensor (``shift``: the field's lowest bit, per
+    code): shifted down to bit 0 and up to the mantissa's top, then the one and-or (a rotate by a
+    varying amount compiled to two shifts and an extra OR)."""
     u = words.to(tl.uint32, bitcast=True)
     f = ((u >> shift) << (23 - BITS)).to(tl.int32, bitcast=True)
     FIELD: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
@@ -178,16 +178,20 @@ def _gemm_packed_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
-    shift = ((rk % PER) * BITS)[:, None].to(tl.uint32)  # where code j of a word lies
     UNIT: tl.constexpr = 16.0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = _activation_tile(x_ptr, smooth_ptr, rm, kk, M, K, stride_xm, HAS_SMOOTH)
-        # each word feeds PER consecutive rows of the tile: the repeats are L1 hits
-        words = tl.load(w_ptr + (kk // PER)[:, None].to(tl.int64) * N + rn[None, :],
-                        mask=(kk < K_W)[:, None] & n_ok[None, :], other=0)
-        v = _unit_float_rows(words, shift, BITS, one_bits)
+        # each word loaded once ([BLOCK_K / PER, BLOCK_N]: what the pipeline stages in shared
+        # memory) and spread over its PER rows in registers; loading it once per row (L1 hits)
+        # staged PER times the bytes and cost more instructions (sm90_decode_kernels_sass.md)
+        wi = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        words = tl.load(w_ptr + wi[:, None].to(tl.int64) * N + rn[None, :],
+                        mask=(wi < K_W // PER)[:, None] & n_ok[None, :], other=0)
+        w3 = tl.broadcast_to(words[:, None, :], [BLOCK_K // PER, PER, BLOCK_N])
+        sh3 = (tl.arange(0, PER) * BITS)[None, :, None].to(tl.uint32)
+        v = tl.reshape(_unit_float_rows(w3, sh3, BITS, one_bits), [BLOCK_K, BLOCK_N])
         # one row of scales (and zero points) per group in the tile, broadcast over the group in
         # registers: a [BLOCK_K, BLOCK_N] float32 scale tile would triple the shared memory
         G_TILE: tl.constexpr = BLOCK_K // GROUP_SIZE if GROUP_SIZE < BLOCK_K else 1

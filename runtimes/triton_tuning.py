@@ -132,7 +132,7 @@ def packed_gemv_configs() -> list:
     return _first_when_interpreting(ALL_PACKED_GEMV)
 
 
-# the packed GEMM: a [BLOCK_K, BLOCK_N] int32 word tile a stage (each word repeated over its codes)
+# the packed GEMM: a [BLOCK_K / 8, BLOCK_N] int32 word tile a stage
 ALL_PACKED_GEMM = [
     _cfg(16, 64, 128, 4, 4, GROUP_M=8),
     _cfg(32, 128, 64, 4, 4, GROUP_M=8),
