@@ -34,7 +34,7 @@ from qcompiler.ir import kv, kv_attention
 from qcompiler.ir.attention import default_scale
 from qcompiler.runtimes import triton_tuning as tuning
 from qcompiler.runtimes.triton_attention import MASK_ADD, MASK_BOOL, MASK_NONE, query_tile, softmax_step
-from qcompiler.runtimes.triton_common import as_bytes, cast_rounded
+from qcompiler.runtimes.triton_common import as_bytes, byte_to_f32, cast_rounded
 from qcompiler.runtimes.triton_support import interpreting
 
 FORMAT_CODES = {"int8": 0, "fp8": 1, "int4": 2}  # the kernel's FMT
@@ -44,13 +44,15 @@ FORMAT_CODES = {"int8": 0, "fp8": 1, "int4": 2}  # the kernel's FMT
 def _dequantized(c_base, s_base, o_base, tok, ch, valid, D: tl.constexpr, TOK_GROUP, CH_GROUP, SCALE_COLS,
                  FMT: tl.constexpr, HAS_OFFSET: tl.constexpr):
     """The cache's values at tokens ``tok`` and channels ``ch`` (broadcast to one tile), float32."""
+    # integer codes become floats by the mantissa trick (``byte_to_f32``), not by a quarter-rate
+    # int-to-float conversion per element
     if FMT == 2:  # INT4: two codes per byte along the channels
         byte = tl.load(c_base + tok * (D // 2) + ch // 2, mask=valid, other=0).to(tl.int32)
-        code = ((byte >> ((ch % 2) * 4)) & 15).to(tl.float32)
+        code = byte_to_f32((byte >> ((ch % 2) * 4)) & 15)
     elif FMT == 1:
         code = tl.load(c_base + tok * D + ch, mask=valid, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
-        code = tl.load(c_base + tok * D + ch, mask=valid, other=0).to(tl.float32)
+        code = byte_to_f32(tl.load(c_base + tok * D + ch, mask=valid, other=0).to(tl.int32) + 128) - 128.0
     at = (tok // TOK_GROUP) * SCALE_COLS + ch // CH_GROUP
     x = code * tl.load(s_base + at, mask=valid, other=0.0).to(tl.float32)
     if HAS_OFFSET:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from qcompiler.ir import int4
 from qcompiler.runtimes import triton_tuning as tuning
-from qcompiler.runtimes.triton_common import cast_rounded, dot_acc, rows_2d, store_rounded, tile_ids
+from qcompiler.runtimes.triton_common import byte_to_f32, cast_rounded, dot_acc, rows_2d, store_rounded, tile_ids
 from qcompiler.runtimes.triton_support import interpreting
 
 _ONE_GROUP = 1 << 30  # INT8 weights: one scale per row, i.e. one group as long as any K
@@ -151,13 +151,6 @@ def _k_range(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, rm, rn, k_start, k_end, M, 
 
 
 @triton.jit
-def _nibble_f32(c):
-    """An int32 in [0, 255] -> the same value in float32 without an int-to-float conversion
-    (quarter rate on the SMs): OR it into the mantissa of 2^23 and subtract 2^23."""
-    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn, stride_on,
                     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -184,14 +177,14 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, st
         else:
             z = tl.full([BLOCK_N, G_TILE, 1], 8.0, tl.float32)
         byte = tl.reshape(byte, [BLOCK_N, G_TILE, HALF // G_TILE])
-        lo = tl.reshape((_nibble_f32(byte & 0xF) - z) * sc, [BLOCK_N, HALF])
-        hi = tl.reshape((_nibble_f32(byte >> 4) - z) * sc, [BLOCK_N, HALF])
+        lo = tl.reshape((byte_to_f32(byte & 0xF) - z) * sc, [BLOCK_N, HALF])
+        hi = tl.reshape((byte_to_f32(byte >> 4) - z) * sc, [BLOCK_N, HALF])
         w = tl.interleave(lo, hi)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     else:
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         q = tl.load(w_ptr + n_off * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
-        w = (_nibble_f32(q.to(tl.int32) + 128) - 128.0) * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]
+        w = (byte_to_f32(q.to(tl.int32) + 128) - 128.0) * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]
     store_rounded(out_ptr + n_off * stride_on + rk[None, :], w, (rn[:, None] < N) & (rk[None, :] < K))
 
 
@@ -234,7 +227,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_p
             # the activations once, contiguous, split into the even and odd columns in registers
             xv = _x_vector(x_ptr, smooth_ptr, k0 + tl.arange(0, BLOCK_K), k_end, HAS_SMOOTH)
             xe, xo = tl.split(tl.reshape(xv, [BLOCK_K // 2, 2]))
-            t = _nibble_f32(byte & 0xF) * xe[None, :] + _nibble_f32(byte >> 4) * xo[None, :]
+            t = byte_to_f32(byte & 0xF) * xe[None, :] + byte_to_f32(byte >> 4) * xo[None, :]
             t = tl.sum(tl.reshape(t, [BLOCK_N, G_TILE, BLOCK_K // 2 // G_TILE]), axis=2)
             xsum = tl.sum(tl.reshape(xe + xo, [G_TILE, BLOCK_K // 2 // G_TILE]), axis=1)
             g = k0 // GROUP_SIZE + tl.arange(0, G_TILE)
@@ -250,7 +243,7 @@ def _gemv1_kernel(x_ptr, w_ptr, s_ptr, z_ptr, smooth_ptr, bias_ptr, y_ptr, acc_p
             q = tl.load(w_ptr + n_off[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & (rk < K_W)[None, :],
                         other=0)
             # signed code + 128 in [0, 255] converts like a nibble; the 128 comes back off the float
-            qf = _nibble_f32((q.to(tl.int32) + 128)) - 128.0
+            qf = byte_to_f32((q.to(tl.int32) + 128)) - 128.0
             acc += tl.sum(qf * _x_vector(x_ptr, smooth_ptr, rk, k_end, HAS_SMOOTH)[None, :], axis=1)
     if BITS == 8:
         acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
