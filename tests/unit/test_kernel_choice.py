@@ -233,3 +233,40 @@ def test_a_static_graph_has_one_plan_entry_for_its_own_m():
     y = fast(x)
     assert rel_err(y, ref(x)) < 1e-5
     assert "linear_w8a16 dequant_cublas (M=40; not measured here)" in str(qcompiler.explain(fast))
+
+
+def test_packed_kernels_share_one_prepared_copy_and_match_the_reference(monkeypatch):
+    # the GEMV and the GEMM on packed words, chosen for different M buckets of one dynamic graph:
+    # each weight is re-packed once (both kernels share the layout), and every call matches the
+    # reference target
+    from qcompiler.runtimes import triton_packed
+
+    per_m = {1: "triton_packed_gemv", 16: "triton_packed_gemm", 128: "triton_packed_gemm", 2048: "dequant_cublas"}
+
+    def choose(self, family, args, m):
+        return kernel_choice.Choice(family.op, m, per_m[m], {per_m[m]: 1.0}, {}, 2.0)
+    monkeypatch.setattr(Chooser, "choose", choose)
+    paths = []
+    launch = triton_packed.linear_packed
+
+    def recorded(*a):
+        paths.append(a[-1])
+        return launch(*a)
+    monkeypatch.setattr(triton_packed, "linear_packed", recorded)
+    packed = []
+    prepare = triton_packed.prepare_w4
+    monkeypatch.setattr(triton_packed, "prepare_w4", lambda *a: packed.append(tuple(a[0].shape)) or prepare(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64)).eval()
+    options = {"recipe": "w4a16"}
+    reference = torch.compile(model, backend="qcompile", options={**options, "target": "reference"})
+    fast = torch.compile(model, backend="qcompile", options={**options, "target": "triton"}, dynamic=True)
+    for rows in (3, 1, 40):
+        x = torch.randn(rows, 64)
+        assert rel_err(fast(x), reference(x)) < 1e-5
+    assert paths == ["gemm", "gemm", "gemv", "gemv", "gemm", "gemm"]
+    # the dynamic graph (rows 3, 40) packs each weight once for both kernels; Dynamo compiles
+    # rows = 1 as a graph of its own (it specializes sizes 0 and 1), which packs them again
+    assert packed == [(96, 64), (64, 64)] * 2
+    report = str(qcompiler.explain(fast))
+    assert "triton_packed_gemv (M=1" in report and "triton_packed_gemm (M=16" in report
