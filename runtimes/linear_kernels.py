@@ -6,11 +6,15 @@ what it prepares once per weight. The first row that can run is the one taken wh
 measured (the CPU interpreter), so the tables start with the kernels the lowering always ran.
 
 * ``linear_w4a16``: qcompile's Triton GEMV (split-K as ``triton_tuning`` picks it, or unsplit:
-  no float32 buffer, zero fill or cast), the fused Triton GEMM (codes dequantized in registers),
-  torch's tinygemm (``runtimes.tinygemm``), and the weight dequantized in one kernel then cuBLAS.
-  The packed GEMV (M = 1) and GEMM read the weight re-packed once into int32 words
-  (``runtimes.triton_packed``).
-* ``linear_w8a16``: the same, without tinygemm, and of the packed kernels the GEMV only.
+  no float32 buffer, zero fill or cast), torch's tinygemm (``runtimes.tinygemm``), the weight
+  dequantized in one kernel then cuBLAS, and the packed GEMV (M = 1) and fused GEMM (codes
+  dequantized in registers) on the weight re-packed once into int32 words
+  (``runtimes.triton_packed``). The byte-layout fused GEMM of ``triton_weight_only`` is not a
+  candidate: 0.06x-0.44x bf16 on the H200 and never chosen (docs/results/gpu_speed.md), more
+  instructions per weight element than the packed GEMM (docs/results/sm90_decode_kernels_sass.md),
+  and each candidate is compiled and timed at a shape's first call.
+* ``linear_w8a16``: the GEMVs, the byte-layout fused GEMM (chosen at M = 128 on the H200),
+  dequantize then cuBLAS, and of the packed kernels the GEMV.
 * ``linear_w8a8``: cuBLASLt's FP8 ``_scaled_mm``, qcompile's Triton GEMM (scales in its epilogue),
   the same kernel under GEMV configs for M <= 16 (8-bit codes straight into the tensor cores, no
   conversion), and ``torch._int_mm`` followed by the scales (INT8, M > 16).
@@ -77,7 +81,6 @@ W4A16 = Family(
     (Kernel("triton_gemv", _w4("gemv"), _m_at_most_small),
      Kernel("dequant_cublas", _w4("dequant")),
      Kernel("triton_gemv_unsplit", _w4("gemv", 1), _m_at_most_small),
-     Kernel("triton_gemm", _w4("gemm")),
      Kernel("tinygemm", lambda a, p: tinygemm.linear(a[0], p[0], p[1], a[5], a[1].shape[0], a[4], a[6]),
             _tinygemm_can_run, lambda a: tinygemm.prepare(a[1], a[2], a[3])),
      Kernel("triton_packed_gemv", _w4_packed("gemv"), _one_row(_w4_packable), _w4_prepare),

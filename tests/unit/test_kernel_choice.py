@@ -46,8 +46,8 @@ class FakeTimer:
 # ----------------------------------------------------------------------------- the choice logic
 
 def test_the_fastest_correct_kernel_is_kept_and_its_speed_against_float_reported():
-    timer = FakeTimer({"triton_gemv": 9.0, "dequant_cublas": 30.0, "triton_gemv_unsplit": 4.0, "triton_gemm": 7.0,
-                       "baseline": 12.0})
+    timer = FakeTimer({"triton_gemv": 9.0, "dequant_cublas": 30.0, "triton_gemv_unsplit": 4.0, "triton_packed_gemm": 7.0,
+                       "triton_packed_gemv": 5.0, "baseline": 12.0})
     choice = Chooser(timer).choose(linear_kernels.W4A16, w4_args(), 1)
     assert choice.kernel == "triton_gemv_unsplit" and choice.measured
     assert choice.speedup == pytest.approx(3.0)
@@ -80,12 +80,12 @@ def test_a_kernel_that_fails_to_run_is_reported_not_raised():
 
 def test_measurements_are_kept_on_disk_and_a_second_process_times_nothing(tmp_path):
     args = w4_args()
-    first = FakeTimer({"triton_gemm": 1.0})
-    assert Chooser(first, tmp_path).choose(linear_kernels.W4A16, args, 1).kernel == "triton_gemm"
+    first = FakeTimer({"triton_packed_gemm": 1.0})
+    assert Chooser(first, tmp_path).choose(linear_kernels.W4A16, args, 1).kernel == "triton_packed_gemm"
     assert first.calls
     second = FakeTimer({"triton_gemv": 1.0})  # another process, other timings: the disk answers
     choice = Chooser(second, tmp_path).choose(linear_kernels.W4A16, args, 1)
-    assert choice.kernel == "triton_gemm" and choice.cached and second.calls == []
+    assert choice.kernel == "triton_packed_gemm" and choice.cached and second.calls == []
     # another shape is measured anew
     assert Chooser(second, tmp_path).choose(linear_kernels.W4A16, w4_args(k=256), 1).kernel == "triton_gemv"
     # an unreadable cache file is measured again, not an error
@@ -193,9 +193,9 @@ def test_tinygemm_on_the_gpu_matches_the_reference(symmetric):
 # ----------------------------------------------------------------------------- the plan in a compiled graph
 
 def test_a_dynamic_graph_runs_each_bucket_on_its_own_kernel(monkeypatch):
-    from qcompiler.runtimes import triton_weight_only
+    from qcompiler.runtimes import triton_packed, triton_weight_only
 
-    per_m = {1: "triton_gemv_unsplit", 16: "triton_gemv", 128: "triton_gemm", 2048: "dequant_cublas"}
+    per_m = {1: "triton_gemv_unsplit", 16: "triton_gemv", 128: "triton_packed_gemm", 2048: "dequant_cublas"}
 
     def choose(self, family, args, m):
         times = {k.name: (1.0 if k.name == per_m[m] else 5.0) for k in family.kernels if k.can_run(args, m)[0]}
@@ -208,6 +208,12 @@ def test_a_dynamic_graph_runs_each_bucket_on_its_own_kernel(monkeypatch):
         ran.append((a[0].reshape(-1, a[0].shape[-1]).shape[0], path, split_k))
         return launch(*a, split_k=split_k, path=path)
     monkeypatch.setattr(triton_weight_only, "linear_w4a16", recorded)
+    packed = triton_packed.linear_packed
+
+    def recorded_packed(*a):
+        ran.append((a[0].reshape(-1, a[0].shape[-1]).shape[0], f"packed {a[-1]}", None))
+        return packed(*a)
+    monkeypatch.setattr(triton_packed, "linear_packed", recorded_packed)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64)).eval()
     reference = torch.compile(model, backend="qcompile", options={"recipe": "w4a16", "target": "reference"})
@@ -218,10 +224,10 @@ def test_a_dynamic_graph_runs_each_bucket_on_its_own_kernel(monkeypatch):
     # M = 3 and 1 fall in the two GEMV buckets, 40 in the GEMM's, 300 in dequantize + GEMM's
     assert [r for r in ran if r[0] in (1, 3, 40, 300)] == [
         (3, "gemv", None), (3, "gemv", None), (1, "gemv", 1), (1, "gemv", 1),
-        (40, "gemm", None), (40, "gemm", None), (300, "dequant", None), (300, "dequant", None)]
+        (40, "packed gemm", None), (40, "packed gemm", None), (300, "dequant", None), (300, "dequant", None)]
     report = str(qcompiler.explain(fast))
     assert "triton_gemv_unsplit (M=1: 1.0 us, 2.00x the float linear)" in report
-    assert "triton_gemm (M=128" in report and "dequant_cublas (M=2048" in report
+    assert "triton_packed_gemm (M=128" in report and "dequant_cublas (M=2048" in report
 
 
 def test_a_static_graph_has_one_plan_entry_for_its_own_m():
