@@ -34,7 +34,7 @@ def _argument_key(gm: fx.GraphModule, arg):
     if isinstance(arg, fx.Node):
         value = _constant(gm, arg) if arg.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
-            data = value.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+            data = value.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
             return ("constant", str(value.dtype), tuple(value.shape), hashlib.sha256(data).hexdigest())
         return ("node", arg)
     if isinstance(arg, (list, tuple)):
