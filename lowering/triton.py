@@ -18,6 +18,7 @@ from qcompiler import torch_compat
 from qcompiler.ir import ops
 from qcompiler.lowering.devices import input_device
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
+from qcompiler.lowering.norm_quantize import fuse as fuse_norms
 from qcompiler.lowering.shared_qops import share
 from qcompiler.lowering.triton_plan import plan_graph
 from qcompiler.runtimes import (kernel_choice, linear_kernels, tinygemm, triton_attention, triton_kv_attention,
@@ -64,6 +65,7 @@ def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
     device = input_device(example_inputs)
     require(device)
     share(gm)  # linears reading one activation quantize it once (lowering/shared_qops.py)
+    fuse_norms(gm)  # and an RMS norm feeding that quantize runs in its kernel (lowering/norm_quantize.py)
     # each linear q-op runs the kernel measured fastest for its shapes (lowering/triton_plan.py)
     plan_graph(gm, example_inputs, kernel_choice.Chooser.for_device(device, KERNEL_SOURCES))
     # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the

@@ -142,6 +142,18 @@ def _packed(kernel: str, config, act, bits, has_zero, has_smooth, group=64):
     compile_for_h100(fn, {k: v for k, v in types.items() if k in names}, constexprs, config.num_warps, config.num_stages)
 
 
+def _norm_quantize(act, k, is_fp8, smooth):
+    """The RMS norm fused into the per-token quantize, launched as its launcher does."""
+    from qcompiler.runtimes import triton_norm_quantize as tnq
+
+    block = 1 << (k - 1).bit_length()
+    compile_for_h100(tnq._norm_quantize_kernel,
+                     {"h_ptr": ACT[act], "w_ptr": ACT[act], "smooth_ptr": "*fp32", "q_ptr": "*u8" if is_fp8 else "*i8",
+                      "scale_ptr": "*fp32", "eps": "fp32", "qmax": "fp32", **_ints("K", "stride_h", "stride_q")},
+                     {"HAS_SMOOTH": smooth, "IS_FP8": is_fp8, "ROUND_BF16": False, "BLOCK_K": block},
+                     num_warps=8 if block >= 4096 else 4)
+
+
 def _attention_operands(act, d, is_fp8):
     """The keys' and values' quantize kernels of the 8-bit attention, launched as their launchers do."""
     from qcompiler.runtimes import triton_attention_operands as tao
@@ -269,6 +281,10 @@ def cases() -> dict:
             continue  # the launcher's flag sets: a causal graph carries no additive mask in the cases here
         out[f"attention-{'fp8' if is_fp8 else 'int8'}-mask{mask}-{'causal' if causal else 'full'}-{bm}x{bn}-d{d}"] = (
             lambda a=(is_fp8, mask, causal, bm, bn, d, "bf16"): _attention(*a))
+    for act, k, is_fp8, smooth in [("bf16", 4096, True, False), ("fp16", 576, False, True), ("fp32", 11008, False, False),
+                                   ("bf16", 16384, False, True)]:
+        out[f"norm-quantize-{act}-k{k}-{'fp8' if is_fp8 else 'int8'}{'-smooth' if smooth else ''}"] = (
+            lambda a=(act, k, is_fp8, smooth): _norm_quantize(*a))
     for act, d, is_fp8 in [("bf16", 128, False), ("fp16", 64, True), ("fp32", 80, False), ("bf16", 24, True)]:
         out[f"attention-operands-{act}-d{d}-{'fp8' if is_fp8 else 'int8'}"] = (
             lambda a=(act, d, is_fp8): _attention_operands(*a))
