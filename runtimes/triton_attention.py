@@ -1,8 +1,8 @@
 """8-bit attention in Triton: ``qcompile::attention_q8`` as one fused flash-attention-style kernel.
 
-Before the kernel, three kernels: Q quantized per token (``triton_quantize``), K minus its mean
-over tokens quantized per token, and V per channel in V's own layout
-(``triton_attention_operands``), the codes the reference's. The kernel then takes a tile of query rows and walks the keys in tiles: the
+Before the kernel, one launch quantizes its operands (``triton_attention_operands``): Q per
+token, K minus its mean over tokens per token, and V per channel in V's own layout, the codes
+the reference's. The kernel then takes a tile of query rows and walks the keys in tiles: the
 INT8 product ``Qq Kq^T`` (int32 accumulator; INT8 for both formats, as the reference), the scales, the masks (causal,
 boolean or additive, broadcast through zero strides), an online softmax in float32, ``P`` quantized
 with one scale per row of the key tile (the tile is the reference's block of ``P_BLOCK`` keys), and
@@ -144,10 +144,8 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
     b, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     scale = attention.default_scale(d) if scale is None else scale
-    # three kernels: Q per token; K smoothed and per token; V per channel, in its own layout
-    qq, sq = triton_quantize.quantize_per_token(q.contiguous(), None, attention.QK_DTYPE)
-    kq, sk = triton_attention_operands.smoothed_keys(k, attention.QK_DTYPE)
-    vq, sv = triton_attention_operands.values_per_channel(v, qdtype)
+    # one launch: Q per token; K smoothed and per token; V per channel, in its own layout
+    qq, sq, kq, sk, vq, sv = triton_attention_operands.quantize_operands(q, k, v, attention.QK_DTYPE, qdtype)
     out = torch.empty((b, hq, lq, d), dtype=q.dtype, device=q.device)
     if attn_mask is None:
         kind, mask, strides = MASK_NONE, sq, (0, 0, 0, 0)

@@ -155,18 +155,18 @@ def _norm_quantize(act, k, is_fp8, smooth):
 
 
 def _attention_operands(act, d, is_fp8):
-    """The keys' and values' quantize kernels of the 8-bit attention, launched as their launchers do."""
+    """The 8-bit attention's one-launch operand quantization, launched as its launcher does."""
     from qcompiler.runtimes import triton_attention_operands as tao
 
     block_d = max(16, 1 << (d - 1).bit_length())
-    code = "*u8" if is_fp8 else "*i8"
-    ints = _ints("L", "HKV", "skb", "skh", "skn")
-    compile_for_h100(tao._keys_kernel, {"k_ptr": ACT[act], "q_ptr": "*i8", "scale_ptr": "*fp32", "qmax": "fp32", **ints},
-                     {"D": d, "BLOCK_T": max(1, min(64, 8192 // block_d)), "BLOCK_D": block_d, "ROWS": tao.KEY_ROWS,
-                      "IS_FP8": False})
-    compile_for_h100(tao._values_kernel, {"v_ptr": ACT[act], "q_ptr": code, "scale_ptr": "*fp32", "qmax": "fp32",
-                                          **_ints("L", "HKV", "svb", "svh", "svn")},
-                     {"D": d, "BLOCK_T": 64, "BLOCK_D": tao.VALUE_CHANNELS, "IS_FP8": is_fp8})
+    compile_for_h100(tao._operands_kernel,
+                     {"q_ptr": ACT[act], "k_ptr": ACT[act], "v_ptr": ACT[act], "qq_ptr": "*i8", "kq_ptr": "*i8",
+                      "vq_ptr": "*u8" if is_fp8 else "*i8", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                      "qk_max": "fp32", "v_max": "fp32",
+                      **_ints("LQ", "LK", "HQ", "HKV", "sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn",
+                              "q_heads", "kv_heads", "q_blocks", "k_blocks", "v_blocks")},
+                     {"D": d, "BLOCK_T": max(1, min(64, 8192 // block_d)), "BLOCK_D": block_d, "ROWS": tao.TOKEN_ROWS,
+                      "CHANNELS": tao.VALUE_CHANNELS, "V_FP8": is_fp8})
 
 
 def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
