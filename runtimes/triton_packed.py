@@ -8,13 +8,14 @@ output column in each word (code ``j`` in bits ``j * bits ...``), INT4 scales an
 every byte of the weight is read once per tile. For INT4 the words are qcompile's own bytes
 (``qcompiler.ir.int4``: two codes per byte, low nibble first) read four at a time, transposed.
 
-* ``gemm`` (INT4, any M, tensor cores): each ``[BLOCK_K, BLOCK_N]`` weight tile is dequantized in
-  registers to the reference's weight (``(code - zero) * scale`` rounded to the activation's
-  dtype) by two shifts, an and-or and one multiply-add per code (the float32
-  value can differ from the reference's product in its last bit, so a bf16 weight on a rounding
-  tie may round the other way) and multiplied with ``tl.dot``; no weight in the activation dtype
-  ever goes to memory, so at M = 16 to a few hundred rows the kernel moves a
-  quarter (INT4) or half (INT8) of the bytes cuBLAS moves for bf16.
+* ``gemm`` (INT4, any M, tensor cores): each ``[BLOCK_K / 8, BLOCK_N]`` tile of words is loaded
+  once and spread over its codes in registers; a code is dequantized to the reference's weight
+  (``(code - zero) * scale`` rounded to the activation's dtype) by two shifts, an and-or and one
+  multiply-add (the float32 value can differ from the reference's product in its last bit, so a
+  bf16 weight on a rounding tie may round the other way) and multiplied with ``tl.dot``; no
+  weight in the activation dtype ever goes to memory, so at M = 16 to a few hundred rows the
+  kernel moves a quarter of the bytes cuBLAS moves for bf16. (INT8 weights are not packed for
+  the GEMM: read as stored they cost fewer instructions, ``triton_weight_only``.)
 * ``gemv`` (M = 1, CUDA cores): a code becomes a float in one shift and one and-or, the code
   placed in the top bits of the mantissa of 1.0 (``1 + code / 2**bits``, no int-to-float
   conversion, no subtraction), multiplied into the activation and summed; the per-group
