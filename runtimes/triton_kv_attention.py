@@ -143,15 +143,16 @@ def _kv_attention_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, 
 
 @triton.jit
 def _kv_split_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_ptr, vt_ptr, mask_ptr,
-                     op_ptr, mp_ptr, lp_ptr,
+                     op_ptr, mp_ptr, lp_ptr, o_ptr,
                      LQ, LC, LT, HQ, HKV, GROUP, sm_scale, K_GROUP, V_GROUP, CHUNK, SPLITS,
-                     sqb, sqh, sqm, sktb, skth, sktn, svtb, svth, svtn, smb, smh, smm, smn,
+                     sqb, sqh, sqm, sktb, skth, sktn, svtb, svth, svtn, smb, smh, smm, smn, sob, soh, som,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      FMT: tl.constexpr, HAS_OFFSET: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, DIRECT: tl.constexpr):
     """Keys ``[split * CHUNK, (split + 1) * CHUNK)`` of one KV head against all its query heads'
     rows (row ``r``: query head ``hk * GROUP + r // LQ``, query row ``r % LQ``): the partial output
-    (not yet divided by the sum), maximum and sum of each row, float32."""
+    (not yet divided by the sum), maximum and sum of each row, float32; with ``DIRECT`` (a single
+    slice: a short cache) the normalized output itself."""
     split = tl.program_id(0)
     b = tl.program_id(1) // HKV
     hk = tl.program_id(1) % HKV
@@ -171,10 +172,17 @@ def _kv_split_kernel(q_ptr, kc_ptr, ks_ptr, ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_p
                                ko_ptr, kt_ptr, vc_ptr, vs_ptr, vo_ptr, vt_ptr, m_base, LQ, LC, LT, HKV, sm_scale,
                                K_GROUP, V_GROUP, sktb, skth, sktn, svtb, svth, svtn, smm, smn, rd, D, BLOCK_N, FMT,
                                HAS_OFFSET, MASK, CAUSAL, DOT)
-    row = ((b * HQ + h).to(tl.int64) * LQ + rm) * SPLITS + split
-    tl.store(op_ptr + row[:, None] * BLOCK_D + rd[None, :], acc, mask=row_ok[:, None])
-    tl.store(mp_ptr + row, m_i, mask=row_ok)
-    tl.store(lp_ptr + row, l_i, mask=row_ok)
+    if DIRECT:  # one slice: the output itself, no merge launch
+        out = acc / l_i[:, None]
+        out = tl.where((l_i > 0.0)[:, None] | (l_i != l_i)[:, None], out, 0.0)  # every key masked: zeros
+        o_ptrs = (o_ptr + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + rm[:, None].to(tl.int64) * som
+                  + rd[None, :])
+        tl.store(o_ptrs, cast_rounded(out, o_ptr.dtype.element_ty), mask=row_ok[:, None] & (rd[None, :] < D))
+    else:
+        row = ((b * HQ + h).to(tl.int64) * LQ + rm) * SPLITS + split
+        tl.store(op_ptr + row[:, None] * BLOCK_D + rd[None, :], acc, mask=row_ok[:, None])
+        tl.store(mp_ptr + row, m_i, mask=row_ok)
+        tl.store(lp_ptr + row, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -261,20 +269,23 @@ def attention_split(q, k_codes, k_scale, k_offset, k_tail, v_codes, v_scale, v_o
         n_split = splits or splits_for(lc + lt, b * hkv, block_n, tuning.sm_count(q.device))
         chunk = triton.cdiv(triton.cdiv(lc + lt, n_split), block_n) * block_n
         n_split = max(1, triton.cdiv(lc + lt, chunk))
-        part = torch.empty((b, hq, lq, n_split, block_d), dtype=torch.float32, device=q.device)
-        m_part = torch.empty((b, hq, lq, n_split), dtype=torch.float32, device=q.device)
+        direct = n_split == 1
+        part = torch.empty((b, hq, lq, n_split, block_d) if not direct else (1,), dtype=torch.float32,
+                           device=q.device)
+        m_part = torch.empty((b, hq, lq, n_split) if not direct else (1,), dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         _kv_split_kernel[(n_split, b * hkv)](
             q, codes[0], scales[0], offsets[0], k_tail, codes[1], scales[1], offsets[1], v_tail, mask,
-            part, m_part, l_part, lq, lc, lt, hq, hkv, group, float(scale), k_group, v_group, chunk, n_split,
+            part, m_part, l_part, out, lq, lc, lt, hq, hkv, group, float(scale), k_group, v_group, chunk, n_split,
             q.stride(0), q.stride(1), q.stride(2), k_tail.stride(0), k_tail.stride(1), k_tail.stride(2),
-            v_tail.stride(0), v_tail.stride(1), v_tail.stride(2), *strides,
-            D=d, BLOCK_M=max(16, triton.next_power_of_2(lq * group)), BLOCK_N=block_n, BLOCK_D=block_d,
-            FMT=FORMAT_CODES[fmt.name], HAS_OFFSET=not fmt.symmetric, MASK=kind, CAUSAL=bool(is_causal),
-            DOT=_dot_dtype(q.dtype))
-        _kv_merge_kernel[(b * hq * lq,)](part, m_part, l_part, out, hq, lq, n_split, out.stride(0), out.stride(1),
-                                         out.stride(2), D=d, BLOCK_S=max(2, triton.next_power_of_2(n_split)),
-                                         BLOCK_D=block_d)
+            v_tail.stride(0), v_tail.stride(1), v_tail.stride(2), *strides, out.stride(0), out.stride(1),
+            out.stride(2), D=d, BLOCK_M=max(16, triton.next_power_of_2(lq * group)), BLOCK_N=block_n,
+            BLOCK_D=block_d, FMT=FORMAT_CODES[fmt.name], HAS_OFFSET=not fmt.symmetric, MASK=kind,
+            CAUSAL=bool(is_causal), DOT=_dot_dtype(q.dtype), DIRECT=direct)
+        if not direct:
+            _kv_merge_kernel[(b * hq * lq,)](part, m_part, l_part, out, hq, lq, n_split, out.stride(0),
+                                             out.stride(1), out.stride(2), D=d,
+                                             BLOCK_S=max(2, triton.next_power_of_2(n_split)), BLOCK_D=block_d)
         return out
     block_m = 16 if lq <= 16 else 64
     grid = (triton.cdiv(lq, block_m), b * hq)

@@ -194,13 +194,15 @@ def _kv_split(fmt, act, mask, causal, block_m, d):
     types = {"q_ptr": ACT[act], "kc_ptr": code, "ks_ptr": "*fp16", "ko_ptr": "*fp16", "kt_ptr": ACT[act],
              "vc_ptr": code, "vs_ptr": "*fp16", "vo_ptr": "*fp16", "vt_ptr": ACT[act],
              "mask_ptr": {ta.MASK_NONE: ACT[act], ta.MASK_BOOL: "*i8", ta.MASK_ADD: "*fp32"}[mask],
-             "op_ptr": "*fp32", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "sm_scale": "fp32",
+             "op_ptr": "*fp32", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "o_ptr": ACT[act], "sm_scale": "fp32",
              **_ints("LQ", "LC", "LT", "HQ", "HKV", "GROUP", "K_GROUP", "V_GROUP", "CHUNK", "SPLITS", "sqb", "sqh",
-                     "sqm", "sktb", "skth", "sktn", "svtb", "svth", "svtn", "smb", "smh", "smm", "smn")}
-    compile_for_h100(tk._kv_split_kernel, types, {
-        "D": d, "BLOCK_M": block_m, "BLOCK_N": 64 if d <= 64 else 32, "BLOCK_D": block_d,
-        "FMT": tk.FORMAT_CODES[fmt], "HAS_OFFSET": fmt == "int4", "MASK": mask, "CAUSAL": causal,
-        "DOT": {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[act]})
+                     "sqm", "sktb", "skth", "sktn", "svtb", "svth", "svtn", "smb", "smh", "smm", "smn", "sob", "soh",
+                     "som")}
+    for direct in (False, True):  # several slices and a merge; one slice writing the output
+        compile_for_h100(tk._kv_split_kernel, types, {
+            "D": d, "BLOCK_M": block_m, "BLOCK_N": 64 if d <= 64 else 32, "BLOCK_D": block_d,
+            "FMT": tk.FORMAT_CODES[fmt], "HAS_OFFSET": fmt == "int4", "MASK": mask, "CAUSAL": causal,
+            "DOT": {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[act], "DIRECT": direct})
     compile_for_h100(tk._kv_merge_kernel, {"op_ptr": "*fp32", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "o_ptr": ACT[act],
                                            **_ints("HQ", "LQ", "SPLITS", "sob", "soh", "som")},
                      {"D": d, "BLOCK_S": 64, "BLOCK_D": block_d})

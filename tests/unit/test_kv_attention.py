@@ -84,7 +84,7 @@ def test_kernel_against_the_reference_and_float64(scheme, case):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] // c[1] * c[2] <= 64])  # the split-KV kernel's calls
-@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])  # 1: the slice writes the output, no merge
 def test_split_kv_slices_merge_to_the_reference(scheme, case, splits):
     # slices end inside the quantized tokens, on the boundary to the tail, inside the tail, and
     # past the keys (empty slices); masked and causal rows across slices
@@ -101,13 +101,14 @@ def test_split_kv_keeps_masked_rows_zero_and_nan():
     args = list(args)
     args[9] = args[9].clone()
     args[9][1, 0, 0, :] = False
-    out = triton_kv_attention.attention_split(*args, splits=4)
-    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0])) and torch.isfinite(out).all()
-    for where in (0, 2, 8):  # the query, a key scale, the value tail
-        bad = list(args)
-        bad[where] = bad[where].clone()
-        bad[where][0, 0, 0, 0] = float("nan")
-        assert triton_kv_attention.attention_split(*bad, splits=4)[0].isnan().any(), where
+    for splits in (1, 4):
+        out = triton_kv_attention.attention_split(*args, splits=splits)
+        assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0])) and torch.isfinite(out).all()
+        for where in (0, 2, 8):  # the query, a key scale, the value tail
+            bad = list(args)
+            bad[where] = bad[where].clone()
+            bad[where][0, 0, 0, 0] = float("nan")
+            assert triton_kv_attention.attention_split(*bad, splits=splits)[0].isnan().any(), where
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
