@@ -60,9 +60,7 @@ def _value(node, gm: fx.GraphModule):
         return None
     v = node.meta.get("example_value", node.meta.get("val"))
     if v is None and node.op == "get_attr":
-        v = gm
-        for part in node.target.split("."):
-            v = getattr(v, part, None)
+        v = operator.attrgetter(node.target)(gm)
     return v if isinstance(v, torch.Tensor) else None
 
 

@@ -22,17 +22,10 @@ qops = torch.ops.qcompile
 SHAREABLE = (qops.quantize_per_token.default, qops.quantize_per_tensor.default)
 
 
-def _constant(gm: fx.GraphModule, node: fx.Node):
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _argument_key(gm: fx.GraphModule, arg):
     """What identifies an argument: a graph constant by its value, any other node by itself."""
     if isinstance(arg, fx.Node):
-        value = _constant(gm, arg) if arg.op == "get_attr" else None
+        value = operator.attrgetter(arg.target)(gm) if arg.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
             data = value.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes()
             return ("constant", str(value.dtype), tuple(value.shape), hashlib.sha256(data).hexdigest())
