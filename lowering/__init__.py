@@ -28,7 +28,7 @@ def _ort_build(gm, example_inputs, strict: bool = False):
 def _triton_build(gm, example_inputs, strict: bool = False, cuda_graphs: bool = False):
     from qcompiler.lowering import triton  # triton is optional (the 'gpu' extra): import on use
 
-    return triton.build(gm, example_inputs, cuda_graphs=cuda_graphs)
+    return triton.build(gm, example_inputs, cuda_graphs=cuda_graphs, strict=strict)
 
 
 def _tensorrt_build(gm, example_inputs, strict: bool = False):
@@ -122,9 +122,10 @@ LOWERINGS = {
 }
 # What target="auto" means on each device type: the first target of the list that is preferred
 # for the graph (``Lowering.preferred``, else ``can_run``), the list ordered by measurement. CPU:
-# 'ort' was faster than 'inductor' on every row of benchmarks/cpu_speed.py; 'cuda' stays on
-# Inductor until benchmarks/gpu_e2e.py has measured the triton target faster.
-AUTO = {"cpu": ("ort", "inductor"), "cuda": ("inductor",)}
+# 'ort' was faster than 'inductor' on every row of benchmarks/cpu_speed.py. CUDA: 'triton', which
+# measures its kernels against the float linears of the graph's shapes when it builds and gives
+# way to Inductor where they are not faster (lowering/triton.py).
+AUTO = {"cpu": ("ort", "inductor"), "cuda": ("triton", "inductor")}
 
 
 def auto_choice(device_type: str, example_inputs=()) -> tuple:

@@ -28,6 +28,7 @@ from torch import fx, nn
 
 from qcompiler.errors import TargetUnavailable
 from qcompiler.lowering import inductor
+from qcompiler.lowering.fallback import Chosen
 from qcompiler.lowering.onnx import (PROTOBUF_LIMIT, export_ir, fed_inputs, freeze, isolated, layout_outputs,
                                      output_layout, proto_of, root_message, save_ir, shared_parameters,
                                      symbolic_shapes, unmeasured_ints)
@@ -220,18 +221,6 @@ def release_constants(gm: fx.GraphModule) -> None:
             gm._buffers[name] = torch.empty_like(value, device="meta")
 
 
-class Fallback:
-    """The graph compiled by Inductor because the ONNX export failed (``target="auto"`` only)."""
-
-    running_target = "inductor"
-
-    def __init__(self, fn, reason: str):
-        self.fn, self.fallback_reason = fn, reason
-
-    def __call__(self, *args):
-        return self.fn(*args)
-
-
 def build(gm: fx.GraphModule, example_inputs, strict: bool = False):
     try:
         graph = OrtGraph(gm, list(example_inputs))
@@ -240,7 +229,7 @@ def build(gm: fx.GraphModule, example_inputs, strict: bool = False):
         if strict:
             raise OrtExportError(f"target 'ort' cannot run this graph: {reason}. Use target='inductor', or "
                                  f"target='auto' to let qcompile fall back") from exc
-        fallback = Fallback(inductor.build(gm, example_inputs), f"ort: {reason}; compiled by Inductor instead")
+        fallback = Chosen(inductor.build(gm, example_inputs), "inductor", f"ort: {reason}; compiled by Inductor instead")
         warnings.warn(f"qcompile target 'auto': {fallback.fallback_reason}", stacklevel=2)
         return fallback
     return graph

@@ -5,7 +5,12 @@ launcher in ``qcompiler.runtimes.triton_*`` and whose fake is the q-op's own, so
 the graph around them (norms, floating-point attention, residuals) and calls the kernels as extern calls. Scales
 and packed weights arrive as graph constants; nothing here recomputes them. Each linear q-op first
 gets a kernel plan (``triton_plan``): per M bucket, the kernel measured fastest on this GPU among
-torch's built-ins and qcompile's Triton kernels, checked against the q-op reference.
+torch's built-ins and qcompile's Triton kernels, checked against the q-op reference; each
+attention q-op is measured against SDPA (``attention_plan``).
+
+Under ``target="auto"`` (``strict`` False) the target is kept only where it measured faster: a
+graph whose planned linears are not faster than the float linears of the same shapes is compiled
+by Inductor instead, and ``explain`` says so with the measurement.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CI tests it).
 """
@@ -17,10 +22,13 @@ from torch import fx
 from qcompiler import torch_compat
 from qcompiler.ir import ops
 from qcompiler.lowering.devices import input_device
+from qcompiler.lowering import inductor
+from qcompiler.lowering.attention_plan import plan_attention
+from qcompiler.lowering.fallback import Chosen, shared_copy
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
 from qcompiler.lowering.norm_quantize import fuse as fuse_norms
 from qcompiler.lowering.shared_qops import share
-from qcompiler.lowering.triton_plan import plan_graph
+from qcompiler.lowering.triton_plan import plan_graph, speed_against_float
 from qcompiler.runtimes import (kernel_choice, linear_kernels, tinygemm, triton_attention, triton_kv_attention,
                                 triton_packed, triton_quantize, triton_tuning, triton_w8a8, triton_weight_only)
 from qcompiler.runtimes.triton_support import require
@@ -61,14 +69,29 @@ def swap_qops(gm: fx.GraphModule) -> fx.GraphModule:
     return retarget(gm, TRITON_OPS)
 
 
-def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False):
+def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False, strict: bool = True):
+    """The graph's callable. ``strict`` False (``target="auto"``): the graph is compiled by
+    Inductor instead unless its planned linears measured faster than the float linears
+    (``triton_plan.speed_against_float``), and an 8-bit attention slower than SDPA runs SDPA."""
     device = input_device(example_inputs)
     require(device)
+    spare = None if strict else shared_copy(gm)  # what Inductor compiles if the kernels measure slower
     share(gm)  # linears reading one activation quantize it once (lowering/shared_qops.py)
     fuse_norms(gm)  # and an RMS norm feeding that quantize runs in its kernel (lowering/norm_quantize.py)
-    # each linear q-op runs the kernel measured fastest for its shapes (lowering/triton_plan.py)
-    plan_graph(gm, example_inputs, kernel_choice.Chooser.for_device(device, KERNEL_SOURCES))
+    chooser = kernel_choice.Chooser.for_device(device, KERNEL_SOURCES)
+    # each linear q-op runs the kernel measured fastest for its shapes (lowering/triton_plan.py),
+    # each attention q-op what measured fastest for it (lowering/attention_plan.py)
+    choices = plan_graph(gm, example_inputs, chooser)
+    plan_attention(gm, example_inputs, chooser, device, may_fall_back=not strict)
+    ratio, measured = speed_against_float(choices)
+    if not strict and not (ratio or 0.0) > 1.0:
+        for node in gm.graph.nodes:  # explain reads this graph: none of its kernels runs
+            node.meta.pop(kernel_choice.META_KEY, None)
+            node.meta.pop(kernel_choice.RUNS_KEY, None)
+        return Chosen(inductor.build(spare, example_inputs, cuda_graphs=cuda_graphs), "inductor",
+                      f"triton: {measured}" + ("" if ratio is None else ", not faster") + "; compiled by Inductor instead")
     # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the
     # kernels have no gradients (CompiledGraph runs under no_grad), so compile for inference
     with torch.no_grad():
-        return torch_compat.compile_fx(inline_qops(swap_qops(gm)), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))
+        fn = torch_compat.compile_fx(inline_qops(swap_qops(gm)), example_inputs, config_patches=cuda_graph_patch(cuda_graphs))
+    return fn if strict else Chosen(fn, "triton", note=f"auto kept triton: {measured}")

@@ -10,9 +10,12 @@ op picks the entry for the call's M; no kernel choice happens in the hot path, a
 travels with the graph (no process-wide state). Nodes whose weights are not constants keep the
 plain ``qcompile_triton::`` op, whose launchers choose by M.
 
-``plan_graph`` returns the choices for ``explain``: (node name, Choice) pairs.
+``plan_graph`` returns the choices for ``explain``: (node name, Choice) pairs; ``speed_against_float``
+sums them into the graph's measured speed against floating point (what ``target="auto"`` decides by).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import fx
@@ -151,3 +154,24 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
     gm.graph.lint()
     gm.recompile()
     return choices
+
+
+def speed_against_float(choices: list) -> tuple:
+    """``(ratio, text)``: how the graph's planned linears measured against the float linears of the
+    same shapes. Per M bucket, the float linears' summed time over the kept kernels'; ``ratio`` is
+    the geometric mean over the buckets (each bucket a kind of call: decode, small batch, prefill),
+    None when a choice was not measured (no timer here) or the graph has no planned linear."""
+    if not choices:
+        return None, "the graph has no linear the triton target plans"
+    if not all(c.measured and c.baseline_us and c.times_us.get(c.kernel) for _, c in choices):
+        return None, "its kernels were not measured here"
+    per_m = {}
+    for _, c in choices:
+        kept, base = per_m.get(c.m, (0.0, 0.0))
+        per_m[c.m] = (kept + c.times_us[c.kernel], base + c.baseline_us)
+    ratios = {m: base / kept for m, (kept, base) in sorted(per_m.items())}
+    ratio = math.exp(sum(map(math.log, ratios.values())) / len(ratios))
+    linears = len({name for name, _ in choices})
+    text = (f"its {linears} linear(s) measured {ratio:.2f}x the float linears of the same shapes ("
+            + ", ".join(f"M={m}: {r:.2f}x" for m, r in ratios.items()) + ")")
+    return ratio, text

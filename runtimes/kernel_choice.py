@@ -33,6 +33,7 @@ from qcompiler.runtimes.disk_cache import cache_folder, code_version
 # weights and outputs (a few 1e-3); beyond this the kernel is computing something else
 MAX_REL_ERR = 2e-2
 META_KEY = "qcompile_kernels"  # node.meta of a planned q-op: its Choice per M bucket (explain reads it)
+RUNS_KEY = "qcompile_runs"  # node.meta of a planned q-op that runs other than its choice's kernel: what, and why
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Family:
     with_rows: Callable            # (args, m) -> args whose activation is fresh random data of m rows
     shape: Callable                # args -> a tuple naming everything but M that the speed depends on
     baseline: Callable             # (args, m) -> a zero-argument function running the float linear
+    baseline_name: str = "the float linear"  # what ``baseline`` runs, as ``explain`` names it
+    where: Callable = lambda args, m: f"M={m}"  # (args, m) -> the measured call's sizes, as explain names them
 
     def kernel(self, name: str) -> Kernel:
         return next(k for k in self.kernels if k.name == name)
@@ -78,6 +81,8 @@ class Choice:
     baseline_us: Optional[float] = None               # the float linear of the same shape
     measured: bool = True
     cached: bool = False
+    baseline_name: str = "the float linear"
+    where: str = ""                                   # the call's sizes ("M=<m>" when empty)
 
     @property
     def speedup(self) -> Optional[float]:
@@ -86,11 +91,12 @@ class Choice:
         return None if not t or self.baseline_us is None else self.baseline_us / t
 
     def describe(self) -> str:
+        where = self.where or f"M={self.m}"
         if not self.measured:
-            return f"{self.kernel} (M={self.m}; not measured here)"
+            return f"{self.kernel} ({where}; not measured here)"
         s = self.speedup
-        return f"{self.kernel} (M={self.m}: {self.times_us[self.kernel]:.1f} us" + (
-            f", {s:.2f}x the float linear)" if s else ")")
+        return f"{self.kernel} ({where}: {self.times_us[self.kernel]:.1f} us" + (
+            f", {s:.2f}x {self.baseline_name})" if s else ")")
 
 
 def rel_err(out: Tensor, ref: Tensor) -> float:
@@ -206,7 +212,8 @@ class Chooser:
                 self.choices[key] = choice
                 return choice
         if self.timer is None:  # nothing to measure with (the CPU interpreter): the table's order
-            choice = Choice(family.op, m, runnable[0].name, rejected=rejected, measured=False)
+            choice = Choice(family.op, m, runnable[0].name, rejected=rejected, measured=False,
+                            baseline_name=family.baseline_name, where=family.where(args, m))
             self.choices[key] = choice
             return choice
         times = {}
@@ -226,7 +233,8 @@ class Chooser:
             raise ValueError(f"{family.op}: every kernel failed its check at M={m}: {rejected}")
         baseline = self.timer(family.baseline(args, m))
         best = min(times, key=times.get)
-        choice = Choice(family.op, m, best, times, rejected, baseline)
+        choice = Choice(family.op, m, best, times, rejected, baseline, baseline_name=family.baseline_name,
+                        where=family.where(args, m))
         self._store(key, choice)
         self.choices[key] = choice
         return choice

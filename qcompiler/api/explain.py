@@ -15,7 +15,7 @@ from torch import nn
 
 from qcompiler.calibration.state import linear_layers, state_of
 from qcompiler.passes.cache_read import META_KEY as KV_READ
-from qcompiler.runtimes.kernel_choice import META_KEY as KERNELS_KEY
+from qcompiler.runtimes.kernel_choice import META_KEY as KERNELS_KEY, RUNS_KEY
 from qcompiler.passes.meta import FALLBACKS, FLOATING_POINT, Decision
 
 NOT_COMPILED = "not compiled"
@@ -145,7 +145,7 @@ def explain(model: nn.Module) -> Report:
                                     weight_bytes_fp32=n * k * 4, param_id=id(mod.weight)))
     targets = [GraphTarget(g.requested, g.running_target,
                            "; ".join(r for r in (g.fallback_reason, g.auto_reason and f"auto passed over {g.auto_reason}",
-                                                 _float_note(g)) if r)) for g in graphs]
+                                                 getattr(g.fn, "note", ""), _float_note(g)) if r)) for g in graphs]
     return Report(records, targets, _run_notes(state_of(model).last_run) + _kv_notes(model) + _cache_read_notes(graphs)
                   + _kernel_notes(graphs) + _lifted_float_notes(graphs))
 
@@ -176,8 +176,8 @@ def _kernel_notes(graphs) -> list:
             choices = n.meta.get(KERNELS_KEY)
             if choices:
                 d = n.meta.get("qcompile")
-                op = choices[0].op
-                label = f"{op} " + "; ".join(c.describe() for c in choices)
+                op, runs = choices[0].op, n.meta.get(RUNS_KEY)
+                label = f"{op} " + (f"runs {runs}; measured " if runs else "") + "; ".join(c.describe() for c in choices)
                 counts.setdefault(label, []).append(d.module if isinstance(d, Decision) else n.name)
         for label, modules in counts.items():
             lines.append(f"graph {i}: {len(modules)} x {label}: {_names(modules)}")

@@ -41,10 +41,13 @@ def test_cuda_targets_match_the_cpu_reference(dtype, shape, recipe):
         torch._dynamo.reset()
         fast = torch.compile(gpu_model, backend="qcompile", options={"recipe": recipe, "target": target})
         outs[target] = fast(x.to("cuda", dtype)).float().cpu()
+        if target == "auto":  # triton where its kernels measured faster than the float linears, else Inductor
+            [graph] = qcompiler.explain(fast).graphs
+            assert graph.running in ("triton", "inductor") and "measured" in graph.reason, graph
     # bf16/fp16 activations: the 16-bit rounding of inputs and outputs dominates (~1e-2)
     assert rel_err(outs["inductor"], outs["reference"]) < 2e-2
     assert rel_err(outs["triton"], outs["reference"]) < 2e-2
-    assert torch.equal(outs["auto"], outs["inductor"])
+    assert rel_err(outs["auto"], outs["reference"]) < 2e-2
     assert sqnr_db(ref_fp32, outs["reference"]) > MIN_SQNR[recipe]
 
 
