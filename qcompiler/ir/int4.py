@@ -21,7 +21,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from qcompiler.ir.numerics import row_blocks
+from qcompiler.ir.numerics import join_blocks, row_blocks
 
 BITS = 4
 UMAX = 2**BITS - 1                    # 15
@@ -92,8 +92,7 @@ def dequantize_codes(q: Tensor, scale: Tensor, zero: Optional[Tensor], group_siz
     """codes ``[N, G * group_size]`` -> float32 weight ``[N, K]``."""
     n = q.shape[0]
     z = SYMMETRIC_ZERO if zero is None else zero.to(torch.float32)[..., None]
-    w = (q.to(torch.float32).reshape(n, -1, group_size) - z) * scale[..., None]
-    return w.reshape(n, -1)[:, :k]
+    return join_blocks((q.to(torch.float32).reshape(n, -1, group_size) - z) * scale[..., None], k)
 
 
 def centred_codes(p: PackedInt4, dtype=torch.float32) -> Tensor:

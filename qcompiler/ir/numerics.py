@@ -46,8 +46,16 @@ def split_blocks(x: Tensor, block_size: int) -> Tensor:
 
 
 def join_blocks(grouped: Tensor, k: int) -> Tensor:
-    """``split_blocks`` undone: ``[..., blocks, block_size]`` -> ``[..., K]``, the padding dropped."""
-    return grouped.reshape(*grouped.shape[:-2], -1)[..., :k]
+    """``split_blocks`` undone: ``[..., blocks, block_size]`` -> ``[..., K]``, the padding dropped.
+
+    The whole blocks are flattened and the short last block's head appended: Inductor's CPU code
+    for a flattened view sliced mid-block (``reshape(..., -1)[..., :k]``) writes only the first
+    block's columns when a dtype cast follows (torch 2.13; the rest of the output is left
+    uninitialised), which this form never meets (tests/unit/test_padded_blocks.py)."""
+    size = grouped.shape[-1]
+    full, rest = divmod(k, size)
+    head = grouped[..., :full, :].reshape(*grouped.shape[:-2], full * size)
+    return head if not rest else torch.cat([head, grouped[..., full, :rest]], dim=-1)
 
 
 WEIGHT_CHUNK_ELEMENTS = 1 << 20  # elements of a weight quantized at a time: a whole table's float temporaries are GBs

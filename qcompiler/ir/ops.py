@@ -139,7 +139,7 @@ def quantize_per_block_ref(x: Tensor, block_size: int, smooth_inv: Optional[Tens
 
 def dequantize_blocks(q: Tensor, scale: Tensor, block_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """Per-block codes and scales (``quantize_per_block_ref``) -> ``dtype`` values of q's shape."""
-    return q.to(dtype) * scale.to(dtype).repeat_interleave(block_size, dim=-1)[..., :q.shape[-1]]
+    return join_blocks(split_blocks(q.to(dtype), block_size) * scale.to(dtype)[..., None], q.shape[-1])
 
 
 def _quantize_per_tensor_fake(x, scale, smooth_inv=None, qdtype=torch.int8):

@@ -133,7 +133,7 @@ class _FakeInt4(torch.autograd.Function):
         out = codes(g / s, low, high) * s
         ctx.save_for_backward(w, scale, zero)
         ctx.group_size, ctx.factor = group_size, factor
-        return out.reshape(w.shape[0], -1)[:, :w.shape[1]]
+        return join_blocks(out, w.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -145,7 +145,7 @@ class _FakeInt4(torch.autograd.Function):
         grad_g = int4.grouped(grad, ctx.group_size)
         grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.where(inside, grad_g, 0.0).reshape(w.shape[0], -1)[:, :w.shape[1]].to(w.dtype)
+            grad_w = join_blocks(torch.where(inside, grad_g, 0.0), w.shape[1]).to(w.dtype)
         grad_s = None
         if ctx.needs_input_grad[1]:
             # d x_hat / d s: q - v inside the grid, the grid's end outside; positive()'s clamp passes it where
