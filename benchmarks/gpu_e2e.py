@@ -6,13 +6,17 @@ heads: Llama-2-7B's layer, random weights, bf16) with ``--layers`` layers. Per r
           transformers ``StaticCache`` of ``--past`` + 64 slots (the form torch.compile and CUDA
           graphs need): attention reads every slot, masked, so every step has the same shapes
           and the same work
+  GPU ms  the GPU's busy time per decode step: the durations of the kernels and copies of 5 steps
+          (torch.profiler), over 5. Against the wall time per step (1000 / tok/s) it shows how much
+          of a step the host or launch gaps take
   prefill one ``--prefill``-token forward, milliseconds
   logits  relative error and top-1 agreement of the decode logits: bf16 rows against bf16 eager, qcompile
           rows against qcompile's reference target on the same quantized weights (a random model's
           logits against bf16 measure the quantization, which random layers amplify, not the kernels)
 Rows: bf16 eager, bf16 torch.compile (Inductor) without and with mode="reduce-overhead" (CUDA
 graphs), then qcompile w8a8 / w8a8-smoothquant / fp8 / w8a16 / w4a16 through ``target="triton"``
-with ``cuda_graphs=True`` (``--no-graphs`` adds each recipe without them too). The ratio columns
+with ``cuda_graphs=True`` (``--no-graphs`` adds each recipe without them too; ``--auto`` adds each
+through ``target="auto"``, which keeps triton where its linears measured faster, with what it ran). The ratio columns
 divide by the best bf16 row of the same run. Decode is timed over ``--reps`` steps with one
 synchronize at the end; prefill is the median of CUDA-event-timed repeats. Each qcompile row also
 prints the kernels the triton target measured and chose for its linears.
@@ -68,6 +72,20 @@ def steps_timer(device):
     return measure
 
 
+def gpu_ms_per_step(step, steps: int = 5) -> float:
+    """Milliseconds the GPU is busy per call of ``step``: the summed durations of the kernels and
+    copies the profiler records over ``steps`` calls (CUDA graph replays included)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    busy_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return busy_us / 1e3 / steps
+
+
 def timer(device):
     if device.type == "cuda":
         def measure(fn, reps):
@@ -99,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--no-graphs", action="store_true", help="also run each recipe without CUDA graphs")
+    ap.add_argument("--auto", action="store_true", help="also run each recipe through target='auto'")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of 3 decode steps per row")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=None)
@@ -146,6 +165,9 @@ def main(argv=None) -> int:
             rows.append((f"qcompile {r} / triton + graphs", "qcompile", {**opts, "cuda_graphs": True}))
         if args.no_graphs or not graphs:
             rows.append((f"qcompile {r} / triton", "qcompile", opts))
+        if args.auto:
+            rows.append((f"qcompile {r} / auto" + (" + graphs" if graphs else ""), "qcompile",
+                         {**opts, "target": "auto", "cuda_graphs": graphs}))
     needs_calibration = any(isinstance(opts, dict) and qcompiler.get_recipe(opts["recipe"]).needs_calibration
                             for _, _, opts in rows)
     if needs_calibration:
@@ -154,7 +176,7 @@ def main(argv=None) -> int:
     lines = [f"# {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU interpreter (no timing)'}; "
              f"torch {torch.__version__}; {args.layers} {'tiny' if args.smoke else 'Llama-7B'} layers, bf16; "
              f"decode after {args.past} tokens; prefill {args.prefill}; ratios over the best bf16 row",
-             f"{'row':40} {'decode tok/s':>12} {'vs bf16':>8} {'prefill ms':>11} {'vs bf16':>8} {'logit rel err':>13} {'top1':>5} {'quantized':>9}"]
+             f"{'row':40} {'decode tok/s':>12} {'vs bf16':>8} {'GPU ms':>7} {'prefill ms':>11} {'vs bf16':>8} {'logit rel err':>13} {'top1':>5} {'quantized':>9}"]
     results = []
     for label, backend, opts in rows:
         torch._dynamo.reset()
@@ -175,6 +197,7 @@ def main(argv=None) -> int:
                 step()
                 fn(prefill_ids, use_cache=False)
             decode_ms = measure_steps(step, args.reps)
+            busy_ms = gpu_ms_per_step(step) if device.type == "cuda" else float("nan")
             if args.profile:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -189,8 +212,10 @@ def main(argv=None) -> int:
             r.scheme not in ("floating point", "not compiled") for r in qcompiler.explain(fn))
         truth = ref_logits
         if backend == "qcompile":  # the same quantized weights on the plain-torch reference q-ops
-            kernels = [line for line in str(qcompiler.explain(fn)).splitlines() if " x linear_" in line]
-            print("\n".join(f"  {line}" for line in kernels[:8]), flush=True)
+            report = qcompiler.explain(fn)
+            kernels = [line for line in str(report).splitlines() if " x linear_" in line or " x attention_" in line]
+            ran = [f"runs on {g.running}" + (f" ({g.reason})" if g.reason else "") for g in report.graphs]
+            print("\n".join(f"  {line}" for line in ran[:2] + kernels[:8]), flush=True)
             torch._dynamo.reset()
             ref_fn = torch.compile(model, backend="qcompile", options={**opts, "target": "reference", "cuda_graphs": False})
             with torch.no_grad():
@@ -198,14 +223,15 @@ def main(argv=None) -> int:
             del ref_fn
         err = ((logits - truth).norm() / truth.norm()).item()
         top1 = (logits.argmax(-1) == truth.argmax(-1)).float().mean().item()
-        results.append((label, 1e3 / decode_ms, prefill_ms, err, top1, quantized))
-        print(f"{label:40} {1e3 / decode_ms:12.1f} {prefill_ms:11.1f} {err:13.2e} {top1:5.2f} {quantized:9d}", flush=True)
+        results.append((label, 1e3 / decode_ms, busy_ms, prefill_ms, err, top1, quantized))
+        print(f"{label:40} {1e3 / decode_ms:12.1f} {busy_ms:7.2f} {prefill_ms:11.1f} {err:13.2e} {top1:5.2f} {quantized:9d}",
+              flush=True)
         del fn, cache
-    best = [(tok_s, ms) for label, tok_s, ms, *_ in results if label.startswith("bf16")]
+    best = [(tok_s, ms) for label, tok_s, _, ms, *_ in results if label.startswith("bf16")]
     best_tok_s, best_ms = max(t for t, _ in best), min(m for _, m in best)
-    for label, tok_s, prefill_ms, err, top1, quantized in results:
-        lines.append(f"{label:40} {tok_s:12.1f} {tok_s / best_tok_s:7.2f}x {prefill_ms:11.1f} {best_ms / prefill_ms:7.2f}x "
-                     f"{err:13.2e} {top1:5.2f} {quantized:9d}")
+    for label, tok_s, busy_ms, prefill_ms, err, top1, quantized in results:
+        lines.append(f"{label:40} {tok_s:12.1f} {tok_s / best_tok_s:7.2f}x {busy_ms:7.2f} {prefill_ms:11.1f} "
+                     f"{best_ms / prefill_ms:7.2f}x {err:13.2e} {top1:5.2f} {quantized:9d}")
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:

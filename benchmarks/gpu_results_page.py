@@ -29,7 +29,7 @@ def _read(folder: str, *names: str) -> str:
 
 def _e2e_rows(log: str) -> str:
     keep = [line for line in log.splitlines()
-            if re.match(r"^(bf16|qcompile) .*\d", line) or line.startswith("  graph ") or line.startswith("row ")]
+            if re.match(r"^(bf16|qcompile) .*\d", line) or line.startswith(("  graph ", "  runs on ", "row "))]
     return "\n".join(keep)
 
 
@@ -50,8 +50,9 @@ def section(folder: str, commit: str, date: str, command: str, note: str) -> str
     e2e = _read(folder, "gpu_e2e.txt") or _e2e_rows(_read(folder, "e2e.log"))
     if e2e:
         out += ["### 8 Llama-7B layers, decode and prefill (`benchmarks/gpu_e2e.py`)", "",
-                "Columns: row, decode tok/s, prefill ms, logit relative error, top-1 agreement, quantized "
-                "linears (the table form adds the ratios over the best bf16 row). qcompile rows compare with "
+                "Columns: row, decode tok/s, [GPU busy ms per decode step, where the run measured it,] prefill "
+                "ms, logit relative error, top-1 agreement, quantized linears (the table form adds the ratios "
+                "over the best bf16 row). qcompile rows compare with "
                 "qcompile's reference target on the same quantized weights; the indented lines are the "
                 "kernels the triton target measured and kept.", "", "```", e2e.strip(), "```", ""]
     attention = _read(folder, "gpu_attention.txt")
