@@ -28,7 +28,7 @@ from qcompiler.lowering.fallback import Chosen, shared_copy
 from qcompiler.lowering.inductor import cuda_graph_patch, inline_qops, retarget
 from qcompiler.lowering.norm_quantize import fuse as fuse_norms
 from qcompiler.lowering.shared_qops import share
-from qcompiler.lowering.triton_plan import plan_graph, speed_against_float
+from qcompiler.lowering.triton_plan import drop_plans, plan_graph, speed_against_float
 from qcompiler.runtimes import (kernel_choice, linear_kernels, tinygemm, triton_attention, triton_kv_attention,
                                 triton_packed, triton_quantize, triton_tuning, triton_w8a8, triton_weight_only)
 from qcompiler.runtimes.triton_support import require
@@ -85,9 +85,7 @@ def build(gm: fx.GraphModule, example_inputs, cuda_graphs: bool = False, strict:
     plan_attention(gm, example_inputs, chooser, device, may_fall_back=not strict)
     ratio, measured = speed_against_float(choices)
     if not strict and not (ratio or 0.0) > 1.0:
-        for node in gm.graph.nodes:  # explain reads this graph: none of its kernels runs
-            node.meta.pop(kernel_choice.META_KEY, None)
-            node.meta.pop(kernel_choice.RUNS_KEY, None)
+        drop_plans(gm)  # explain reads this graph: none of its kernels runs
         return Chosen(inductor.build(spare, example_inputs, cuda_graphs=cuda_graphs), "inductor",
                       f"triton: {measured}" + ("" if ratio is None else ", not faster") + "; compiled by Inductor instead")
     # q-ops without a kernel (dequantize) are inlined as torch code for Inductor to fuse; the

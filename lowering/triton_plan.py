@@ -26,6 +26,7 @@ from qcompiler.runtimes.kernel_choice import META_KEY
 
 qops = torch.ops.qcompile
 
+PREPARED_PREFIX = "_qc_prepared_"  # buffers of the graph module: what the chosen kernels prepared once
 # (largest M, M measured for it): decode, small batches, mid-size batches, prefill
 BUCKETS = ((1, 1), (16, 16), (256, 128), (2**62, 2048))
 
@@ -140,7 +141,7 @@ def plan_graph(gm: fx.GraphModule, example_inputs, chooser: kernel_choice.Choose
                 if key not in made:
                     made[key] = []
                     for t in kernel.prepare(args):  # once per weight: buffers of the graph
-                        made[key].append(f"_qc_prepared_{sum(map(len, made.values()))}")
+                        made[key].append(f"{PREPARED_PREFIX}{sum(map(len, made.values()))}")
                         gm.register_buffer(made[key][-1], t)
                 with gm.graph.inserting_before(node):
                     prepared_nodes += [gm.graph.get_attr(name) for name in made[key]]
@@ -175,3 +176,15 @@ def speed_against_float(choices: list) -> tuple:
     text = (f"its {linears} linear(s) measured {ratio:.2f}x the float linears of the same shapes ("
             + ", ".join(f"M={m}: {r:.2f}x" for m, r in ratios.items()) + ")")
     return ratio, text
+
+
+def drop_plans(gm: fx.GraphModule) -> None:
+    """A planned graph that will not run (``target="auto"`` gave way to Inductor): its choices leave
+    the nodes (``explain`` reads this graph) and its prepared weights become shape-only tensors on
+    the meta device, so no re-packed copy of a weight stays in memory."""
+    for node in gm.graph.nodes:
+        node.meta.pop(META_KEY, None)
+        node.meta.pop(kernel_choice.RUNS_KEY, None)
+    for name, value in list(gm._buffers.items()):
+        if name.startswith(PREPARED_PREFIX) and value is not None:
+            gm._buffers[name] = torch.empty_like(value, device="meta")

@@ -95,6 +95,21 @@ def test_auto_keeps_triton_only_where_its_linears_measured_faster(auto_is_cuda, 
         assert not any("the float linear)" in line for line in report.notes)  # no kernel of the plan runs
 
 
+def test_a_graph_that_gave_way_keeps_no_prepared_weight(auto_is_cuda):
+    # the packed GEMM measured fastest of the triton kernels (its weights re-packed), yet slower
+    # than the float linears: Inductor runs, and the re-packed copies are not kept in memory
+    from qcompiler.lowering.triton_plan import PREPARED_PREFIX
+
+    auto_is_cuda(linear=3.0, triton_packed_gemm=4.0)
+    model, x = _mlp(), torch.randn(4, 64)
+    fast = torch.compile(model, backend="qcompile", options={"recipe": "w4a16"})
+    fast(x)
+    graph = qcompiler.api.backend.compiled_graphs(fast)[0]
+    assert graph.running_target == "inductor" and "0.75x" in graph.fallback_reason
+    prepared = [b for name, b in graph.graph_module.named_buffers() if name.startswith(PREPARED_PREFIX)]
+    assert prepared and all(b.device.type == "meta" for b in prepared)
+
+
 def test_an_explicit_triton_target_runs_its_kernels_however_they_measured(auto_is_cuda):
     auto_is_cuda(linear=1.0)
     model, x = _mlp(), torch.randn(4, 64)
