@@ -10,9 +10,18 @@ the 8-bit product ``Pq Vq`` (INT8, or FP8 E4M3) scaled and accumulated in float3
 normalizer are applied once at the end. Query head ``h`` reads key/value head ``h // (Hq / Hkv)`` (GQA, MQA): nothing is repeated in
 memory, and no float copy of K or V is made beyond the smoothing pass.
 
+Per score the kernel does as little besides the two products as it can (the ALU work is what the
+tensor cores wait on: docs/results/sm90_attention_sass.md): scores are kept in base 2 (``log2 e``
+folded into Q's scale, so an exponential is one ``exp2``); a row's largest ``P`` in a tile is
+``exp2`` of its largest score (no second reduction); ``P``'s codes take one multiply by the
+reciprocal of that maximum and a bit cast (no per-score division or float-to-integer conversion);
+and the key tiles wholly inside the keys and before every row's causal limit are walked without
+bounds or causal tests (the bulk loop), the rest with them (the edge loop).
+
 A block's codes ``P / max(P over the block)`` do not depend on the row maximum the softmax
-subtracts, so the kernel's codes are the reference's up to float32 rounding of ``exp``; results
-differ from the reference by that rounding (tested against float64 and the reference).
+subtracts, so the kernel's codes are the reference's up to float32 rounding of ``exp`` and of
+the reciprocal; results differ from the reference by that rounding (tested against float64 and
+the reference).
 """
 from __future__ import annotations
 
@@ -28,15 +37,18 @@ from qcompiler.runtimes import triton_attention_operands, triton_quantize
 from qcompiler.runtimes.triton_common import as_bytes
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2: exp(x) = exp2(x * log2 e)
 
 
 @triton.jit
 def _p_codes(y, IS_FP8: tl.constexpr):
-    """``P / scale`` in [0, QMAX] -> its 8-bit codes (INT8 rounds half to even)."""
+    """``P / scale`` in [0, QMAX] -> its 8-bit codes. INT8 rounds half to even by adding 1.5 * 2**23:
+    the sum's low mantissa bits are the code, taken by a bit cast (no float-to-integer conversion,
+    which issues at 1/8 of the multiply-add rate on sm_90)."""
     if IS_FP8:
         code = triton_quantize._round_to_e4m3(y).to(tl.float8e4nv)
     else:
-        code = ((y + 12582912.0) - 12582912.0).to(tl.int8)
+        code = ((y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000).to(tl.int8)
     return code
 
 
@@ -51,39 +63,81 @@ def query_tile(HQ, GROUP, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def softmax_step(s, m_i, l_i, rm, rn, END, LQ, LK, m_base, smm, smn, MASK: tl.constexpr, CAUSAL: tl.constexpr):
-    """One key tile of an online softmax: scores ``s`` of query rows ``rm`` (of ``LQ``) and keys
-    ``rn`` (of ``LK``; from ``END`` on, padding) masked (causal; ``MASK`` 1: boolean, 2: additive,
-    read at ``m_base``), then ``(p = exp(s - new maximum), alpha = the rescale of earlier tiles,
-    the new maximum, the new row sum)``."""
-    valid = (rn[None, :] < END) & (rm[:, None] >= 0)
-    if CAUSAL:
-        valid = valid & (rn[None, :] <= rm[:, None])
+def softmax_step(s, m_i, l_i, rm, rn, END, LQ, LK, m_base, smm, smn, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                 CHECK: tl.constexpr = True):
+    """One key tile of an online softmax in base 2: scores ``s`` (already times ``log2 e``: the
+    callers fold it into their scale, so ``exp`` is one ``exp2``) of query rows ``rm`` (of ``LQ``)
+    and keys ``rn`` (of ``LK``; from ``END`` on, padding) masked (causal; ``MASK`` 1: boolean,
+    2: additive, read at ``m_base``, times ``log2 e`` too), then ``(p = 2^(s - new maximum) =
+    e^(scores - their maximum), alpha = the rescale of earlier tiles, the new maximum, the new row
+    sum, the largest p of each row)``. ``CHECK`` False: the caller knows every key of the tile is
+    in range and before every row's causal limit, so neither is tested."""
+    valid = rm[:, None] >= 0
+    if CHECK:
+        valid = valid & (rn[None, :] < END)
+        if CAUSAL:
+            valid = valid & (rn[None, :] <= rm[:, None])
     in_range = (rm[:, None] < LQ) & (rn[None, :] < LK)
     m_ptrs = m_base + rm[:, None].to(tl.int64) * smm + rn[None, :] * smn
     if MASK == 1:
         valid = valid & (tl.load(m_ptrs, mask=in_range, other=0) != 0)
     if MASK == 2:
-        s += tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32)
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        s += tl.load(m_ptrs, mask=in_range, other=0.0).to(tl.float32) * LOG2E
+    if CHECK or MASK == 1:
+        s = tl.where(valid, s, float("-inf"))
+    tile_max = tl.max(s, 1)
+    m_new = tl.maximum(m_i, tile_max)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    # exp2 is monotonic: the row's largest p is that of its largest score, without a second reduction
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1), tl.exp2(tile_max - m_safe)
+
+
+@triton.jit
+def _key_tile(qq, sq, m_i, l_i, acc, n0, b, hk, rm, rd, LQ, LK, HKV, k_base, ks_ptr, v_base, m_base, skn, svn, smm,
+              smn, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr,
+              QMAX: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, CHECK: tl.constexpr):
+    """Keys ``[n0, n0 + BLOCK_N)`` into the running maximum, sum and output (``CHECK``: the tile
+    may reach past the keys or the causal limit, so loads and scores are masked)."""
+    rn = n0 + tl.arange(0, BLOCK_N)
+    if CHECK or BLOCK_D != D:
+        kq = tl.load(k_base + rn[None, :].to(tl.int64) * skn + rd[:, None],
+                     mask=(rn[None, :] < LK) & (rd[:, None] < D), other=0)
+        vq = tl.load(v_base + rn[:, None].to(tl.int64) * svn + rd[None, :],
+                     mask=(rn[:, None] < LK) & (rd[None, :] < D), other=0)
+    else:
+        kq = tl.load(k_base + rn[None, :].to(tl.int64) * skn + rd[:, None])
+        vq = tl.load(v_base + rn[:, None].to(tl.int64) * svn + rd[None, :])
+    if CHECK:
+        sk = tl.load(ks_ptr + (b * HKV + hk).to(tl.int64) * LK + rn, mask=rn < LK, other=0.0)
+    else:
+        sk = tl.load(ks_ptr + (b * HKV + hk).to(tl.int64) * LK + rn)
+    s = tl.dot(qq, kq, out_dtype=tl.int32).to(tl.float32) * sq[:, None] * sk[None, :]  # INT8 Q K^T
+    p, alpha, m_new, l_i, p_max = softmax_step(s, m_i, l_i, rm, rn, LK, LQ, LK, m_base, smm, smn, MASK, CAUSAL,
+                                               CHECK)
+    ps = p_max / QMAX  # P's scale for this row and block of keys (the tile is the block)
+    # P times QMAX / its maximum: one division per row, a multiply per score (the reference
+    # divides each by the scale: a code can differ at an exact tie, by one)
+    pq = _p_codes(p * (QMAX / tl.where(p_max > 0.0, p_max, QMAX))[:, None], IS_FP8)
+    if IS_FP8:
+        pv = tl.dot(pq, vq.to(tl.float8e4nv, bitcast=True))
+    else:
+        pv = tl.dot(pq, vq, out_dtype=tl.int32).to(tl.float32)
+    return m_new, l_i, acc * alpha[:, None] + pv * ps[:, None]
 
 
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr,
                       LQ, LK, HQ, HKV, GROUP, sm_scale,
-                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, svd,
+                      sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                       smb, smh, smm, smn, sob, soh, som,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       IS_FP8: tl.constexpr, QMAX: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr):
     b, h, hk, rm, rd = query_tile(HQ, GROUP, BLOCK_M, BLOCK_D)
     q_ptrs = q_ptr + b.to(tl.int64) * sqb + h * sqh + rm[:, None].to(tl.int64) * sqm + rd[None, :]
     qq = tl.load(q_ptrs, mask=(rm[:, None] < LQ) & (rd[None, :] < D), other=0)
-    sq = tl.load(qs_ptr + (b * HQ + h).to(tl.int64) * LQ + rm, mask=rm < LQ, other=0.0) * sm_scale
+    sq = tl.load(qs_ptr + (b * HQ + h).to(tl.int64) * LQ + rm, mask=rm < LQ, other=0.0) * (sm_scale * LOG2E)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -91,25 +145,17 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, mask_ptr, o_p
     k_base = k_ptr + b.to(tl.int64) * skb + hk * skh
     v_base = v_ptr + b.to(tl.int64) * svb + hk * svh
     end = LK
+    full = LK - LK % BLOCK_N  # tiles before it hold only keys in range
     if CAUSAL:  # keys past the tile's last query row are masked for every row: skipped, not computed
         end = tl.minimum(LK, (tl.program_id(0) + 1) * BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        kq = tl.load(k_base + rn[None, :].to(tl.int64) * skn + rd[:, None],
-                     mask=(rn[None, :] < LK) & (rd[:, None] < D), other=0)
-        sk = tl.load(ks_ptr + (b * HKV + hk).to(tl.int64) * LK + rn, mask=rn < LK, other=0.0)
-        s = tl.dot(qq, kq, out_dtype=tl.int32).to(tl.float32) * sq[:, None] * sk[None, :]  # INT8 Q K^T
-        p, alpha, m_new, l_i = softmax_step(s, m_i, l_i, rm, rn, LK, LQ, LK, m_base, smm, smn, MASK, CAUSAL)
-        vq = tl.load(v_base + rn[:, None].to(tl.int64) * svn + rd[None, :] * svd,
-                     mask=(rn[:, None] < LK) & (rd[None, :] < D), other=0)
-        ps = tl.max(p, 1) / QMAX  # P's scale for this row and block of keys (the tile is the block)
-        pq = _p_codes(tl.math.div_rn(p, tl.where(ps > 0.0, ps, 1.0)[:, None]), IS_FP8)
-        if IS_FP8:
-            pv = tl.dot(pq, vq.to(tl.float8e4nv, bitcast=True))
-        else:
-            pv = tl.dot(pq, vq, out_dtype=tl.int32).to(tl.float32)
-        acc = acc * alpha[:, None] + pv * ps[:, None]
-        m_i = m_new
+        # and keys before its first row are seen by every row: no causal test there
+        full = tl.minimum(full, tl.program_id(0) * BLOCK_M - (tl.program_id(0) * BLOCK_M) % BLOCK_N)
+    for n0 in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _key_tile(qq, sq, m_i, l_i, acc, n0, b, hk, rm, rd, LQ, LK, HKV, k_base, ks_ptr, v_base,
+                                  m_base, skn, svn, smm, smn, D, BLOCK_N, BLOCK_D, IS_FP8, QMAX, MASK, CAUSAL, False)
+    for n0 in range(full, end, BLOCK_N):
+        m_i, l_i, acc = _key_tile(qq, sq, m_i, l_i, acc, n0, b, hk, rm, rd, LQ, LK, HKV, k_base, ks_ptr, v_base,
+                                  m_base, skn, svn, smm, smn, D, BLOCK_N, BLOCK_D, IS_FP8, QMAX, MASK, CAUSAL, True)
     sv = tl.load(vs_ptr + (b * HKV + hk).to(tl.int64) * D + rd, mask=rd < D, other=0.0)
     out = acc * sv[None, :] / l_i[:, None]
     out = tl.where((l_i > 0.0)[:, None] | (l_i != l_i)[:, None], out, 0.0)  # every key masked: zeros
@@ -165,7 +211,7 @@ def attention_q8(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], i
             qq, kq, as_bytes(vq), sq.contiguous(), sk.contiguous(), sv.contiguous(), mask, out,
             lq, lk, hq, hkv, hq // hkv, float(scale),
             qq.stride(0), qq.stride(1), qq.stride(2), kq.stride(0), kq.stride(1), kq.stride(2),
-            vq.stride(0), vq.stride(1), vq.stride(2), vq.stride(3), *strides, out.stride(0), out.stride(1), out.stride(2),
+            vq.stride(0), vq.stride(1), vq.stride(2), *strides, out.stride(0), out.stride(1), out.stride(2),
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IS_FP8=qdtype == ops.FP8,
             QMAX=ops.QMAXES[qdtype], MASK=kind, CAUSAL=bool(is_causal), num_warps=warps)
     return out

@@ -33,7 +33,7 @@ from torch import Tensor
 from qcompiler.ir import kv, kv_attention
 from qcompiler.ir.attention import default_scale
 from qcompiler.runtimes import triton_tuning as tuning
-from qcompiler.runtimes.triton_attention import MASK_ADD, MASK_BOOL, MASK_NONE, query_tile, softmax_step
+from qcompiler.runtimes.triton_attention import LOG2E, MASK_ADD, MASK_BOOL, MASK_NONE, query_tile, softmax_step
 from qcompiler.runtimes.triton_common import as_bytes, byte_to_f32, cast_rounded
 from qcompiler.runtimes.triton_support import interpreting
 
@@ -65,12 +65,12 @@ def _step(q, k, v, m_i, l_i, acc, rm, rn, END, LQ, LK, sm_scale, m_base, smm, sm
           MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """One key tile (``k`` ``[BLOCK_D, BLOCK_N]``, ``v`` ``[BLOCK_N, BLOCK_D]`` in the products' type, keys
     ``rn`` of ``LK``, those from ``END`` on padding) into the online softmax's running maximum, sum
-    and output."""
+    and output. Scores are kept in base 2 (``softmax_step``): the scale carries ``log2 e``."""
     if IEEE:
-        s = tl.dot(q, k, input_precision="ieee") * sm_scale
+        s = tl.dot(q, k, input_precision="ieee") * (sm_scale * LOG2E)
     else:
-        s = tl.dot(q, k) * sm_scale
-    p, alpha, m_new, l_i = softmax_step(s, m_i, l_i, rm, rn, END, LQ, LK, m_base, smm, smn, MASK, CAUSAL)
+        s = tl.dot(q, k) * (sm_scale * LOG2E)
+    p, alpha, m_new, l_i, _ = softmax_step(s, m_i, l_i, rm, rn, END, LQ, LK, m_base, smm, smn, MASK, CAUSAL)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -201,7 +201,7 @@ def _kv_merge_kernel(op_ptr, mp_ptr, lp_ptr, o_ptr, HQ, LQ, SPLITS, sob, soh, so
     l_s = tl.load(lp_ptr + row * SPLITS + rs, mask=s_ok, other=0.0)
     m = tl.max(m_s, 0)
     m = tl.where(m_s != m_s, m_s, m)  # (a NaN maximum stays NaN)
-    w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m)))
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - tl.where(m == float("-inf"), 0.0, m)))  # base-2 maxima
     o_s = tl.load(op_ptr + (row * SPLITS + rs)[:, None] * BLOCK_D + rd[None, :], mask=s_ok[:, None], other=0.0)
     l = tl.sum(w * l_s, 0)
     out = tl.sum(w[:, None] * o_s, 0) / l

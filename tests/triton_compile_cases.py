@@ -169,18 +169,22 @@ def _attention_operands(act, d, is_fp8):
                       "CHANNELS": tao.VALUE_CHANNELS, "V_FP8": is_fp8})
 
 
-def _attention(is_fp8, mask, causal, block_m, block_n, d, out):
+def _attention(is_fp8, mask, causal, block_m, block_n, d, out, aligned=False):
+    """``aligned``: pointers and strides compiled as multiples of 16, as a launch with a head size
+    of 64 or 128 specializes them."""
     from qcompiler.runtimes import triton_attention as ta
 
     types = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*u8" if is_fp8 else "*i8", "qs_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
              "mask_ptr": {ta.MASK_NONE: "*fp32", ta.MASK_BOOL: "*i8", ta.MASK_ADD: "*fp32"}[mask],
              "o_ptr": ACT[out], "sm_scale": "fp32",
              **_ints("LQ", "LK", "HQ", "HKV", "GROUP", "sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn",
-                     "svd", "smb", "smh", "smm", "smn", "sob", "soh", "som")}
+                     "smb", "smh", "smm", "smn", "sob", "soh", "som")}
     warps = {16: 4, 64: 4, 128: 8}[block_m]  # as ta.query_tile_size launches each row tile
-    compile_for_h100(ta._attention_kernel, types, {
+    return compile_for_h100(ta._attention_kernel, types, {
         "D": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": max(16, 1 << (d - 1).bit_length()),
-        "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal}, num_warps=warps)
+        "IS_FP8": is_fp8, "QMAX": 448.0 if is_fp8 else 127.0, "MASK": mask, "CAUSAL": causal}, num_warps=warps,
+        aligned=[k for k, v in types.items() if v.startswith("*") or (v == "i32" and k[0] == "s" and k not in ("smm", "smn"))]
+        if aligned else ())
 
 
 def _kv_split(fmt, act, mask, causal, block_m, d):

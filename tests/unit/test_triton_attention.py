@@ -21,6 +21,7 @@ CASES = [  # (hq, hkv, lq, lk, d, mask, causal)
     (2, 1, 1, 37, 64, "additive", False),  # decode: one query
     (2, 1, 150, 150, 16, None, True),     # causal over three 64-row tiles: later key tiles skipped
     (2, 2, 260, 260, 16, "bool", True),   # 128-row tiles (long prompts), causal and a mask
+    (2, 2, 3, 150, 32, "additive", False),  # two whole key tiles (no bounds test) and an edge tile
 ]
 
 
