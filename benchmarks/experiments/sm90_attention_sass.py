@@ -4,7 +4,9 @@ Per key tile the kernel runs two 8-bit tensor-core products (``Qq Kq^T``, ``Pq V
 else it does per score (convert the integer product, scale it, mask, exponentiate, quantize P) and
 per output element (convert ``Pq Vq``, rescale the accumulator) is ALU work the tensor cores wait
 on. FlashAttention-style kernels are bound by it on Hopper, where a conversion (``I2F``, ``F2I``)
-issues at 1/8 of the multiply-add rate and ``MUFU.EX2`` at 1/8 too. The kernel is compiled
+issues at 1/8 of the multiply-add rate and ``MUFU.EX2`` at 1/8 too (the CUDA programming guide's
+throughput table; ``I2FP``, the integer-to-float form the compiler emits for the products, is not
+in it and is counted apart). The kernel is compiled
 (``tests/triton_compile_cases._attention``: Triton's own ptxas, no GPU) for a long prompt's launch
 (128 query rows on 8 warps, 64-key tiles, head size 128, no mask; pointers and strides compiled as
 multiples of 16, as Triton's launcher specializes them at that head size) and disassembled with the
@@ -28,7 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "experiments"))
 
-OPCODES = ["IMMA", "HGMMA", "IGMMA", "QGMMA", "I2F", "F2I", "F2FP", "MUFU", "FMUL", "FFMA", "FADD", "FMNMX", "FSEL",
+OPCODES = ["IMMA", "HGMMA", "IGMMA", "QGMMA", "I2F", "I2FP", "F2I", "F2FP", "MUFU", "FMUL", "FFMA", "FADD", "FMNMX", "FSEL",
            "IADD3", "IMAD", "LOP3", "PRMT", "SHF", "ISETP", "FSETP", "SHFL", "LDS", "LDG"]
 SLOW = ("I2F", "F2I", "MUFU")  # issue at 1/8 of the FFMA rate on sm_90
 
