@@ -8,7 +8,8 @@ bash scripts/setup.sh || exit 1
 . .venv/bin/activate
 export QCOMPILE_CACHE="${QCOMPILE_CACHE:-$PWD/.cache}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$#" -eq 0 ]; then
-  set -- -m "not slow and not gpu" -n "${QCOMPILE_TEST_WORKERS:-2}"
+  # --durations: the slowest tests at the end of the log, where the suite's time goes
+  set -- -m "not slow and not gpu" -n "${QCOMPILE_TEST_WORKERS:-2}" --durations=25
   # one math thread per worker: the workers share the cores instead of oversubscribing them
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi

@@ -458,7 +458,9 @@ def test_error_sums_over_column_blocks_give_the_whole_pairs_sqnr(blocks, nan_at)
 def test_a_layer_measured_in_blocks_has_the_sqnr_measured_whole(recipe, guard, monkeypatch):
     """The quantize pass measures a wide layer a block of output channels at a time (a tied
     ``lm_head`` whole would be a weight-sized float copy): the decisions' SQNR and static loss are
-    those measured whole, down to float64 summation order."""
+    those measured whole, up to float32 rounding: the float linears of a block are float32 GEMMs,
+    and a BLAS may sum a column in another order for another number of columns (2e-7 relative on
+    an AMD EPYC); a block lost or counted twice moves the SQNR by orders more."""
     from qcompiler.passes import quantize
 
     torch.manual_seed(0)
@@ -472,8 +474,8 @@ def test_a_layer_measured_in_blocks_has_the_sqnr_measured_whole(recipe, guard, m
     *_, blocked = run_passes(model, x, r)
     assert [d.module for d in whole] == [d.module for d in blocked]
     for a, b in zip(whole, blocked):
-        assert a.sqnr_db is not None and a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-9), (a.module, a.sqnr_db, b.sqnr_db)
+        assert a.sqnr_db is not None and a.sqnr_db == pytest.approx(b.sqnr_db, rel=1e-6), (a.module, a.sqnr_db, b.sqnr_db)
         if a.static_loss_db is None:
             assert b.static_loss_db is None
         else:
-            assert a.static_loss_db == pytest.approx(b.static_loss_db, rel=1e-6, abs=1e-9)
+            assert a.static_loss_db == pytest.approx(b.static_loss_db, rel=1e-6, abs=1e-4)  # dB, a difference of two
