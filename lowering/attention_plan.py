@@ -15,8 +15,7 @@ operands of the node's batch, heads, head size, dtype, mask kind and cache forma
   ``is_causal`` (which SDPA does not take together) keeps the kernel.
 
 Each planned node carries its choices in ``node.meta[META_KEY]`` and, where it runs other than its
-kernel, what it runs in ``node.meta[RUNS_KEY]`` (what ``explain`` prints); ``plan_attention``
-returns (node name, Choice, what runs) triples.
+kernel, what it runs in ``node.meta[RUNS_KEY]`` (what ``explain`` prints).
 """
 from __future__ import annotations
 
@@ -70,14 +69,13 @@ def _to_sdpa(node: fx.Node) -> None:
     node.kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scale, "enable_gqa": True}
 
 
-def plan_attention(gm: fx.GraphModule, example_inputs, chooser: Chooser, device, may_fall_back: bool) -> list:
+def plan_attention(gm: fx.GraphModule, example_inputs, chooser: Chooser, device, may_fall_back: bool) -> None:
     """Measure and rewrite the graph's attention q-op nodes (module docstring)."""
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"
              and n.target in (qops.attention_q8.default, qops.attention_quantized_kv.default)]
     if not nodes:
-        return []
+        return
     vals = torch_compat.fake_values(gm, example_inputs)
-    planned = []
     for node in nodes:
         q8 = node.target is qops.attention_q8.default
         family = ak.ATTENTION_Q8 if q8 else ak.ATTENTION_QUANTIZED_KV
@@ -87,16 +85,10 @@ def plan_attention(gm: fx.GraphModule, example_inputs, chooser: Chooser, device,
         if q8 and any(c.measured and (c.speedup or 0.0) < 1.0 for c in choices) and may_fall_back and not (
                 node.args[3] is not None and node.args[4]):
             _to_sdpa(node)
-            runs = FLOAT_ATTENTION
             node.meta[RUNS_KEY] = f"{FLOAT_ATTENTION}, the 8-bit kernel measured slower"
         elif not q8 and any(c.kernel != "triton" for c in choices):
             node.target = IMPLEMENTATIONS[qops.attention_quantized_kv.default]
-            runs = "dequant_sdpa"
             node.meta[RUNS_KEY] = "dequant_sdpa at every length, its kernel measured slower at one"
-        else:
-            runs = "triton"
-        planned += [(str(node.name), c, runs) for c in choices]
     torch_compat.register_constant_sources(gm)
     gm.graph.lint()
     gm.recompile()
-    return planned

@@ -16,6 +16,7 @@ sums them into the graph's measured speed against floating point (what ``target=
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import fx
@@ -70,10 +71,7 @@ def _constant(gm: fx.GraphModule, arg, placeholders: dict):
     if not isinstance(arg, fx.Node):
         return arg
     if arg.op == "get_attr":
-        obj = gm
-        for part in arg.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return operator.attrgetter(arg.target)(gm)
     if arg.op == "placeholder" and arg in placeholders and isinstance(placeholders[arg], torch.Tensor):
         return placeholders[arg]
     return None
