@@ -24,9 +24,11 @@ from torch import fx, nn
 
 from qcompiler.errors import OptionError
 from qcompiler.ir.ops import REFERENCE
-from qcompiler.lowering import onnx_fusions
+from qcompiler.lowering import onnx_fusions, onnx_translate
 from qcompiler.lowering.onnx_ops import FORMS, OPSET, OPSETS, TRANSLATIONS, UnsupportedForm
 from qcompiler.lowering.scalars import freeze_scalars, item_only
+
+log = logging.getLogger(__name__)
 
 __all__ = ["to_onnx", "FORMS", "OPSET", "OPSETS", "UnsupportedForm", "runtime_inputs", "shared_parameters"]
 
@@ -241,11 +243,7 @@ def export_ir(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kw
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(
-                module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSETS[form],
-                custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes,
-                input_names=list(input_names) if input_names else None, optimize=False, verbose=False,
-                report=False)
+            model = _export(module, inputs, form, kwargs, input_names, dynamic_shapes)
         except Exception as exc:  # the exporter wraps our translation errors: surface the message
             cause = exc
             while cause is not None and not isinstance(cause, UnsupportedForm):
@@ -253,8 +251,24 @@ def export_ir(module: nn.Module, inputs: Sequence, form: str = "tensorrt", *, kw
             if cause is not None:
                 raise UnsupportedForm(str(cause)) from None
             raise
-    onnx_fusions.optimize(program.model, form, host=host)
-    return share_tied(program.model)
+    onnx_fusions.optimize(model, form, host=host)
+    return share_tied(model)
+
+
+def _export(module: nn.Module, inputs: Sequence, form: str, kwargs, input_names, dynamic_shapes):
+    """The exporter's ``ir.Model`` of ``module``: traced once (``onnx_translate``); a module
+    ``torch.export`` refuses as the exporter first calls it goes through ``torch.onnx.export``,
+    whose further capture strategies may take it."""
+    names = list(input_names) if input_names else None
+    try:
+        program = onnx_translate.capture(module, inputs, kwargs, dynamic_shapes)
+    except Exception as exc:
+        log.info("torch.export refused the graph (%s); torch.onnx.export's own capture runs", root_message(exc))
+        return torch.onnx.export(
+            module, tuple(inputs), kwargs=kwargs, dynamo=True, opset_version=OPSETS[form],
+            custom_translation_table=TRANSLATIONS[form], dynamic_shapes=dynamic_shapes, input_names=names,
+            optimize=False, verbose=False, report=False).model
+    return onnx_translate.export_program(program, opset=OPSETS[form], table=TRANSLATIONS[form], input_names=names)
 
 
 def save_ir(model, path: str, data: str) -> None:

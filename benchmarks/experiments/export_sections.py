@@ -8,8 +8,8 @@ Timers wrapped around the steps it calls:
 * calibration (``qcompiler.calibrate``);
 * ``torch.export.export``: the model's own trace, then the exporter's trace of the q-op graph;
 * qcompile's passes;
-* the exporter's decompositions (``run_decompositions`` with its ONNX table: a third trace) and
-  its type-promotion pass;
+* the exporter's decompositions (``run_decompositions`` with its ONNX table: a third trace, run
+  only where ``lowering.onnx_translate`` finds an op that needs it) and its type-promotion pass;
 * the translation of the traced graph into ONNX;
 * qcompile's ONNX optimizer and fusions (``lowering.onnx_fusions.optimize``);
 * the ONNX check and ONNX Runtime load of the written file.
