@@ -31,6 +31,7 @@ from onnxscript.rewriter.rules.fusion import _rms_normalization
 from qcompiler.lowering.onnx_attention_cache import fold_attention_heads
 from qcompiler.lowering.onnx_decode_gemv import few_row_gemvs
 from qcompiler.lowering.onnx_nan_carriers import drop_redundant_carriers
+from qcompiler.lowering.onnx_rule_filter import RewriteWherePossible
 from qcompiler.lowering.onnx_rotary import fuse_rotary
 from qcompiler.lowering.onnx_signed_weights import signed_int8_weights
 from qcompiler.lowering.onnx_sibling_matmuls import merge_sibling_matmuls
@@ -108,7 +109,7 @@ def _optimizer() -> ir.passes.Sequential:
         _constant_folding.FoldConstantsPass(
             shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
             output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT, should_fold=_fold_layout),
-        rewriter.RewritePass(REWRITES),
+        RewriteWherePossible(REWRITES),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),

@@ -623,7 +623,7 @@ def test_ort_export_failure_falls_back_only_under_auto(monkeypatch, target):
     assert "planted exporter failure" in graph.reason
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "bert"])
 def test_optimizer_equals_onnxscripts_own_less_the_quadratic_rule(monkeypatch, arch):
     """``onnx_fusions.optimize`` runs onnxscript's ``optimize_ir`` passes without ``SlicesSplit``
     (pairwise matching, minutes on a real model): on real architectures the graphs come out the

@@ -118,3 +118,39 @@ def test_an_exporter_without_the_internals_falls_back_and_names_them(monkeypatch
     x, mask = torch.randn(2, 5, 12), torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 1]])
     out = _run_torch_and_onnx(Aliased(), (x, mask), tmp_path)  # through torch.onnx.export
     np.testing.assert_allclose(out[0], Aliased()(x, mask).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_rewrites_where_possible_skip_absent_ops_and_follow_the_ops_a_rewrite_brings(monkeypatch):
+    """``onnx_rule_filter.RewriteWherePossible``: a rule whose ops a rewrite brings in still runs
+    (Relu -> Abs -> Neg), a rule whose ops never occur is not tried, and the graph comes out as
+    onnxscript's own pass leaves it."""
+    from onnx import TensorProto, helper
+    from onnxscript import ir, rewriter
+    from onnxscript.rewriter import pattern
+
+    from qcompiler.lowering import onnx_rule_filter
+
+    rules = [
+        pattern.RewriteRule(lambda op, x: op.Abs(x), lambda op, x: op.Neg(x)),
+        pattern.RewriteRule(lambda op, x: op.Relu(x), lambda op, x: op.Abs(x)),
+        pattern.RewriteRule(lambda op, x, w: op.Conv(x, w), lambda op, x, w: op.Identity(x)),
+    ]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    ours, theirs = ir.serde.deserialize_model(proto), ir.serde.deserialize_model(proto)
+    passed = []
+    real = rewriter.RewritePass
+
+    def recording(ready):
+        passed.append([rules.index(rule) for rule in ready])
+        return real(ready)
+
+    monkeypatch.setattr(onnx_rule_filter.rewriter, "RewritePass", recording)
+    assert onnx_rule_filter.RewriteWherePossible(rules)(ours).modified
+    monkeypatch.setattr(onnx_rule_filter.rewriter, "RewritePass", real)
+    for _ in range(2):
+        rewriter.RewritePass(rules)(theirs)
+    assert [n.op_type for n in ours.graph] == [n.op_type for n in theirs.graph] == ["Neg"]
+    assert passed == [[1], [0]]  # Relu's rule, then Abs's once a rewrite made an Abs; never Conv's
