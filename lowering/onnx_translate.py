@@ -181,7 +181,8 @@ def _translate(ex: Internals, program, registry, opset: int, input_names):
         ex.insert_type_promotion_nodes(gm)
         ex.remove_assertion_nodes(gm)
         model = ex._exported_program_to_onnx_program(program, registry=registry).model
-    model = ex.onnxscript_apis.convert_version(model, opset)
+    if model.opset_imports.get("") != opset:  # (at the registry's opset already: nothing to convert)
+        model = ex.onnxscript_apis.convert_version(model, opset)
     if input_names:
         ex.rename_inputs(model, list(input_names))
     return model
