@@ -6,7 +6,7 @@ tensors once more; with symbolic batch and sequence sizes this second trace cost
 the first), then translates each op. A q-op graph rarely needs that second trace: every op of the
 traced program usually has an ONNX translation already. ``export_program`` checks that op by op,
 rewrites the few aliases the translation table lacks (``ALIASES``: ``aten.to.*`` as ``_to_copy``,
-``__and__`` as ``bitwise_and``; a reshape's ``-1`` as the size the trace knows, so the optimizer
+``__and__`` as ``bitwise_and``, Dynamo's in-place ``detach_`` as ``detach``; a reshape's ``-1`` as the size the trace knows, so the optimizer
 sees the no-op reshapes the decomposition would have resolved) and hands the program to the
 exporter's translation. Anything it cannot vouch for (a mutating op, a higher-order op, an op
 without a translation, an exporter without the internals used here) goes through
@@ -68,6 +68,7 @@ ALIASES: dict = {
     aten.to.device: _as_copy,
     aten.to.dtype_layout: _as_copy,
     aten.to.other: _as_copy,
+    aten.detach_.default: _retarget(aten.detach.default),  # autograd metadata only: the same values
     aten.__and__.Tensor: _retarget(aten.bitwise_and.Tensor),
     aten.__or__.Tensor: _retarget(aten.bitwise_or.Tensor),
     aten.__xor__.Tensor: _retarget(aten.bitwise_xor.Tensor),

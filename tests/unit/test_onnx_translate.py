@@ -154,3 +154,23 @@ def test_rewrites_where_possible_skip_absent_ops_and_follow_the_ops_a_rewrite_br
         rewriter.RewritePass(rules)(theirs)
     assert [n.op_type for n in ours.graph] == [n.op_type for n in theirs.graph] == ["Neg"]
     assert passed == [[1], [0]]  # Relu's rule, then Abs's once a rewrite made an Abs; never Conv's
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_graphs_translate_directly_and_match_eager(arch, spied, tmp_path, monkeypatch):
+    """Dynamo's prompt and decode graphs (``dynamic=True``, the ``ort`` target) need no
+    decomposition, and what they compute is still the model's: logits against eager's."""
+    from qcompiler.passes.sqnr import sqnr_db
+
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))  # exported afresh, not read from a cache
+    model, vocab = tiny_models.build(arch)
+    model.forward = torch.compile(model.forward, backend="qcompile", dynamic=True, options={"target": "ort"})
+    prompt = tiny_models.token_batch(vocab, 1, 9)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        full = out.sequences
+        eager = type(model).forward(model, input_ids=full, attention_mask=torch.ones_like(full)).logits
+    assert spied == [[], []]  # the prompt graph, the decode graph
+    for step, logits in enumerate(out.logits):
+        assert sqnr_db(eager[:, 8 + step], logits) > 25, step
