@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import types
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -79,17 +80,9 @@ _RESHAPES = frozenset({aten.reshape.default, aten.view.default})
 
 @dataclasses.dataclass(frozen=True)
 class Internals:
-    """The exporter's steps the direct path calls (attribute name -> object), and those missing."""
-    found: dict
+    """The exporter's steps the direct path calls (``steps.<attribute>``), and those missing."""
+    steps: Optional[types.SimpleNamespace]
     missing: tuple
-
-    def __getattr__(self, name):
-        if name in ("found", "missing"):
-            raise AttributeError(name)
-        try:
-            return self.found[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 def internals() -> Internals:
@@ -99,7 +92,7 @@ def internals() -> Internals:
             found[attribute] = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError):
             missing.append(f"{module_name}.{attribute}")
-    return Internals(found, tuple(missing))
+    return Internals(types.SimpleNamespace(**found), tuple(missing))
 
 
 def blockers(program: torch.export.ExportedProgram, registry) -> list:
@@ -124,10 +117,11 @@ def blockers(program: torch.export.ExportedProgram, registry) -> list:
 def _resolve_minus_one(node: fx.Node) -> None:
     """A reshape's ``-1`` as the traced size when that size is a known integer."""
     shape, out = node.args[1], node.meta.get("val")
-    if out is None or not isinstance(shape, (list, tuple)) or -1 not in shape:
+    if out is None or not isinstance(shape, (list, tuple)):
         return
-    i = list(shape).index(-1)
-    if isinstance(out.shape[i], int):
+    # compared as Python ints only: a symbolic size compared with -1 would add a guard
+    i = next((k for k, s in enumerate(shape) if type(s) is int and s == -1), None)
+    if i is not None and isinstance(out.shape[i], int):
         node.args = (node.args[0], [out.shape[i] if k == i else s for k, s in enumerate(shape)], *node.args[2:])
 
 
@@ -144,7 +138,7 @@ def rewrite_aliases(gm: fx.GraphModule) -> None:
 
 def registry_for(ex: Internals, opset: int, table: dict):
     """The exporter's registry as ``torch.onnx.export`` builds it, with ``table``'s translations."""
-    registry = ex.ONNXRegistry.from_torchlib(opset_version=max(opset, ex.TORCHLIB_OPSET))
+    registry = ex.steps.ONNXRegistry.from_torchlib(opset_version=max(opset, ex.steps.TORCHLIB_OPSET))
     for op, fn in table.items():
         registry.register_op(op, fn, is_complex=False)
     return registry
@@ -172,20 +166,20 @@ def export_program(program: torch.export.ExportedProgram, *, opset: int, table: 
         return torch.onnx.export(program, (), dynamo=True, opset_version=opset, custom_translation_table=table,
                                  input_names=list(input_names) if input_names else None, optimize=False,
                                  verbose=False, report=False).model
-    return ex.set_onnx_exporting_flag(_translate)(ex, program, registry, opset, input_names)
+    return ex.steps.set_onnx_exporting_flag(_translate)(ex.steps, program, registry, opset, input_names)
 
 
-def _translate(ex: Internals, program, registry, opset: int, input_names):
+def _translate(steps: types.SimpleNamespace, program, registry, opset: int, input_names):
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         gm = program.graph_module
         rewrite_aliases(gm)
-        ex.insert_type_promotion_nodes(gm)
-        ex.remove_assertion_nodes(gm)
-        model = ex._exported_program_to_onnx_program(program, registry=registry).model
+        steps.insert_type_promotion_nodes(gm)
+        steps.remove_assertion_nodes(gm)
+        model = steps._exported_program_to_onnx_program(program, registry=registry).model
     if model.opset_imports.get("") != opset:  # (at the registry's opset already: nothing to convert)
-        model = ex.onnxscript_apis.convert_version(model, opset)
+        model = steps.onnxscript_apis.convert_version(model, opset)
     if input_names:
-        ex.rename_inputs(model, list(input_names))
+        steps.rename_inputs(model, list(input_names))
     return model
 
 

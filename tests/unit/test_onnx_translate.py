@@ -32,7 +32,7 @@ def spied(monkeypatch):
 
 
 def _decomposition_only(monkeypatch):
-    monkeypatch.setattr(onnx_translate, "internals", lambda: onnx_translate.Internals({}, ("forced by the test",)))
+    monkeypatch.setattr(onnx_translate, "internals", lambda: onnx_translate.Internals(None, ("forced by the test",)))
 
 
 def _outputs(path, feeds):
@@ -134,10 +134,16 @@ def test_rewrites_where_possible_skip_absent_ops_and_follow_the_ops_a_rewrite_br
         pattern.RewriteRule(lambda op, x: op.Abs(x), lambda op, x: op.Neg(x)),
         pattern.RewriteRule(lambda op, x: op.Relu(x), lambda op, x: op.Abs(x)),
         pattern.RewriteRule(lambda op, x, w: op.Conv(x, w), lambda op, x, w: op.Identity(x)),
+        # a choice: a Neg of a Sigmoid or of a Conv matches without any Conv in the graph
+        pattern.RewriteRule(
+            lambda op, x: op.Neg(pattern.OrValue([op.Sigmoid(x), op.Conv(x, x)], tag_var="k", tag_values=[0, 1])),
+            lambda op, x, k: op.Tanh(x)),
     ]
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+                               helper.make_node("Neg", ["s"], ["z"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     ours, theirs = ir.serde.deserialize_model(proto), ir.serde.deserialize_model(proto)
     passed = []
@@ -152,8 +158,9 @@ def test_rewrites_where_possible_skip_absent_ops_and_follow_the_ops_a_rewrite_br
     monkeypatch.setattr(onnx_rule_filter.rewriter, "RewritePass", real)
     for _ in range(2):
         rewriter.RewritePass(rules)(theirs)
-    assert [n.op_type for n in ours.graph] == [n.op_type for n in theirs.graph] == ["Neg"]
-    assert passed == [[1], [0]]  # Relu's rule, then Abs's once a rewrite made an Abs; never Conv's
+    assert [n.op_type for n in ours.graph] == [n.op_type for n in theirs.graph]
+    assert sorted(n.op_type for n in ours.graph) == ["Neg", "Tanh"]
+    assert passed == [[1, 3], [0]]  # Relu's and the choice's rules, then Abs's once a rewrite made an Abs; never Conv's
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
