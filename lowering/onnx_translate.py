@@ -8,7 +8,8 @@ traced program usually has an ONNX translation already. ``export_program`` check
 rewrites the few aliases the translation table lacks (``ALIASES``: ``aten.to.*`` as ``_to_copy``,
 ``__and__`` as ``bitwise_and``, Dynamo's in-place ``detach_`` as ``detach``; a reshape's ``-1`` as the size the trace knows, so the optimizer
 sees the no-op reshapes the decomposition would have resolved) and hands the program to the
-exporter's translation. Anything it cannot vouch for (a mutating op, a higher-order op, an op
+exporter's translation, its type-promotion pass run only where a node needs a cast
+(``onnx_type_promotion``). Anything it cannot vouch for (a mutating op, a higher-order op, an op
 without a translation, an exporter without the internals used here) goes through
 ``torch.onnx.export`` of the same traced program: one trace fewer than before either way.
 
@@ -26,6 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import fx
+
+from qcompiler.lowering import onnx_type_promotion
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -173,7 +176,7 @@ def _translate(steps: types.SimpleNamespace, program, registry, opset: int, inpu
     with torch.fx.experimental._config.patch(backed_size_oblivious=True):
         gm = program.graph_module
         rewrite_aliases(gm)
-        steps.insert_type_promotion_nodes(gm)
+        onnx_type_promotion.promote_types(gm, steps.insert_type_promotion_nodes)
         steps.remove_assertion_nodes(gm)
         model = steps._exported_program_to_onnx_program(program, registry=registry).model
     if model.opset_imports.get("") != opset:  # (at the registry's opset already: nothing to convert)
