@@ -11,8 +11,9 @@ Timers wrapped around the steps it calls:
 * the exporter's decompositions (``run_decompositions`` with its ONNX table: a third trace, run
   only where ``lowering.onnx_translate`` finds an op that needs it) and its type-promotion pass
   (with ``lowering.onnx_type_promotion``'s check of whether any node needs a cast);
-* the translation of the traced graph into ONNX;
+* the translation of the traced graph into ONNX (with the build of the exporter's registry);
 * qcompile's ONNX optimizer and fusions (``lowering.onnx_fusions.optimize``);
+* the serialization of the optimized graph and the write of the file;
 * the ONNX check and ONNX Runtime load of the written file.
 
 "export" is the whole call less the calibration; "other" is what no timer covers.
@@ -43,7 +44,10 @@ STEPS = [  # (module, function, label)
     ("qcompiler.lowering.onnx_type_promotion", "promote_types", "type promotion"),
     ("torch.onnx._internal.exporter._fx_passes", "insert_type_promotion_nodes", "type promotion"),
     ("torch.onnx._internal.exporter._core", "_exported_program_to_onnx_program", "translation"),
+    ("qcompiler.lowering.onnx_translate", "registry_for", "translation"),
     ("qcompiler.lowering.onnx_fusions", "optimize", "ONNX optimizer"),
+    ("qcompiler.lowering.onnx", "proto_of", "serialization and write"),
+    ("onnx", "save_model", "serialization and write"),
     ("qcompiler.deploy.export_onnx", "_validate", "check and load"),
 ]
 
@@ -84,7 +88,7 @@ def measure(recipe: str, form: str, static: bool) -> dict:
                               calibration=cal.split(1), dynamic_shapes=shapes)
         total = time.perf_counter() - t
     times["export"] = total - times["calibration"]
-    times["other"] = total - sum(times[label] for _, _, label in STEPS)
+    times["other"] = total - sum(times[label] for label in set(label for _, _, label in STEPS))
     return times
 
 
@@ -98,7 +102,7 @@ def main(argv=None):
     if args.child:
         print(json.dumps(measure(args.recipe, args.form, args.child == "static")))
         return
-    columns = ["export"] + [label for _, _, label in STEPS] + ["other"]
+    columns = ["export"] + list(dict.fromkeys(label for _, _, label in STEPS)) + ["other"]
     rows = []
     for sizes in ("dynamic", "static"):  # each in a process of its own
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sizes, "--recipe", args.recipe,
