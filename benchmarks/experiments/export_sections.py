@@ -16,15 +16,18 @@ Timers wrapped around the steps it calls:
 * the serialization of the optimized graph and the write of the file;
 * the ONNX check and ONNX Runtime load of the written file.
 
-"export" is the whole call less the calibration; "other" is what no timer covers.
+"export" is the whole call less the calibration; "other" is what no timer covers. Each size runs
+``--repeats`` times, each run in a process of its own; the page gives every run's export time and
+the median of each column.
 
-    python benchmarks/experiments/export_sections.py [--recipe w8a8] [--form ort] [--markdown PAGE]
+    python benchmarks/experiments/export_sections.py [--recipe w8a8] [--form ort] [--repeats 3] [--markdown PAGE]
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -97,26 +100,32 @@ def main(argv=None):
     p.add_argument("--recipe", default="w8a8")
     p.add_argument("--form", default="ort")
     p.add_argument("--markdown")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each size (medians on the page)")
     p.add_argument("--child", choices=["dynamic", "static"])
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.recipe, args.form, args.child == "static")))
         return
     columns = ["export"] + list(dict.fromkeys(label for _, _, label in STEPS)) + ["other"]
+    runs = {"dynamic": [], "static": []}
+    for _ in range(args.repeats):  # each run in a process of its own, the two sizes alternated
+        for sizes in runs:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sizes, "--recipe",
+                                  args.recipe, "--form", args.form], capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode != 0 or not lines:
+                raise RuntimeError(f"{sizes}: {out.stderr[-2000:]}")
+            runs[sizes].append(json.loads(lines[-1]))
+            print(sizes, {c: round(runs[sizes][-1][c], 1) for c in columns}, flush=True)
     rows = []
-    for sizes in ("dynamic", "static"):  # each in a process of its own
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", sizes, "--recipe", args.recipe,
-                              "--form", args.form], capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise RuntimeError(f"{sizes}: {out.stderr[-2000:]}")
-        r = json.loads(lines[-1])
-        rows.append(f"| {sizes} | " + " | ".join(f"{r[c]:.1f}" for c in columns) + " |")
-        print(rows[-1], flush=True)
-    table = "\n".join(["| sizes | " + " | ".join(f"{c} s" for c in columns) + " |",
-                       "|" + "---|" * (len(columns) + 1), *rows])
+    for sizes, found in runs.items():
+        exports = sorted(r["export"] for r in found)
+        cells = [f"{statistics.median(r[c] for r in found):.1f}" for c in columns]
+        rows.append(f"| {sizes} | {' / '.join(f'{e:.1f}' for e in exports)} | " + " | ".join(cells) + " |")
+    table = "\n".join(["| sizes | export s, each run | " + " | ".join(f"{c} s (median)" for c in columns) + " |",
+                       "|" + "---|" * (len(columns) + 2), *rows])
     body = (__doc__.split("\n\n", 1)[1].split("\n    python")[0].strip()
-            + f"\n\nRecipe `{args.recipe}`, form `{args.form}`.\n\n" + table)
+            + f"\n\nRecipe `{args.recipe}`, form `{args.form}`; {args.repeats} runs of each size, alternated.\n\n" + table)
     if args.markdown:
         write_page(args.markdown, "Where an ONNX export of SmolLM2-135M goes", body)
 
