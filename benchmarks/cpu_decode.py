@@ -291,7 +291,7 @@ def _child(cmd: list, env: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"labels or substrings of {list(ROWS)}")
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), help=f"labels (that row only) or substrings of {list(ROWS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=8, help="held-out perplexity windows")
@@ -309,7 +309,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from cold_caches import cold_cache_env
 
-    labels = [label for label in ROWS if any(sel == label or sel in label for sel in args.rows)]
+    # a row's whole label selects that row only; any other selector, every row it is part of
+    labels = [label for label in ROWS if any(sel == label or (sel not in ROWS and sel in label) for sel in args.rows)]
     results = {}
     with tempfile.TemporaryDirectory() as cold:
         for label in labels:
