@@ -96,7 +96,7 @@ def test_direct_export_of_mixed_dtypes_matches_torch(name, tmp_path):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_unknown_values_run_the_pass(monkeypatch):
+def test_unknown_values_run_the_pass():
     gm = _program(IntPlusFloat(), _inputs()).graph_module
     for node in gm.graph.nodes:
         node.meta.pop("val", None)
